@@ -1,0 +1,50 @@
+//! Server settings, validated by the caller (the Python layer turns bad
+//! options into TypeError/ValueError before they get here).
+
+use std::time::Duration;
+
+/// Which handlers the worker module defines: the core answers for the missing
+/// ones itself (accept without asking, close with 1003) instead of a round
+/// trip through a worker.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Handlers {
+    pub open: bool,
+    pub text: bool,
+    pub binary: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Addresses to listen on, e.g. `127.0.0.1:3000` or `[::1]:3001`.
+    pub bind: Vec<String>,
+    pub handlers: Handlers,
+    /// Incoming messages above this close the connection with 1009.
+    pub max_message_size: usize,
+    /// Queued outgoing bytes above this close the connection with 1008.
+    pub max_backpressure: usize,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    /// How long an upgrade may wait for `handle_open`'s verdict before it is
+    /// refused with 500 (the handler timeout plus slack).
+    pub open_timeout: Duration,
+    /// How long a client may take to send its upgrade request.
+    pub handshake_timeout: Duration,
+    /// I/O threads for the tokio runtime.
+    pub io_threads: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: vec!["127.0.0.1:3000".into()],
+            handlers: Handlers { open: false, text: true, binary: true },
+            max_message_size: 16 << 20,
+            max_backpressure: 16 << 20,
+            ping_interval: Duration::from_secs(20),
+            ping_timeout: Duration::from_secs(20),
+            open_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            io_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! One connection's I/O task: the upgrade, then reading frames into worker
+//! events and writing the outbox, in a single task so an idle connection
+//! costs one small future and no buffers.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::dispatch::Event;
+use crate::engine::{Verdict, PAUSE_READING_AT};
+use crate::frame::{self, close_code, Decoder, Incoming, Kind};
+use crate::handshake::{self, Refusal, Upgrade};
+use crate::server::Shared;
+use crate::socket::Socket;
+use crate::stats::Counters;
+
+/// Most bytes an upgrade request may have.
+const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// How long to wait for the peer's close frame (or for ours to be written)
+/// before dropping the TCP connection.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Stack buffer for one read; frames that do not fit carry over in the decoder.
+const READ_CHUNK: usize = 16 * 1024;
+/// Most frames handed to one vectored write.
+const MAX_IOVECS: usize = 64;
+
+/// Serves one accepted TCP connection until it is closed.
+pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let mut request = Vec::new();
+    let upgrade = tokio::select! {
+        r = tokio::time::timeout(shared.config.handshake_timeout, read_request(&stream, &mut request)) => r,
+        _ = shared.stopping() => return,
+    };
+    let (upgrade, used) = match upgrade {
+        Ok(Ok(Ok(Some(parsed)))) => parsed,
+        Ok(Ok(Err(refusal))) => return refuse(stream, refusal).await,
+        // The peer left, broke the connection, or was too slow.
+        Ok(Ok(Ok(None))) | Ok(Err(_)) | Err(_) => return,
+    };
+    let Some(worker) = shared.workers.pick() else {
+        return refuse(stream, Refusal::new(503, "no worker is available")).await;
+    };
+    let engine = &shared.engine;
+    let socket = Arc::new(Socket::new(engine.next_id(), worker, shared.config.max_backpressure));
+    engine.sockets.insert(socket.clone());
+    let _guard = SocketGuard { shared: &shared, socket: &socket };
+
+    if shared.config.handlers.open {
+        let verdict = engine.wait_for_verdict(socket.id);
+        socket.event_queued();
+        socket.worker.push(Event::Open {
+            id: socket.id,
+            ip: peer.ip().to_canonical().to_string(),
+            path: upgrade.path.clone(),
+            headers: upgrade.headers.clone(),
+        });
+        let verdict = tokio::select! {
+            v = verdict => v.unwrap_or(Verdict::Refuse(500)),
+            _ = tokio::time::sleep(shared.config.open_timeout) => Verdict::Refuse(500),
+            _ = shared.stopping() => return,
+        };
+        if let Verdict::Refuse(status) = verdict {
+            return refuse(stream, Refusal::new(status, "connection refused by the application")).await;
+        }
+    } else {
+        socket.accept();
+    }
+    socket.worker.connection_opened();
+    let mut conn = Connection::new(stream, socket.clone(), shared.clone());
+    if conn.stream.write_all(&handshake::accept_response(&upgrade)).await.is_err() {
+        return;
+    }
+    let leftover = request.split_off(used);
+    drop(request);
+    if !leftover.is_empty() {
+        conn.on_bytes(&leftover);
+    }
+    conn.run().await;
+}
+
+/// Reads until a whole request is buffered. `Ok(None)`: the peer closed.
+async fn read_request(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Result<Option<(Upgrade, usize)>, Refusal>> {
+    let mut chunk = [0u8; 2048];
+    loop {
+        stream.readable().await?;
+        match stream.try_read(&mut chunk) {
+            Ok(0) => return Ok(Ok(None)),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+        match handshake::parse(buf) {
+            Ok(Some(parsed)) => return Ok(Ok(Some(parsed))),
+            Ok(None) if buf.len() > MAX_REQUEST_BYTES => return Ok(Err(handshake::TOO_LARGE)),
+            Ok(None) => {}
+            Err(refusal) => return Ok(Err(refusal)),
+        }
+    }
+}
+
+async fn refuse(mut stream: TcpStream, refusal: Refusal) {
+    let response = handshake::refusal_response(refusal);
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// Unregisters the socket however the task ends (also when the runtime drops
+/// it at shutdown), and owes the worker exactly one close event.
+struct SocketGuard<'a> {
+    shared: &'a Shared,
+    socket: &'a Arc<Socket>,
+}
+
+impl Drop for SocketGuard<'_> {
+    fn drop(&mut self) {
+        let engine = &self.shared.engine;
+        let id = self.socket.id;
+        engine.forget_open(id);
+        engine.sockets.remove(id);
+        self.socket.mark_closed();
+        if self.socket.is_accepted() {
+            self.socket.worker.connection_closed();
+            self.socket.event_queued();
+            self.socket.worker.push(Event::Close { id });
+        }
+    }
+}
+
+/// Where the close handshake stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Open,
+    /// Our close frame is queued or written; waiting for the peer's.
+    Closing,
+    /// The peer closed, or broke the protocol: end once our close frame is out.
+    Ending,
+}
+
+/// Frames taken from the outbox and not yet fully written.
+#[derive(Default)]
+struct Writer {
+    frames: VecDeque<Bytes>,
+    /// Bytes of the front frame already written.
+    offset: usize,
+    /// The last frame in `frames` is our close frame.
+    close_queued: bool,
+    close_written: bool,
+}
+
+impl Writer {
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Writes as much as the socket takes without blocking. Returns the bytes written.
+    fn flush(&mut self, stream: &TcpStream) -> io::Result<usize> {
+        let mut total = 0;
+        while !self.frames.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let mut count = 0;
+            for (i, frame) in self.frames.iter().take(MAX_IOVECS).enumerate() {
+                let start = if i == 0 { self.offset } else { 0 };
+                slices[i] = IoSlice::new(&frame[start..]);
+                count += 1;
+            }
+            let mut written = match stream.try_write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            total += written;
+            while written > 0 {
+                let Some(front) = self.frames.front() else { break };
+                let rest = front.len() - self.offset;
+                if written >= rest {
+                    written -= rest;
+                    self.offset = 0;
+                    self.frames.pop_front();
+                } else {
+                    self.offset += written;
+                    written = 0;
+                }
+            }
+        }
+        if self.frames.is_empty() {
+            if self.close_queued {
+                self.close_written = true;
+            }
+            if self.frames.capacity() > 256 {
+                self.frames = VecDeque::new();
+            }
+        }
+        Ok(total)
+    }
+}
+
+struct Connection {
+    stream: TcpStream,
+    socket: Arc<Socket>,
+    shared: Arc<Shared>,
+    decoder: Decoder,
+    writer: Writer,
+    state: State,
+    /// The peer showed it is alive (any bytes) since the last keepalive ping.
+    heard_since_ping: bool,
+    /// When the outstanding keepalive ping was sent.
+    ping_sent: Option<Instant>,
+    /// Reading or writing failed, or the peer hung up.
+    broken: bool,
+    opened: Instant,
+}
+
+/// What woke the connection's task.
+enum Wake {
+    Outbox,
+    Ready(io::Result<tokio::io::Ready>),
+    Timer,
+}
+
+impl Connection {
+    fn new(stream: TcpStream, socket: Arc<Socket>, shared: Arc<Shared>) -> Self {
+        let max = shared.config.max_message_size;
+        Connection {
+            stream,
+            socket,
+            shared,
+            decoder: Decoder::new(max),
+            writer: Writer::default(),
+            state: State::Open,
+            heard_since_ping: true,
+            ping_sent: None,
+            broken: false,
+            opened: Instant::now(),
+        }
+    }
+
+    async fn run(&mut self) {
+        let config = &self.shared.config;
+        let (ping_interval, ping_timeout) = (config.ping_interval, config.ping_timeout);
+        let socket = self.socket.clone();
+        let timer = tokio::time::sleep(ping_interval);
+        tokio::pin!(timer);
+        let mut close_deadline: Option<Instant> = None;
+        loop {
+            if self.broken || (self.writer.close_written && self.state == State::Ending) {
+                break;
+            }
+            if self.writer.close_written && close_deadline.is_none() {
+                // Our close frame is out: the peer gets a moment to answer.
+                let deadline = Instant::now() + CLOSE_TIMEOUT;
+                close_deadline = Some(deadline);
+                timer.as_mut().reset(deadline);
+            }
+            let reading = self.state != State::Ending && socket.inflight() < PAUSE_READING_AT;
+            let interest = match (reading, !self.writer.is_empty()) {
+                (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+                (true, false) => Some(Interest::READABLE),
+                (false, true) => Some(Interest::WRITABLE),
+                (false, false) => None,
+            };
+            let wake = tokio::select! {
+                biased;
+                _ = socket.woken() => Wake::Outbox,
+                ready = self.stream.ready(interest.unwrap_or(Interest::READABLE)), if interest.is_some() => Wake::Ready(ready),
+                _ = &mut timer => Wake::Timer,
+            };
+            match wake {
+                Wake::Outbox => self.take_outbox(),
+                Wake::Ready(Ok(ready)) => {
+                    if ready.is_readable() && reading {
+                        self.read();
+                    }
+                    if ready.is_writable() {
+                        self.write();
+                    }
+                }
+                Wake::Ready(Err(_)) => self.broken = true,
+                Wake::Timer => {
+                    let now = Instant::now();
+                    if close_deadline.is_some_and(|d| now >= d) {
+                        break;
+                    }
+                    if close_deadline.is_none() {
+                        let next = self.keepalive(now, ping_interval, ping_timeout);
+                        timer.as_mut().reset(next);
+                    }
+                }
+            }
+        }
+        let _ = self.stream.shutdown().await;
+    }
+
+    /// Sends a ping every `interval`; fails the connection with 1011 when
+    /// nothing was heard within `timeout` of one. Returns when to look again.
+    fn keepalive(&mut self, now: Instant, interval: Duration, timeout: Duration) -> Instant {
+        if self.state != State::Open {
+            return now + CLOSE_TIMEOUT;
+        }
+        if let Some(sent) = self.ping_sent {
+            if !self.heard_since_ping && now >= sent + timeout {
+                self.fail(close_code::INTERNAL, "keepalive ping timeout");
+                return now + CLOSE_TIMEOUT;
+            }
+        }
+        let last = self.ping_sent.unwrap_or(self.opened);
+        if now >= last + interval {
+            self.socket.send(&frame::encode_ping(b""));
+            self.ping_sent = Some(now);
+            self.heard_since_ping = false;
+            return now + interval.min(timeout);
+        }
+        match self.ping_sent {
+            Some(sent) if !self.heard_since_ping => (sent + timeout).min(last + interval),
+            _ => last + interval,
+        }
+    }
+
+    fn take_outbox(&mut self) {
+        let taken = self.socket.take(&mut self.writer.frames);
+        if taken.discarded && self.writer.offset > 0 {
+            // A frame was cut mid-way: no valid close frame can follow it.
+            self.broken = true;
+            return;
+        }
+        if taken.close {
+            self.writer.close_queued = true;
+            if self.state == State::Open {
+                self.state = State::Closing;
+            }
+        }
+        self.write();
+    }
+
+    fn write(&mut self) {
+        match self.writer.flush(&self.stream) {
+            Ok(n) if n > 0 => self.socket.written(n),
+            Ok(_) => {}
+            Err(_) => self.broken = true,
+        }
+    }
+
+    fn read(&mut self) {
+        let mut chunk = [0u8; READ_CHUNK];
+        match self.stream.try_read(&mut chunk) {
+            Ok(0) => self.broken = true,
+            Ok(n) => self.on_bytes(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => self.broken = true,
+        }
+    }
+
+    fn on_bytes(&mut self, bytes: &[u8]) {
+        self.heard_since_ping = true;
+        let mut decoder = std::mem::replace(&mut self.decoder, Decoder::new(0));
+        let result = decoder.feed(bytes, &mut |incoming| self.on_incoming(incoming));
+        self.decoder = decoder;
+        if let Err(violation) = result {
+            self.fail(violation.code, violation.reason);
+        }
+    }
+
+    fn on_incoming(&mut self, incoming: Incoming) {
+        match incoming {
+            Incoming::Text(data) => self.on_message(Kind::Text, data),
+            Incoming::Binary(data) => self.on_message(Kind::Binary, data),
+            Incoming::Ping(payload) => {
+                self.socket.send(&frame::encode_pong(&payload));
+            }
+            Incoming::Pong => {}
+            Incoming::Close(code) => {
+                if self.state == State::Closing {
+                    // The answer to our close: done once ours is written.
+                    self.state = State::Ending;
+                    return;
+                }
+                let reply = match code {
+                    Some(code) => frame::encode_close(code, ""),
+                    None => frame::encode_empty_close(),
+                };
+                self.socket.close_with(reply);
+                self.state = State::Ending;
+            }
+        }
+    }
+
+    fn on_message(&mut self, kind: Kind, data: Vec<u8>) {
+        if self.state != State::Open {
+            return;
+        }
+        let handlers = self.shared.config.handlers;
+        let handled = match kind {
+            Kind::Text => handlers.text,
+            Kind::Binary => handlers.binary,
+        };
+        if !handled {
+            let what = if kind == Kind::Text { "text" } else { "binary" };
+            log::debug!("socket {}: no handler for {what} messages, closing with 1003", self.socket.id);
+            self.fail(close_code::UNSUPPORTED, "no handler for this message type");
+            return;
+        }
+        let stats = &self.shared.engine.stats;
+        Counters::add(&stats.messages_in, 1);
+        Counters::add(&stats.bytes_in, data.len() as u64);
+        let id = self.socket.id;
+        self.socket.event_queued();
+        self.socket.worker.push(match kind {
+            Kind::Text => Event::Text { id, data },
+            Kind::Binary => Event::Binary { id, data },
+        });
+    }
+
+    /// Fails the connection: close frame with `code`, then the TCP connection.
+    fn fail(&mut self, code: u16, reason: &str) {
+        self.socket.close(code, reason);
+        self.state = State::Ending;
+    }
+}

@@ -1,0 +1,160 @@
+//! The HTTP/1.1 upgrade (RFC 6455 §4.2), sans-I/O: bytes in, a request or the
+//! HTTP error to answer with out. Parsing is httparse's; the accept key is
+//! tungstenite's.
+
+use tungstenite::handshake::derive_accept_key;
+
+/// Most header lines a request may carry.
+const MAX_HEADERS: usize = 64;
+
+/// A valid upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    /// The request target: path and query, e.g. `/chat?room=7`.
+    pub path: String,
+    /// Header names in lower case; repeated headers joined with ", ".
+    pub headers: Vec<(String, String)>,
+    /// Value for the `Sec-WebSocket-Accept` response header.
+    pub accept: String,
+}
+
+/// An HTTP answer that ends the connection instead of upgrading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: &'static str,
+}
+
+impl Refusal {
+    pub const fn new(status: u16, reason: &'static str) -> Self {
+        Refusal { status, reason }
+    }
+}
+
+pub const TOO_LARGE: Refusal = Refusal::new(431, "request headers too large");
+
+/// Tries to parse a complete request from `buf`.
+/// `Ok(None)`: need more bytes. `Ok(Some((upgrade, used)))`: `used` bytes were the request.
+pub fn parse(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let used = match req.parse(buf) {
+        Ok(httparse::Status::Complete(used)) => used,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(TOO_LARGE),
+        Err(_) => return Err(Refusal::new(400, "malformed HTTP request")),
+    };
+    if req.method != Some("GET") || req.version != Some(1) {
+        return Err(Refusal::new(400, "a WebSocket upgrade must be an HTTP/1.1 GET"));
+    }
+    let path = req.path.unwrap_or("/").to_owned();
+    let mut pairs: Vec<(String, String)> = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = h.name.to_ascii_lowercase();
+        let value = String::from_utf8_lossy(h.value).trim().to_owned();
+        match pairs.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, existing)) => {
+                existing.push_str(", ");
+                existing.push_str(&value);
+            }
+            None => pairs.push((name, value)),
+        }
+    }
+    let get = |name: &str| pairs.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+    let has_token = |name: &str, token: &str| {
+        get(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if !has_token("upgrade", "websocket") {
+        return Err(Refusal::new(426, "this endpoint only speaks WebSocket"));
+    }
+    if !has_token("connection", "upgrade") {
+        return Err(Refusal::new(400, "missing 'Connection: upgrade'"));
+    }
+    let Some(key) = get("sec-websocket-key").filter(|k| !k.is_empty()) else {
+        return Err(Refusal::new(400, "missing Sec-WebSocket-Key"));
+    };
+    if get("sec-websocket-version") != Some("13") {
+        return Err(Refusal::new(426, "unsupported Sec-WebSocket-Version"));
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    Ok(Some((Upgrade { path, headers: pairs, accept }, used)))
+}
+
+/// The `101 Switching Protocols` response.
+pub fn accept_response(upgrade: &Upgrade) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        upgrade.accept
+    )
+    .into_bytes()
+}
+
+/// A complete HTTP error response that closes the connection.
+pub fn refusal_response(refusal: Refusal) -> Vec<u8> {
+    let status_text = match refusal.status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let extra = if refusal.status == 426 {
+        "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    } else {
+        ""
+    };
+    let body = format!("{}\n", refusal.reason);
+    format!(
+        "HTTP/1.1 {} {}\r\n{}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        refusal.status,
+        status_text,
+        extra,
+        body.len(),
+        body
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "GET /chat?room=7 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Multi: a\r\nx-multi: b\r\n\r\n";
+
+    #[test]
+    fn parses_a_valid_upgrade() {
+        let (up, used) = parse(GOOD.as_bytes()).unwrap().unwrap();
+        assert_eq!(used, GOOD.len());
+        assert_eq!(up.path, "/chat?room=7");
+        assert_eq!(up.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert!(up.headers.contains(&("x-multi".into(), "a, b".into())));
+        assert!(up.headers.contains(&("host".into(), "x".into())));
+    }
+
+    #[test]
+    fn waits_for_the_whole_request() {
+        assert_eq!(parse(&GOOD.as_bytes()[..40]), Ok(None));
+    }
+
+    #[test]
+    fn refuses_bad_requests_with_the_right_status() {
+        let status = |req: &str| parse(req.as_bytes()).unwrap_err().status;
+        assert_eq!(status("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), 426);
+        assert_eq!(status("\x16\x03\x01garbage\r\n\r\n"), 400);
+        assert_eq!(status(&GOOD.replace("keep-alive, Upgrade", "keep-alive")), 400);
+        assert_eq!(status(&GOOD.replace("Sec-WebSocket-Key", "X-Key")), 400);
+        assert_eq!(status(&GOOD.replace("Version: 13", "Version: 8")), 426);
+        assert_eq!(status(&GOOD.replace("GET", "POST")), 400);
+        let many: String = (0..70).map(|i| format!("h{i}: v\r\n")).collect();
+        assert_eq!(status(&format!("GET / HTTP/1.1\r\n{many}\r\n")), 431);
+    }
+
+    #[test]
+    fn version_426_names_the_supported_version() {
+        let text = String::from_utf8(refusal_response(Refusal::new(426, "x"))).unwrap();
+        assert!(text.starts_with("HTTP/1.1 426 "));
+        assert!(text.contains("Sec-WebSocket-Version: 13\r\n"));
+    }
+}

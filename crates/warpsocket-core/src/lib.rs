@@ -1,0 +1,22 @@
+//! WarpSocket's engine: a multi-threaded WebSocket server whose events go to
+//! worker queues and whose sockets any thread can send to.
+//!
+//! Nothing here knows about Python; `warpsocket-py` binds it.
+
+pub mod config;
+mod connection;
+pub mod dispatch;
+pub mod engine;
+pub mod frame;
+pub mod handshake;
+mod registry;
+pub mod server;
+mod socket;
+pub mod stats;
+mod wakeup;
+
+pub use config::{Config, Handlers};
+pub use dispatch::{Event, WorkerQueue, Workers};
+pub use engine::{Engine, Verdict};
+pub use frame::Kind;
+pub use server::Server;

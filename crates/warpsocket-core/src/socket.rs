@@ -1,0 +1,200 @@
+//! The part of a connection that every thread may touch: its id, its worker
+//! and its outbox. The connection's own I/O task holds the TCP stream; other
+//! threads only queue frames here and wake that task.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::dispatch::WorkerQueue;
+use crate::frame::{self, close_code};
+
+/// Where a connection is in its life, as far as senders are concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// A close frame is queued last; nothing more may be queued.
+    Closing,
+    /// The TCP connection is gone.
+    Closed,
+}
+
+/// Frames waiting for the connection's writer.
+struct Outbox {
+    frames: VecDeque<Bytes>,
+    /// Bytes queued and not yet written, including frames the writer holds.
+    queued: usize,
+    phase: Phase,
+    /// The writer has taken the close frame.
+    close_taken: bool,
+    /// Frames already taken by the writer must be dropped (backpressure close).
+    discard: bool,
+}
+
+/// What the writer got from [`Socket::take`].
+pub struct Taken {
+    /// The close frame is the last of the frames just taken.
+    pub close: bool,
+    /// The writer's older frames were dropped (backpressure close).
+    pub discarded: bool,
+}
+
+/// The shared handle of one accepted (or upgrading) connection.
+pub struct Socket {
+    pub id: u64,
+    pub worker: Arc<WorkerQueue>,
+    /// One lock per outbox, held for a push or a swap only.
+    outbox: Mutex<Outbox>,
+    /// Wakes the connection's task: frames queued, close requested, or its
+    /// handlers caught up so reading may resume.
+    wake: Notify,
+    /// Events of this connection handed to its worker and not yet finished;
+    /// the reader pauses while too many are outstanding.
+    inflight: AtomicU32,
+    /// The upgrade was accepted: `handle_close` is owed when it ends.
+    accepted: AtomicBool,
+    max_backpressure: usize,
+}
+
+/// Result of queueing a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    Yes,
+    /// The connection is closing or closed.
+    No,
+    /// Over `max_backpressure`: the connection is now closing with 1008.
+    Overflow,
+}
+
+impl Socket {
+    pub(crate) fn new(id: u64, worker: Arc<WorkerQueue>, max_backpressure: usize) -> Self {
+        Socket {
+            id,
+            worker,
+            outbox: Mutex::new(Outbox {
+                frames: VecDeque::new(),
+                queued: 0,
+                phase: Phase::Open,
+                close_taken: false,
+                discard: false,
+            }),
+            wake: Notify::new(),
+            inflight: AtomicU32::new(0),
+            accepted: AtomicBool::new(false),
+            max_backpressure,
+        }
+    }
+
+    /// Queues an encoded frame for this connection.
+    pub fn send(&self, frame: &Bytes) -> Queued {
+        let mut out = self.outbox.lock();
+        if out.phase != Phase::Open {
+            return Queued::No;
+        }
+        if out.queued + frame.len() > self.max_backpressure {
+            out.frames.clear();
+            out.queued = 0;
+            out.discard = true;
+            let close = frame::encode_close(close_code::POLICY, "backpressure limit exceeded");
+            out.queued = close.len();
+            out.frames.push_back(close);
+            out.phase = Phase::Closing;
+            drop(out);
+            self.wake.notify_one();
+            return Queued::Overflow;
+        }
+        let was_empty = out.frames.is_empty();
+        out.frames.push_back(frame.clone());
+        out.queued += frame.len();
+        drop(out);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Queued::Yes
+    }
+
+    /// Queues a close frame after everything already queued. False when the
+    /// connection was already closing.
+    pub fn close(&self, code: u16, reason: &str) -> bool {
+        self.close_with(frame::encode_close(code, reason))
+    }
+
+    /// Like [`close`](Self::close) but with a prepared frame (an echo of the
+    /// client's close, or an empty one).
+    pub(crate) fn close_with(&self, frame: Bytes) -> bool {
+        let mut out = self.outbox.lock();
+        if out.phase != Phase::Open {
+            return false;
+        }
+        out.queued += frame.len();
+        out.frames.push_back(frame);
+        out.phase = Phase::Closing;
+        drop(out);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Moves the queued frames to the writer's buffer. After a backpressure
+    /// close, the frames the writer still held are dropped first.
+    pub(crate) fn take(&self, into: &mut VecDeque<Bytes>) -> Taken {
+        let mut out = self.outbox.lock();
+        let discarded = std::mem::take(&mut out.discard);
+        if discarded {
+            into.clear();
+        }
+        into.append(&mut out.frames);
+        let close = out.phase == Phase::Closing && !out.close_taken;
+        if close {
+            out.close_taken = true;
+        }
+        Taken { close, discarded }
+    }
+
+    /// The writer put `bytes` on the wire.
+    pub(crate) fn written(&self, bytes: usize) {
+        let mut out = self.outbox.lock();
+        out.queued = out.queued.saturating_sub(bytes);
+    }
+
+    /// The connection is gone: refuse new frames and free queued ones.
+    pub(crate) fn mark_closed(&self) {
+        let mut out = self.outbox.lock();
+        out.phase = Phase::Closed;
+        out.frames = VecDeque::new();
+        out.queued = 0;
+    }
+
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
+    pub(crate) fn event_queued(&self) -> u32 {
+        self.inflight.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// One event finished; wakes the reader when it may resume.
+    pub(crate) fn event_finished(&self, resume_below: u32) {
+        let before = self.inflight.fetch_sub(1, Ordering::Relaxed);
+        if before == resume_below {
+            self.wake.notify_one();
+        }
+    }
+
+    pub(crate) fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+}
+
+impl Socket {
+    pub(crate) fn accept(&self) {
+        self.accepted.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_accepted(&self) -> bool {
+        self.accepted.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,25 @@
+"""WarpSocket: multi-threaded WebSocket servers with Python handlers.
+
+The native core accepts and runs the connections on all cores; every connection's
+events go, in order, to one worker thread running your handlers. Any thread may
+send to sockets.
+
+>>> import warpsocket
+>>> server = warpsocket.start(bind="127.0.0.1:3000", worker="app/worker.py")  # doctest: +SKIP
+>>> server.stop()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._core import close, send
+from .server import Server, run, start
+from .stats import stats
+
+try:
+    __version__ = version("warpsocket")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = ["Server", "close", "run", "send", "start", "stats"]

@@ -1,0 +1,77 @@
+"""The ``warpsocket`` command: ``warpsocket WORKER --bind ADDR [options]`` runs ``run()``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import TUNABLES, default_threads
+from .server import run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser; every tunable of ``start()`` is a ``--flag``."""
+    parser = argparse.ArgumentParser(
+        prog="warpsocket",
+        description="Run a WarpSocket server with the given worker module until SIGINT/SIGTERM.",
+    )
+    parser.add_argument("worker", help="worker module: a .py file path or an importable module name")
+    parser.add_argument(
+        "--bind",
+        action="append",
+        metavar="ADDR",
+        help="address to listen on, e.g. 127.0.0.1:3000 or [::1]:3000 (repeatable; "
+        "default 127.0.0.1:3000)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"worker threads (default: max(cpu count, 4) = {default_threads()})",
+    )
+    parser.add_argument(
+        "--worker-arg",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="JSON value passed to handle_start(worker_arg) in every worker",
+    )
+    for spec in TUNABLES:
+        parser.add_argument(
+            "--" + spec.name.replace("_", "-"),
+            type=int if spec.type == "int" else float,
+            default=spec.default,
+            help=f"{spec.metadata['help']} (default: {spec.default})",
+        )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="level of the 'warpsocket' logger's output (default: INFO)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line and run the server until it is stopped."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    tunables = {spec.name: getattr(args, spec.name) for spec in TUNABLES}
+    try:
+        run(
+            bind=args.bind or ["127.0.0.1:3000"],
+            worker=args.worker,
+            threads=args.threads,
+            worker_arg=args.worker_arg,
+            **tunables,
+        )
+    except (OSError, ImportError, RuntimeError, ValueError, TypeError) as exc:
+        logging.getLogger("warpsocket").error("%s", exc)
+        sys.exit(1)

@@ -1,0 +1,97 @@
+"""Server options: one definition feeds ``start()``, ``run()`` and the CLI."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+def default_threads() -> int:
+    """Worker threads when none are asked for: one per CPU, at least 4."""
+    return max(os.cpu_count() or 1, 4)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Validated server options (API.md §1)."""
+
+    bind: tuple[str, ...]
+    worker: str
+    threads: int = field(default_factory=default_threads)
+    worker_arg: Any = None
+    handler_timeout: float = field(default=5.0, metadata={"help": "seconds an async handler may run"})
+    hang_timeout: float = field(
+        default=3.0, metadata={"help": "seconds a worker may leave its events waiting"}
+    )
+    max_message_size: int = field(
+        default=16 * MiB, metadata={"help": "largest incoming message in bytes (else 1009)"}
+    )
+    max_backpressure: int = field(
+        default=16 * MiB,
+        metadata={"help": "queued outgoing bytes per connection before closing with 1008"},
+    )
+    ping_interval: float = field(default=20.0, metadata={"help": "seconds between keepalive pings"})
+    ping_timeout: float = field(
+        default=20.0, metadata={"help": "seconds to wait for a keepalive answer (else 1011)"}
+    )
+
+    @classmethod
+    def build(
+        cls,
+        bind: str | list[str] | tuple[str, ...],
+        worker: str | os.PathLike[str],
+        threads: int | None = None,
+        worker_arg: Any = None,
+        **tunables: Any,
+    ) -> Options:
+        """Check every argument and return the options, raising TypeError/ValueError."""
+        if isinstance(bind, str):
+            binds: tuple[str, ...] = (bind,)
+        elif isinstance(bind, (list, tuple)) and all(isinstance(b, str) for b in bind):
+            binds = tuple(bind)
+        else:
+            raise TypeError("bind must be an address string or a list of them")
+        if not binds:
+            raise ValueError("bind must name at least one address")
+        if isinstance(worker, os.PathLike):
+            worker = os.fspath(worker)
+        if not isinstance(worker, str):
+            raise TypeError("worker must be a file path or a module name (str)")
+        if not worker:
+            raise ValueError("worker must not be empty")
+        if threads is None:
+            threads = default_threads()
+        _check_int("threads", threads)
+        unknown = set(tunables) - {f.name for f in TUNABLES}
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {sorted(unknown)[0]!r}")
+        for spec in TUNABLES:
+            if spec.name in tunables:
+                value = tunables[spec.name]
+                if spec.type == "int":
+                    _check_int(spec.name, value)
+                else:
+                    _check_seconds(spec.name, value)
+                    tunables[spec.name] = float(value)
+        return cls(bind=binds, worker=worker, threads=threads, worker_arg=worker_arg, **tunables)
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _check_seconds(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+#: The tunable options, with their defaults and help texts (CLI flags come from these).
+TUNABLES = tuple(f for f in fields(Options) if "help" in f.metadata)

@@ -1,0 +1,213 @@
+"""Starting, running and stopping a server: the native listener plus the worker threads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType, TracebackType
+from typing import Any
+
+from . import _core
+from .config import Options
+from .worker import Worker
+
+logger = logging.getLogger("warpsocket")
+
+# One server per process: the engine's sockets and channels are process-wide.
+_state_lock = threading.Lock()
+_running: Server | None = None
+
+
+class Server:
+    """A running WarpSocket server, returned by :func:`start`.
+
+    Use it as a context manager, or call :meth:`stop` yourself.
+    """
+
+    def __init__(self, options: Options, core: _core.Server, workers: list[Worker]) -> None:
+        self.options = options
+        self._core = core
+        self._workers = workers
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self.addresses: list[tuple[str, int]] = core.addresses()
+        """``(host, port)`` of every bound address, in the order given to ``bind``."""
+
+    @property
+    def port(self) -> int:
+        """The port of the first bound address (handy with ``bind="127.0.0.1:0"``)."""
+        return self.addresses[0][1]
+
+    @property
+    def running(self) -> bool:
+        """True until :meth:`stop` has completed."""
+        return not self._stopped.is_set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop gracefully (API.md §6), waiting up to ``timeout`` seconds.
+
+        Stops accepting, closes every connection with 1001, lets pending handlers and
+        every ``handle_close`` run, ends the worker threads and frees the ports.
+        Calling it again (or from several threads) is harmless.
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            deadline = time.monotonic() + max(float(timeout), 0.0)
+            self._core.shutdown(max(float(timeout), 0.0))
+            # Close events are all queued now; give the workers the rest of the time.
+            for worker in self._workers:
+                worker.finish(deadline)
+            for worker in self._workers:
+                worker.join(max(deadline - time.monotonic(), 0.0) + 1.0)
+                if worker.is_alive():
+                    logger.warning("worker thread %s did not finish in time", worker.name)
+            _release(self)
+            self._stopped.set()
+            logger.info("warpsocket stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server has stopped; returns False if ``timeout`` passed first."""
+        return self._stopped.wait(timeout)
+
+    def stats_workers(self) -> list[dict[str, int]]:
+        """Per live worker: ``id``, ``connections``, ``queue_depth``."""
+        return [
+            {"id": w.queue.id, "connections": w.queue.connections, "queue_depth": w.queue.queue_depth}
+            for w in self._workers
+            if w.is_alive()
+        ]
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = ", ".join(f"{h}:{p}" for h, p in self.addresses)
+        state = "running" if self.running else "stopped"
+        return f"<warpsocket.Server {state} on {where} with {len(self._workers)} workers>"
+
+
+def _release(server: Server) -> None:
+    global _running
+    with _state_lock:
+        if _running is server:
+            _running = None
+
+
+def running_server() -> Server | None:
+    """The server running in this process, if any."""
+    return _running
+
+
+def start(
+    bind: str | list[str],
+    worker: str | os.PathLike[str],
+    threads: int | None = None,
+    worker_arg: Any = None,
+    **tunables: Any,
+) -> Server:
+    """Start a server and return it once every address is bound and every worker is ready.
+
+    ``bind`` is an address (``"127.0.0.1:3000"``, ``"[::1]:3000"``) or a list of them;
+    ``worker`` a file path or an importable module name. Tunables: ``handler_timeout``,
+    ``hang_timeout``, ``max_message_size``, ``max_backpressure``, ``ping_interval``,
+    ``ping_timeout`` (see the README). Raises ``OSError`` when an address cannot be
+    bound, ``ImportError`` when the worker cannot be imported, ``RuntimeError`` when
+    ``handle_start`` raises or a server already runs; nothing is left running then.
+    """
+    global _running
+    options = Options.build(bind, worker, threads, worker_arg, **tunables)
+    with _state_lock:
+        if _running is not None:
+            raise RuntimeError("a WarpSocket server is already running in this process")
+        core = _core.Server(
+            list(options.bind),
+            max_message_size=options.max_message_size,
+            max_backpressure=options.max_backpressure,
+            ping_interval=options.ping_interval,
+            ping_timeout=options.ping_timeout,
+            open_timeout=options.handler_timeout + options.hang_timeout + 1.0,
+        )
+        workers: list[Worker] = []
+        try:
+            for index in range(options.threads):
+                worker_thread = Worker(index, options, core.add_worker())
+                workers.append(worker_thread)
+                worker_thread.start()
+            for worker_thread in workers:
+                worker_thread.ready.wait()
+            errors = [w.startup_error for w in workers if w.startup_error is not None]
+            if errors:
+                raise errors[0]
+            handlers = workers[0].handlers
+            core.serve(
+                handle_open=handlers["handle_open"] is not None,
+                handle_text=handlers["handle_text_message"] is not None,
+                handle_binary=handlers["handle_binary_message"] is not None,
+            )
+        except BaseException:
+            core.shutdown(0.0)
+            for worker_thread in workers:
+                worker_thread.finish(time.monotonic())
+            for worker_thread in workers:
+                worker_thread.join(5.0)
+            raise
+        server = Server(options, core, workers)
+        _running = server
+    where = ", ".join(f"{_format_host(h)}:{p}" for h, p in server.addresses)
+    logger.info("warpsocket listening on %s with %d workers", where, options.threads)
+    return server
+
+
+def _format_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def run(
+    bind: str | list[str],
+    worker: str | os.PathLike[str],
+    threads: int | None = None,
+    worker_arg: Any = None,
+    **tunables: Any,
+) -> None:
+    """Start a server and block until SIGINT or SIGTERM, then stop gracefully.
+
+    Takes the same arguments as :func:`start`. A second signal during shutdown exits
+    the process at once.
+    """
+    server = start(bind, worker, threads, worker_arg, **tunables)
+    stop_requested = threading.Event()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous: dict[int, Any] = {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop_requested.is_set():
+            logger.warning("second signal during shutdown: exiting now")
+            os._exit(128 + signum)
+        logger.info("received %s, shutting down", signal.Signals(signum).name)
+        stop_requested.set()
+
+    if in_main_thread:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        # Short waits so the main thread gets to run signal handlers.
+        while not stop_requested.is_set() and server.running:
+            stop_requested.wait(0.2)
+        server.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

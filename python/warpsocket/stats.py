@@ -1,0 +1,21 @@
+"""``stats()``: the engine's counters plus the live workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _core
+from .server import running_server
+
+
+def stats() -> dict[str, Any]:
+    """Return a snapshot of the server's counters (API.md §3).
+
+    Keys: ``connections``, ``messages_in``, ``messages_out``, ``bytes_in``,
+    ``bytes_out`` (payload bytes), ``backpressure_closes``, and ``workers``: one dict
+    per live worker with ``id``, ``connections`` and ``queue_depth``.
+    """
+    result: dict[str, Any] = _core.counters()
+    server = running_server()
+    result["workers"] = server.stats_workers() if server is not None else []
+    return result

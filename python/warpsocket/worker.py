@@ -1,0 +1,355 @@
+"""Worker threads: each loads its own instance of the worker module, runs its own
+asyncio loop, and runs the handlers of its connections in order.
+
+The core signals a descriptor when events wait; the loop drains them in one
+batch. A connection whose handler is awaiting keeps a backlog, so its events
+still run one after another while other connections go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+from typing import Any
+
+from . import _core
+from .config import Options
+
+logger = logging.getLogger("warpsocket")
+
+OPEN, TEXT, BINARY, CLOSE = _core.EVENT_OPEN, _core.EVENT_TEXT, _core.EVENT_BINARY, _core.EVENT_CLOSE
+
+HANDLER_NAMES = (
+    "handle_start",
+    "handle_open",
+    "handle_text_message",
+    "handle_binary_message",
+    "handle_close",
+)
+
+# Module execution temporarily registers the module in sys.modules; one at a time.
+_import_lock = threading.Lock()
+
+if sys.version_info >= (3, 11):
+
+    async def _with_timeout(awaitable: Awaitable[Any], seconds: float) -> Any:
+        async with asyncio.timeout(seconds):
+            return await awaitable
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _with_timeout(awaitable: Awaitable[Any], seconds: float) -> Any:
+        return await asyncio.wait_for(awaitable, seconds)
+
+
+def load_worker_module(worker: str, index: int) -> ModuleType:
+    """Execute a fresh instance of the worker module (a file path or a module name).
+
+    Each worker thread gets its own module object with its own globals. Raises
+    ImportError naming the worker when it cannot be found or executed.
+    """
+    is_path = worker.endswith(".py") or os.sep in worker or "/" in worker
+    try:
+        if is_path:
+            path = os.path.abspath(worker)
+            if not os.path.isfile(path):
+                raise ImportError(f"worker file {worker!r} not found")
+            # Like running a script: siblings of the worker file are importable.
+            directory = os.path.dirname(path)
+            if directory not in sys.path:
+                sys.path.insert(0, directory)
+            name = os.path.splitext(os.path.basename(path))[0]
+            spec = importlib.util.spec_from_file_location(name, path)
+        else:
+            spec = importlib.util.find_spec(worker)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"worker module {worker!r} not found")
+        module = importlib.util.module_from_spec(spec)
+        with _import_lock:
+            previous = sys.modules.get(spec.name)
+            sys.modules[spec.name] = module
+            try:
+                spec.loader.exec_module(module)
+            finally:
+                if previous is None:
+                    sys.modules.pop(spec.name, None)
+                else:
+                    sys.modules[spec.name] = previous
+        module.__dict__.setdefault("__warpsocket_worker_index__", index)
+        return module
+    except ImportError as exc:
+        if worker in str(exc):
+            raise
+        raise ImportError(f"cannot import worker {worker!r}: {exc}") from exc
+    except Exception as exc:
+        raise ImportError(f"cannot import worker {worker!r}: {type(exc).__name__}: {exc}") from exc
+
+
+class _Connection:
+    """Per-connection state, kept only while a handler awaits or after a failure."""
+
+    __slots__ = ("backlog", "busy", "failed")
+
+    def __init__(self) -> None:
+        self.backlog: deque[tuple[int, Any]] = deque()
+        self.busy = False
+        self.failed = False
+
+
+class Worker(threading.Thread):
+    """One worker thread with its module instance and event loop."""
+
+    def __init__(self, index: int, options: Options, queue: _core.WorkerQueue) -> None:
+        super().__init__(name=f"warpsocket-worker-{index}", daemon=True)
+        self.index = index
+        self.options = options
+        self.queue = queue
+        self.ready = threading.Event()
+        self.startup_error: BaseException | None = None
+        self.handlers: dict[str, Callable[..., Any] | None] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conns: dict[int, _Connection] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timeout = options.handler_timeout
+
+    # -- thread body ---------------------------------------------------------
+
+    def run(self) -> None:
+        """Load the module, run ``handle_start``, then serve events until stopped."""
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            module = load_worker_module(self.options.worker, self.index)
+            self.handlers = {name: _handler(module, name) for name in HANDLER_NAMES}
+            start = self.handlers["handle_start"]
+            if start is not None:
+                try:
+                    result = start(self.options.worker_arg)
+                    if inspect.isawaitable(result):
+                        loop.run_until_complete(result)
+                except Exception as exc:
+                    raise RuntimeError(
+                        f"handle_start of worker {self.options.worker!r} raised "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+        except BaseException as exc:  # reported to start(), which raises it
+            self.startup_error = exc
+            self.ready.set()
+            loop.close()
+            return
+        self._on_open = self.handlers["handle_open"]
+        self._on_text = self.handlers["handle_text_message"]
+        self._on_binary = self.handlers["handle_binary_message"]
+        self._on_close = self.handlers["handle_close"]
+        loop.add_reader(self.queue.fileno(), self._on_events)
+        self.ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.remove_reader(self.queue.fileno())
+            for task in self._tasks:
+                task.cancel()
+            if self._tasks:
+                loop.run_until_complete(asyncio.gather(*self._tasks, return_exceptions=True))
+            loop.close()
+
+    def finish(self, deadline: float) -> None:
+        """Ask the thread to run what is queued and in flight (until ``deadline``), then end."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._finish(deadline)))
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
+    async def _finish(self, deadline: float) -> None:
+        self._on_events()
+        while self._tasks:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await asyncio.wait(set(self._tasks), timeout=remaining)
+            self._on_events()
+        assert self._loop is not None
+        self._loop.stop()
+
+    # -- events --------------------------------------------------------------
+
+    def _on_events(self) -> None:
+        """Run every waiting event: sync handlers now, async ones as tasks."""
+        finished: list[int] = []
+        conns = self._conns
+        for kind, sid, payload in self.queue.drain():
+            conn = conns.get(sid)
+            if conn is not None and conn.busy:
+                conn.backlog.append((kind, payload))
+                continue
+            if conn is not None and conn.failed and kind != CLOSE:
+                finished.append(sid)
+                continue
+            pending = self._run(kind, sid, payload)
+            if pending is None:
+                finished.append(sid)
+                if kind == CLOSE:
+                    conns.pop(sid, None)
+            else:
+                if conn is None:
+                    conn = conns[sid] = _Connection()
+                conn.busy = True
+                self._spawn(self._drive(sid, conn, kind, pending))
+        if finished:
+            self.queue.finished(finished)
+
+    def _run(self, kind: int, sid: int, payload: Any) -> Awaitable[Any] | None:
+        """Call the handler for one event. Returns its awaitable if it has to be awaited."""
+        try:
+            if kind == TEXT:
+                result = self._on_text(payload, sid)  # type: ignore[misc]
+            elif kind == BINARY:
+                result = self._on_binary(payload, sid)  # type: ignore[misc]
+            elif kind == CLOSE:
+                if self._on_close is None:
+                    return None
+                result = self._on_close(sid)
+            else:
+                return self._open(sid, payload)
+        except Exception:
+            self._failed(sid, kind, "raised")
+            return None
+        if result is not None and inspect.isawaitable(result):
+            return result
+        return None
+
+    def _open(self, sid: int, payload: tuple[str, dict[str, str]]) -> Awaitable[Any] | None:
+        ip, headers = payload
+        try:
+            result = self._on_open(sid, ip, headers)  # type: ignore[misc]
+        except Exception:
+            logger.exception("handle_open for socket %d raised; refusing with 500", sid)
+            _core.resolve_open(sid, False, 500)
+            return None
+        if result is not None and inspect.isawaitable(result):
+            return result
+        self._verdict(sid, result)
+        return None
+
+    def _verdict(self, sid: int, accepted: Any) -> None:
+        if not accepted:
+            _core.resolve_open(sid, False, 403)
+            self._conns.pop(sid, None)
+
+        elif not _core.resolve_open(sid, True, 0):
+            # The client left while handle_open ran: there will be no close event.
+            self._conns.pop(sid, None)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drive(self, sid: int, conn: _Connection, kind: int, pending: Awaitable[Any]) -> None:
+        """Await one connection's handler, then run its backlog in order."""
+        while True:
+            await self._await(sid, conn, kind, pending)
+            self.queue.finished([sid])
+            if kind == CLOSE:
+                self._conns.pop(sid, None)
+                return
+            next_pending = None
+            while conn.backlog and next_pending is None:
+                kind, payload = conn.backlog.popleft()
+                if conn.failed and kind != CLOSE:
+                    self.queue.finished([sid])
+                    continue
+                next_pending = self._run(kind, sid, payload)
+                if next_pending is None:
+                    self.queue.finished([sid])
+                    if kind == CLOSE:
+                        self._conns.pop(sid, None)
+                        return
+            if next_pending is None:
+                conn.busy = False
+                if not conn.failed:
+                    self._conns.pop(sid, None)
+                return
+            pending = next_pending
+
+    async def _await(self, sid: int, conn: _Connection, kind: int, pending: Awaitable[Any]) -> None:
+        try:
+            result = await _with_timeout(pending, self._timeout)
+        except TimeoutError:
+            self._timed_out(sid, conn, kind)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if kind == OPEN:
+                logger.exception("handle_open for socket %d raised; refusing with 500", sid)
+                _core.resolve_open(sid, False, 500)
+                self._conns.pop(sid, None)
+            else:
+                self._failed(sid, kind, "raised")
+            return
+        if kind == OPEN:
+            self._verdict(sid, result)
+
+    def _timed_out(self, sid: int, conn: _Connection, kind: int) -> None:
+        what = _EVENT_HANDLER[kind]
+        if kind == OPEN:
+            logger.error(
+                "%s for socket %d timed out after %.1f s; refusing with 500",
+                what,
+                sid,
+                self._timeout,
+            )
+            _core.resolve_open(sid, False, 500)
+            self._conns.pop(sid, None)
+            return
+        logger.error(
+            "%s for socket %d timed out after %.1f s; closing with 1011", what, sid, self._timeout
+        )
+        conn.failed = True
+        if kind != CLOSE:
+            _core.close(sid, 1011, "handler timed out")
+
+    def _failed(self, sid: int, kind: int, how: str) -> None:
+        """A handler raised: log the traceback, close with 1011, drop later messages."""
+        what = _EVENT_HANDLER[kind]
+        if kind == CLOSE:
+            logger.exception("%s for socket %d %s", what, sid, how)
+            return
+        logger.exception("%s for socket %d %s; closing with 1011", what, sid, how)
+        conn = self._conns.get(sid)
+        if conn is None:
+            conn = self._conns[sid] = _Connection()
+        conn.failed = True
+        _core.close(sid, 1011, "handler error")
+
+
+_EVENT_HANDLER = {
+    OPEN: "handle_open",
+    TEXT: "handle_text_message",
+    BINARY: "handle_binary_message",
+    CLOSE: "handle_close",
+}
+
+
+def _handler(module: ModuleType, name: str) -> Callable[..., Any] | None:
+    value = getattr(module, name, None)
+    if value is None:
+        return None
+    if not callable(value):
+        raise TypeError(f"{name} in the worker module must be callable")
+    return value
