@@ -23,8 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bind",
         action="append",
         metavar="ADDR",
-        help="address to listen on, e.g. 127.0.0.1:3000 or [::1]:3000 (repeatable; "
-        "default 127.0.0.1:3000)",
+        help="address to listen on, e.g. 127.0.0.1:3000 or [::1]:3000 (repeatable; default 127.0.0.1:3000)",
     )
     parser.add_argument(
         "--threads",

@@ -1,9 +1,10 @@
-"""Worker threads: each loads its own instance of the worker module, runs its own
-asyncio loop, and runs the handlers of its connections in order.
+"""Worker threads: a module instance, an asyncio loop, and in-order handlers.
 
-The core signals a descriptor when events wait; the loop drains them in one
-batch. A connection whose handler is awaiting keeps a backlog, so its events
-still run one after another while other connections go on.
+Each worker thread loads its own instance of the worker module, runs its own
+asyncio loop, and runs the handlers of its connections in order. The core
+signals a descriptor when events wait; the loop drains them in one batch.
+A connection whose handler is awaiting keeps a backlog, so its events still
+run one after another while other connections go on.
 """
 
 from __future__ import annotations
@@ -139,8 +140,7 @@ class Worker(threading.Thread):
                         loop.run_until_complete(result)
                 except Exception as exc:
                     raise RuntimeError(
-                        f"handle_start of worker {self.options.worker!r} raised "
-                        f"{type(exc).__name__}: {exc}"
+                        f"handle_start of worker {self.options.worker!r} raised {type(exc).__name__}: {exc}"
                     ) from exc
         except BaseException as exc:  # reported to start(), which raises it
             self.startup_error = exc
@@ -317,9 +317,7 @@ class Worker(threading.Thread):
             _core.resolve_open(sid, False, 500)
             self._conns.pop(sid, None)
             return
-        logger.error(
-            "%s for socket %d timed out after %.1f s; closing with 1011", what, sid, self._timeout
-        )
+        logger.error("%s for socket %d timed out after %.1f s; closing with 1011", what, sid, self._timeout)
         conn.failed = True
         if kind != CLOSE:
             _core.close(sid, 1011, "handler timed out")

@@ -37,7 +37,11 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             bind: vec!["127.0.0.1:3000".into()],
-            handlers: Handlers { open: false, text: true, binary: true },
+            handlers: Handlers {
+                open: false,
+                text: true,
+                binary: true,
+            },
             max_message_size: 16 << 20,
             max_backpressure: 16 << 20,
             ping_interval: Duration::from_secs(20),

@@ -49,9 +49,16 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
         return refuse(stream, Refusal::new(503, "no worker is available")).await;
     };
     let engine = &shared.engine;
-    let socket = Arc::new(Socket::new(engine.next_id(), worker, shared.config.max_backpressure));
+    let socket = Arc::new(Socket::new(
+        engine.next_id(),
+        worker,
+        shared.config.max_backpressure,
+    ));
     engine.sockets.insert(socket.clone());
-    let _guard = SocketGuard { shared: &shared, socket: &socket };
+    let _guard = SocketGuard {
+        shared: &shared,
+        socket: &socket,
+    };
 
     if shared.config.handlers.open {
         let verdict = engine.wait_for_verdict(socket.id);
@@ -68,14 +75,23 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
             _ = shared.stopping() => return,
         };
         if let Verdict::Refuse(status) = verdict {
-            return refuse(stream, Refusal::new(status, "connection refused by the application")).await;
+            return refuse(
+                stream,
+                Refusal::new(status, "connection refused by the application"),
+            )
+            .await;
         }
     } else {
         socket.accept();
     }
     socket.worker.connection_opened();
     let mut conn = Connection::new(stream, socket.clone(), shared.clone());
-    if conn.stream.write_all(&handshake::accept_response(&upgrade)).await.is_err() {
+    if conn
+        .stream
+        .write_all(&handshake::accept_response(&upgrade))
+        .await
+        .is_err()
+    {
         return;
     }
     let leftover = request.split_off(used);
@@ -87,7 +103,10 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
 }
 
 /// Reads until a whole request is buffered. `Ok(None)`: the peer closed.
-async fn read_request(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Result<Option<(Upgrade, usize)>, Refusal>> {
+async fn read_request(
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+) -> io::Result<Result<Option<(Upgrade, usize)>, Refusal>> {
     let mut chunk = [0u8; 2048];
     loop {
         stream.readable().await?;
@@ -182,7 +201,9 @@ impl Writer {
             };
             total += written;
             while written > 0 {
-                let Some(front) = self.frames.front() else { break };
+                let Some(front) = self.frames.front() else {
+                    break;
+                };
                 let rest = front.len() - self.offset;
                 if written >= rest {
                     written -= rest;
@@ -406,7 +427,10 @@ impl Connection {
         };
         if !handled {
             let what = if kind == Kind::Text { "text" } else { "binary" };
-            log::debug!("socket {}: no handler for {what} messages, closing with 1003", self.socket.id);
+            log::debug!(
+                "socket {}: no handler for {what} messages, closing with 1003",
+                self.socket.id
+            );
             self.fail(close_code::UNSUPPORTED, "no handler for this message type");
             return;
         }

@@ -18,18 +18,34 @@ use crate::wakeup::Wakeup;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
     /// An upgrade request waiting for `handle_open`'s verdict.
-    Open { id: u64, ip: String, path: String, headers: Vec<(String, String)> },
+    Open {
+        id: u64,
+        ip: String,
+        path: String,
+        headers: Vec<(String, String)>,
+    },
     /// A text message; `data` is valid UTF-8.
-    Text { id: u64, data: Vec<u8> },
-    Binary { id: u64, data: Vec<u8> },
+    Text {
+        id: u64,
+        data: Vec<u8>,
+    },
+    Binary {
+        id: u64,
+        data: Vec<u8>,
+    },
     /// The connection is gone; `handle_close` must run.
-    Close { id: u64 },
+    Close {
+        id: u64,
+    },
 }
 
 impl Event {
     pub fn socket_id(&self) -> u64 {
         match self {
-            Event::Open { id, .. } | Event::Text { id, .. } | Event::Binary { id, .. } | Event::Close { id } => *id,
+            Event::Open { id, .. }
+            | Event::Text { id, .. }
+            | Event::Binary { id, .. }
+            | Event::Close { id } => *id,
         }
     }
 }
@@ -146,7 +162,9 @@ pub struct Workers {
 impl Workers {
     /// Creates and registers a new worker queue.
     pub fn add(&self) -> io::Result<Arc<WorkerQueue>> {
-        let queue = Arc::new(WorkerQueue::new(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)?);
+        let queue = Arc::new(WorkerQueue::new(
+            self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+        )?);
         self.list.write().push(queue.clone());
         Ok(queue)
     }
@@ -197,13 +215,29 @@ mod tests {
     fn drain_returns_events_in_order_and_clears_the_wakeup() {
         let workers = Workers::default();
         let q = workers.add().unwrap();
-        q.push(Event::Text { id: 1, data: b"a".to_vec() });
+        q.push(Event::Text {
+            id: 1,
+            data: b"a".to_vec(),
+        });
         q.push(Event::Close { id: 1 });
-        let mut fds = libc::pollfd { fd: q.fd(), events: libc::POLLIN, revents: 0 };
+        let mut fds = libc::pollfd {
+            fd: q.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd, zero timeout.
         assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 1);
         let events = q.drain();
-        assert_eq!(events, vec![Event::Text { id: 1, data: b"a".to_vec() }, Event::Close { id: 1 }]);
+        assert_eq!(
+            events,
+            vec![
+                Event::Text {
+                    id: 1,
+                    data: b"a".to_vec()
+                },
+                Event::Close { id: 1 }
+            ]
+        );
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 0);
         assert_eq!(q.queue_depth(), 2);

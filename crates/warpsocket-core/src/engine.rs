@@ -49,7 +49,10 @@ impl Engine {
     /// is encoded once and shared. Returns the number of recipients.
     pub fn send(&self, ids: &[u64], kind: Kind, payload: &[u8]) -> usize {
         let frame = frame::encode_message(kind, payload);
-        let sent = ids.iter().filter(|&&id| self.send_frame(id, &frame)).count();
+        let sent = ids
+            .iter()
+            .filter(|&&id| self.send_frame(id, &frame))
+            .count();
         Counters::add(&self.stats.messages_out, sent as u64);
         Counters::add(&self.stats.bytes_out, (sent * payload.len()) as u64);
         sent
@@ -69,7 +72,9 @@ impl Engine {
 
     /// Starts the close handshake; false when no open connection has this id.
     pub fn close(&self, id: u64, code: u16, reason: &str) -> bool {
-        self.sockets.with(id, |s| s.close(code, reason)).unwrap_or(false)
+        self.sockets
+            .with(id, |s| s.close(code, reason))
+            .unwrap_or(false)
     }
 
     /// Delivers `handle_open`'s verdict. False when the upgrade is no longer
@@ -102,7 +107,8 @@ impl Engine {
     /// count is [`WorkerQueue::finished`](crate::dispatch::WorkerQueue::finished).
     pub fn finished(&self, ids: &[u64]) {
         for &id in ids {
-            self.sockets.with(id, |s| s.event_finished(RESUME_READING_BELOW));
+            self.sockets
+                .with(id, |s| s.event_finished(RESUME_READING_BELOW));
         }
     }
 

@@ -209,7 +209,10 @@ impl Decoder {
             return Err(Violation::new(close_code::PROTOCOL, "reserved bits set"));
         }
         if header.mask.is_none() {
-            return Err(Violation::new(close_code::PROTOCOL, "client frame not masked"));
+            return Err(Violation::new(
+                close_code::PROTOCOL,
+                "client frame not masked",
+            ));
         }
         if len >> 63 != 0 {
             return Err(Violation::new(close_code::PROTOCOL, "invalid frame length"));
@@ -217,19 +220,31 @@ impl Decoder {
         match header.opcode {
             OpCode::Control(_) => {
                 if !header.is_final {
-                    return Err(Violation::new(close_code::PROTOCOL, "fragmented control frame"));
+                    return Err(Violation::new(
+                        close_code::PROTOCOL,
+                        "fragmented control frame",
+                    ));
                 }
                 if len > MAX_CONTROL_PAYLOAD {
-                    return Err(Violation::new(close_code::PROTOCOL, "control frame too long"));
+                    return Err(Violation::new(
+                        close_code::PROTOCOL,
+                        "control frame too long",
+                    ));
                 }
             }
             OpCode::Data(data) => {
                 let so_far = match (&self.partial, data) {
                     (None, Data::Continue) => {
-                        return Err(Violation::new(close_code::PROTOCOL, "continuation without a message"))
+                        return Err(Violation::new(
+                            close_code::PROTOCOL,
+                            "continuation without a message",
+                        ))
                     }
                     (Some(_), Data::Text | Data::Binary) => {
-                        return Err(Violation::new(close_code::PROTOCOL, "new message inside a fragmented one"))
+                        return Err(Violation::new(
+                            close_code::PROTOCOL,
+                            "new message inside a fragmented one",
+                        ))
                     }
                     (Some(partial), _) => partial.data.len() as u64,
                     (None, _) => 0,
@@ -242,7 +257,12 @@ impl Decoder {
         Ok(())
     }
 
-    fn frame(&mut self, header: FrameHeader, payload: Vec<u8>, sink: &mut impl FnMut(Incoming)) -> Result<(), Violation> {
+    fn frame(
+        &mut self,
+        header: FrameHeader,
+        payload: Vec<u8>,
+        sink: &mut impl FnMut(Incoming),
+    ) -> Result<(), Violation> {
         match header.opcode {
             OpCode::Control(Control::Ping) => sink(Incoming::Ping(payload)),
             OpCode::Control(Control::Pong) => sink(Incoming::Pong),
@@ -259,11 +279,15 @@ impl Decoder {
             OpCode::Data(Data::Continue) => {
                 // check_header guarantees a partial message exists.
                 let Some(partial) = self.partial.as_mut() else {
-                    return Err(Violation::new(close_code::PROTOCOL, "continuation without a message"));
+                    return Err(Violation::new(
+                        close_code::PROTOCOL,
+                        "continuation without a message",
+                    ));
                 };
                 partial.data.extend_from_slice(&payload);
                 if partial.kind == Kind::Text {
-                    partial.checked = check_utf8_prefix(&partial.data, partial.checked, header.is_final)?;
+                    partial.checked =
+                        check_utf8_prefix(&partial.data, partial.checked, header.is_final)?;
                 }
                 if header.is_final {
                     if let Some(done) = self.partial.take() {
@@ -275,7 +299,11 @@ impl Decoder {
                 }
             }
             OpCode::Data(data) => {
-                let kind = if data == Data::Text { Kind::Text } else { Kind::Binary };
+                let kind = if data == Data::Text {
+                    Kind::Text
+                } else {
+                    Kind::Binary
+                };
                 let checked = if kind == Kind::Text {
                     check_utf8_prefix(&payload, 0, header.is_final)?
                 } else {
@@ -287,7 +315,11 @@ impl Decoder {
                         Kind::Binary => Incoming::Binary(payload),
                     });
                 } else {
-                    self.partial = Some(Partial { kind, data: payload, checked });
+                    self.partial = Some(Partial {
+                        kind,
+                        data: payload,
+                        checked,
+                    });
                 }
             }
         }
@@ -310,14 +342,20 @@ fn check_utf8_prefix(data: &[u8], from: usize, complete: bool) -> Result<usize, 
 fn parse_close_payload(payload: &[u8]) -> Result<Option<u16>, Violation> {
     match payload.len() {
         0 => Ok(None),
-        1 => Err(Violation::new(close_code::PROTOCOL, "close payload of one byte")),
+        1 => Err(Violation::new(
+            close_code::PROTOCOL,
+            "close payload of one byte",
+        )),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
             if !is_valid_close_code(code) {
                 return Err(Violation::new(close_code::PROTOCOL, "invalid close code"));
             }
             if simdutf8::basic::from_utf8(&payload[2..]).is_err() {
-                return Err(Violation::new(close_code::INVALID_DATA, "invalid UTF-8 in close reason"));
+                return Err(Violation::new(
+                    close_code::INVALID_DATA,
+                    "invalid UTF-8 in close reason",
+                ));
             }
             Ok(Some(code))
         }
@@ -331,7 +369,9 @@ pub fn is_valid_close_code(code: u16) -> bool {
 
 /// XORs `data` with the client's masking key, eight bytes at a time.
 fn unmask(data: &mut [u8], mask: [u8; 4]) {
-    let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
+    let wide = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
     let mut chunks = data.chunks_exact_mut(8);
     for chunk in &mut chunks {
         let mut word = [0u8; 8];
@@ -401,7 +441,8 @@ mod tests {
         let mut dec = Decoder::new(1 << 20);
         let mut got = Vec::new();
         for b in &bytes {
-            dec.feed(std::slice::from_ref(b), &mut |m| got.push(m)).unwrap();
+            dec.feed(std::slice::from_ref(b), &mut |m| got.push(m))
+                .unwrap();
         }
         assert_eq!(
             got,
@@ -421,7 +462,10 @@ mod tests {
         bytes.extend(client_frame(0x00, b"cd"));
         bytes.extend(client_frame(0x80, b"e"));
         let got = decode_all(&mut Decoder::new(100), &bytes).unwrap();
-        assert_eq!(got, vec![Incoming::Ping(vec![]), Incoming::Text(b"abcde".to_vec())]);
+        assert_eq!(
+            got,
+            vec![Incoming::Ping(vec![]), Incoming::Text(b"abcde".to_vec())]
+        );
     }
 
     #[test]
@@ -436,17 +480,23 @@ mod tests {
     #[test]
     fn rejects_protocol_violations() {
         let cases: Vec<(Vec<u8>, u16)> = vec![
-            (client_frame(0xC1, b"x"), close_code::PROTOCOL),           // rsv1
-            (client_frame(0x83, b"x"), close_code::PROTOCOL),           // reserved data opcode
-            (client_frame(0x8B, b"x"), close_code::PROTOCOL),           // reserved control opcode
-            (client_frame(0x09, b"x"), close_code::PROTOCOL),           // fragmented ping
-            (client_frame(0x89, &[0; 126]), close_code::PROTOCOL),      // long ping
-            (client_frame(0x80, b"x"), close_code::PROTOCOL),           // continuation first
-            (vec![0x81, 0x01, b'x'], close_code::PROTOCOL),             // unmasked
+            (client_frame(0xC1, b"x"), close_code::PROTOCOL), // rsv1
+            (client_frame(0x83, b"x"), close_code::PROTOCOL), // reserved data opcode
+            (client_frame(0x8B, b"x"), close_code::PROTOCOL), // reserved control opcode
+            (client_frame(0x09, b"x"), close_code::PROTOCOL), // fragmented ping
+            (client_frame(0x89, &[0; 126]), close_code::PROTOCOL), // long ping
+            (client_frame(0x80, b"x"), close_code::PROTOCOL), // continuation first
+            (vec![0x81, 0x01, b'x'], close_code::PROTOCOL),   // unmasked
             (client_frame(0x81, &[0xff, 0xfe]), close_code::INVALID_DATA),
-            (client_frame(0x88, &[3]), close_code::PROTOCOL),           // 1-byte close
-            (client_frame(0x88, &1005u16.to_be_bytes()), close_code::PROTOCOL),
-            (client_frame(0x88, &[3, 232, 0xff]), close_code::INVALID_DATA),
+            (client_frame(0x88, &[3]), close_code::PROTOCOL), // 1-byte close
+            (
+                client_frame(0x88, &1005u16.to_be_bytes()),
+                close_code::PROTOCOL,
+            ),
+            (
+                client_frame(0x88, &[3, 232, 0xff]),
+                close_code::INVALID_DATA,
+            ),
             (client_frame(0x82, &[0; 101]), close_code::TOO_BIG),
         ];
         for (bytes, code) in cases {
@@ -455,13 +505,21 @@ mod tests {
         }
         let mut nested = client_frame(0x01, b"a");
         nested.extend(client_frame(0x81, b"b"));
-        assert_eq!(decode_all(&mut Decoder::new(100), &nested).unwrap_err().code, close_code::PROTOCOL);
+        assert_eq!(
+            decode_all(&mut Decoder::new(100), &nested)
+                .unwrap_err()
+                .code,
+            close_code::PROTOCOL
+        );
     }
 
     #[test]
     fn invalid_utf8_fails_before_the_message_completes() {
         let bytes = client_frame(0x01, &[b'a', 0xff]);
-        assert_eq!(decode_all(&mut Decoder::new(100), &bytes).unwrap_err().code, close_code::INVALID_DATA);
+        assert_eq!(
+            decode_all(&mut Decoder::new(100), &bytes).unwrap_err().code,
+            close_code::INVALID_DATA
+        );
     }
 
     #[test]
@@ -469,18 +527,31 @@ mod tests {
         let mut header = vec![0x82, 0x80 | 127];
         header.extend_from_slice(&(1u64 << 40).to_be_bytes());
         header.extend_from_slice(&[1, 2, 3, 4]);
-        assert_eq!(decode_all(&mut Decoder::new(1 << 20), &header).unwrap_err().code, close_code::TOO_BIG);
+        assert_eq!(
+            decode_all(&mut Decoder::new(1 << 20), &header)
+                .unwrap_err()
+                .code,
+            close_code::TOO_BIG
+        );
         let mut top_bit = vec![0x82, 0x80 | 127];
         top_bit.extend_from_slice(&(1u64 << 63).to_be_bytes());
         top_bit.extend_from_slice(&[1, 2, 3, 4]);
-        assert_eq!(decode_all(&mut Decoder::new(1 << 20), &top_bit).unwrap_err().code, close_code::PROTOCOL);
+        assert_eq!(
+            decode_all(&mut Decoder::new(1 << 20), &top_bit)
+                .unwrap_err()
+                .code,
+            close_code::PROTOCOL
+        );
     }
 
     #[test]
     fn fragment_total_counts_against_the_limit() {
         let mut bytes = client_frame(0x02, &[0; 60]);
         bytes.extend(client_frame(0x80, &[0; 60]));
-        assert_eq!(decode_all(&mut Decoder::new(100), &bytes).unwrap_err().code, close_code::TOO_BIG);
+        assert_eq!(
+            decode_all(&mut Decoder::new(100), &bytes).unwrap_err().code,
+            close_code::TOO_BIG
+        );
     }
 
     #[test]

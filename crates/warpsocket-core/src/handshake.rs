@@ -45,7 +45,10 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, Refusal> {
         Err(_) => return Err(Refusal::new(400, "malformed HTTP request")),
     };
     if req.method != Some("GET") || req.version != Some(1) {
-        return Err(Refusal::new(400, "a WebSocket upgrade must be an HTTP/1.1 GET"));
+        return Err(Refusal::new(
+            400,
+            "a WebSocket upgrade must be an HTTP/1.1 GET",
+        ));
     }
     let path = req.path.unwrap_or("/").to_owned();
     let mut pairs: Vec<(String, String)> = Vec::with_capacity(req.headers.len());
@@ -60,7 +63,12 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, Refusal> {
             None => pairs.push((name, value)),
         }
     }
-    let get = |name: &str| pairs.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+    let get = |name: &str| {
+        pairs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
     let has_token = |name: &str, token: &str| {
         get(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
@@ -77,7 +85,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, Refusal> {
         return Err(Refusal::new(426, "unsupported Sec-WebSocket-Version"));
     }
     let accept = derive_accept_key(key.as_bytes());
-    Ok(Some((Upgrade { path, headers: pairs, accept }, used)))
+    Ok(Some((
+        Upgrade {
+            path,
+            headers: pairs,
+            accept,
+        },
+        used,
+    )))
 }
 
 /// The `101 Switching Protocols` response.
@@ -143,7 +158,10 @@ mod tests {
         let status = |req: &str| parse(req.as_bytes()).unwrap_err().status;
         assert_eq!(status("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), 426);
         assert_eq!(status("\x16\x03\x01garbage\r\n\r\n"), 400);
-        assert_eq!(status(&GOOD.replace("keep-alive, Upgrade", "keep-alive")), 400);
+        assert_eq!(
+            status(&GOOD.replace("keep-alive, Upgrade", "keep-alive")),
+            400
+        );
         assert_eq!(status(&GOOD.replace("Sec-WebSocket-Key", "X-Key")), 400);
         assert_eq!(status(&GOOD.replace("Version: 13", "Version: 8")), 426);
         assert_eq!(status(&GOOD.replace("GET", "POST")), 400);

@@ -40,7 +40,9 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry { shards: (0..SHARDS).map(|_| RwLock::new(IdMap::default())).collect() }
+        Registry {
+            shards: (0..SHARDS).map(|_| RwLock::new(IdMap::default())).collect(),
+        }
     }
 }
 
@@ -72,6 +74,9 @@ impl Registry {
 
     /// A snapshot of every socket.
     pub fn all(&self) -> Vec<Arc<Socket>> {
-        self.shards.iter().flat_map(|s| s.read().values().cloned().collect::<Vec<_>>()).collect()
+        self.shards
+            .iter()
+            .flat_map(|s| s.read().values().cloned().collect::<Vec<_>>())
+            .collect()
     }
 }

@@ -71,7 +71,8 @@ impl Server {
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for text in &config.bind {
-            let listener = bind_one(text).map_err(|e| io::Error::new(e.kind(), format!("cannot bind {text}: {e}")))?;
+            let listener = bind_one(text)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {text}: {e}")))?;
             addrs.push(listener.local_addr()?);
             listeners.push(listener);
         }
@@ -129,7 +130,9 @@ impl Server {
     /// wait up to `timeout` for them to finish, then drop what is left.
     /// Every accepted connection's close event has been queued on return.
     pub fn shutdown(&mut self, timeout: Duration) {
-        let Some(runtime) = self.runtime.take() else { return };
+        let Some(runtime) = self.runtime.take() else {
+            return;
+        };
         self.listeners.clear();
         if let Some(shared) = self.shared.clone() {
             shared.stop.send_replace(true);

@@ -21,7 +21,9 @@ impl Wakeup {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
-        Ok(Wakeup { read: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Wakeup {
+            read: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -39,7 +41,12 @@ impl Wakeup {
             }
         }
         // SAFETY: both descriptors are fresh and owned by nobody else.
-        Ok(unsafe { Wakeup { read: OwnedFd::from_raw_fd(fds[0]), write: OwnedFd::from_raw_fd(fds[1]) } })
+        Ok(unsafe {
+            Wakeup {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        })
     }
 
     /// The descriptor to wait on for readability.
@@ -62,10 +69,13 @@ impl Wakeup {
     /// Consumes pending signals so the descriptor stops being readable.
     pub fn clear(&self) {
         let mut buf = [0u8; 64];
-        // SAFETY: reads into a live local buffer from a non-blocking descriptor we own.
-        while unsafe { libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {
-            #[cfg(target_os = "linux")]
-            break;
-        }
+        // SAFETY: reads into a live local buffer from a non-blocking descriptor
+        // we own. One read resets an eventfd; a pipe is read until empty.
+        let mut read =
+            || unsafe { libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        #[cfg(target_os = "linux")]
+        read();
+        #[cfg(not(target_os = "linux"))]
+        while read() > 0 {}
     }
 }

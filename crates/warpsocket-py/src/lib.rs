@@ -22,22 +22,32 @@ const EVENT_CLOSE: u8 = 3;
 /// A positive socket id; `bool` is refused although it is an `int`.
 fn socket_id(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<u64> {
     if value.is_instance_of::<pyo3::types::PyBool>() {
-        return Err(PyTypeError::new_err(format!("{arg} must be an int socket id, not bool")));
+        return Err(PyTypeError::new_err(format!(
+            "{arg} must be an int socket id, not bool"
+        )));
     }
     let id: i128 = value.extract().map_err(|_| {
         PyTypeError::new_err(format!(
             "{arg} must be an int socket id, not {}",
-            value.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string())
+            value
+                .get_type()
+                .name()
+                .map_or_else(|_| "?".to_owned(), |n| n.to_string())
         ))
     })?;
     if id <= 0 || id > u64::MAX as i128 {
-        return Err(PyValueError::new_err(format!("{arg} must be a positive socket id, got {id}")));
+        return Err(PyValueError::new_err(format!(
+            "{arg} must be a positive socket id, got {id}"
+        )));
     }
     Ok(id as u64)
 }
 
 fn type_name(value: &Bound<'_, PyAny>) -> String {
-    value.get_type().name().map_or_else(|_| "?".to_owned(), |n| n.to_string())
+    value
+        .get_type()
+        .name()
+        .map_or_else(|_| "?".to_owned(), |n| n.to_string())
 }
 
 /// Message data: `str` is text, bytes-like is binary.
@@ -113,7 +123,11 @@ fn send(py: Python<'_>, target: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> P
 /// Starts closing a connection; True if one was found open.
 #[pyfunction]
 #[pyo3(signature = (socket_id, code=None, reason=None))]
-fn close(socket_id: &Bound<'_, PyAny>, code: Option<&Bound<'_, PyAny>>, reason: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+fn close(
+    socket_id: &Bound<'_, PyAny>,
+    code: Option<&Bound<'_, PyAny>>,
+    reason: Option<&Bound<'_, PyAny>>,
+) -> PyResult<bool> {
     let id = self::socket_id(socket_id, "socket_id")?;
     let code = match code {
         None => 1000,
@@ -123,12 +137,16 @@ fn close(socket_id: &Bound<'_, PyAny>, code: Option<&Bound<'_, PyAny>>, reason: 
         None => String::new(),
         Some(reason) => reason
             .cast::<PyString>()
-            .map_err(|_| PyTypeError::new_err(format!("reason must be str, not {}", type_name(reason))))?
+            .map_err(|_| {
+                PyTypeError::new_err(format!("reason must be str, not {}", type_name(reason)))
+            })?
             .to_str()?
             .to_owned(),
     };
     if reason.len() > 123 {
-        return Err(PyValueError::new_err("reason must be at most 123 bytes in UTF-8"));
+        return Err(PyValueError::new_err(
+            "reason must be at most 123 bytes in UTF-8",
+        ));
     }
     Ok(ENGINE.close(id, code, &reason))
 }
@@ -136,11 +154,16 @@ fn close(socket_id: &Bound<'_, PyAny>, code: Option<&Bound<'_, PyAny>>, reason: 
 /// A close code a server may send.
 fn close_code(code: &Bound<'_, PyAny>) -> PyResult<u16> {
     if code.is_instance_of::<pyo3::types::PyBool>() {
-        return Err(PyTypeError::new_err("code must be an int close code, not bool"));
+        return Err(PyTypeError::new_err(
+            "code must be an int close code, not bool",
+        ));
     }
-    let code: i64 = code
-        .extract()
-        .map_err(|_| PyTypeError::new_err(format!("code must be an int close code, not {}", type_name(code))))?;
+    let code: i64 = code.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "code must be an int close code, not {}",
+            type_name(code)
+        ))
+    })?;
     match u16::try_from(code) {
         Ok(code) if warpsocket_core::frame::is_valid_close_code(code) => Ok(code),
         _ => Err(PyValueError::new_err(format!(
@@ -152,7 +175,11 @@ fn close_code(code: &Bound<'_, PyAny>) -> PyResult<u16> {
 /// Delivers `handle_open`'s verdict: accept, or refuse with an HTTP status.
 #[pyfunction]
 fn resolve_open(socket_id: u64, accept: bool, status: u16) -> bool {
-    let verdict = if accept { Verdict::Accept } else { Verdict::Refuse(status) };
+    let verdict = if accept {
+        Verdict::Accept
+    } else {
+        Verdict::Refuse(status)
+    };
     ENGINE.resolve_open(socket_id, verdict)
 }
 
@@ -195,20 +222,32 @@ impl WorkerQueue {
         let list = PyList::empty(py);
         for event in events {
             let item = match event {
-                Event::Open { id, ip, path, headers } => {
+                Event::Open {
+                    id,
+                    ip,
+                    path,
+                    headers,
+                } => {
                     let dict = PyDict::new(py);
                     for (name, value) in headers {
                         dict.set_item(name, value)?;
                     }
                     dict.set_item(":path", path)?;
-                    (EVENT_OPEN, id, PyTuple::new(py, [ip.into_pyobject(py)?.into_any(), dict.into_any()])?.into_any())
+                    (
+                        EVENT_OPEN,
+                        id,
+                        PyTuple::new(py, [ip.into_pyobject(py)?.into_any(), dict.into_any()])?
+                            .into_any(),
+                    )
                 }
                 Event::Text { id, data } => {
                     // SAFETY: the decoder only emits text that passed UTF-8 validation.
                     let text = unsafe { std::str::from_utf8_unchecked(&data) };
                     (EVENT_TEXT, id, PyString::new(py, text).into_any())
                 }
-                Event::Binary { id, data } => (EVENT_BINARY, id, PyBytes::new(py, &data).into_any()),
+                Event::Binary { id, data } => {
+                    (EVENT_BINARY, id, PyBytes::new(py, &data).into_any())
+                }
                 Event::Close { id } => (EVENT_CLOSE, id, py.None().into_bound(py)),
             };
             list.append(item)?;
@@ -246,7 +285,9 @@ struct Server {
 
 impl Server {
     fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, warpsocket_core::Server>> {
-        self.inner.lock().map_err(|_| PyRuntimeError::new_err("server state poisoned"))
+        self.inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("server state poisoned"))
     }
 }
 
@@ -281,12 +322,19 @@ impl Server {
         let server = py
             .detach(|| warpsocket_core::Server::bind(engine, config))
             .map_err(|e| PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string())))?;
-        Ok(Server { inner: Mutex::new(server) })
+        Ok(Server {
+            inner: Mutex::new(server),
+        })
     }
 
     /// `(host, port)` of every bound address, in the order given.
     fn addresses(&self) -> PyResult<Vec<(String, u16)>> {
-        Ok(self.lock()?.local_addrs().iter().map(|a| (a.ip().to_string(), a.port())).collect())
+        Ok(self
+            .lock()?
+            .local_addrs()
+            .iter()
+            .map(|a| (a.ip().to_string(), a.port()))
+            .collect())
     }
 
     /// Registers a new worker queue; connections are assigned to it from now on.
@@ -304,7 +352,11 @@ impl Server {
     /// worker module defines.
     #[pyo3(signature = (*, handle_open, handle_text, handle_binary))]
     fn serve(&self, handle_open: bool, handle_text: bool, handle_binary: bool) -> PyResult<()> {
-        let handlers = Handlers { open: handle_open, text: handle_text, binary: handle_binary };
+        let handlers = Handlers {
+            open: handle_open,
+            text: handle_text,
+            binary: handle_binary,
+        };
         Ok(self.lock()?.serve(handlers)?)
     }
 
