@@ -13,7 +13,18 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._core import close, send
+from ._core import (
+    close,
+    create_virtual_socket,
+    delete_virtual_socket,
+    get_key,
+    has_subscriptions,
+    send,
+    set_key,
+    set_key_if,
+    subscribe,
+    unsubscribe,
+)
 from .server import Server, run, start
 from .stats import stats
 
@@ -22,4 +33,19 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["Server", "close", "run", "send", "start", "stats"]
+__all__ = [
+    "Server",
+    "close",
+    "create_virtual_socket",
+    "delete_virtual_socket",
+    "get_key",
+    "has_subscriptions",
+    "run",
+    "send",
+    "set_key",
+    "set_key_if",
+    "start",
+    "stats",
+    "subscribe",
+    "unsubscribe",
+]

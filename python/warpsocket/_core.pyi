@@ -7,11 +7,38 @@ EVENT_TEXT: int
 EVENT_BINARY: int
 EVENT_CLOSE: int
 
-def send(target: int | list[int], data: str | bytes | bytearray | memoryview) -> int:
-    """Queue ``data`` for every socket in ``target``; return how many it was queued for."""
+Name = str | bytes | bytearray | memoryview
+Target = int | Name | list[int | Name]
+
+def send(target: Target, data: Name) -> int:
+    """Queue ``data`` (str: text, bytes-like: binary) for ``target``; return the recipient count."""
 
 def close(socket_id: int, code: int = 1000, reason: str = "") -> bool:
-    """Start closing a connection; True if an open connection had this id."""
+    """Start closing a connection (or the one a virtual socket resolves to)."""
+
+def subscribe(target: Target, channel: Name, delta: int = 1) -> list[int]:
+    """Add ``delta`` to the subscription counts; return the ids that became subscribed."""
+
+def unsubscribe(target: Target, channel: Name, delta: int = 1) -> list[int]:
+    """Subtract ``delta``; return the ids whose count reached 0."""
+
+def has_subscriptions(channel: Name) -> bool:
+    """Return True if any subscriber of ``channel`` resolves to an open connection."""
+
+def create_virtual_socket(socket_id: int, user_prefix: Name | None = None) -> int:
+    """Create a virtual socket pointing at ``socket_id``; return its id."""
+
+def delete_virtual_socket(virtual_socket_id: int, expected_target: int | None = None) -> bool:
+    """Delete a virtual socket (only if it points at ``expected_target``, when given)."""
+
+def get_key(key: Name) -> bytes | None:
+    """Return the value stored under ``key``, or None."""
+
+def set_key(key: Name, value: Name | None = None) -> bytes | None:
+    """Store ``value`` (None deletes); return the previous value."""
+
+def set_key_if(key: Name, new_value: Name | None = None, check_value: Name | None = None) -> bool:
+    """Compare-and-set: store ``new_value`` if the current value equals ``check_value``."""
 
 def resolve_open(socket_id: int, accept: bool, status: int) -> bool:
     """Deliver ``handle_open``'s verdict; False if the upgrade no longer waits."""

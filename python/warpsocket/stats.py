@@ -11,7 +11,9 @@ from .server import running_server
 def stats() -> dict[str, Any]:
     """Return a snapshot of the server's counters (API.md §3).
 
-    Keys: ``connections``, ``messages_in``, ``messages_out``, ``bytes_in``,
+    Keys: ``connections`` (open connections), ``virtual_sockets``, ``channels`` (with
+    at least one subscription), ``subscriptions`` (socket/channel pairs), ``keys``,
+    ``messages_in``, ``messages_out`` (frames queued to clients), ``bytes_in``,
     ``bytes_out`` (payload bytes), ``backpressure_closes``, and ``workers``: one dict
     per live worker with ``id``, ``connections`` and ``queue_depth``.
     """

@@ -49,12 +49,9 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
         return refuse(stream, Refusal::new(503, "no worker is available")).await;
     };
     let engine = &shared.engine;
-    let socket = Arc::new(Socket::new(
-        engine.next_id(),
-        worker,
-        shared.config.max_backpressure,
-    ));
-    engine.sockets.insert(socket.clone());
+    let max_backpressure = shared.config.max_backpressure;
+    let socket = engine.add_socket(|id| Socket::new(id, worker, max_backpressure));
+    socket.worker.connection_opened();
     let _guard = SocketGuard {
         shared: &shared,
         socket: &socket,
@@ -84,7 +81,6 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     } else {
         socket.accept();
     }
-    socket.worker.connection_opened();
     let mut conn = Connection::new(stream, socket.clone(), shared.clone());
     if conn
         .stream
@@ -145,11 +141,10 @@ impl Drop for SocketGuard<'_> {
     fn drop(&mut self) {
         let engine = &self.shared.engine;
         let id = self.socket.id;
-        engine.forget_open(id);
-        engine.sockets.remove(id);
+        engine.remove_socket(id);
         self.socket.mark_closed();
+        self.socket.worker.connection_closed();
         if self.socket.is_accepted() {
-            self.socket.worker.connection_closed();
             self.socket.event_queued();
             self.socket.worker.push(Event::Close { id });
         }

@@ -1,16 +1,22 @@
-//! Process-wide state every thread reaches: live sockets, pending upgrades and
-//! counters, and the operations on them (send, close, finishing events).
-//! It outlives servers: ids are never reused within a process.
+//! Process-wide state every thread reaches: sockets and virtual sockets,
+//! channels, the key/value store, pending upgrades and counters, with the
+//! operations of API.md §3 on them. It outlives servers: ids are never reused
+//! within a process.
+//!
+//! Lock order, to stay deadlock-free: a socket's links, then a channel shard,
+//! then registry shards, then an outbox. Nothing is held while calling out.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use crate::channels::{Change, Channels};
 use crate::frame::{self, Kind};
-use crate::registry::{IdMap, Registry};
+use crate::kv::Kv;
+use crate::registry::{Entry, IdMap, Links, Prefix, Registry, VirtualSocket, MAX_PREFIX};
 use crate::socket::{Queued, Socket};
 use crate::stats::Counters;
 
@@ -26,14 +32,33 @@ pub enum Verdict {
     Refuse(u16),
 }
 
+/// One element of a send or subscribe target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Socket(u64),
+    Channel(Bytes),
+}
+
+/// Why a virtual socket could not be created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtualError {
+    /// The target is not an open connection or live virtual socket.
+    NoSuchSocket,
+    PrefixTooLong,
+}
+
 #[derive(Default)]
 pub struct Engine {
     pub(crate) sockets: Registry,
+    channels: Channels,
+    pub kv: Kv,
     /// Upgrades waiting for `handle_open`. Touched twice per connection, never
     /// per message, so one mutex is enough.
     opens: Mutex<IdMap<oneshot::Sender<Verdict>>>,
     pub stats: Counters,
     last_id: AtomicU64,
+    connections: AtomicUsize,
+    virtual_sockets: AtomicUsize,
 }
 
 impl Engine {
@@ -41,41 +66,261 @@ impl Engine {
         Arc::new(Engine::default())
     }
 
-    pub(crate) fn next_id(&self) -> u64 {
+    fn next_id(&self) -> u64 {
         self.last_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Sends one message to each id in `ids` (repeats count twice); the frame
-    /// is encoded once and shared. Returns the number of recipients.
-    pub fn send(&self, ids: &[u64], kind: Kind, payload: &[u8]) -> usize {
+    // -- connections -----------------------------------------------------
+
+    /// Registers a new connection under a fresh id.
+    pub(crate) fn add_socket(&self, make: impl FnOnce(u64) -> Socket) -> Arc<Socket> {
+        let socket = Arc::new(make(self.next_id()));
+        self.sockets.insert(socket.id, Entry::Real(socket.clone()));
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        socket
+    }
+
+    /// Forgets a connection: out of every channel, its virtual sockets
+    /// deleted, its pending upgrade dropped. O(its subscriptions).
+    pub(crate) fn remove_socket(&self, id: u64) {
+        self.opens.lock().remove(&id);
+        if self.delete(id) {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Deletes `id` and, transitively, the virtual sockets pointing at it.
+    fn delete(&self, id: u64) -> bool {
+        let Some(entry) = self.sockets.remove(id) else {
+            return false;
+        };
+        let mut pending = vec![(id, entry)];
+        while let Some((id, entry)) = pending.pop() {
+            let (channels, children) = {
+                let mut links = entry.links().lock();
+                links.dead = true;
+                (
+                    std::mem::take(&mut links.channels),
+                    std::mem::take(&mut links.children),
+                )
+            };
+            for channel in &channels {
+                self.channels.update(channel, id, i64::MIN);
+            }
+            if let Entry::Virtual(_) = entry {
+                self.virtual_sockets.fetch_sub(1, Ordering::Relaxed);
+            }
+            pending.extend(
+                children
+                    .into_iter()
+                    .filter_map(|child| Some((child, self.sockets.remove(child)?))),
+            );
+        }
+        true
+    }
+
+    /// Open connections (accepted or upgrading).
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub fn virtual_socket_count(&self) -> usize {
+        self.virtual_sockets.load(Ordering::Relaxed)
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.channels.channel_count()
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.channels.pair_count()
+    }
+
+    pub(crate) fn all_connections(&self) -> Vec<Arc<Socket>> {
+        self.sockets.connections()
+    }
+
+    // -- sending -----------------------------------------------------------
+
+    /// Sends one message to every target (repeats count again); the frame is
+    /// encoded once and shared, except for prefixed virtual sockets. Returns
+    /// the number of recipients it was queued for.
+    pub fn send(&self, targets: &[Target], kind: Kind, payload: &[u8]) -> usize {
         let frame = frame::encode_message(kind, payload);
-        let sent = ids
-            .iter()
-            .filter(|&&id| self.send_frame(id, &frame))
-            .count();
+        let mut sent = 0;
+        for target in targets {
+            match target {
+                Target::Socket(id) => sent += usize::from(self.deliver(*id, &frame, kind, payload)),
+                Target::Channel(name) => {
+                    let view = self.channels.subscribers(name);
+                    sent += view
+                        .ids()
+                        .filter(|&id| self.deliver(id, &frame, kind, payload))
+                        .count();
+                }
+            }
+        }
         Counters::add(&self.stats.messages_out, sent as u64);
         Counters::add(&self.stats.bytes_out, (sent * payload.len()) as u64);
         sent
     }
 
-    fn send_frame(&self, id: u64, frame: &Bytes) -> bool {
-        match self.sockets.with(id, |s| s.send(frame)) {
-            Some(Queued::Yes) => true,
-            Some(Queued::Overflow) => {
+    fn deliver(&self, id: u64, frame: &Bytes, kind: Kind, payload: &[u8]) -> bool {
+        let Some((socket, prefix)) = self.sockets.resolve(id) else {
+            return false;
+        };
+        let queued = match prefix {
+            None => socket.send(frame),
+            Some(prefix) => socket.send(&prefixed_frame(kind, &prefix, payload)),
+        };
+        match queued {
+            Queued::Yes => true,
+            Queued::Overflow => {
                 Counters::add(&self.stats.backpressure_closes, 1);
-                log::warn!("socket {id}: closed with 1008, outgoing backpressure limit exceeded");
+                log::warn!(
+                    "socket {}: closed with 1008, outgoing backpressure limit exceeded",
+                    socket.id
+                );
                 false
             }
-            Some(Queued::No) | None => false,
+            Queued::No => false,
         }
     }
 
-    /// Starts the close handshake; false when no open connection has this id.
+    /// Starts the close handshake of the connection `id` resolves to; false
+    /// when there is none or it is already closing.
     pub fn close(&self, id: u64, code: u16, reason: &str) -> bool {
         self.sockets
-            .with(id, |s| s.close(code, reason))
-            .unwrap_or(false)
+            .resolve(id)
+            .is_some_and(|(socket, _)| socket.close(code, reason))
     }
+
+    // -- channels ------------------------------------------------------------
+
+    /// Adds `delta` to the subscription count of every socket `targets` names
+    /// (a channel target names its current subscribers) on `channel`. Returns
+    /// the ids that became subscribed (`delta > 0`) or unsubscribed (`delta < 0`).
+    pub fn subscribe(&self, targets: &[Target], channel: &Bytes, delta: i64) -> Vec<u64> {
+        let mut changed = Vec::new();
+        if delta == 0 {
+            return changed;
+        }
+        let wanted = if delta > 0 {
+            Change::Added
+        } else {
+            Change::Removed
+        };
+        for target in targets {
+            match target {
+                Target::Socket(id) => {
+                    if self.subscribe_one(*id, channel, delta) == wanted {
+                        changed.push(*id);
+                    }
+                }
+                Target::Channel(source) => {
+                    let ids: Vec<u64> = self.channels.subscribers(source).ids().collect();
+                    changed.extend(
+                        ids.into_iter()
+                            .filter(|&id| self.subscribe_one(id, channel, delta) == wanted),
+                    );
+                }
+            }
+        }
+        changed
+    }
+
+    fn subscribe_one(&self, id: u64, channel: &Bytes, delta: i64) -> Change {
+        let Some(entry) = self.sockets.get(id) else {
+            return Change::Kept;
+        };
+        if self.sockets.resolve(id).is_none() {
+            return Change::Kept;
+        }
+        // Holding the links while the channel changes keeps the two indexes in
+        // step with a concurrent delete, which marks the links dead first.
+        let mut links = entry.links().lock();
+        if links.dead {
+            return Change::Kept;
+        }
+        let change = self.channels.update(channel, id, delta);
+        match change {
+            Change::Added => {
+                links.channels.insert(channel.clone());
+            }
+            Change::Removed => {
+                links.channels.remove(channel);
+            }
+            Change::Kept => {}
+        }
+        change
+    }
+
+    /// True if a subscriber of `channel` resolves to an open connection.
+    pub fn has_subscriptions(&self, channel: &[u8]) -> bool {
+        let view = self.channels.subscribers(channel);
+        let live = view.ids().any(|id| self.sockets.resolve(id).is_some());
+        live
+    }
+
+    // -- virtual sockets -----------------------------------------------------
+
+    /// Creates a virtual socket pointing at `target` (a connection or another
+    /// virtual socket).
+    pub fn create_virtual_socket(
+        &self,
+        target: u64,
+        prefix: Option<&[u8]>,
+    ) -> Result<u64, VirtualError> {
+        let prefix: Option<Prefix> = match prefix {
+            Some(p) if p.len() > MAX_PREFIX => return Err(VirtualError::PrefixTooLong),
+            Some(p) if !p.is_empty() => Some(Bytes::copy_from_slice(p)),
+            _ => None,
+        };
+        let Some(parent) = self.sockets.get(target) else {
+            return Err(VirtualError::NoSuchSocket);
+        };
+        if self.sockets.resolve(target).is_none() {
+            return Err(VirtualError::NoSuchSocket);
+        }
+        let id = self.next_id();
+        let virtual_socket = Arc::new(VirtualSocket {
+            target,
+            prefix,
+            links: Links::default(),
+        });
+        // Registered before it is linked: a delete of the parent that runs in
+        // between then finds and removes it.
+        self.sockets.insert(id, Entry::Virtual(virtual_socket));
+        self.virtual_sockets.fetch_add(1, Ordering::Relaxed);
+        let mut links = parent.links().lock();
+        if links.dead {
+            drop(links);
+            self.delete(id);
+            return Err(VirtualError::NoSuchSocket);
+        }
+        links.children.push(id);
+        Ok(id)
+    }
+
+    /// Deletes a virtual socket (and those pointing at it), removing it from
+    /// every channel. With `expected_target`, only if it points there.
+    pub fn delete_virtual_socket(&self, id: u64, expected_target: Option<u64>) -> bool {
+        let Some(Entry::Virtual(v)) = self.sockets.get(id) else {
+            return false;
+        };
+        if expected_target.is_some_and(|t| t != v.target) {
+            return false;
+        }
+        if !self.delete(id) {
+            return false;
+        }
+        if let Some(parent) = self.sockets.get(v.target) {
+            parent.links().lock().children.retain(|&child| child != id);
+        }
+        true
+    }
+
+    // -- upgrades and worker bookkeeping -------------------------------------
 
     /// Delivers `handle_open`'s verdict. False when the upgrade is no longer
     /// waiting (the client left, or the server is stopping).
@@ -85,8 +330,8 @@ impl Engine {
         };
         if verdict == Verdict::Accept {
             match self.sockets.get(id) {
-                Some(socket) => socket.accept(),
-                None => return false,
+                Some(Entry::Real(socket)) => socket.accept(),
+                _ => return false,
             }
         }
         waiting.send(verdict).is_ok()
@@ -98,26 +343,299 @@ impl Engine {
         rx
     }
 
-    pub(crate) fn forget_open(&self, id: u64) {
-        self.opens.lock().remove(&id);
-    }
-
     /// The handlers for these events finished (one id per event). Lets the
     /// connections read again once their backlog is small. The worker's own
     /// count is [`WorkerQueue::finished`](crate::dispatch::WorkerQueue::finished).
     pub fn finished(&self, ids: &[u64]) {
         for &id in ids {
-            self.sockets
-                .with(id, |s| s.event_finished(RESUME_READING_BELOW));
+            if let Some(Entry::Real(socket)) = self.sockets.get(id) {
+                socket.event_finished(RESUME_READING_BELOW);
+            }
+        }
+    }
+}
+
+/// A prefixed copy of a message. Text stays text only when the prefix is
+/// valid UTF-8, so no client ever receives invalid text.
+fn prefixed_frame(kind: Kind, prefix: &[u8], payload: &[u8]) -> Bytes {
+    let kind = match kind {
+        Kind::Text if std::str::from_utf8(prefix).is_err() => Kind::Binary,
+        kind => kind,
+    };
+    frame::encode_prefixed(kind, prefix, payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::dispatch::Workers;
+
+    struct Fixture {
+        engine: Arc<Engine>,
+        workers: Workers,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let workers = Workers::default();
+            workers.add().unwrap();
+            Fixture {
+                engine: Engine::new(),
+                workers,
+            }
+        }
+
+        fn connect(&self) -> Arc<Socket> {
+            let worker = self.workers.pick().unwrap();
+            self.engine
+                .add_socket(|id| Socket::new(id, worker, 1 << 20))
         }
     }
 
-    /// Open connections (accepted or upgrading).
-    pub fn connection_count(&self) -> usize {
-        self.sockets.len()
+    /// Frames queued for a socket, as (opcode, payload).
+    fn received(socket: &Socket) -> Vec<(u8, Vec<u8>)> {
+        let mut frames = VecDeque::new();
+        socket.take(&mut frames);
+        frames
+            .iter()
+            .map(|f| {
+                let len = f[1] as usize & 0x7f;
+                assert!(len < 126, "test frames are small");
+                (f[0] & 0x0f, f[2..2 + len].to_vec())
+            })
+            .collect()
     }
 
-    pub(crate) fn all_sockets(&self) -> Vec<Arc<Socket>> {
-        self.sockets.all()
+    fn ch(name: &str) -> Bytes {
+        Bytes::copy_from_slice(name.as_bytes())
+    }
+
+    #[test]
+    fn send_counts_recipients_and_shares_the_frame() {
+        let f = Fixture::new();
+        let (a, b) = (f.connect(), f.connect());
+        let targets = [
+            Target::Socket(a.id),
+            Target::Socket(b.id),
+            Target::Socket(a.id),
+            Target::Socket(999),
+        ];
+        assert_eq!(f.engine.send(&targets, Kind::Text, b"hi"), 3);
+        assert_eq!(received(&a), vec![(1, b"hi".to_vec()), (1, b"hi".to_vec())]);
+        assert_eq!(received(&b), vec![(1, b"hi".to_vec())]);
+    }
+
+    #[test]
+    fn channel_subscriptions_are_reference_counted() {
+        let f = Fixture::new();
+        let (a, b) = (f.connect(), f.connect());
+        let room = ch("room");
+        let both = [Target::Socket(a.id), Target::Socket(b.id)];
+        assert_eq!(f.engine.subscribe(&both, &room, 1), vec![a.id, b.id]);
+        assert_eq!(
+            f.engine.subscribe(&[Target::Socket(a.id)], &room, 1),
+            vec![]
+        );
+        assert_eq!(
+            f.engine
+                .send(&[Target::Channel(room.clone())], Kind::Binary, b"x"),
+            2
+        );
+        assert_eq!(f.engine.subscribe(&both, &room, -1), vec![b.id]);
+        assert!(f.engine.has_subscriptions(&room));
+        assert_eq!(f.engine.subscribe(&both, &room, -1), vec![a.id]);
+        assert!(!f.engine.has_subscriptions(&room));
+        assert_eq!(
+            (f.engine.channel_count(), f.engine.subscription_count()),
+            (0, 0)
+        );
+        assert_eq!(f.engine.subscribe(&both, &room, 0), vec![]);
+        assert_eq!(
+            f.engine.subscribe(&[Target::Socket(12345)], &room, 1),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn channel_to_channel_subscribe_applies_delta_to_each_subscriber() {
+        let f = Fixture::new();
+        let (a, b) = (f.connect(), f.connect());
+        let (src, dst) = (ch("src"), ch("dst"));
+        f.engine
+            .subscribe(&[Target::Socket(a.id), Target::Socket(b.id)], &src, 1);
+        f.engine.subscribe(&[Target::Socket(a.id)], &dst, 1);
+        assert_eq!(
+            f.engine.subscribe(&[Target::Channel(src.clone())], &dst, 1),
+            vec![b.id]
+        );
+        assert_eq!(
+            f.engine
+                .subscribe(&[Target::Channel(src.clone())], &dst, -1),
+            vec![b.id]
+        );
+        assert_eq!(
+            f.engine.subscribe(&[Target::Channel(src)], &dst, -1),
+            vec![a.id]
+        );
+    }
+
+    #[test]
+    fn virtual_sockets_prefix_and_chain() {
+        let f = Fixture::new();
+        let a = f.connect();
+        let v1 = f.engine.create_virtual_socket(a.id, Some(b"r1:")).unwrap();
+        let v2 = f.engine.create_virtual_socket(v1, None).unwrap();
+        let v3 = f.engine.create_virtual_socket(v2, Some(b"r3:")).unwrap();
+        let bad = f.engine.create_virtual_socket(a.id, Some(&[0xff])).unwrap();
+        assert_eq!(
+            f.engine.create_virtual_socket(a.id, Some(&[b'x'; 16])),
+            Err(VirtualError::PrefixTooLong)
+        );
+        assert_eq!(
+            f.engine.create_virtual_socket(9999, None),
+            Err(VirtualError::NoSuchSocket)
+        );
+        for id in [v1, v2, v3, bad] {
+            assert_eq!(f.engine.send(&[Target::Socket(id)], Kind::Text, b"m"), 1);
+        }
+        assert_eq!(
+            received(&a),
+            vec![
+                (1, b"r1:m".to_vec()),
+                (1, b"r1:m".to_vec()),
+                (1, b"r3:m".to_vec()),
+                (2, b"\xffm".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn direct_and_virtual_subscriptions_each_get_a_copy() {
+        let f = Fixture::new();
+        let a = f.connect();
+        let v = f.engine.create_virtual_socket(a.id, Some(b"v:")).unwrap();
+        let room = ch("room");
+        f.engine
+            .subscribe(&[Target::Socket(a.id), Target::Socket(v)], &room, 1);
+        assert_eq!(
+            f.engine
+                .send(&[Target::Channel(room.clone())], Kind::Text, b"x"),
+            2
+        );
+        let mut got = received(&a);
+        got.sort();
+        assert_eq!(got, vec![(1, b"v:x".to_vec()), (1, b"x".to_vec())]);
+        assert_eq!(f.engine.subscription_count(), 2);
+    }
+
+    #[test]
+    fn deleting_a_virtual_socket_cascades_and_leaves_channels() {
+        let f = Fixture::new();
+        let a = f.connect();
+        let v1 = f.engine.create_virtual_socket(a.id, None).unwrap();
+        let v2 = f.engine.create_virtual_socket(v1, None).unwrap();
+        let room = ch("room");
+        f.engine
+            .subscribe(&[Target::Socket(v1), Target::Socket(v2)], &room, 1);
+        assert!(!f.engine.delete_virtual_socket(v1, Some(a.id + 1000)));
+        assert!(f.engine.delete_virtual_socket(v1, Some(a.id)));
+        assert!(!f.engine.delete_virtual_socket(v1, None));
+        assert_eq!(f.engine.send(&[Target::Socket(v2)], Kind::Text, b"x"), 0);
+        assert_eq!(
+            (
+                f.engine.virtual_socket_count(),
+                f.engine.subscription_count()
+            ),
+            (0, 0)
+        );
+        assert!(
+            !f.engine.delete_virtual_socket(a.id, None),
+            "not a virtual socket"
+        );
+    }
+
+    #[test]
+    fn closing_a_connection_cleans_up_everything_it_had() {
+        let f = Fixture::new();
+        let (a, b) = (f.connect(), f.connect());
+        let v = f.engine.create_virtual_socket(a.id, Some(b"p")).unwrap();
+        for name in ["x", "y", "z"] {
+            f.engine.subscribe(
+                &[
+                    Target::Socket(a.id),
+                    Target::Socket(v),
+                    Target::Socket(b.id),
+                ],
+                &ch(name),
+                1,
+            );
+        }
+        f.engine.remove_socket(a.id);
+        assert_eq!(f.engine.connection_count(), 1);
+        assert_eq!(f.engine.virtual_socket_count(), 0);
+        assert_eq!(f.engine.subscription_count(), 3);
+        assert_eq!(
+            f.engine.send(
+                &[Target::Socket(v), Target::Channel(ch("x"))],
+                Kind::Text,
+                b"m"
+            ),
+            1
+        );
+        assert!(!f.engine.close(a.id, 1000, ""));
+        assert!(f.engine.close(b.id, 1000, ""));
+        assert!(!f.engine.close(b.id, 1000, ""), "already closing");
+    }
+
+    #[test]
+    fn parallel_mixed_operations_end_in_the_serial_state() {
+        let f = Fixture::new();
+        let sockets: Vec<_> = (0..16).map(|_| f.connect()).collect();
+        let ids: Vec<u64> = sockets.iter().map(|s| s.id).collect();
+        let engine = f.engine.clone();
+        engine.kv.set(b"n", Some(b"0"));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let engine = engine.clone();
+                let ids = ids.clone();
+                std::thread::spawn(move || {
+                    let mut wins = 0u64;
+                    for i in 0..12_500usize {
+                        let id = ids[(i + t) % ids.len()];
+                        let name = Bytes::from(format!("c{}", i % 7));
+                        engine.subscribe(&[Target::Socket(id)], &name, 1);
+                        engine.send(&[Target::Channel(name.clone())], Kind::Text, b"");
+                        engine.subscribe(&[Target::Socket(id)], &name, -1);
+                        let current = engine.kv.get(b"n").unwrap();
+                        let n: u64 = std::str::from_utf8(&current).unwrap().parse().unwrap();
+                        wins += u64::from(engine.kv.set_if(
+                            b"n",
+                            Some((n + 1).to_string().as_bytes()),
+                            Some(&current),
+                        ));
+                        if i % 64 == 0 {
+                            // Keep outboxes small.
+                            let mut sink = VecDeque::new();
+                            for id in &ids {
+                                if let Some(Entry::Real(s)) = engine.sockets.get(*id) {
+                                    s.take(&mut sink);
+                                    s.written(usize::MAX);
+                                }
+                                sink.clear();
+                            }
+                        }
+                    }
+                    wins
+                })
+            })
+            .collect();
+        let wins: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(
+            (engine.channel_count(), engine.subscription_count()),
+            (0, 0)
+        );
+        assert_eq!(engine.kv.get(b"n").unwrap(), wins.to_string().as_bytes());
     }
 }

@@ -3,12 +3,14 @@
 //!
 //! Nothing here knows about Python; `warpsocket-py` binds it.
 
+mod channels;
 pub mod config;
 mod connection;
 pub mod dispatch;
 pub mod engine;
 pub mod frame;
 pub mod handshake;
+pub mod kv;
 mod registry;
 pub mod server;
 mod socket;
@@ -17,6 +19,7 @@ mod wakeup;
 
 pub use config::{Config, Handlers};
 pub use dispatch::{Event, WorkerQueue, Workers};
-pub use engine::{Engine, Verdict};
+pub use engine::{Engine, Target, Verdict, VirtualError};
 pub use frame::Kind;
+pub use registry::MAX_PREFIX;
 pub use server::Server;

@@ -1,13 +1,14 @@
-//! Every live connection by socket id, in a sharded map.
+//! Every live socket id (connections and virtual sockets), in a sharded map.
 //!
 //! Ids are handed out in sequence, so the low bits spread consecutive
 //! connections over the shards; a send locks one shard for reading only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
 
 use crate::socket::Socket;
 
@@ -34,8 +35,56 @@ impl Hasher for IdHasher {
 
 pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
+/// Up to 15 bytes prepended to every message a virtual socket receives.
+pub(crate) type Prefix = Bytes;
+
+/// Most bytes a virtual socket's prefix may have.
+pub const MAX_PREFIX: usize = 15;
+
+/// What a socket id names.
+#[derive(Clone)]
+pub(crate) enum Entry {
+    Real(Arc<Socket>),
+    Virtual(Arc<VirtualSocket>),
+}
+
+impl Entry {
+    pub(crate) fn links(&self) -> &Links {
+        match self {
+            Entry::Real(s) => &s.links,
+            Entry::Virtual(v) => &v.links,
+        }
+    }
+}
+
+/// An alias of another socket id, with an optional prefix.
+pub(crate) struct VirtualSocket {
+    pub(crate) target: u64,
+    pub(crate) prefix: Option<Prefix>,
+    pub(crate) links: Links,
+}
+
+/// The indexes that make cleanup O(own subscriptions): the channels a socket
+/// id is subscribed to and the virtual sockets that point at it.
+#[derive(Default)]
+pub(crate) struct Links(Mutex<LinkState>);
+
+#[derive(Default)]
+pub(crate) struct LinkState {
+    /// Set once the id is deleted; no subscription or child may be added.
+    pub(crate) dead: bool,
+    pub(crate) channels: HashSet<Bytes>,
+    pub(crate) children: Vec<u64>,
+}
+
+impl Links {
+    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, LinkState> {
+        self.0.lock()
+    }
+}
+
 pub struct Registry {
-    shards: Box<[RwLock<IdMap<Arc<Socket>>>]>,
+    shards: Box<[RwLock<IdMap<Entry>>]>,
 }
 
 impl Default for Registry {
@@ -47,36 +96,51 @@ impl Default for Registry {
 }
 
 impl Registry {
-    fn shard(&self, id: u64) -> &RwLock<IdMap<Arc<Socket>>> {
+    fn shard(&self, id: u64) -> &RwLock<IdMap<Entry>> {
         &self.shards[id as usize % SHARDS]
     }
 
-    pub fn insert(&self, socket: Arc<Socket>) {
-        self.shard(socket.id).write().insert(socket.id, socket);
+    pub(crate) fn insert(&self, id: u64, entry: Entry) {
+        self.shard(id).write().insert(id, entry);
     }
 
-    pub fn remove(&self, id: u64) -> Option<Arc<Socket>> {
+    pub(crate) fn remove(&self, id: u64) -> Option<Entry> {
         self.shard(id).write().remove(&id)
     }
 
-    pub fn get(&self, id: u64) -> Option<Arc<Socket>> {
+    pub(crate) fn get(&self, id: u64) -> Option<Entry> {
         self.shard(id).read().get(&id).cloned()
     }
 
-    /// Runs `f` on the socket without cloning its handle.
-    pub fn with<R>(&self, id: u64, f: impl FnOnce(&Socket) -> R) -> Option<R> {
-        self.shard(id).read().get(&id).map(|s| f(s))
+    /// Follows virtual sockets to the connection `id` resolves to, and the
+    /// first non-empty prefix met on the way.
+    pub(crate) fn resolve(&self, mut id: u64) -> Option<(Arc<Socket>, Option<Prefix>)> {
+        let mut prefix: Option<Prefix> = None;
+        loop {
+            let shard = self.shard(id).read();
+            match shard.get(&id)? {
+                Entry::Real(socket) => return Some((socket.clone(), prefix)),
+                Entry::Virtual(v) => {
+                    if prefix.is_none() {
+                        prefix = v.prefix.clone();
+                    }
+                    // Targets always have smaller ids (they existed first), so
+                    // the walk ends.
+                    id = v.target;
+                }
+            }
+        }
     }
 
-    pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.read().len()).sum()
-    }
-
-    /// A snapshot of every socket.
-    pub fn all(&self) -> Vec<Arc<Socket>> {
-        self.shards
-            .iter()
-            .flat_map(|s| s.read().values().cloned().collect::<Vec<_>>())
-            .collect()
+    /// A snapshot of every actual connection.
+    pub(crate) fn connections(&self) -> Vec<Arc<Socket>> {
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            all.extend(shard.read().values().filter_map(|e| match e {
+                Entry::Real(s) => Some(s.clone()),
+                Entry::Virtual(_) => None,
+            }));
+        }
+        all
     }
 }

@@ -136,7 +136,7 @@ impl Server {
         self.listeners.clear();
         if let Some(shared) = self.shared.clone() {
             shared.stop.send_replace(true);
-            for socket in self.engine.all_sockets() {
+            for socket in self.engine.all_connections() {
                 socket.close(close_code::GOING_AWAY, "server shutdown");
             }
             runtime.block_on(async move {

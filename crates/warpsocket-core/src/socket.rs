@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use crate::dispatch::WorkerQueue;
 use crate::frame::{self, close_code};
+use crate::registry::Links;
 
 /// Where a connection is in its life, as far as senders are concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +58,8 @@ pub struct Socket {
     inflight: AtomicU32,
     /// The upgrade was accepted: `handle_close` is owed when it ends.
     accepted: AtomicBool,
+    /// Its channels and the virtual sockets pointing at it, for cleanup.
+    pub(crate) links: Links,
     max_backpressure: usize,
 }
 
@@ -85,6 +88,7 @@ impl Socket {
             wake: Notify::new(),
             inflight: AtomicU32::new(0),
             accepted: AtomicBool::new(false),
+            links: Links::default(),
             max_backpressure,
         }
     }

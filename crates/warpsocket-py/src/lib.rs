@@ -5,10 +5,15 @@
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString, PyTuple};
-use warpsocket_core::{Config, Engine, Event, Handlers, Kind, Verdict};
+use pyo3::types::{
+    PyBool, PyByteArray, PyBytes, PyDict, PyInt, PyList, PyMemoryView, PyString, PyTuple,
+};
+use warpsocket_core::{
+    Config, Engine, Event, Handlers, Kind, Target, Verdict, VirtualError, MAX_PREFIX,
+};
 
 /// The process-wide engine: sockets and counters outlive any one server.
 static ENGINE: LazyLock<Arc<Engine>> = LazyLock::new(Engine::new);
@@ -21,7 +26,7 @@ const EVENT_CLOSE: u8 = 3;
 
 /// A positive socket id; `bool` is refused although it is an `int`.
 fn socket_id(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<u64> {
-    if value.is_instance_of::<pyo3::types::PyBool>() {
+    if value.is_instance_of::<PyBool>() {
         return Err(PyTypeError::new_err(format!(
             "{arg} must be an int socket id, not bool"
         )));
@@ -29,10 +34,7 @@ fn socket_id(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<u64> {
     let id: i128 = value.extract().map_err(|_| {
         PyTypeError::new_err(format!(
             "{arg} must be an int socket id, not {}",
-            value
-                .get_type()
-                .name()
-                .map_or_else(|_| "?".to_owned(), |n| n.to_string())
+            type_name(value)
         ))
     })?;
     if id <= 0 || id > u64::MAX as i128 {
@@ -68,7 +70,7 @@ impl Data<'_> {
         if let Ok(b) = value.cast::<PyByteArray>() {
             return Ok(Data::Owned(b.to_vec()));
         }
-        if value.is_instance_of::<pyo3::types::PyMemoryView>() {
+        if value.is_instance_of::<PyMemoryView>() {
             let bytes = value.call_method0("tobytes")?;
             return Ok(Data::Owned(bytes.cast::<PyBytes>()?.as_bytes().to_vec()));
         }
@@ -94,30 +96,196 @@ impl Data<'_> {
     }
 }
 
-/// The socket ids a send target names.
-fn target_ids(target: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
-    if let Ok(list) = target.cast::<PyList>() {
-        let mut ids = Vec::with_capacity(list.len());
-        for item in list.iter() {
-            ids.push(socket_id(&item, "target")?);
-        }
-        return Ok(ids);
+/// A channel name, key or value: `str` (as UTF-8) or bytes-like.
+fn name_bytes(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<Bytes> {
+    let data = Data::extract(value, arg).map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{arg} must be str or bytes-like, not {}",
+            type_name(value)
+        ))
+    })?;
+    Ok(Bytes::copy_from_slice(data.bytes()?))
+}
+
+fn optional_bytes(value: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<Option<Bytes>> {
+    match value {
+        Some(v) if !v.is_none() => Ok(Some(name_bytes(v, arg)?)),
+        _ => Ok(None),
     }
-    Ok(vec![socket_id(target, "target")?])
+}
+
+/// One target element: an int is a socket id, str/bytes-like a channel.
+fn target(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<Target> {
+    if value.is_instance_of::<PyInt>() || value.is_instance_of::<PyBool>() {
+        return Ok(Target::Socket(socket_id(value, arg)?));
+    }
+    match name_bytes(value, arg) {
+        Ok(name) => Ok(Target::Channel(name)),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "{arg} must be a socket id, a channel name, or a list of them, not {}",
+            type_name(value)
+        ))),
+    }
+}
+
+/// What a send or subscribe `target` argument names.
+fn targets(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<Target>> {
+    if let Ok(list) = value.cast::<PyList>() {
+        return list.iter().map(|item| target(&item, arg)).collect();
+    }
+    if let Ok(tuple) = value.cast::<PyTuple>() {
+        return tuple.iter().map(|item| target(&item, arg)).collect();
+    }
+    Ok(vec![target(value, arg)?])
+}
+
+fn involves_channel(targets: &[Target]) -> bool {
+    targets.iter().any(|t| matches!(t, Target::Channel(_)))
 }
 
 /// Sends `data` to `target`; returns the number of recipients.
 #[pyfunction]
 fn send(py: Python<'_>, target: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<usize> {
-    let ids = target_ids(target)?;
+    let targets = targets(target, "target")?;
     let data = Data::extract(data, "data")?;
     let kind = data.kind();
     let payload = data.bytes()?;
-    if ids.len() > 64 {
-        // Large fan-outs run without the GIL so other threads keep going.
-        return Ok(py.detach(|| ENGINE.send(&ids, kind, payload)));
+    if targets.len() > 16 || involves_channel(&targets) {
+        // Fan-outs run without the GIL so other threads keep going.
+        return Ok(py.detach(|| ENGINE.send(&targets, kind, payload)));
     }
-    Ok(ENGINE.send(&ids, kind, payload))
+    Ok(ENGINE.send(&targets, kind, payload))
+}
+
+fn delta_arg(delta: &Bound<'_, PyAny>) -> PyResult<i64> {
+    if delta.is_instance_of::<PyBool>() || !delta.is_instance_of::<PyInt>() {
+        return Err(PyTypeError::new_err(format!(
+            "delta must be an int, not {}",
+            type_name(delta)
+        )));
+    }
+    let delta: i128 = delta.extract()?;
+    Ok(delta.clamp(i64::MIN as i128 + 1, i64::MAX as i128) as i64)
+}
+
+fn change_subscriptions(
+    py: Python<'_>,
+    target: &Bound<'_, PyAny>,
+    channel: &Bound<'_, PyAny>,
+    delta: i64,
+) -> PyResult<Vec<u64>> {
+    let targets = targets(target, "target")?;
+    let channel = name_bytes(channel, "channel")?;
+    Ok(py.detach(|| ENGINE.subscribe(&targets, &channel, delta)))
+}
+
+/// Adds `delta` to the subscription counts; returns the ids newly subscribed
+/// (or, for a negative delta, unsubscribed).
+#[pyfunction]
+#[pyo3(signature = (target, channel, delta=None))]
+fn subscribe(
+    py: Python<'_>,
+    target: &Bound<'_, PyAny>,
+    channel: &Bound<'_, PyAny>,
+    delta: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<u64>> {
+    let delta = delta.map(delta_arg).transpose()?.unwrap_or(1);
+    change_subscriptions(py, target, channel, delta)
+}
+
+/// `subscribe(target, channel, -delta)`.
+#[pyfunction]
+#[pyo3(signature = (target, channel, delta=None))]
+fn unsubscribe(
+    py: Python<'_>,
+    target: &Bound<'_, PyAny>,
+    channel: &Bound<'_, PyAny>,
+    delta: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<u64>> {
+    let delta = delta.map(delta_arg).transpose()?.unwrap_or(1);
+    change_subscriptions(py, target, channel, -delta)
+}
+
+/// True if any subscriber of `channel` resolves to an open connection.
+#[pyfunction]
+fn has_subscriptions(channel: &Bound<'_, PyAny>) -> PyResult<bool> {
+    Ok(ENGINE.has_subscriptions(&name_bytes(channel, "channel")?))
+}
+
+/// Creates a virtual socket pointing at `socket_id`; returns its id.
+#[pyfunction]
+#[pyo3(signature = (socket_id, user_prefix=None))]
+fn create_virtual_socket(
+    socket_id: &Bound<'_, PyAny>,
+    user_prefix: Option<&Bound<'_, PyAny>>,
+) -> PyResult<u64> {
+    let id = self::socket_id(socket_id, "socket_id")?;
+    let prefix = optional_bytes(user_prefix, "user_prefix")?;
+    ENGINE
+        .create_virtual_socket(id, prefix.as_deref())
+        .map_err(|e| match e {
+            VirtualError::PrefixTooLong => PyValueError::new_err(format!(
+                "user_prefix must be at most {MAX_PREFIX} bytes, got {}",
+                prefix.as_ref().map_or(0, |p| p.len())
+            )),
+            VirtualError::NoSuchSocket => PyValueError::new_err(format!(
+                "socket_id {id} is not an open connection or live virtual socket"
+            )),
+        })
+}
+
+/// Deletes a virtual socket; with `expected_target`, only if it points there.
+#[pyfunction]
+#[pyo3(signature = (virtual_socket_id, expected_target=None))]
+fn delete_virtual_socket(
+    virtual_socket_id: &Bound<'_, PyAny>,
+    expected_target: Option<&Bound<'_, PyAny>>,
+) -> PyResult<bool> {
+    let id = socket_id(virtual_socket_id, "virtual_socket_id")?;
+    let expected = match expected_target {
+        Some(t) if !t.is_none() => Some(socket_id(t, "expected_target")?),
+        _ => None,
+    };
+    Ok(ENGINE.delete_virtual_socket(id, expected))
+}
+
+/// The value stored under `key`, or None.
+#[pyfunction]
+fn get_key<'py>(py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let key = name_bytes(key, "key")?;
+    Ok(ENGINE.kv.get(&key).map(|v| PyBytes::new(py, &v)))
+}
+
+/// Stores `value` under `key` (None deletes); returns the previous value.
+#[pyfunction]
+#[pyo3(signature = (key, value=None))]
+fn set_key<'py>(
+    py: Python<'py>,
+    key: &Bound<'py, PyAny>,
+    value: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let key = name_bytes(key, "key")?;
+    let value = optional_bytes(value, "value")?;
+    Ok(ENGINE
+        .kv
+        .set(&key, value.as_deref())
+        .map(|v| PyBytes::new(py, &v)))
+}
+
+/// Compare-and-set; see API.md §3.
+#[pyfunction]
+#[pyo3(signature = (key, new_value=None, check_value=None))]
+fn set_key_if(
+    key: &Bound<'_, PyAny>,
+    new_value: Option<&Bound<'_, PyAny>>,
+    check_value: Option<&Bound<'_, PyAny>>,
+) -> PyResult<bool> {
+    let key = name_bytes(key, "key")?;
+    let new_value = optional_bytes(new_value, "new_value")?;
+    let check_value = optional_bytes(check_value, "check_value")?;
+    Ok(ENGINE
+        .kv
+        .set_if(&key, new_value.as_deref(), check_value.as_deref()))
 }
 
 /// Starts closing a connection; True if one was found open.
@@ -153,7 +321,7 @@ fn close(
 
 /// A close code a server may send.
 fn close_code(code: &Bound<'_, PyAny>) -> PyResult<u16> {
-    if code.is_instance_of::<pyo3::types::PyBool>() {
+    if code.is_instance_of::<PyBool>() {
         return Err(PyTypeError::new_err(
             "code must be an int close code, not bool",
         ));
@@ -190,6 +358,10 @@ fn counters(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let get = warpsocket_core::stats::Counters::get;
     let dict = PyDict::new(py);
     dict.set_item("connections", ENGINE.connection_count())?;
+    dict.set_item("virtual_sockets", ENGINE.virtual_socket_count())?;
+    dict.set_item("channels", ENGINE.channel_count())?;
+    dict.set_item("subscriptions", ENGINE.subscription_count())?;
+    dict.set_item("keys", ENGINE.kv.len())?;
     dict.set_item("messages_in", get(&stats.messages_in))?;
     dict.set_item("messages_out", get(&stats.messages_out))?;
     dict.set_item("bytes_in", get(&stats.bytes_in))?;
@@ -379,6 +551,14 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WorkerQueue>()?;
     m.add_function(wrap_pyfunction!(send, m)?)?;
     m.add_function(wrap_pyfunction!(close, m)?)?;
+    m.add_function(wrap_pyfunction!(subscribe, m)?)?;
+    m.add_function(wrap_pyfunction!(unsubscribe, m)?)?;
+    m.add_function(wrap_pyfunction!(has_subscriptions, m)?)?;
+    m.add_function(wrap_pyfunction!(create_virtual_socket, m)?)?;
+    m.add_function(wrap_pyfunction!(delete_virtual_socket, m)?)?;
+    m.add_function(wrap_pyfunction!(get_key, m)?)?;
+    m.add_function(wrap_pyfunction!(set_key, m)?)?;
+    m.add_function(wrap_pyfunction!(set_key_if, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_open, m)?)?;
     m.add_function(wrap_pyfunction!(counters, m)?)?;
     m.add("EVENT_OPEN", EVENT_OPEN)?;

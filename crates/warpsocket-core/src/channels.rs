@@ -1,0 +1,143 @@
+//! Channels: for each name, the socket ids subscribed and their reference
+//! counts. Sharded by name so unrelated channels never share a lock.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use parking_lot::{RwLock, RwLockReadGuard};
+
+use crate::registry::IdMap;
+
+const SHARDS: usize = 64;
+
+/// What a count change did to a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// The count went from 0 to positive.
+    Added,
+    /// The count reached 0: the subscription is gone.
+    Removed,
+    /// The count changed but the subscription stayed (or stayed absent).
+    Kept,
+}
+
+type Subscribers = IdMap<u64>;
+
+pub(crate) struct Channels {
+    /// Random hashing: channel names may come from clients.
+    hasher: RandomState,
+    shards: Box<[RwLock<HashMap<Bytes, Subscribers>>]>,
+    /// Socket/channel pairs with a positive count.
+    pairs: AtomicUsize,
+    /// Channels with at least one subscription.
+    live: AtomicUsize,
+}
+
+impl Default for Channels {
+    fn default() -> Self {
+        Channels {
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            pairs: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Channels {
+    fn shard(&self, name: &[u8]) -> &RwLock<HashMap<Bytes, Subscribers>> {
+        &self.shards[self.hasher.hash_one(name) as usize % SHARDS]
+    }
+
+    /// Adds `delta` to `id`'s count on `name`, never going below 0.
+    pub(crate) fn update(&self, name: &Bytes, id: u64, delta: i64) -> Change {
+        let mut shard = self.shard(name).write();
+        if delta > 0 {
+            let subscribers = shard.entry(name.clone()).or_insert_with(|| {
+                self.live.fetch_add(1, Ordering::Relaxed);
+                Subscribers::default()
+            });
+            let count = subscribers.entry(id).or_insert(0);
+            let added = *count == 0;
+            *count = count.saturating_add(delta as u64);
+            if added {
+                self.pairs.fetch_add(1, Ordering::Relaxed);
+                return Change::Added;
+            }
+            return Change::Kept;
+        }
+        let Some(subscribers) = shard.get_mut(name.as_ref()) else {
+            return Change::Kept;
+        };
+        let Some(count) = subscribers.get_mut(&id) else {
+            return Change::Kept;
+        };
+        if *count > delta.unsigned_abs() {
+            *count -= delta.unsigned_abs();
+            return Change::Kept;
+        }
+        subscribers.remove(&id);
+        self.pairs.fetch_sub(1, Ordering::Relaxed);
+        if subscribers.is_empty() {
+            shard.remove(name.as_ref());
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
+        Change::Removed
+    }
+
+    /// The ids subscribed to `name`, read under the channel's shard lock.
+    pub(crate) fn subscribers(&self, name: &[u8]) -> ChannelView<'_> {
+        ChannelView {
+            shard: self.shard(name).read(),
+            name: name.to_vec(),
+        }
+    }
+
+    pub(crate) fn pair_count(&self) -> usize {
+        self.pairs.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn channel_count(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+}
+
+/// Read access to one channel's subscribers; blocks changes to its shard.
+pub(crate) struct ChannelView<'a> {
+    shard: RwLockReadGuard<'a, HashMap<Bytes, Subscribers>>,
+    name: Vec<u8>,
+}
+
+impl ChannelView<'_> {
+    pub(crate) fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.shard
+            .get(self.name.as_slice())
+            .into_iter()
+            .flat_map(|s| s.keys().copied())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_reference_counted() {
+        let ch = Channels::default();
+        let name = Bytes::from_static(b"room");
+        assert_eq!(ch.update(&name, 1, 1), Change::Added);
+        assert_eq!(ch.update(&name, 1, 2), Change::Kept);
+        assert_eq!(ch.update(&name, 2, 1), Change::Added);
+        assert_eq!((ch.channel_count(), ch.pair_count()), (1, 2));
+        assert_eq!(ch.update(&name, 1, -2), Change::Kept);
+        assert_eq!(ch.update(&name, 1, -5), Change::Removed);
+        assert_eq!(ch.update(&name, 1, -1), Change::Kept);
+        assert_eq!(ch.subscribers(b"room").ids().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(ch.update(&name, 2, -1), Change::Removed);
+        assert_eq!((ch.channel_count(), ch.pair_count()), (0, 0));
+        assert_eq!(ch.subscribers(b"room").ids().count(), 0);
+    }
+}
