@@ -15,7 +15,6 @@ import textwrap
 
 import pytest
 import warpsocket
-
 from helpers import ECHO_WORKER, wait_no_warpsocket_threads
 
 DEFAULT_TEST_TIMEOUT = 120
@@ -27,9 +26,7 @@ DEFAULT_TEST_TIMEOUT = 120
 
 
 def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "timeout(seconds): per-test timeout (pytest-timeout)"
-    )
+    config.addinivalue_line("markers", "timeout(seconds): per-test timeout (pytest-timeout)")
 
 
 def pytest_collection_modifyitems(config, items):

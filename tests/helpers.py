@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import inspect
 import os
 import socket
 import struct
@@ -13,6 +14,8 @@ from pathlib import Path
 
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
+
+_SYNC_CONNECT_HAS_LEGACY = "legacy" in inspect.signature(sync_connect).parameters
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -35,11 +38,7 @@ def wait_for(cond, timeout=20.0, interval=0.02, message="condition"):
 
 
 def warpsocket_threads():
-    return [
-        t
-        for t in threading.enumerate()
-        if t.name.startswith("warpsocket-") and t.is_alive()
-    ]
+    return [t for t in threading.enumerate() if t.name.startswith("warpsocket-") and t.is_alive()]
 
 
 def wait_no_warpsocket_threads(timeout=20.0):
@@ -93,15 +92,17 @@ def ws_url(server, path="/", host="127.0.0.1", port=None):
 
 def connect(server_or_url, path="/", **kwargs):
     """Synchronous websockets client with generous, test-friendly settings."""
-    url = (
-        server_or_url if isinstance(server_or_url, str) else ws_url(server_or_url, path)
-    )
+    url = server_or_url if isinstance(server_or_url, str) else ws_url(server_or_url, path)
     kwargs.setdefault("open_timeout", 30)
     kwargs.setdefault("close_timeout", 10)
     kwargs.setdefault("ping_interval", None)
     kwargs.setdefault("compression", None)
     kwargs.setdefault("proxy", None)
     kwargs.setdefault("max_size", None)
+    if _SYNC_CONNECT_HAS_LEGACY:
+        # websockets >= 17 wants connect() used as a context manager unless legacy=True;
+        # the connection object returned here is a context manager itself either way.
+        kwargs.setdefault("legacy", True)
     return sync_connect(url, **kwargs)
 
 
@@ -133,9 +134,7 @@ def expect_close(ws, timeout=20.0):
                 raise AssertionError("connection was not closed by the server in time")
             ws.recv(timeout=remaining)
     except TimeoutError:
-        raise AssertionError(
-            "connection was not closed by the server in time"
-        ) from None
+        raise AssertionError("connection was not closed by the server in time") from None
     except ConnectionClosed as exc:
         if exc.rcvd is None:
             return (None, None)
@@ -246,9 +245,7 @@ class RawConn:
             except EOFError:
                 if not self.buf:
                     raise
-                raise AssertionError(
-                    f"incomplete HTTP response: {self.buf!r}"
-                ) from None
+                raise AssertionError(f"incomplete HTTP response: {self.buf!r}") from None
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         lines = head.decode("latin-1").split("\r\n")
         status_line = lines[0]
@@ -272,9 +269,7 @@ class RawConn:
         self.sendall(http_request_bytes(path, headers, self.port))
         status, resp_headers, _ = self.read_http_response()
         assert status == 101, f"handshake failed with HTTP {status}"
-        expected = base64.b64encode(
-            hashlib.sha1((key + WS_GUID).encode()).digest()
-        ).decode()
+        expected = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
         assert resp_headers.get("sec-websocket-accept") == expected
         return resp_headers
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import (
     ECHO_WORKER,
     ask,
@@ -68,9 +67,7 @@ def cli_commands():
         pytest.param(
             [script] if script else None,
             id="script",
-            marks=pytest.mark.skipif(
-                script is None, reason="warpsocket console script not installed"
-            ),
+            marks=pytest.mark.skipif(script is None, reason="warpsocket console script not installed"),
         )
     )
     return commands
@@ -89,12 +86,8 @@ class CliProcess:
         self.stdout = []
         self.stderr = []
         self._threads = [
-            threading.Thread(
-                target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True
-            ),
-            threading.Thread(
-                target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True
-            ),
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True),
         ]
         for t in self._threads:
             t.start()
@@ -123,14 +116,10 @@ class CliProcess:
 def wait_listening(cli, port, timeout=60):
     def ready():
         if cli.proc.poll() is not None:
-            raise AssertionError(
-                f"CLI exited early with {cli.proc.returncode}:\n{cli.output()}"
-            )
+            raise AssertionError(f"CLI exited early with {cli.proc.returncode}:\n{cli.output()}")
         return tcp_connectable("127.0.0.1", port, timeout=0.5)
 
-    wait_for(
-        ready, timeout=timeout, interval=0.1, message=f"CLI to listen on port {port}"
-    )
+    wait_for(ready, timeout=timeout, interval=0.1, message=f"CLI to listen on port {port}")
 
 
 @pytest.mark.timeout(60)
@@ -151,9 +140,7 @@ def test_cli_help_lists_every_option(command, tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(
-    "sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"]
-)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("command", cli_commands())
 def test_cli_runs_echo_and_stops_on_signal(command, sig, tmp_path):
     worker = tmp_path / "cli_worker.py"

@@ -6,12 +6,10 @@ import asyncio
 import json
 import logging
 import time
+from pathlib import Path
 
 import pytest
 import warpsocket
-from websockets.asyncio.client import connect as async_connect
-from websockets.exceptions import InvalidStatus
-
 from helpers import (
     LOGGING_PRELUDE,
     OP_CLOSE,
@@ -28,6 +26,8 @@ from helpers import (
     wait_for,
     ws_url,
 )
+from websockets.asyncio.client import connect as async_connect
+from websockets.exceptions import InvalidStatus
 
 
 class _CollectingHandler(logging.Handler):
@@ -197,9 +197,7 @@ def all_handlers_source(is_async):
 
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
 def test_all_five_handlers(start_server, log_path, is_async):
-    server = start_server(
-        all_handlers_source(is_async), threads=2, worker_arg=str(log_path)
-    )
+    server = start_server(all_handlers_source(is_async), threads=2, worker_arg=str(log_path))
     assert read_lines(log_path) == ["start", "start"]
     with connect(server) as ws:
         assert ask(ws, "hi") == "T:hi"
@@ -309,9 +307,7 @@ async def handle_close(socket_id):
 @pytest.mark.timeout(240)
 def test_ordering_mixed_sync_async_many_connections(start_server, log_path):
     n_conns, n_msgs = 60, 30
-    server = start_server(
-        ORDERING_WORKER, threads=3, worker_arg=str(log_path), handler_timeout=30
-    )
+    server = start_server(ORDERING_WORKER, threads=3, worker_arg=str(log_path), handler_timeout=30)
     url = ws_url(server)
 
     async def client(i):
@@ -479,9 +475,7 @@ def test_handle_open_refusals(start_server, log_path, is_async):
         .replace("__AW__", "await asyncio.sleep(0.01)" if is_async else "pass")
         .replace("__SLOW__", "await asyncio.sleep(30)" if is_async else "pass")
     )
-    server = start_server(
-        source, threads=2, worker_arg=str(log_path), handler_timeout=1.0
-    )
+    server = start_server(source, threads=2, worker_arg=str(log_path), handler_timeout=1.0)
     cases = {"/deny": 403, "/none": 403, "/zero": 403, "/raise": 500}
     if is_async:
         cases["/slow"] = 500  # async handle_open exceeding handler_timeout
@@ -491,9 +485,7 @@ def test_handle_open_refusals(start_server, log_path, is_async):
             connect(server, path=path)
         assert info.value.response.status_code == status, path
         if path == "/slow":
-            assert time.monotonic() - t0 < 15, (
-                "handler_timeout did not cut handle_open short"
-            )
+            assert time.monotonic() - t0 < 15, "handler_timeout did not cut handle_open short"
     # an accepted connection still works, and its handle_close runs
     with connect(server, path="/ok") as ws:
         ok_sid = int(ask(ws, "sid?"))
@@ -503,20 +495,14 @@ def test_handle_open_refusals(start_server, log_path, is_async):
     )
     lines = read_lines(log_path)
     refused = [
-        int(line.split()[1])
-        for line in lines
-        if line.startswith("open ") and not line.endswith(" /ok")
+        int(line.split()[1]) for line in lines if line.startswith("open ") and not line.endswith(" /ok")
     ]
     assert len(refused) == len(cases)
     for sid in refused:
-        assert f"close {sid}" not in lines, (
-            "handle_close must not run for refused connections"
-        )
+        assert f"close {sid}" not in lines, "handle_close must not run for refused connections"
         assert warpsocket.send(sid, "x") == 0
     assert [line for line in lines if line.startswith("close ")] == [f"close {ok_sid}"]
-    wait_for(
-        lambda: warpsocket.stats()["connections"] == 0, message="no connections left"
-    )
+    wait_for(lambda: warpsocket.stats()["connections"] == 0, message="no connections left")
 
 
 # ---------------------------------------------------------------- failing handlers
@@ -562,9 +548,7 @@ def close_count(log_path, sid):
     return read_lines(log_path).count(f"close {sid}")
 
 
-def test_raising_handler_logs_traceback_and_closes_1011(
-    start_server, log_path, warpsocket_log
-):
+def test_raising_handler_logs_traceback_and_closes_1011(start_server, log_path, warpsocket_log):
     server = start_server(FAILING_WORKER, threads=1, worker_arg=str(log_path))
     with connect(server) as other, connect(server) as ws:
         sid = int(ask(ws, "sid?"))
@@ -600,9 +584,7 @@ def test_raising_async_handler_closes_1011(start_server, log_path, warpsocket_lo
 
 
 def test_async_handler_timeout_closes_1011_others_continue(start_server, log_path):
-    server = start_server(
-        FAILING_WORKER, threads=1, worker_arg=str(log_path), handler_timeout=1.0
-    )
+    server = start_server(FAILING_WORKER, threads=1, worker_arg=str(log_path), handler_timeout=1.0)
     with connect(server) as other, connect(server) as ws:
         sid = int(ask(ws, "sid?"))
         t0 = time.monotonic()
@@ -623,15 +605,9 @@ def test_async_handler_timeout_closes_1011_others_continue(start_server, log_pat
         assert ask(other, "after") == "after"
 
 
-@pytest.mark.parametrize(
-    ("trigger", "opcode"), [("boom", OP_TEXT), ("sleep", 0x2)], ids=["raise", "timeout"]
-)
-def test_events_after_handler_error_are_dropped_but_close_runs_once(
-    start_server, log_path, trigger, opcode
-):
-    server = start_server(
-        FAILING_WORKER, threads=1, worker_arg=str(log_path), handler_timeout=1.0
-    )
+@pytest.mark.parametrize(("trigger", "opcode"), [("boom", OP_TEXT), ("sleep", 0x2)], ids=["raise", "timeout"])
+def test_events_after_handler_error_are_dropped_but_close_runs_once(start_server, log_path, trigger, opcode):
+    server = start_server(FAILING_WORKER, threads=1, worker_arg=str(log_path), handler_timeout=1.0)
     with RawConn(server.port, timeout=30) as raw:
         raw.handshake()
         raw.send_frame(OP_TEXT, "sid?")
@@ -656,14 +632,8 @@ def test_events_after_handler_error_are_dropped_but_close_runs_once(
     time.sleep(0.3)
     lines = read_lines(log_path)
     assert close_count(log_path, sid) == 1, lines
-    handled = [
-        line
-        for line in lines
-        if line.split()[:2] in (["msg", str(sid)], ["bin", str(sid)])
-    ]
-    assert all("after" not in line for line in handled), (
-        f"messages after the error were handled: {handled}"
-    )
+    handled = [line for line in lines if line.split()[:2] in (["msg", str(sid)], ["bin", str(sid)])]
+    assert all("after" not in line for line in handled), f"messages after the error were handled: {handled}"
 
 
 @pytest.mark.parametrize("missing", ["binary", "text"])
@@ -681,9 +651,7 @@ def test_message_without_handler_closes_1003(start_server, missing):
             warpsocket.send(socket_id, data)
         """
     server = start_server(source, threads=1)
-    ok_msg, bad_msg = (
-        ("fine", b"unhandled") if missing == "binary" else (b"fine", "unhandled")
-    )
+    ok_msg, bad_msg = ("fine", b"unhandled") if missing == "binary" else (b"fine", "unhandled")
     with connect(server) as other, connect(server) as ws:
         assert ask(ws, ok_msg) == ok_msg
         ws.send(bad_msg)
@@ -692,9 +660,7 @@ def test_message_without_handler_closes_1003(start_server, missing):
         assert ask(other, ok_msg) == ok_msg
 
 
-def test_raising_handle_close_is_logged_and_worker_survives(
-    start_server, warpsocket_log
-):
+def test_raising_handle_close_is_logged_and_worker_survives(start_server, warpsocket_log):
     source = """
     import warpsocket
 
@@ -713,3 +679,104 @@ def test_raising_handle_close_is_logged_and_worker_survives(
     )
     with connect(server) as ws:
         assert ask(ws, "b") == "b"
+
+
+# ---------------------------------------------------------------- hung worker
+
+HANGING_WORKER = (
+    LOGGING_PRELUDE
+    + """
+def handle_start(worker_arg):
+    global LOG
+    LOG = worker_arg
+    log("start", threading.get_ident())
+
+def handle_text_message(text, socket_id):
+    if text == "who":
+        warpsocket.send(socket_id, str(threading.get_ident()))
+    elif text == "hang":
+        log("hanging", socket_id)
+        try:
+            # busy loop that never yields to the event loop; the test creates the
+            # release file during cleanup so a worker that was not interrupted ends
+            while not os.path.exists(LOG + ".release"):
+                pass
+        except BaseException as exc:
+            log("interrupted", socket_id, type(exc).__name__)
+            raise
+    else:
+        warpsocket.send(socket_id, text)
+
+def handle_close(socket_id):
+    log("close", socket_id, threading.get_ident())
+"""
+)
+
+
+@pytest.mark.timeout(120)
+def test_hung_worker_is_retired_and_replaced(start_server, log_path):
+    try:
+        _check_hung_worker(start_server, log_path)
+    finally:
+        Path(str(log_path) + ".release").touch()
+
+
+def _lines_starting(log_path, prefix):
+    return [line.split() for line in read_lines(log_path) if line.startswith(prefix + " ")]
+
+
+def _check_hung_worker(start_server, log_path):
+    server = start_server(HANGING_WORKER, threads=2, worker_arg=str(log_path), hang_timeout=1.0)
+    start_tids = {int(line.split()[1]) for line in read_lines(log_path) if line.startswith("start ")}
+    assert len(start_tids) == 2
+    # round-robin: a, c and e share one worker, b the other
+    a, b, c, e = (connect(server) for _ in range(4))
+    e2 = None
+    clients = [a, b, c, e]
+    try:
+        e2 = connect(server)  # 5th connection: worker of a (threads=2, round-robin)
+        clients.append(e2)
+        tid_a, tid_b, tid_c, tid_e, tid_e2 = (int(ask(ws, "who")) for ws in clients)
+        assert tid_a == tid_c == tid_e2 != tid_b == tid_e
+        a.send("hang")
+        wait_for(lambda: _lines_starting(log_path, "hanging"), message="handler to hang")
+        c.send("pending event for the hung worker")
+        # the other worker keeps serving while the first one hangs
+        assert ask(b, "during") == "during"
+        # every connection of the hung worker is closed with 1011, also e2 which sends nothing
+        t0 = time.monotonic()
+        for ws in (c, a, e2):
+            assert expect_close(ws, timeout=30)[0] == 1011
+        assert time.monotonic() - t0 < 20
+        assert ask(b, "after") == "after"
+        assert ask(e, "after") == "after"
+    finally:
+        for ws in clients:
+            ws.close()
+    # a replacement worker ran handle_start; the pool size is unchanged
+    wait_for(lambda: len(_lines_starting(log_path, "start")) == 3, message="replacement worker")
+    new_tid = next(
+        int(ln.split()[1])
+        for ln in read_lines(log_path)
+        if ln.startswith("start ") and int(ln.split()[1]) not in start_tids
+    )
+    wait_for(lambda: len(warpsocket.stats()["workers"]) == 2, message="two live workers")
+    # handle_close of the hung worker's connections runs on the replacement
+    wait_for(
+        lambda: len([p for p in _lines_starting(log_path, "close") if int(p[2]) == new_tid]) >= 3,
+        timeout=30,
+        message="handle_close of the retired worker's connections on the replacement",
+    )
+    # an exception was raised inside the hung handler
+    wait_for(
+        lambda: _lines_starting(log_path, "interrupted"),
+        timeout=30,
+        message="exception inside the hung handler",
+    )
+    # new connections only go to live workers and work
+    served_by = set()
+    for _ in range(4):
+        with connect(server) as ws:
+            served_by.add(int(ask(ws, "who")))
+    assert tid_a not in served_by
+    assert served_by == {tid_b, new_tid}

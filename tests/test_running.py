@@ -10,8 +10,6 @@ import time
 
 import pytest
 import warpsocket
-from websockets.exceptions import ConnectionClosed
-
 from helpers import (
     ECHO_WORKER,
     LOGGING_PRELUDE,
@@ -26,6 +24,7 @@ from helpers import (
     warpsocket_threads,
     ws_url,
 )
+from websockets.exceptions import ConnectionClosed
 
 
 def assert_port_bindable(port, host="127.0.0.1"):
@@ -70,9 +69,7 @@ def test_start_returns_server_with_addresses_and_port(start_server):
 
 def test_stop_leaves_no_threads_and_frees_port(write_worker):
     before = thread_snapshot()
-    server = warpsocket.start(
-        bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=2
-    )
+    server = warpsocket.start(bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=2)
     try:
         port = server.port
         ws = connect(server)
@@ -92,9 +89,7 @@ def test_stop_leaves_no_threads_and_frees_port(write_worker):
 
 
 def test_context_manager_stops_server(write_worker):
-    with warpsocket.start(
-        bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=2
-    ) as server:
+    with warpsocket.start(bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=2) as server:
         port = server.port
         echo_roundtrip(server)
         assert warpsocket_threads()
@@ -102,9 +97,7 @@ def test_context_manager_stops_server(write_worker):
     assert not tcp_connectable("127.0.0.1", port, timeout=2)
     assert warpsocket.stats()["connections"] == 0
     # a new server can be started right away
-    with warpsocket.start(
-        bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=1
-    ) as server:
+    with warpsocket.start(bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=1) as server:
         echo_roundtrip(server)
     wait_no_warpsocket_threads()
 
@@ -143,9 +136,7 @@ def test_wait_blocks_until_stopped(start_server):
 def test_start_while_running_raises_runtime_error(start_server, write_worker):
     server = start_server(ECHO_WORKER)
     with pytest.raises(RuntimeError):
-        warpsocket.start(
-            bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=1
-        )
+        warpsocket.start(bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=1)
     # the running server is unaffected
     echo_roundtrip(server)
     assert len(warpsocket.stats()["workers"]) == 2
@@ -158,9 +149,7 @@ def test_start_after_stop_begins_with_no_connections(start_server):
     try:
         for ws in clients:
             old_ids.add(int(ask(ws, "sid?")))
-        wait_for(
-            lambda: warpsocket.stats()["connections"] == 3, message="3 connections"
-        )
+        wait_for(lambda: warpsocket.stats()["connections"] == 3, message="3 connections")
         server.stop(timeout=10)
         for ws in clients:
             assert expect_close(ws)[0] == 1001
@@ -320,17 +309,13 @@ def test_start_error_busy_port(write_worker):
         port = busy.getsockname()[1]
         addr = f"127.0.0.1:{port}"
         with pytest.raises(OSError) as info:
-            warpsocket.start(
-                bind=addr, worker=str(write_worker(ECHO_WORKER)), threads=2
-            )
+            warpsocket.start(bind=addr, worker=str(write_worker(ECHO_WORKER)), threads=2)
         assert addr in str(info.value)
         assert_start_fails_cleanly(before)
     finally:
         busy.close()
     # start() works afterwards
-    with warpsocket.start(
-        bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=2
-    ) as server:
+    with warpsocket.start(bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=2) as server:
         echo_roundtrip(server)
     wait_no_warpsocket_threads()
 
@@ -358,16 +343,12 @@ def test_start_error_busy_second_address_releases_first(write_worker):
         assert not tcp_connectable("127.0.0.1", free_port_, timeout=2)
     finally:
         busy.close()
-    with warpsocket.start(
-        bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=1
-    ) as server:
+    with warpsocket.start(bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=1) as server:
         echo_roundtrip(server)
     wait_no_warpsocket_threads()
 
 
-@pytest.mark.parametrize(
-    "kind", ["missing_file", "syntax_error", "missing_module", "import_error_inside"]
-)
+@pytest.mark.parametrize("kind", ["missing_file", "syntax_error", "missing_module", "import_error_inside"])
 def test_start_error_worker_cannot_be_imported(write_worker, tmp_path, kind):
     before = thread_snapshot()
     if kind == "missing_file":
@@ -385,19 +366,13 @@ def test_start_error_worker_cannot_be_imported(write_worker, tmp_path, kind):
         worker = "no_such_module_for_warpsocket_tests"
         needle = worker
     else:
-        worker = str(
-            write_worker(
-                "import module_that_does_not_exist_xyz\n", name="bad_import_worker"
-            )
-        )
+        worker = str(write_worker("import module_that_does_not_exist_xyz\n", name="bad_import_worker"))
         needle = "bad_import_worker"
     with pytest.raises(ImportError) as info:
         warpsocket.start(bind="127.0.0.1:0", worker=worker, threads=2)
     assert needle in str(info.value)
     assert_start_fails_cleanly(before)
-    with warpsocket.start(
-        bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=2
-    ) as server:
+    with warpsocket.start(bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=2) as server:
         echo_roundtrip(server)
     wait_no_warpsocket_threads()
 
@@ -413,18 +388,14 @@ def test_start_error_handle_start_raises(write_worker, is_async):
         raise ValueError("handle_start exploded: code 7731")
     """
     with pytest.raises(RuntimeError) as info:
-        warpsocket.start(
-            bind="127.0.0.1:0", worker=str(write_worker(source)), threads=2
-        )
+        warpsocket.start(bind="127.0.0.1:0", worker=str(write_worker(source)), threads=2)
     msg = str(info.value)
     assert "handle_start" in msg
     assert "code 7731" in msg
     assert isinstance(info.value.__cause__, ValueError)
     assert "code 7731" in str(info.value.__cause__)
     assert_start_fails_cleanly(before)
-    with warpsocket.start(
-        bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=2
-    ) as server:
+    with warpsocket.start(bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=2) as server:
         echo_roundtrip(server)
     wait_no_warpsocket_threads()
 
@@ -439,9 +410,7 @@ def test_start_error_port_released_after_handle_start_failure(write_worker):
         raise KeyError("nope")
     """
     with pytest.raises(RuntimeError):
-        warpsocket.start(
-            bind=f"127.0.0.1:{port}", worker=str(write_worker(source)), threads=2
-        )
+        warpsocket.start(bind=f"127.0.0.1:{port}", worker=str(write_worker(source)), threads=2)
     wait_no_warpsocket_threads()
     assert not tcp_connectable("127.0.0.1", port, timeout=2)
     with warpsocket.start(
@@ -471,9 +440,7 @@ def test_start_waits_for_slow_handle_start(start_server, tmp_path):
 # ---------------------------------------------------------------- shutdown
 
 
-def test_stop_closes_with_1001_and_runs_pending_handlers_and_handle_close(
-    start_server, log_path
-):
+def test_stop_closes_with_1001_and_runs_pending_handlers_and_handle_close(start_server, log_path):
     source = (
         LOGGING_PRELUDE
         + """
@@ -499,9 +466,7 @@ def handle_close(socket_id):
     log("close", socket_id)
 """
     )
-    server = start_server(
-        source, threads=2, worker_arg=str(log_path), handler_timeout=30
-    )
+    server = start_server(source, threads=2, worker_arg=str(log_path), handler_timeout=30)
     clients = [connect(server) for _ in range(3)]
     try:
         sids = [int(ask(ws, "sid?")) for ws in clients]
@@ -527,18 +492,14 @@ def handle_close(socket_id):
 
 
 def test_stop_is_idempotent(write_worker):
-    server = warpsocket.start(
-        bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=1
-    )
+    server = warpsocket.start(bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=1)
     server.stop(timeout=10)
     server.stop(timeout=10)
     wait_no_warpsocket_threads()
 
 
 def test_new_connections_refused_after_stop(write_worker):
-    server = warpsocket.start(
-        bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=1
-    )
+    server = warpsocket.start(bind="127.0.0.1:0", worker=str(write_worker(ECHO_WORKER)), threads=1)
     port = server.port
     server.stop(timeout=10)
     with (

@@ -7,7 +7,6 @@ import threading
 
 import pytest
 import warpsocket
-
 from helpers import (
     LOGGING_PRELUDE,
     OP_BINARY,
@@ -115,10 +114,7 @@ def test_send_from_non_worker_thread_preserves_order(server):
         results = []
 
         def sender():
-            results.extend(
-                warpsocket.send(sid, f"n{i}" if i % 2 else f"n{i}".encode())
-                for i in range(1000)
-            )
+            results.extend(warpsocket.send(sid, f"n{i}" if i % 2 else f"n{i}".encode()) for i in range(1000))
 
         t = threading.Thread(target=sender)
         t.start()
@@ -133,11 +129,7 @@ def test_send_from_several_threads_keeps_per_thread_order(server):
     with connect(server) as ws:
         sid = sid_of(ws)
         threads = [
-            threading.Thread(
-                target=lambda k=k: [
-                    warpsocket.send(sid, f"{k}:{i}") for i in range(per_thread)
-                ]
-            )
+            threading.Thread(target=lambda k=k: [warpsocket.send(sid, f"{k}:{i}") for i in range(per_thread)])
             for k in range(n_threads)
         ]
         for t in threads:
@@ -190,9 +182,7 @@ def test_close_default_code(server, log_path):
         message="handle_close after server close",
     )
     assert read_lines(log_path).count(f"close {sid}") == 1
-    wait_for(
-        lambda: warpsocket.stats()["connections"] == 0, message="connection to be gone"
-    )
+    wait_for(lambda: warpsocket.stats()["connections"] == 0, message="connection to be gone")
 
 
 def test_close_with_code_and_reason(server):
@@ -282,9 +272,7 @@ def test_bad_arguments(server, call, exc, argname):
     with pytest.raises(exc) as info:
         call()
     assert type(info.value) is exc or issubclass(type(info.value), exc)
-    assert argname in str(info.value), (
-        f"message should name the argument {argname!r}: {info.value}"
-    )
+    assert argname in str(info.value), f"message should name the argument {argname!r}: {info.value}"
 
 
 def test_bad_arguments_without_server():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warpsocket
-
 from helpers import ECHO_WORKER, ask, connect, wait_for
 
 INT_KEYS = [
@@ -42,9 +41,7 @@ def test_stats_connections_and_workers(start_server):
     try:
         for ws in clients:
             assert ask(ws, "x") == "x"
-        wait_for(
-            lambda: warpsocket.stats()["connections"] == 5, message="5 connections"
-        )
+        wait_for(lambda: warpsocket.stats()["connections"] == 5, message="5 connections")
         stats = warpsocket.stats()
         workers = stats["workers"]
         assert len(workers) == threads

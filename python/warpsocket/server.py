@@ -12,6 +12,7 @@ from typing import Any
 
 from . import _core
 from .config import Options
+from .supervisor import Supervisor
 from .worker import Worker
 
 logger = logging.getLogger("warpsocket")
@@ -30,11 +31,55 @@ class Server:
     def __init__(self, options: Options, core: _core.Server, workers: list[Worker]) -> None:
         self.options = options
         self._core = core
+        # Live workers; retired (hung) ones move to _retired. Guarded by _workers_lock.
         self._workers = workers
+        self._retired: list[Worker] = []
+        self._workers_lock = threading.Lock()
+        self._next_index = len(workers)
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self.addresses: list[tuple[str, int]] = core.addresses()
         """``(host, port)`` of every bound address, in the order given to ``bind``."""
+        self._supervisor = Supervisor(options.hang_timeout, self._live_workers, self._retire)
+        self._supervisor.start()
+
+    def _live_workers(self) -> list[Worker]:
+        with self._workers_lock:
+            return list(self._workers)
+
+    def _retire(self, worker: Worker, stalled: float) -> None:
+        """Replace a hung worker: close its connections, interrupt it, start a fresh one."""
+        with self._workers_lock:
+            if worker not in self._workers:
+                return
+            self._workers.remove(worker)
+            self._retired.append(worker)
+            index = self._next_index
+            self._next_index += 1
+        ended = self._core.retire_worker(worker.queue.id)
+        stack = worker.retire()
+        logger.error(
+            "worker %s left its events waiting for %.1f s (hang_timeout %.1f s): retired, "
+            "%d connections closed with 1011; its thread was here:\n%s",
+            worker.name,
+            stalled,
+            self.options.hang_timeout,
+            ended,
+            stack.rstrip(),
+        )
+        inherited = (*worker.inherited, worker.queue)
+        replacement = Worker(index, self.options, self._core.add_worker(), inherited)
+        replacement.start()
+        replacement.ready.wait()
+        if replacement.startup_error is not None:
+            logger.error(
+                "replacement worker %s failed to start: %s", replacement.name, replacement.startup_error
+            )
+            self._core.retire_worker(replacement.queue.id)
+            return
+        with self._workers_lock:
+            self._workers.append(replacement)
+        logger.warning("worker %s replaces %s", replacement.name, worker.name)
 
     @property
     def port(self) -> int:
@@ -59,11 +104,13 @@ class Server:
             if self._stopped.is_set():
                 return
             deadline = time.monotonic() + max(float(timeout), 0.0)
+            self._supervisor.stop()
             self._core.shutdown(max(float(timeout), 0.0))
             # Close events are all queued now; give the workers the rest of the time.
-            for worker in self._workers:
+            workers = self._live_workers()
+            for worker in workers:
                 worker.finish(deadline)
-            for worker in self._workers:
+            for worker in workers + self._retired:
                 worker.join(max(deadline - time.monotonic(), 0.0) + 1.0)
                 if worker.is_alive():
                     logger.warning("worker thread %s did not finish in time", worker.name)
@@ -79,8 +126,7 @@ class Server:
         """Per live worker: ``id``, ``connections``, ``queue_depth``."""
         return [
             {"id": w.queue.id, "connections": w.queue.connections, "queue_depth": w.queue.queue_depth}
-            for w in self._workers
-            if w.is_alive()
+            for w in self._live_workers()
         ]
 
     def __enter__(self) -> Server:

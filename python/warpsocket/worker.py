@@ -10,6 +10,7 @@ run one after another while other connections go on.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib.util
 import inspect
 import logging
@@ -17,6 +18,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import ModuleType
@@ -95,6 +97,13 @@ def load_worker_module(worker: str, index: int) -> ModuleType:
         raise ImportError(f"cannot import worker {worker!r}: {type(exc).__name__}: {exc}") from exc
 
 
+class WorkerRetired(BaseException):
+    """Raised inside a worker thread that was retired as hung.
+
+    A ``BaseException`` so that ``except Exception`` in a handler does not swallow it.
+    """
+
+
 class _Connection:
     """Per-connection state, kept only while a handler awaits or after a failure."""
 
@@ -109,11 +118,20 @@ class _Connection:
 class Worker(threading.Thread):
     """One worker thread with its module instance and event loop."""
 
-    def __init__(self, index: int, options: Options, queue: _core.WorkerQueue) -> None:
+    def __init__(
+        self,
+        index: int,
+        options: Options,
+        queue: _core.WorkerQueue,
+        inherited: tuple[_core.WorkerQueue, ...] = (),
+    ) -> None:
         super().__init__(name=f"warpsocket-worker-{index}", daemon=True)
         self.index = index
         self.options = options
         self.queue = queue
+        # Queues of retired workers whose connections' handle_close runs here.
+        self.inherited = list(inherited)
+        self.retired = False
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
         self.handlers: dict[str, Callable[..., Any] | None] = {}
@@ -152,11 +170,16 @@ class Worker(threading.Thread):
         self._on_binary = self.handlers["handle_binary_message"]
         self._on_close = self.handlers["handle_close"]
         loop.add_reader(self.queue.fileno(), self._on_events)
+        for orphaned in self.inherited:
+            loop.add_reader(orphaned.fileno(), self._on_inherited_events, orphaned)
+            self._on_inherited_events(orphaned)
         self.ready.set()
         try:
             loop.run_forever()
         finally:
             loop.remove_reader(self.queue.fileno())
+            for orphaned in self.inherited:
+                loop.remove_reader(orphaned.fileno())
             for task in self._tasks:
                 task.cancel()
             if self._tasks:
@@ -173,6 +196,29 @@ class Worker(threading.Thread):
         except RuntimeError:  # the loop closed meanwhile
             pass
 
+    def retire(self) -> str:
+        """Mark this (hung) worker retired and try to end its thread.
+
+        Returns the thread's current Python stack, for the log. The loop is asked to
+        stop and :class:`WorkerRetired` is raised inside the thread, which ends a
+        pure-Python loop at once; a thread blocked in a C call (``time.sleep``, a
+        socket read) only sees it when that call returns.
+        """
+        self.retired = True
+        frame = sys._current_frames().get(self.ident or -1)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(not running)\n"
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(loop.stop)
+            except RuntimeError:  # closed meanwhile
+                pass
+        if self.ident is not None and self.is_alive():
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(self.ident), ctypes.py_object(WorkerRetired)
+            )
+        return stack
+
     async def _finish(self, deadline: float) -> None:
         self._on_events()
         while self._tasks:
@@ -188,6 +234,8 @@ class Worker(threading.Thread):
 
     def _on_events(self) -> None:
         """Run every waiting event: sync handlers now, async ones as tasks."""
+        if self.retired:
+            return
         finished: list[int] = []
         conns = self._conns
         for kind, sid, payload in self.queue.drain():
@@ -210,6 +258,41 @@ class Worker(threading.Thread):
                 self._spawn(self._drive(sid, conn, kind, pending))
         if finished:
             self.queue.finished(finished)
+
+    def _on_inherited_events(self, orphaned: _core.WorkerQueue) -> None:
+        """Run ``handle_close`` for the connections of a retired worker; drop the rest.
+
+        Those connections were closed with 1011 when the worker was retired, so only
+        their close events matter. Stops watching the queue once all are gone.
+        """
+        finished: list[int] = []
+        for kind, sid, _payload in orphaned.drain():
+            if kind != CLOSE:
+                finished.append(sid)
+                continue
+            self._conns.pop(sid, None)
+            pending = self._run(CLOSE, sid, None)
+            if pending is None:
+                finished.append(sid)
+            else:
+                self._spawn(self._close_inherited(orphaned, sid, pending))
+        if finished:
+            orphaned.finished(finished)
+        if orphaned.connections == 0 and self._loop is not None:
+            # Every close event was queued before the count reached 0 (see the core).
+            self._loop.remove_reader(orphaned.fileno())
+            for kind, sid, _payload in orphaned.drain():
+                if kind == CLOSE:
+                    pending = self._run(CLOSE, sid, None)
+                    if pending is not None:
+                        self._spawn(self._close_inherited(orphaned, sid, pending))
+                        continue
+                orphaned.finished([sid])
+            self.inherited.remove(orphaned)
+
+    async def _close_inherited(self, orphaned: _core.WorkerQueue, sid: int, pending: Awaitable[Any]) -> None:
+        await self._await(sid, _Connection(), CLOSE, pending)
+        orphaned.finished([sid])
 
     def _run(self, kind: int, sid: int, payload: Any) -> Awaitable[Any] | None:
         """Call the handler for one event. Returns its awaitable if it has to be awaited."""

@@ -143,11 +143,13 @@ impl Drop for SocketGuard<'_> {
         let id = self.socket.id;
         engine.remove_socket(id);
         self.socket.mark_closed();
-        self.socket.worker.connection_closed();
         if self.socket.is_accepted() {
             self.socket.event_queued();
             self.socket.worker.push(Event::Close { id });
         }
+        // Last: a retired worker's successor stops watching its queue once
+        // the count is 0, so every close event must already be queued.
+        self.socket.worker.connection_closed();
     }
 }
 

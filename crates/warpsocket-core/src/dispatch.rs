@@ -37,17 +37,9 @@ pub enum Event {
     Close {
         id: u64,
     },
-}
-
-impl Event {
-    pub fn socket_id(&self) -> u64 {
-        match self {
-            Event::Open { id, .. }
-            | Event::Text { id, .. }
-            | Event::Binary { id, .. }
-            | Event::Close { id } => *id,
-        }
-    }
+    /// Liveness probe: makes an idle queue non-empty so a worker that stopped
+    /// draining shows as stalled. Never reaches a handler.
+    Probe,
 }
 
 /// Milliseconds on a process-wide monotonic clock; 0 is reserved for "never".
@@ -97,6 +89,18 @@ impl WorkerQueue {
 
     pub fn push(&self, event: Event) {
         self.depth.fetch_add(1, Ordering::Relaxed);
+        self.enqueue(event);
+    }
+
+    /// Queues a [`Event::Probe`] if nothing is waiting, so that a worker stuck
+    /// in a handler is seen as stalled even when its connections are quiet.
+    pub fn probe(&self) {
+        if self.events.lock().is_empty() {
+            self.enqueue(Event::Probe);
+        }
+    }
+
+    fn enqueue(&self, event: Event) {
         let mut events = self.events.lock();
         let was_empty = events.is_empty();
         events.push(event);

@@ -322,6 +322,27 @@ impl Engine {
 
     // -- upgrades and worker bookkeeping -------------------------------------
 
+    /// Ends every connection pinned to a retired worker at once: accepted ones
+    /// are closed with `code`, upgrades still waiting for `handle_open` are
+    /// refused with 500. Returns how many were found. Scans all connections;
+    /// it runs only when a worker is retired.
+    pub fn end_worker_connections(&self, worker_id: u32, code: u16, reason: &str) -> usize {
+        let mine: Vec<Arc<Socket>> = self
+            .sockets
+            .connections()
+            .into_iter()
+            .filter(|s| s.worker.id() == worker_id)
+            .collect();
+        for socket in &mine {
+            if socket.is_accepted() {
+                socket.close(code, reason);
+            } else if let Some(waiting) = self.opens.lock().remove(&socket.id) {
+                let _ = waiting.send(Verdict::Refuse(500));
+            }
+        }
+        mine.len()
+    }
+
     /// Delivers `handle_open`'s verdict. False when the upgrade is no longer
     /// waiting (the client left, or the server is stopping).
     pub fn resolve_open(&self, id: u64, verdict: Verdict) -> bool {

@@ -421,6 +421,7 @@ impl WorkerQueue {
                     (EVENT_BINARY, id, PyBytes::new(py, &data).into_any())
                 }
                 Event::Close { id } => (EVENT_CLOSE, id, py.None().into_bound(py)),
+                Event::Probe => continue,
             };
             list.append(item)?;
         }
@@ -431,6 +432,11 @@ impl WorkerQueue {
     fn finished(&self, socket_ids: Vec<u64>) {
         self.inner.finished(socket_ids.len());
         ENGINE.finished(&socket_ids);
+    }
+
+    /// Makes an idle queue non-empty, so a stuck worker shows as stalled.
+    fn probe(&self) {
+        self.inner.probe();
     }
 
     /// Seconds the oldest waiting event has waited (0.0 when none waits).
@@ -515,9 +521,12 @@ impl Server {
         Ok(WorkerQueue { inner })
     }
 
-    /// Takes a worker out of the rotation.
-    fn retire_worker(&self, worker_id: u32) -> PyResult<bool> {
-        Ok(self.lock()?.workers().retire(worker_id).is_some())
+    /// Takes a worker out of the rotation and ends its connections at once:
+    /// closed with 1011, or refused with 500 while still upgrading. Returns
+    /// the number of connections ended.
+    fn retire_worker(&self, worker_id: u32) -> PyResult<usize> {
+        self.lock()?.workers().retire(worker_id);
+        Ok(ENGINE.end_worker_connections(worker_id, 1011, "worker hung"))
     }
 
     /// Starts accepting connections; the flags say which handlers the

@@ -1,0 +1,47 @@
+"""Hung-worker detection: retire a worker that stopped picking up its events.
+
+The core knows how long each worker's oldest waiting event has waited. The
+supervisor looks every fraction of ``hang_timeout``; an idle queue gets a probe
+event, so a worker stuck in a handler is noticed even when its connections are
+quiet. No handler code runs here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from .worker import Worker
+
+
+class Supervisor(threading.Thread):
+    """Watches the live workers and calls ``retire(worker)`` for hung ones."""
+
+    def __init__(
+        self,
+        hang_timeout: float,
+        live_workers: Callable[[], list[Worker]],
+        retire: Callable[[Worker, float], None],
+    ) -> None:
+        super().__init__(name="warpsocket-supervisor", daemon=True)
+        self._hang_timeout = hang_timeout
+        self._live_workers = live_workers
+        self._retire = retire
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        """Check every worker until stopped."""
+        interval = min(max(self._hang_timeout / 4, 0.05), 0.5)
+        while not self._stopped.wait(interval):
+            for worker in self._live_workers():
+                stalled = worker.queue.stalled_for()
+                if stalled > self._hang_timeout:
+                    self._retire(worker, stalled)
+                else:
+                    worker.queue.probe()
+
+    def stop(self) -> None:
+        """End the thread (waits for a retirement in progress)."""
+        self._stopped.set()
+        if self.is_alive():
+            self.join()
