@@ -234,9 +234,7 @@ def run(
     Takes the same arguments as :func:`start`. A second signal during shutdown exits
     the process at once.
     """
-    server = start(bind, worker, threads, worker_arg, **tunables)
     stop_requested = threading.Event()
-    in_main_thread = threading.current_thread() is threading.main_thread()
     previous: dict[int, Any] = {}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -246,10 +244,13 @@ def run(
         logger.info("received %s, shutting down", signal.Signals(signum).name)
         stop_requested.set()
 
-    if in_main_thread:
+    # Installed before start(): a signal that arrives while workers start up
+    # still stops the server gracefully once it is up.
+    if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
     try:
+        server = start(bind, worker, threads, worker_arg, **tunables)
         # Short waits so the main thread gets to run signal handlers.
         while not stop_requested.is_set() and server.running:
             stop_requested.wait(0.2)
