@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="JSON value passed to handle_start(worker_arg) in every worker",
     )
+    parser.add_argument(
+        "--static",
+        dest="static_dir",
+        metavar="DIR",
+        default=None,
+        help="serve the files of DIR to plain HTTP GET/HEAD requests on the same port",
+    )
     for spec in TUNABLES:
         parser.add_argument(
             "--" + spec.name.replace("_", "-"),
@@ -69,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             worker=args.worker,
             threads=args.threads,
             worker_arg=args.worker_arg,
+            static_dir=args.static_dir,
             **tunables,
         )
     except (OSError, ImportError, RuntimeError, ValueError, TypeError) as exc:

@@ -22,6 +22,7 @@ class Options:
     worker: str
     threads: int = field(default_factory=default_threads)
     worker_arg: Any = None
+    static_dir: str | None = None
     handler_timeout: float = field(default=5.0, metadata={"help": "seconds an async handler may run"})
     hang_timeout: float = field(
         default=3.0, metadata={"help": "seconds a worker may leave its events waiting"}
@@ -45,6 +46,7 @@ class Options:
         worker: str | os.PathLike[str],
         threads: int | None = None,
         worker_arg: Any = None,
+        static_dir: str | os.PathLike[str] | None = None,
         **tunables: Any,
     ) -> Options:
         """Check every argument and return the options, raising TypeError/ValueError."""
@@ -62,6 +64,14 @@ class Options:
             raise TypeError("worker must be a file path or a module name (str)")
         if not worker:
             raise ValueError("worker must not be empty")
+        if static_dir is not None:
+            if isinstance(static_dir, os.PathLike):
+                static_dir = os.fspath(static_dir)
+            if not isinstance(static_dir, str):
+                raise TypeError("static_dir must be a folder path (str) or None")
+            if not os.path.isdir(static_dir):
+                raise ValueError(f"static_dir {static_dir!r} is not an existing folder")
+            static_dir = os.path.abspath(static_dir)
         if threads is None:
             threads = default_threads()
         _check_int("threads", threads)
@@ -76,7 +86,14 @@ class Options:
                 else:
                     _check_seconds(spec.name, value)
                     tunables[spec.name] = float(value)
-        return cls(bind=binds, worker=worker, threads=threads, worker_arg=worker_arg, **tunables)
+        return cls(
+            bind=binds,
+            worker=worker,
+            threads=threads,
+            worker_arg=worker_arg,
+            static_dir=static_dir,
+            **tunables,
+        )
 
 
 def _check_int(name: str, value: Any) -> None:

@@ -163,19 +163,23 @@ def start(
     worker: str | os.PathLike[str],
     threads: int | None = None,
     worker_arg: Any = None,
+    static_dir: str | os.PathLike[str] | None = None,
     **tunables: Any,
 ) -> Server:
     """Start a server and return it once every address is bound and every worker is ready.
 
     ``bind`` is an address (``"127.0.0.1:3000"``, ``"[::1]:3000"``) or a list of them;
-    ``worker`` a file path or an importable module name. Tunables: ``handler_timeout``,
-    ``hang_timeout``, ``max_message_size``, ``max_backpressure``, ``ping_interval``,
-    ``ping_timeout`` (see the README). Raises ``OSError`` when an address cannot be
-    bound, ``ImportError`` when the worker cannot be imported, ``RuntimeError`` when
-    ``handle_start`` raises or a server already runs; nothing is left running then.
+    ``worker`` a file path or an importable module name. ``static_dir``: a folder whose
+    files answer plain HTTP GET/HEAD requests on the same port (else they get 426).
+    Tunables: ``handler_timeout``, ``hang_timeout``, ``max_message_size``,
+    ``max_backpressure``, ``ping_interval``, ``ping_timeout`` (see the README).
+
+    Raises ``OSError`` when an address cannot be bound, ``ImportError`` when the worker
+    cannot be imported, ``RuntimeError`` when ``handle_start`` raises or a server already
+    runs; nothing is left running then.
     """
     global _running
-    options = Options.build(bind, worker, threads, worker_arg, **tunables)
+    options = Options.build(bind, worker, threads, worker_arg, static_dir, **tunables)
     with _state_lock:
         if _running is not None:
             raise RuntimeError("a WarpSocket server is already running in this process")
@@ -186,6 +190,7 @@ def start(
             ping_interval=options.ping_interval,
             ping_timeout=options.ping_timeout,
             open_timeout=options.handler_timeout + options.hang_timeout + 1.0,
+            static_dir=options.static_dir,
         )
         workers: list[Worker] = []
         try:
@@ -227,6 +232,7 @@ def run(
     worker: str | os.PathLike[str],
     threads: int | None = None,
     worker_arg: Any = None,
+    static_dir: str | os.PathLike[str] | None = None,
     **tunables: Any,
 ) -> None:
     """Start a server and block until SIGINT or SIGTERM, then stop gracefully.
@@ -250,7 +256,7 @@ def run(
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
     try:
-        server = start(bind, worker, threads, worker_arg, **tunables)
+        server = start(bind, worker, threads, worker_arg, static_dir, **tunables)
         # Short waits so the main thread gets to run signal handlers.
         while not stop_requested.is_set() and server.running:
             stop_requested.wait(0.2)

@@ -1,6 +1,7 @@
 //! Server settings, validated by the caller (the Python layer turns bad
 //! options into TypeError/ValueError before they get here).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Which handlers the worker module defines: the core answers for the missing
@@ -31,6 +32,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// I/O threads for the tokio runtime.
     pub io_threads: usize,
+    /// Folder whose files answer plain HTTP GET/HEAD requests (else 426).
+    pub static_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -49,6 +52,7 @@ impl Default for Config {
             open_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             io_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            static_dir: None,
         }
     }
 }

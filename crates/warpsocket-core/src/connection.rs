@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::dispatch::Event;
 use crate::engine::{Verdict, PAUSE_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
-use crate::handshake::{self, Refusal, Upgrade};
+use crate::handshake::{self, Refusal, Request};
 use crate::server::Shared;
 use crate::socket::Socket;
 use crate::stats::Counters;
@@ -34,16 +34,24 @@ const MAX_IOVECS: usize = 64;
 /// Serves one accepted TCP connection until it is closed.
 pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let mut request = Vec::new();
-    let upgrade = tokio::select! {
-        r = tokio::time::timeout(shared.config.handshake_timeout, read_request(&stream, &mut request)) => r,
+    let mut buf = Vec::new();
+    let read = tokio::select! {
+        r = tokio::time::timeout(shared.config.handshake_timeout, read_request(&stream, &mut buf)) => r,
         _ = shared.stopping() => return,
     };
-    let (upgrade, used) = match upgrade {
+    let (request, used) = match read {
         Ok(Ok(Ok(Some(parsed)))) => parsed,
         Ok(Ok(Err(refusal))) => return refuse(stream, refusal).await,
         // The peer left, broke the connection, or was too slow.
         Ok(Ok(Ok(None))) | Ok(Err(_)) | Err(_) => return,
+    };
+    let upgrade = match request {
+        Request::Upgrade(upgrade) => upgrade,
+        Request::Plain {
+            method,
+            path,
+            headers,
+        } => return plain_http(stream, &shared, method, path, headers).await,
     };
     let Some(worker) = shared.workers.pick() else {
         return refuse(stream, Refusal::new(503, "no worker is available")).await;
@@ -90,19 +98,43 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     {
         return;
     }
-    let leftover = request.split_off(used);
-    drop(request);
+    let leftover = buf.split_off(used);
+    drop(buf);
     if !leftover.is_empty() {
         conn.on_bytes(&leftover);
     }
     conn.run().await;
 }
 
+/// Answers a request that is not an upgrade: a static file when a folder is
+/// configured, else 426.
+async fn plain_http(
+    mut stream: TcpStream,
+    shared: &Shared,
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+) {
+    let Some(files) = shared.static_files.clone() else {
+        return refuse(stream, handshake::WEBSOCKET_ONLY).await;
+    };
+    let Ok(response) =
+        tokio::task::spawn_blocking(move || files.respond(&method, &path, &headers)).await
+    else {
+        return;
+    };
+    let _ = tokio::time::timeout(shared.config.handshake_timeout, async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
 /// Reads until a whole request is buffered. `Ok(None)`: the peer closed.
 async fn read_request(
     stream: &TcpStream,
     buf: &mut Vec<u8>,
-) -> io::Result<Result<Option<(Upgrade, usize)>, Refusal>> {
+) -> io::Result<Result<Option<(Request, usize)>, Refusal>> {
     let mut chunk = [0u8; 2048];
     loop {
         stream.readable().await?;

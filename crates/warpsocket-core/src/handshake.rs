@@ -32,10 +32,24 @@ impl Refusal {
 }
 
 pub const TOO_LARGE: Refusal = Refusal::new(431, "request headers too large");
+/// The answer to a plain HTTP request when no static files are served.
+pub const WEBSOCKET_ONLY: Refusal = Refusal::new(426, "this endpoint only speaks WebSocket");
+
+/// A complete request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Upgrade(Upgrade),
+    /// A plain HTTP request (no `Upgrade: websocket`): a static file, or 426.
+    Plain {
+        method: String,
+        path: String,
+        headers: Vec<(String, String)>,
+    },
+}
 
 /// Tries to parse a complete request from `buf`.
-/// `Ok(None)`: need more bytes. `Ok(Some((upgrade, used)))`: `used` bytes were the request.
-pub fn parse(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, Refusal> {
+/// `Ok(None)`: need more bytes. `Ok(Some((request, used)))`: `used` bytes were the request.
+pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let used = match req.parse(buf) {
@@ -44,12 +58,6 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, Refusal> {
         Err(httparse::Error::TooManyHeaders) => return Err(TOO_LARGE),
         Err(_) => return Err(Refusal::new(400, "malformed HTTP request")),
     };
-    if req.method != Some("GET") || req.version != Some(1) {
-        return Err(Refusal::new(
-            400,
-            "a WebSocket upgrade must be an HTTP/1.1 GET",
-        ));
-    }
     let path = req.path.unwrap_or("/").to_owned();
     let mut pairs: Vec<(String, String)> = Vec::with_capacity(req.headers.len());
     for h in req.headers.iter() {
@@ -73,7 +81,21 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, Refusal> {
         get(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
     if !has_token("upgrade", "websocket") {
-        return Err(Refusal::new(426, "this endpoint only speaks WebSocket"));
+        let method = req.method.unwrap_or("").to_owned();
+        return Ok(Some((
+            Request::Plain {
+                method,
+                path,
+                headers: pairs,
+            },
+            used,
+        )));
+    }
+    if req.method != Some("GET") || req.version != Some(1) {
+        return Err(Refusal::new(
+            400,
+            "a WebSocket upgrade must be an HTTP/1.1 GET",
+        ));
     }
     if !has_token("connection", "upgrade") {
         return Err(Refusal::new(400, "missing 'Connection: upgrade'"));
@@ -85,14 +107,12 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Upgrade, usize)>, Refusal> {
         return Err(Refusal::new(426, "unsupported Sec-WebSocket-Version"));
     }
     let accept = derive_accept_key(key.as_bytes());
-    Ok(Some((
-        Upgrade {
-            path,
-            headers: pairs,
-            accept,
-        },
-        used,
-    )))
+    let upgrade = Upgrade {
+        path,
+        headers: pairs,
+        accept,
+    };
+    Ok(Some((Request::Upgrade(upgrade), used)))
 }
 
 /// The `101 Switching Protocols` response.
@@ -140,7 +160,10 @@ mod tests {
 
     #[test]
     fn parses_a_valid_upgrade() {
-        let (up, used) = parse(GOOD.as_bytes()).unwrap().unwrap();
+        let (request, used) = parse(GOOD.as_bytes()).unwrap().unwrap();
+        let Request::Upgrade(up) = request else {
+            panic!("not an upgrade")
+        };
         assert_eq!(used, GOOD.len());
         assert_eq!(up.path, "/chat?room=7");
         assert_eq!(up.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
@@ -156,7 +179,6 @@ mod tests {
     #[test]
     fn refuses_bad_requests_with_the_right_status() {
         let status = |req: &str| parse(req.as_bytes()).unwrap_err().status;
-        assert_eq!(status("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), 426);
         assert_eq!(status("\x16\x03\x01garbage\r\n\r\n"), 400);
         assert_eq!(
             status(&GOOD.replace("keep-alive, Upgrade", "keep-alive")),
@@ -167,6 +189,21 @@ mod tests {
         assert_eq!(status(&GOOD.replace("GET", "POST")), 400);
         let many: String = (0..70).map(|i| format!("h{i}: v\r\n")).collect();
         assert_eq!(status(&format!("GET / HTTP/1.1\r\n{many}\r\n")), 431);
+    }
+
+    #[test]
+    fn a_request_without_upgrade_is_plain() {
+        let (request, _) = parse(b"HEAD /a%20b?x=1 HTTP/1.0\r\nIf-None-Match: \"e\"\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            request,
+            Request::Plain {
+                method: "HEAD".into(),
+                path: "/a%20b?x=1".into(),
+                headers: vec![("if-none-match".into(), "\"e\"".into())],
+            }
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod kv;
 mod registry;
 pub mod server;
 mod socket;
+pub mod static_files;
 pub mod stats;
 mod wakeup;
 

@@ -17,6 +17,7 @@ use crate::connection;
 use crate::dispatch::Workers;
 use crate::engine::Engine;
 use crate::frame::close_code;
+use crate::static_files::StaticFiles;
 
 /// Pending connections the kernel keeps per listener.
 const BACKLOG: i32 = 1024;
@@ -26,6 +27,7 @@ pub(crate) struct Shared {
     pub(crate) engine: Arc<Engine>,
     pub(crate) config: Config,
     pub(crate) workers: Arc<Workers>,
+    pub(crate) static_files: Option<Arc<StaticFiles>>,
     /// Flips to true once when shutdown begins.
     stop: watch::Sender<bool>,
     /// Connection tasks still running, and a wakeup for when that reaches 0.
@@ -59,6 +61,7 @@ pub struct Server {
     workers: Arc<Workers>,
     /// Exists once serving.
     shared: Option<Arc<Shared>>,
+    static_files: Option<Arc<StaticFiles>>,
     runtime: Option<Runtime>,
     listeners: Vec<StdListener>,
     addrs: Vec<SocketAddr>,
@@ -76,6 +79,15 @@ impl Server {
             addrs.push(listener.local_addr()?);
             listeners.push(listener);
         }
+        let static_files = match &config.static_dir {
+            Some(dir) => Some(Arc::new(StaticFiles::new(dir).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot serve static files from {}: {e}", dir.display()),
+                )
+            })?)),
+            None => None,
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.io_threads.max(1))
             .thread_name("warpsocket-io")
@@ -86,6 +98,7 @@ impl Server {
             config: Some(config),
             workers: Arc::default(),
             shared: None,
+            static_files,
             runtime: Some(runtime),
             listeners,
             addrs,
@@ -113,6 +126,7 @@ impl Server {
             engine: self.engine.clone(),
             config,
             workers: self.workers.clone(),
+            static_files: self.static_files.clone(),
             stop,
             live: AtomicUsize::new(0),
             all_gone: Notify::new(),

@@ -472,7 +472,7 @@ impl Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, io_threads=None))]
+    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, io_threads=None, static_dir=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -483,6 +483,7 @@ impl Server {
         ping_timeout: f64,
         open_timeout: f64,
         io_threads: Option<usize>,
+        static_dir: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         let mut config = Config {
             bind,
@@ -491,6 +492,7 @@ impl Server {
             ping_interval: Duration::from_secs_f64(ping_interval),
             ping_timeout: Duration::from_secs_f64(ping_timeout),
             open_timeout: Duration::from_secs_f64(open_timeout),
+            static_dir,
             ..Config::default()
         };
         if let Some(n) = io_threads {
