@@ -135,9 +135,10 @@ async fn read_request(
     stream: &TcpStream,
     buf: &mut Vec<u8>,
 ) -> io::Result<Result<Option<(Request, usize)>, Refusal>> {
-    let mut chunk = [0u8; 2048];
     loop {
         stream.readable().await?;
+        // Declared after the await so it is not part of the task's state.
+        let mut chunk = [0u8; 2048];
         match stream.try_read(&mut chunk) {
             Ok(0) => return Ok(Ok(None)),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
