@@ -720,3 +720,22 @@ def test_refused_upgrade_via_raised_handle_open_undoes_subscriptions(start_serve
     wait_for(lambda: warpsocket.stats()["virtual_sockets"] == 0, message="virtual socket undone")
     assert warpsocket.has_subscriptions("raise-chan") is False
     assert warpsocket.stats()["channels"] == 0
+
+
+def test_channel_functions_without_a_running_server():
+    stats = warpsocket.stats()
+    assert stats["connections"] == 0
+    assert stats["channels"] == 0
+    assert stats["subscriptions"] == 0
+    assert stats["virtual_sockets"] == 0
+    assert warpsocket.subscribe(NO_SUCH_ID, "offline") == []
+    assert warpsocket.subscribe([NO_SUCH_ID, "offline"], "offline2", 3) == []
+    assert warpsocket.unsubscribe(NO_SUCH_ID, "offline") == []
+    assert warpsocket.has_subscriptions("offline") is False
+    assert warpsocket.send(["offline", NO_SUCH_ID], "m") == 0
+    with pytest.raises(ValueError, match="socket_id"):
+        warpsocket.create_virtual_socket(NO_SUCH_ID)
+    assert warpsocket.delete_virtual_socket(NO_SUCH_ID) is False
+    with pytest.raises(TypeError, match="delta"):
+        warpsocket.subscribe(NO_SUCH_ID, "offline", True)
+    assert warpsocket.stats()["subscriptions"] == 0

@@ -233,7 +233,7 @@ impl Engine {
         let Some(entry) = self.sockets.get(id) else {
             return Change::Kept;
         };
-        if self.sockets.resolve(id).is_none() {
+        if !self.resolves_open(id) {
             return Change::Kept;
         }
         // Holding the links while the channel changes keeps the two indexes in
@@ -258,8 +258,14 @@ impl Engine {
     /// True if a subscriber of `channel` resolves to an open connection.
     pub fn has_subscriptions(&self, channel: &[u8]) -> bool {
         let view = self.channels.subscribers(channel);
-        let live = view.ids().any(|id| self.sockets.resolve(id).is_some());
+        let live = view.ids().any(|id| self.resolves_open(id));
         live
+    }
+
+    /// `id` resolves to a connection that is not closing: a closing
+    /// connection counts as gone for subscriptions and new virtual sockets.
+    fn resolves_open(&self, id: u64) -> bool {
+        self.sockets.resolve(id).is_some_and(|(socket, _)| socket.is_open())
     }
 
     // -- virtual sockets -----------------------------------------------------
@@ -279,7 +285,7 @@ impl Engine {
         let Some(parent) = self.sockets.get(target) else {
             return Err(VirtualError::NoSuchSocket);
         };
-        if self.sockets.resolve(target).is_none() {
+        if !self.resolves_open(target) {
             return Err(VirtualError::NoSuchSocket);
         }
         let id = self.next_id();
@@ -608,6 +614,9 @@ mod tests {
         assert!(!f.engine.close(a.id, 1000, ""));
         assert!(f.engine.close(b.id, 1000, ""));
         assert!(!f.engine.close(b.id, 1000, ""), "already closing");
+        assert!(!f.engine.has_subscriptions(b"x"), "a closing connection counts as gone");
+        assert_eq!(f.engine.create_virtual_socket(b.id, None), Err(VirtualError::NoSuchSocket));
+        assert_eq!(f.engine.subscribe(&[Target::Socket(b.id)], &ch("w"), 1), vec![]);
     }
 
     #[test]

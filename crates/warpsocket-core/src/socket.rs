@@ -142,6 +142,11 @@ impl Socket {
         true
     }
 
+    /// Neither closing nor closed: sends would be queued.
+    pub(crate) fn is_open(&self) -> bool {
+        self.outbox.lock().phase == Phase::Open
+    }
+
     /// Moves the queued frames to the writer's buffer. After a backpressure
     /// close, the frames the writer still held are dropped first.
     pub(crate) fn take(&self, into: &mut VecDeque<Bytes>) -> Taken {

@@ -1,0 +1,685 @@
+//! `warpsocket-bench`: the load generator for the performance workload.
+//!
+//! Each of `--connections` clients opens a WebSocket, sends `{"type":"sub"}`, waits for
+//! `{"type":"sub-ack","ch":NAME}`, and then, once every client is connected, loops:
+//! send `{"type":"req","channel":NAME}`, read frames (the channel's `evt` broadcasts)
+//! until `{"type":"ack"}` arrives, send the next request. After `--warmup` seconds a
+//! measurement window of `--duration` seconds counts acks, received frames and the
+//! request→ack latency. One JSON line with the figures goes to stdout; progress and the
+//! `WINDOW_START` / `WINDOW_END` markers (for a runner that samples the server) go to
+//! stderr.
+//!
+//! Everything runs on one single-threaded tokio runtime (the benchmark pins the generator
+//! to one core), so shared counters are plain `Cell`s. Client frames are encoded and
+//! masked by hand and server frames are parsed by a minimal parser: no allocation per
+//! frame on the hot path.
+
+use std::cell::{Cell, RefCell};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+const USAGE: &str = "\
+usage: warpsocket-bench [options]
+  --host IP             server IPv4 address (default 127.0.0.1)
+  --port P | P1-P2      server port(s); repeatable; connections are spread round-robin
+  --connections N       number of client connections (default 1000)
+  --source-ips N        bind clients to 127.0.0.1 .. 127.0.0.N round-robin (default 8)
+  --batch N             connections opened concurrently per batch (default 500)
+  --warmup S            seconds of load before the window (default 3)
+  --duration S          measurement window in seconds (default 10)
+  --connect-timeout S   per-connection limit for connect + upgrade + sub-ack (default 20)
+  --path PATH           request target of the upgrade (default /)";
+
+/// Command line options.
+#[derive(Clone, Debug)]
+struct Config {
+    host: Ipv4Addr,
+    ports: Vec<u16>,
+    connections: usize,
+    source_ips: usize,
+    batch: usize,
+    warmup: Duration,
+    duration: Duration,
+    connect_timeout: Duration,
+    path: String,
+}
+
+fn parse_args() -> Result<Config> {
+    let mut cfg = Config {
+        host: Ipv4Addr::LOCALHOST,
+        ports: Vec::new(),
+        connections: 1000,
+        source_ips: 8,
+        batch: 500,
+        warmup: Duration::from_secs(3),
+        duration: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(20),
+        path: "/".to_string(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        if flag == "-h" || flag == "--help" {
+            return Err(String::new());
+        }
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let bad = |what: &str| format!("{flag}: {what}, got {value:?}");
+        match flag.as_str() {
+            "--host" => cfg.host = value.parse().map_err(|_| bad("expected an IPv4 address"))?,
+            "--port" => {
+                if let Some((a, b)) = value.split_once('-') {
+                    let a: u16 = a.parse().map_err(|_| bad("expected P or P1-P2"))?;
+                    let b: u16 = b.parse().map_err(|_| bad("expected P or P1-P2"))?;
+                    if a > b {
+                        return Err(bad("empty port range"));
+                    }
+                    cfg.ports.extend(a..=b);
+                } else {
+                    cfg.ports
+                        .push(value.parse().map_err(|_| bad("expected a port"))?);
+                }
+            }
+            "--connections" => {
+                cfg.connections = value.parse().map_err(|_| bad("expected a count"))?
+            }
+            "--source-ips" => {
+                cfg.source_ips = value.parse().map_err(|_| bad("expected a count"))?;
+                if !(1..=254).contains(&cfg.source_ips) {
+                    return Err(bad("expected 1..=254"));
+                }
+            }
+            "--batch" => {
+                cfg.batch = value.parse().map_err(|_| bad("expected a count"))?;
+                if cfg.batch == 0 {
+                    return Err(bad("expected at least 1"));
+                }
+            }
+            "--warmup" => cfg.warmup = parse_secs(&value).ok_or_else(|| bad("expected seconds"))?,
+            "--duration" => {
+                cfg.duration = parse_secs(&value).ok_or_else(|| bad("expected seconds"))?
+            }
+            "--connect-timeout" => {
+                cfg.connect_timeout = parse_secs(&value).ok_or_else(|| bad("expected seconds"))?
+            }
+            "--path" => cfg.path = value,
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    if cfg.ports.is_empty() {
+        return Err("at least one --port is required".to_string());
+    }
+    Ok(cfg)
+}
+
+fn parse_secs(s: &str) -> Option<Duration> {
+    let v: f64 = s.parse().ok()?;
+    (v.is_finite() && v >= 0.0).then(|| Duration::from_secs_f64(v))
+}
+
+/// Counters shared by every connection task. Single-threaded runtime: `Cell`s suffice.
+struct Shared {
+    /// True only inside the measurement window; counters move only then.
+    measuring: Cell<bool>,
+    acks: Cell<u64>,
+    frames: Cell<u64>,
+    /// Connections that failed to connect, upgrade or subscribe, or broke during the run.
+    errors: Cell<u64>,
+    /// First few error messages, printed to stderr to tell what went wrong.
+    error_samples: RefCell<Vec<String>>,
+    /// Request→ack latency in microseconds.
+    latency_us: RefCell<Histogram<u64>>,
+}
+
+impl Shared {
+    fn error(&self, msg: String) {
+        self.errors.set(self.errors.get() + 1);
+        let mut samples = self.error_samples.borrow_mut();
+        if samples.len() < 5 {
+            samples.push(msg);
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+/// What a complete server message is, judging by its `"type"` field.
+#[derive(Debug, PartialEq)]
+enum Kind {
+    Evt,
+    Ack,
+    SubAck(String),
+    Other,
+}
+
+/// A server frame the connection loop has to act on.
+enum Event {
+    Message(Kind),
+    Ping(Vec<u8>),
+}
+
+/// The value of the JSON string field `"name"` in `text`, tolerant of whitespace.
+/// Enough for the flat objects of this workload (no escapes in the values we read).
+fn json_str_field<'a>(text: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let mut i = 0;
+    while i + name.len() + 2 <= text.len() {
+        let rest = &text[i..];
+        if rest[0] == b'"' && rest[1..].starts_with(name) && rest.get(1 + name.len()) == Some(&b'"')
+        {
+            let mut j = i + name.len() + 2;
+            while j < text.len() && text[j].is_ascii_whitespace() {
+                j += 1;
+            }
+            if text.get(j) != Some(&b':') {
+                i += 1;
+                continue;
+            }
+            j += 1;
+            while j < text.len() && text[j].is_ascii_whitespace() {
+                j += 1;
+            }
+            if text.get(j) != Some(&b'"') {
+                return None;
+            }
+            let start = j + 1;
+            let len = text[start..].iter().position(|&b| b == b'"')?;
+            return Some(&text[start..start + len]);
+        }
+        i += 1;
+    }
+    None
+}
+
+fn classify(payload: &[u8]) -> Kind {
+    match json_str_field(payload, b"type") {
+        Some(b"evt") => Kind::Evt,
+        Some(b"ack") => Kind::Ack,
+        Some(b"sub-ack") => match json_str_field(payload, b"ch") {
+            Some(ch) => Kind::SubAck(String::from_utf8_lossy(ch).into_owned()),
+            None => Kind::Other,
+        },
+        _ => Kind::Other,
+    }
+}
+
+/// Encodes one masked client frame (FIN set) into `out`.
+fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    out.clear();
+    out.push(0x80 | opcode);
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= u16::MAX as usize {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+}
+
+/// One client connection: the stream, its read buffer, and reusable scratch space.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Payload of a fragmented message being assembled (servers here rarely fragment).
+    fragments: Vec<u8>,
+    fragmenting: bool,
+    out: Vec<u8>,
+    rng: u32,
+}
+
+impl Conn {
+    fn new(stream: TcpStream, seed: u32) -> Self {
+        Conn {
+            stream,
+            buf: vec![0; 4096],
+            start: 0,
+            end: 0,
+            fragments: Vec::new(),
+            fragmenting: false,
+            out: Vec::with_capacity(64),
+            rng: seed | 1,
+        }
+    }
+
+    fn next_mask(&mut self) -> [u8; 4] {
+        // xorshift32: masks only need to vary, not to be cryptographically strong here.
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.rng = x;
+        x.to_ne_bytes()
+    }
+
+    async fn send(&mut self, opcode: u8, payload: &[u8]) -> Result<()> {
+        let mask = self.next_mask();
+        let mut out = std::mem::take(&mut self.out);
+        encode_frame(&mut out, opcode, payload, mask);
+        let res = self.stream.write_all(&out).await;
+        self.out = out;
+        res.map_err(|e| format!("write: {e}"))
+    }
+
+    /// Reads more bytes into the buffer, making room first. Errors on EOF.
+    async fn fill(&mut self) -> Result<()> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.end == self.buf.len() {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else {
+                let len = self.buf.len();
+                self.buf.resize(len * 2, 0);
+            }
+        }
+        let n = self
+            .stream
+            .read(&mut self.buf[self.end..])
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("server closed the connection".to_string());
+        }
+        self.end += n;
+        Ok(())
+    }
+
+    /// Reads the HTTP response to the upgrade request and checks it is a 101.
+    async fn read_upgrade_response(&mut self) -> Result<()> {
+        loop {
+            let data = &self.buf[self.start..self.end];
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(data) {
+                Ok(httparse::Status::Complete(n)) => {
+                    if resp.code != Some(101) {
+                        return Err(format!("upgrade refused: HTTP {:?}", resp.code));
+                    }
+                    self.start += n;
+                    return Ok(());
+                }
+                Ok(httparse::Status::Partial) => {
+                    if self.end - self.start > 64 * 1024 {
+                        return Err("upgrade response too large".to_string());
+                    }
+                }
+                Err(e) => return Err(format!("bad upgrade response: {e}")),
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Parses one complete frame from the buffer, if there is one.
+    /// Returns `Ok(None)` when more bytes are needed.
+    fn parse_frame(&mut self) -> Result<Option<Option<Event>>> {
+        let data = &self.buf[self.start..self.end];
+        if data.len() < 2 {
+            return Ok(None);
+        }
+        let fin = data[0] & 0x80 != 0;
+        let opcode = data[0] & 0x0f;
+        if data[1] & 0x80 != 0 {
+            return Err("server frame is masked".to_string());
+        }
+        let (len, header) = match data[1] & 0x7f {
+            126 => {
+                if data.len() < 4 {
+                    return Ok(None);
+                }
+                (u16::from_be_bytes([data[2], data[3]]) as usize, 4)
+            }
+            127 => {
+                if data.len() < 10 {
+                    return Ok(None);
+                }
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&data[2..10]);
+                let len = u64::from_be_bytes(b);
+                if len > 64 * 1024 * 1024 {
+                    return Err(format!("server frame of {len} bytes"));
+                }
+                (len as usize, 10)
+            }
+            n => (n as usize, 2),
+        };
+        if data.len() < header + len {
+            // Make sure the buffer can hold the whole frame.
+            if header + len > self.buf.len() - self.start {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                if header + len > self.buf.len() {
+                    self.buf.resize((header + len).next_power_of_two(), 0);
+                }
+            }
+            return Ok(None);
+        }
+        let payload = &data[header..header + len];
+        let event = match opcode {
+            0x0 => {
+                if !self.fragmenting {
+                    return Err("unexpected continuation frame".to_string());
+                }
+                self.fragments.extend_from_slice(payload);
+                if fin {
+                    self.fragmenting = false;
+                    let kind = classify(&self.fragments);
+                    self.fragments.clear();
+                    Some(Event::Message(kind))
+                } else {
+                    None
+                }
+            }
+            0x1 | 0x2 => {
+                if self.fragmenting {
+                    return Err("new message inside a fragmented one".to_string());
+                }
+                if fin {
+                    Some(Event::Message(classify(payload)))
+                } else {
+                    self.fragmenting = true;
+                    self.fragments.clear();
+                    self.fragments.extend_from_slice(payload);
+                    None
+                }
+            }
+            0x8 => {
+                let code = if len >= 2 {
+                    u16::from_be_bytes([payload[0], payload[1]])
+                } else {
+                    1005
+                };
+                return Err(format!("server sent close {code}"));
+            }
+            0x9 => Some(Event::Ping(payload.to_vec())),
+            0xA => None,
+            op => return Err(format!("server frame with opcode {op}")),
+        };
+        self.start += header + len;
+        Ok(Some(event))
+    }
+
+    /// The next complete message (answering pings on the way).
+    async fn next_message(&mut self) -> Result<Kind> {
+        loop {
+            match self.parse_frame()? {
+                Some(Some(Event::Message(kind))) => return Ok(kind),
+                Some(Some(Event::Ping(payload))) => self.send(0xA, &payload).await?,
+                Some(None) => {}
+                None => self.fill().await?,
+            }
+        }
+    }
+}
+
+/// Opens connection `idx`: TCP connect from its source address, upgrade, subscribe.
+/// Returns the connection and its channel name.
+async fn open(cfg: &Config, idx: usize) -> Result<(Conn, String)> {
+    let port = cfg.ports[idx % cfg.ports.len()];
+    let server = SocketAddr::V4(SocketAddrV4::new(cfg.host, port));
+    let src = Ipv4Addr::new(127, 0, 0, 1 + (idx % cfg.source_ips) as u8);
+    let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    if cfg.source_ips > 1 || src != Ipv4Addr::LOCALHOST {
+        // Let connect() pick the source port per destination, so every (source IP,
+        // server port) pair gets its own ephemeral range instead of one per source IP.
+        let one: libc::c_int = 1;
+        // SAFETY: valid fd owned by `socket`; option value is a c_int of the given size.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                &one as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        socket
+            .bind(SocketAddr::V4(SocketAddrV4::new(src, 0)))
+            .map_err(|e| format!("bind {src}: {e}"))?;
+    }
+    let stream = socket
+        .connect(server)
+        .await
+        .map_err(|e| format!("connect {server} from {src}: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("nodelay: {e}"))?;
+    let mut conn = Conn::new(stream, 0x9e37_79b9u32.wrapping_mul(idx as u32 + 1));
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        cfg.path, cfg.host, port
+    );
+    conn.stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write upgrade: {e}"))?;
+    conn.read_upgrade_response().await?;
+    conn.send(0x1, br#"{"type":"sub"}"#).await?;
+    loop {
+        match conn.next_message().await? {
+            Kind::SubAck(ch) => return Ok((conn, ch)),
+            // Broadcasts from channels of already-running clients cannot reach us yet;
+            // anything else before the sub-ack is ignored.
+            _ => continue,
+        }
+    }
+}
+
+/// The request loop of one connection; runs until the runtime is dropped or it fails.
+async fn run(
+    mut conn: Conn,
+    channel: String,
+    shared: Rc<Shared>,
+    mut go: watch::Receiver<bool>,
+) -> Result<()> {
+    if go.wait_for(|started| *started).await.is_err() {
+        return Ok(());
+    }
+    let req = format!(r#"{{"type":"req","channel":"{channel}"}}"#);
+    loop {
+        conn.send(0x1, req.as_bytes()).await?;
+        let sent = Instant::now();
+        loop {
+            let kind = conn.next_message().await?;
+            if shared.measuring.get() {
+                shared.frames.set(shared.frames.get() + 1);
+            }
+            if kind == Kind::Ack {
+                break;
+            }
+        }
+        if shared.measuring.get() {
+            shared.acks.set(shared.acks.get() + 1);
+            let us = sent.elapsed().as_micros().min(u64::MAX as u128) as u64;
+            shared.latency_us.borrow_mut().saturating_record(us.max(1));
+        }
+    }
+}
+
+async fn bench(cfg: Config) -> ExitCode {
+    let histogram = match Histogram::new_with_bounds(1, 120_000_000, 3) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("histogram: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shared = Rc::new(Shared {
+        measuring: Cell::new(false),
+        acks: Cell::new(0),
+        frames: Cell::new(0),
+        errors: Cell::new(0),
+        error_samples: RefCell::new(Vec::new()),
+        latency_us: RefCell::new(histogram),
+    });
+    let (go_tx, go_rx) = watch::channel(false);
+    let cfg = Rc::new(cfg);
+
+    // Connect in batches so the server's accept queue and handshakes are not swamped.
+    let connect_started = Instant::now();
+    let mut connected = 0usize;
+    let mut idx = 0usize;
+    while idx < cfg.connections {
+        let n = cfg.batch.min(cfg.connections - idx);
+        let handles: Vec<JoinHandle<Result<(Conn, String)>>> = (idx..idx + n)
+            .map(|i| {
+                let cfg = cfg.clone();
+                tokio::task::spawn_local(async move {
+                    tokio::time::timeout(cfg.connect_timeout, open(&cfg, i))
+                        .await
+                        .unwrap_or_else(|_| Err("timed out connecting/subscribing".to_string()))
+                })
+            })
+            .collect();
+        for handle in handles {
+            match handle.await {
+                Ok(Ok((conn, channel))) => {
+                    connected += 1;
+                    let shared2 = shared.clone();
+                    let go = go_rx.clone();
+                    tokio::task::spawn_local(async move {
+                        if let Err(e) = run(conn, channel, shared2.clone(), go).await {
+                            shared2.error(e);
+                        }
+                    });
+                }
+                Ok(Err(e)) => shared.error(e),
+                Err(e) => shared.error(format!("connect task: {e}")),
+            }
+        }
+        idx += n;
+    }
+    let connect_s = connect_started.elapsed().as_secs_f64();
+    eprintln!(
+        "connected {connected}/{} in {connect_s:.2}s ({} errors)",
+        cfg.connections,
+        shared.errors.get()
+    );
+
+    let _ = go_tx.send(true);
+    tokio::time::sleep(cfg.warmup).await;
+    let errors_before = shared.errors.get();
+    shared.measuring.set(true);
+    let window_start = Instant::now();
+    eprintln!("WINDOW_START");
+    tokio::time::sleep(cfg.duration).await;
+    shared.measuring.set(false);
+    let window = window_start.elapsed().as_secs_f64();
+    eprintln!("WINDOW_END");
+
+    for msg in shared.error_samples.borrow().iter() {
+        eprintln!("error: {msg}");
+    }
+    let acks = shared.acks.get();
+    let frames = shared.frames.get();
+    let hist = shared.latency_us.borrow();
+    let (p50, p99) = if hist.is_empty() {
+        (0.0, 0.0)
+    } else {
+        (
+            hist.value_at_quantile(0.5) as f64 / 1000.0,
+            hist.value_at_quantile(0.99) as f64 / 1000.0,
+        )
+    };
+    println!(
+        "{{\"connections\": {connected}, \"duration_s\": {window:.3}, \"acks\": {acks}, \
+         \"acks_per_s\": {:.1}, \"frames_received\": {frames}, \"frames_per_s\": {:.1}, \
+         \"p50_ms\": {p50:.3}, \"p99_ms\": {p99:.3}, \"errors\": {}, \
+         \"errors_in_run\": {}, \"connect_s\": {connect_s:.3}}}",
+        acks as f64 / window,
+        frames as f64 / window,
+        shared.errors.get(),
+        shared.errors.get() - errors_before,
+    );
+    if connected == 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn main() -> ExitCode {
+    let cfg = match parse_args() {
+        Ok(cfg) => cfg,
+        Err(msg) => {
+            if !msg.is_empty() {
+                eprintln!("warpsocket-bench: {msg}");
+            }
+            eprintln!("{USAGE}");
+            return if msg.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warpsocket-bench: cannot start tokio: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    let code = local.block_on(&runtime, bench(cfg));
+    // Do not wait for the connection tasks to wind down: the OS closes the sockets.
+    std::process::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_messages_with_any_spacing() {
+        assert_eq!(classify(br#"{"type":"ack"}"#), Kind::Ack);
+        assert_eq!(classify(br#"{"type": "ack"}"#), Kind::Ack);
+        assert_eq!(
+            classify(br#"{"type": "evt", "t": "This is a message to my dear clients"}"#),
+            Kind::Evt
+        );
+        assert_eq!(
+            classify(br#"{"type": "sub-ack", "ch": "3-7"}"#),
+            Kind::SubAck("3-7".to_string())
+        );
+        assert_eq!(
+            classify(br#"{"ch":"x","type" : "sub-ack"}"#),
+            Kind::SubAck("x".into())
+        );
+        assert_eq!(classify(b"garbage"), Kind::Other);
+        assert_eq!(classify(br#"{"type":5}"#), Kind::Other);
+    }
+
+    #[test]
+    fn encodes_masked_frames() {
+        let mut out = Vec::new();
+        encode_frame(&mut out, 1, b"abc", [1, 2, 3, 4]);
+        assert_eq!(
+            out,
+            vec![0x81, 0x83, 1, 2, 3, 4, b'a' ^ 1, b'b' ^ 2, b'c' ^ 3]
+        );
+        encode_frame(&mut out, 2, &[0u8; 300], [0; 4]);
+        assert_eq!(&out[..4], &[0x82, 0x80 | 126, 1, 44]);
+        assert_eq!(out.len(), 4 + 4 + 300);
+    }
+}
