@@ -14,5 +14,5 @@ fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test -p warpsocket-core
-.venv/bin/ruff check python tests examples benchmarks
+.venv/bin/ruff check python tests examples benchmarks scripts
 .venv/bin/python -m pytest "$@"

@@ -27,6 +27,7 @@ from ._core import (
 )
 from .server import Server, run, start
 from .stats import stats
+from .worker import WorkerRetired
 
 try:
     __version__ = version("warpsocket")
@@ -35,6 +36,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "Server",
+    "WorkerRetired",
     "close",
     "create_virtual_socket",
     "delete_virtual_socket",

@@ -359,32 +359,29 @@ impl Connection {
         if self.state != State::Open {
             return now + CLOSE_TIMEOUT;
         }
-        if let Some(sent) = self.ping_sent {
-            if !self.heard_since_ping && now >= sent + timeout {
+        if let Some(sent) = self.ping_sent.filter(|_| !self.heard_since_ping) {
+            // A ping is outstanding: no new one until it is answered or late.
+            if now >= sent + timeout {
                 self.fail(close_code::INTERNAL, "keepalive ping timeout");
                 return now + CLOSE_TIMEOUT;
             }
+            return sent + timeout;
         }
         let last = self.ping_sent.unwrap_or(self.opened);
-        if now >= last + interval {
-            self.socket.send(&frame::encode_ping(b""));
-            self.ping_sent = Some(now);
-            self.heard_since_ping = false;
-            return now + interval.min(timeout);
+        if now < last + interval {
+            return last + interval;
         }
-        match self.ping_sent {
-            Some(sent) if !self.heard_since_ping => (sent + timeout).min(last + interval),
-            _ => last + interval,
-        }
+        self.socket.send(&frame::encode_ping(b""));
+        self.ping_sent = Some(now);
+        self.heard_since_ping = false;
+        now + interval.min(timeout)
     }
 
     fn take_outbox(&mut self) {
-        let taken = self.socket.take(&mut self.writer.frames);
-        if taken.discarded && self.writer.offset > 0 {
-            // A frame was cut mid-way: no valid close frame can follow it.
-            self.broken = true;
-            return;
-        }
+        // After a backpressure close, a frame already partly written must be
+        // finished so the close frame after it is well-formed.
+        let keep_front = self.writer.offset > 0;
+        let taken = self.socket.take(&mut self.writer.frames, keep_front);
         if taken.close {
             self.writer.close_queued = true;
             if self.state == State::Open {
@@ -457,7 +454,7 @@ impl Connection {
         };
         if !handled {
             let what = if kind == Kind::Text { "text" } else { "binary" };
-            log::debug!(
+            log::debug!(target: "warpsocket",
                 "socket {}: no handler for {what} messages, closing with 1003",
                 self.socket.id
             );

@@ -148,43 +148,45 @@ impl Engine {
     pub fn send(&self, targets: &[Target], kind: Kind, payload: &[u8]) -> usize {
         let frame = frame::encode_message(kind, payload);
         let mut sent = 0;
+        let mut overflowed = Vec::new();
+        let mut deliver = |id: u64| match self.deliver(id, &frame, kind, payload) {
+            (_, Queued::Yes) => true,
+            (socket, Queued::Overflow) => {
+                overflowed.push(socket);
+                false
+            }
+            (_, Queued::No) => false,
+        };
         for target in targets {
             match target {
-                Target::Socket(id) => sent += usize::from(self.deliver(*id, &frame, kind, payload)),
+                Target::Socket(id) => sent += usize::from(deliver(*id)),
                 Target::Channel(name) => {
                     let view = self.channels.subscribers(name);
-                    sent += view
-                        .ids()
-                        .filter(|&id| self.deliver(id, &frame, kind, payload))
-                        .count();
+                    sent += view.ids().filter(|&id| deliver(id)).count();
                 }
             }
         }
         Counters::add(&self.stats.messages_out, sent as u64);
         Counters::add(&self.stats.bytes_out, (sent * payload.len()) as u64);
+        // Logged after every lock is released: the log may call into Python.
+        for socket in overflowed {
+            Counters::add(&self.stats.backpressure_closes, 1);
+            log::warn!(target: "warpsocket", "socket {socket}: closed with 1008, outgoing backpressure limit exceeded");
+        }
         sent
     }
 
-    fn deliver(&self, id: u64, frame: &Bytes, kind: Kind, payload: &[u8]) -> bool {
+    /// Queues the message for the connection `id` resolves to; returns that
+    /// connection's id and the outcome.
+    fn deliver(&self, id: u64, frame: &Bytes, kind: Kind, payload: &[u8]) -> (u64, Queued) {
         let Some((socket, prefix)) = self.sockets.resolve(id) else {
-            return false;
+            return (id, Queued::No);
         };
         let queued = match prefix {
             None => socket.send(frame),
             Some(prefix) => socket.send(&prefixed_frame(kind, &prefix, payload)),
         };
-        match queued {
-            Queued::Yes => true,
-            Queued::Overflow => {
-                Counters::add(&self.stats.backpressure_closes, 1);
-                log::warn!(
-                    "socket {}: closed with 1008, outgoing backpressure limit exceeded",
-                    socket.id
-                );
-                false
-            }
-            Queued::No => false,
-        }
+        (socket.id, queued)
     }
 
     /// Starts the close handshake of the connection `id` resolves to; false
@@ -265,7 +267,9 @@ impl Engine {
     /// `id` resolves to a connection that is not closing: a closing
     /// connection counts as gone for subscriptions and new virtual sockets.
     fn resolves_open(&self, id: u64) -> bool {
-        self.sockets.resolve(id).is_some_and(|(socket, _)| socket.is_open())
+        self.sockets
+            .resolve(id)
+            .is_some_and(|(socket, _)| socket.is_open())
     }
 
     // -- virtual sockets -----------------------------------------------------
@@ -424,7 +428,7 @@ mod tests {
     /// Frames queued for a socket, as (opcode, payload).
     fn received(socket: &Socket) -> Vec<(u8, Vec<u8>)> {
         let mut frames = VecDeque::new();
-        socket.take(&mut frames);
+        socket.take(&mut frames, false);
         frames
             .iter()
             .map(|f| {
@@ -452,6 +456,29 @@ mod tests {
         assert_eq!(f.engine.send(&targets, Kind::Text, b"hi"), 3);
         assert_eq!(received(&a), vec![(1, b"hi".to_vec()), (1, b"hi".to_vec())]);
         assert_eq!(received(&b), vec![(1, b"hi".to_vec())]);
+    }
+
+    #[test]
+    fn backpressure_counts_what_waits_not_one_large_message() {
+        let f = Fixture::new();
+        let worker = f.workers.pick().unwrap();
+        let small = f.engine.add_socket(|id| Socket::new(id, worker, 100));
+        let target = [Target::Socket(small.id)];
+        assert_eq!(
+            f.engine.send(&target, Kind::Binary, &[0; 150]),
+            1,
+            "alone in the queue: sent"
+        );
+        assert_eq!(
+            f.engine.send(&target, Kind::Binary, &[0; 1]),
+            0,
+            "behind it: over the limit"
+        );
+        assert_eq!(Counters::get(&f.engine.stats.backpressure_closes), 1);
+        assert!(
+            !f.engine.close(small.id, 1000, ""),
+            "already closing with 1008"
+        );
     }
 
     #[test]
@@ -614,9 +641,18 @@ mod tests {
         assert!(!f.engine.close(a.id, 1000, ""));
         assert!(f.engine.close(b.id, 1000, ""));
         assert!(!f.engine.close(b.id, 1000, ""), "already closing");
-        assert!(!f.engine.has_subscriptions(b"x"), "a closing connection counts as gone");
-        assert_eq!(f.engine.create_virtual_socket(b.id, None), Err(VirtualError::NoSuchSocket));
-        assert_eq!(f.engine.subscribe(&[Target::Socket(b.id)], &ch("w"), 1), vec![]);
+        assert!(
+            !f.engine.has_subscriptions(b"x"),
+            "a closing connection counts as gone"
+        );
+        assert_eq!(
+            f.engine.create_virtual_socket(b.id, None),
+            Err(VirtualError::NoSuchSocket)
+        );
+        assert_eq!(
+            f.engine.subscribe(&[Target::Socket(b.id)], &ch("w"), 1),
+            vec![]
+        );
     }
 
     #[test]
@@ -650,7 +686,7 @@ mod tests {
                             let mut sink = VecDeque::new();
                             for id in &ids {
                                 if let Some(Entry::Real(s)) = engine.sockets.get(*id) {
-                                    s.take(&mut sink);
+                                    s.take(&mut sink, false);
                                     s.written(usize::MAX);
                                 }
                                 sink.clear();

@@ -194,7 +194,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             }
             Err(e) => {
                 // Out of descriptors or similar: back off instead of spinning.
-                log::warn!("accept failed: {e}");
+                log::warn!(target: "warpsocket", "accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }

@@ -40,8 +40,6 @@ struct Outbox {
 pub struct Taken {
     /// The close frame is the last of the frames just taken.
     pub close: bool,
-    /// The writer's older frames were dropped (backpressure close).
-    pub discarded: bool,
 }
 
 /// The shared handle of one accepted (or upgrading) connection.
@@ -99,7 +97,9 @@ impl Socket {
         if out.phase != Phase::Open {
             return Queued::No;
         }
-        if out.queued + frame.len() > self.max_backpressure {
+        // A message larger than the limit still goes out to a connection that
+        // has nothing waiting; the limit is on what piles up behind it.
+        if out.queued != 0 && out.queued + frame.len() > self.max_backpressure {
             out.frames.clear();
             out.queued = 0;
             out.discard = true;
@@ -148,19 +148,19 @@ impl Socket {
     }
 
     /// Moves the queued frames to the writer's buffer. After a backpressure
-    /// close, the frames the writer still held are dropped first.
-    pub(crate) fn take(&self, into: &mut VecDeque<Bytes>) -> Taken {
+    /// close, the frames the writer still holds are dropped first, except
+    /// the front one when `keep_front` (it is partly written).
+    pub(crate) fn take(&self, into: &mut VecDeque<Bytes>, keep_front: bool) -> Taken {
         let mut out = self.outbox.lock();
-        let discarded = std::mem::take(&mut out.discard);
-        if discarded {
-            into.clear();
+        if std::mem::take(&mut out.discard) {
+            into.truncate(usize::from(keep_front));
         }
         into.append(&mut out.frames);
         let close = out.phase == Phase::Closing && !out.close_taken;
         if close {
             out.close_taken = true;
         }
-        Taken { close, discarded }
+        Taken { close }
     }
 
     /// The writer put `bytes` on the wire.

@@ -558,6 +558,10 @@ impl Server {
 
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The engine's log records (target "warpsocket") go to Python's logging;
+    // levels are looked up on every record so a deployment can change them.
+    // Another extension may have installed a bridge already: then keep it.
+    let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Loggers)?.install();
     m.add_class::<Server>()?;
     m.add_class::<WorkerQueue>()?;
     m.add_function(wrap_pyfunction!(send, m)?)?;

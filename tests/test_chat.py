@@ -1,0 +1,438 @@
+"""The chat example (examples/chat/worker.py), end to end with the websockets client.
+
+Servers run with threads=2, so consecutive connections land on different workers
+(round-robin): everything two members see of each other crosses worker threads and
+goes through channels and the shared key/value store.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import warpsocket
+from helpers import connect, wait_for
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT_WORKER = ROOT / "examples" / "chat" / "worker.py"
+
+
+_rooms_made = []
+
+
+def new_room():
+    # The kv store lives as long as the process: every test gets rooms of its own.
+    room = "t" + uuid.uuid4().hex[:8]
+    _rooms_made.append(room)
+    return room
+
+
+@pytest.fixture(autouse=True)
+def _forget_rooms():
+    # Set up before (so torn down after) the servers: their handle_close calls are done.
+    yield
+    while _rooms_made:
+        room = _rooms_made.pop()
+        warpsocket.set_key(f"chat:history:{room}")
+        warpsocket.set_key(f"chat:presence:{room}")
+
+
+class Chat:
+    """One chat connection: sends JSON, reads ``(room, message)`` pairs."""
+
+    def __init__(self, server, **kwargs):
+        self.ws = connect(server, "/chat", **kwargs)
+        self.id = None
+        self.name = None
+        self.seen = []  # everything received so far, as (room, message)
+        self.backlog = []  # received but not yet taken by expect()
+
+    def send(self, **message):
+        self.ws.send(json.dumps(message))
+
+    def _read(self, timeout):
+        data = self.ws.recv(timeout=timeout)
+        assert isinstance(data, str)
+        if data.startswith("{"):
+            item = (None, json.loads(data))
+        else:
+            room, sep, body = data.partition("|")
+            assert sep, f"unroutable message {data!r}"
+            item = (room, json.loads(body))
+        self.seen.append(item)
+        return item
+
+    def recv(self, timeout=20.0):
+        """The next message in arrival order (those expect() skipped first)."""
+        if self.backlog:
+            return self.backlog.pop(0)
+        return self._read(timeout)
+
+    def expect(self, type_, room=None, timeout=20.0, **fields):
+        """Take the first message of ``type_`` for ``room`` with ``fields``, waiting for it.
+
+        Messages that do not match stay in the backlog for later calls.
+        """
+
+        def matches(item):
+            got_room, msg = item
+            return (
+                msg.get("type") == type_
+                and got_room == room
+                and all(msg.get(k) == v for k, v in fields.items())
+            )
+
+        for i, item in enumerate(self.backlog):
+            if matches(item):
+                return self.backlog.pop(i)[1]
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {type_} {fields} for room {room}; seen {self.seen[-10:]}")
+            try:
+                item = self._read(timeout=remaining)
+            except TimeoutError:
+                continue
+            if matches(item):
+                return item[1]
+            self.backlog.append(item)
+
+    def hello(self, name):
+        self.send(type="hello", name=name)
+        welcome = self.expect("welcome")
+        self.id, self.name = welcome["id"], welcome["name"]
+        return welcome
+
+    def join(self, room):
+        self.send(type="join", room=room)
+        return self.expect("joined", room)
+
+    def close(self):
+        self.ws.close()
+
+
+@pytest.fixture
+def chat_server(start_server):
+    return start_server(worker=str(CHAT_WORKER), threads=2)
+
+
+@pytest.fixture
+def clients(chat_server):
+    opened = []
+
+    def _open(name=None, **kwargs):
+        client = Chat(chat_server, **kwargs)
+        opened.append(client)
+        if name is not None:
+            client.hello(name)
+        return client
+
+    yield _open
+    for client in opened:
+        client.close()
+
+
+def names(members):
+    return sorted(m["name"] for m in members)
+
+
+def presence(room):
+    raw = warpsocket.get_key(f"chat:presence:{room}")
+    return json.loads(raw) if raw else None
+
+
+def test_members_are_spread_over_both_workers(chat_server, clients):
+    clients("alice")
+    clients("bob")
+    wait_for(
+        lambda: [w["connections"] for w in warpsocket.stats()["workers"]] == [1, 1],
+        message="one connection per worker",
+    )
+
+
+def test_hello_then_join(clients):
+    alice = clients()
+    welcome = alice.hello("  Alice   Liddell ")
+    assert welcome["name"] == "Alice Liddell"
+    assert isinstance(welcome["id"], int) and welcome["id"] > 0
+    room = new_room()
+    joined = alice.join(room)
+    assert joined["members"] == [{"id": alice.id, "name": "Alice Liddell"}]
+    assert joined["history"] == []
+    assert joined["v"] >= 1
+
+
+def test_broadcast_reaches_every_member_across_workers(clients):
+    room = new_room()
+    alice, bob = clients("alice"), clients("bob")
+    alice.join(room)
+    joined = bob.join(room)
+    assert names(joined["members"]) == ["alice", "bob"]
+    alice.expect("presence", room, event="join", name="bob")
+
+    alice.send(type="say", room=room, text="hello bob")
+    for client in (alice, bob):
+        msg = client.expect("message", room)
+        assert msg["text"] == "hello bob"
+        assert msg["name"] == "alice"
+        assert msg["from"] == alice.id
+        assert msg["id"] == 1
+        assert isinstance(msg["ts"], int)
+
+
+def test_presence_is_kept_live_on_join_and_leave(clients):
+    room = new_room()
+    alice, bob, carol = clients("alice"), clients("bob"), clients("carol")
+    alice.join(room)
+    bob.join(room)
+    event = alice.expect("presence", room, event="join", name="bob")
+    assert names(event["members"]) == ["alice", "bob"]
+    carol.join(room)
+    for client in (alice, bob):
+        event = client.expect("presence", room, event="join", name="carol")
+        assert names(event["members"]) == ["alice", "bob", "carol"]
+
+    bob.send(type="leave", room=room)
+    assert bob.expect("left", room=None)["room"] == room
+    for client in (alice, carol):
+        event = client.expect("presence", room, event="leave", name="bob")
+        assert names(event["members"]) == ["alice", "carol"]
+    assert sorted(presence(room)["members"].values()) == ["alice", "carol"]
+
+
+def test_versions_order_member_lists(clients):
+    room = new_room()
+    alice, bob = clients("alice"), clients("bob")
+    first = alice.join(room)
+    second = bob.join(room)
+    assert second["v"] > first["v"]
+    event = alice.expect("presence", room, event="join", name="bob")
+    assert event["v"] == second["v"]
+
+
+def test_leaving_stops_the_room_but_not_the_others(clients):
+    room, other = new_room(), new_room()
+    alice, bob = clients("alice"), clients("bob")
+    for client in (alice, bob):
+        client.join(room)
+        client.join(other)
+    bob.send(type="leave", room=room)
+    bob.expect("left")
+    alice.expect("presence", room, event="leave", name="bob")
+    # Both sends come from alice's worker, so bob gets them in this order: the first
+    # message he receives after leaving must be the one for the room he is still in.
+    alice.send(type="say", room=room, text="bob is gone")
+    alice.send(type="say", room=other, text="still here?")
+    alice.expect("message", other, text="still here?")
+    while True:
+        got_room, msg = bob.recv()
+        if msg["type"] == "message":
+            break
+    assert (got_room, msg["text"]) == (other, "still here?")
+
+
+def test_one_connection_in_several_rooms_gets_prefixed_messages(clients):
+    rooms = [new_room() for _ in range(3)]
+    alice, bob = clients("alice"), clients("bob")
+    for room in rooms:
+        alice.join(room)
+        bob.join(room)
+    for room in rooms:
+        bob.send(type="say", room=room, text=f"in {room}")
+    for room in rooms:
+        assert alice.expect("message", room)["text"] == f"in {room}"
+
+
+def test_history_keeps_the_last_50_messages(clients):
+    room = new_room()
+    alice = clients("alice")
+    alice.join(room)
+    for i in range(60):
+        alice.send(type="say", room=room, text=f"m{i}")
+    alice.expect("message", room, text="m59", timeout=60)
+
+    carol = clients("carol")
+    history = carol.join(room)["history"]
+    assert [m["text"] for m in history] == [f"m{i}" for i in range(10, 60)]
+    assert [m["id"] for m in history] == list(range(11, 61))
+    assert all(m["name"] == "alice" and m["from"] == alice.id for m in history)
+
+
+def test_concurrent_senders_on_different_workers_lose_no_message(clients):
+    room = new_room()
+    senders = [clients(f"s{i}") for i in range(4)]
+    for client in senders:
+        client.join(room)
+    per_sender = 10
+
+    def talk(client):
+        for j in range(per_sender):
+            client.send(type="say", room=room, text=f"{client.name}-{j}")
+
+    threads = [threading.Thread(target=talk, args=(c,)) for c in senders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for client in senders:
+        for other in senders:
+            client.expect("message", room, text=f"{other.name}-{per_sender - 1}", timeout=60)
+
+    history = clients("late").join(room)["history"]
+    assert len(history) == len(senders) * per_sender
+    assert sorted(m["id"] for m in history) == list(range(1, len(history) + 1))
+    assert sorted(m["text"] for m in history) == sorted(
+        f"{c.name}-{j}" for c in senders for j in range(per_sender)
+    )
+    # every sender's own messages keep their order
+    for client in senders:
+        mine = [m["text"] for m in history if m["from"] == client.id]
+        assert mine == [f"{client.name}-{j}" for j in range(per_sender)]
+
+
+def test_closing_the_connection_leaves_every_room(clients):
+    room, other = new_room(), new_room()
+    alice, bob = clients("alice"), clients("bob")
+    for client in (alice, bob):
+        client.join(room)
+        client.join(other)
+    bob_id = bob.id
+    bob.close()
+    for r in (room, other):
+        event = alice.expect("presence", r, event="leave", name="bob")
+        assert names(event["members"]) == ["alice"]
+        assert str(bob_id) not in presence(r)["members"]
+    assert warpsocket.get_key(f"chat:member:{bob_id}") is None
+
+
+def test_typing_indicator(clients):
+    room = new_room()
+    alice, bob = clients("alice"), clients("bob")
+    alice.join(room)
+    bob.join(room)
+    bob.send(type="typing", room=room)
+    msg = alice.expect("typing", room)
+    assert (msg["name"], msg["from"]) == ("bob", bob.id)
+
+
+def test_bad_requests_get_an_error_and_keep_the_connection(clients):
+    client = clients()
+    client.send(type="join", room="lobby")
+    assert "name" in client.expect("error")["message"]
+    client.ws.send("not json")
+    client.expect("error")
+    client.send(type="dance")
+    client.expect("error")
+    client.hello("dave")
+    client.send(type="join", room="No Spaces Allowed!")
+    client.expect("error")
+    client.send(type="join", room=["a list"])
+    client.expect("error")
+    client.send(type="say", room=new_room(), text="not a member")
+    client.expect("error")
+    client.send(type="say", room={"x": 1}, text="bad room")
+    client.expect("error")
+    # still alive
+    room = new_room()
+    assert client.join(room)["members"] == [{"id": client.id, "name": "dave"}]
+
+
+# --------------------------------------------------------------------------
+# Origin check
+# --------------------------------------------------------------------------
+
+
+def test_foreign_origin_is_refused_with_403(chat_server):
+    with pytest.raises(InvalidStatus) as info:
+        connect(chat_server, "/chat", origin="http://evil.example")
+    assert info.value.response.status_code == 403
+
+
+def test_same_host_other_port_is_refused(chat_server):
+    with pytest.raises(InvalidStatus) as info:
+        connect(chat_server, "/chat", origin=f"http://127.0.0.1:{chat_server.port + 1}")
+    assert info.value.response.status_code == 403
+
+
+def test_matching_origin_and_no_origin_are_accepted(chat_server):
+    for origin in (f"http://127.0.0.1:{chat_server.port}", None):
+        client = Chat(chat_server, origin=origin)
+        try:
+            assert client.hello("eve")["name"] == "eve"
+        finally:
+            client.close()
+
+
+def test_refused_connection_never_reaches_the_chat(chat_server, clients):
+    room = new_room()
+    alice = clients("alice")
+    alice.join(room)
+    for _ in range(3):
+        with pytest.raises(InvalidStatus):
+            connect(chat_server, "/chat", origin="https://attacker.example")
+    alice.send(type="say", room=room, text="ping")
+    alice.expect("message", room, text="ping")
+    assert not any(msg["type"] == "presence" and msg["from"] != alice.id for _, msg in alice.seen)
+    assert warpsocket.stats()["connections"] == 1
+
+
+@pytest.fixture(scope="module")
+def chat_module():
+    spec = importlib.util.spec_from_file_location("chat_worker_under_test", CHAT_WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "ok"),
+    [
+        (None, "127.0.0.1:3000", True),
+        ("http://127.0.0.1:3000", "127.0.0.1:3000", True),
+        ("HTTP://Chat.Example.COM", "chat.example.com", True),
+        ("http://chat.example.com", "chat.example.com:80", True),
+        ("https://chat.example.com", "chat.example.com", True),
+        ("https://chat.example.com:443", "chat.example.com", True),
+        ("http://[::1]:3000", "[::1]:3000", True),
+        ("http://127.0.0.1:3001", "127.0.0.1:3000", False),
+        ("http://evil.example", "chat.example.com", False),
+        ("http://chat.example.com.evil.example", "chat.example.com", False),
+        ("https://chat.example.com", "chat.example.com:80", False),
+        ("null", "chat.example.com", False),
+        ("file://", "chat.example.com", False),
+        ("http://chat.example.com", None, False),
+        ("http://chat.example.com:bad", "chat.example.com", False),
+    ],
+)
+def test_origin_rule(chat_module, origin, host, ok):
+    assert chat_module.origin_allowed(origin, host) is ok
+
+
+def test_extra_origins_from_worker_arg(start_server):
+    server = start_server(
+        worker=str(CHAT_WORKER), worker_arg={"allowed_origins": ["https://app.example.com/"]}
+    )
+    client = Chat(server, origin="https://app.example.com")
+    try:
+        assert client.hello("frank")["name"] == "frank"
+    finally:
+        client.close()
+    with pytest.raises(InvalidStatus) as info:
+        connect(server, "/chat", origin="https://other.example.com")
+    assert info.value.response.status_code == 403
+
+
+def test_server_shutdown_closes_chat_clients(chat_server, clients):
+    alice = clients("alice")
+    alice.join(new_room())
+    chat_server.stop(timeout=10)
+    with pytest.raises(ConnectionClosed):
+        while True:
+            alice.recv(timeout=20)

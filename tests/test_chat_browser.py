@@ -1,0 +1,282 @@
+"""The chat example in a real browser: headless Chromium driven by Selenium.
+
+WarpSocket serves the page (``static_dir``) and the WebSocket on one port. Uses the
+system's ``chromium`` and ``chromium-driver`` (Debian packages) and the ``selenium``
+package; it never downloads a browser or a driver (the driver path is given
+explicitly, so Selenium Manager does not run). Without them the tests skip, except
+under CI (``CI`` set), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import warpsocket
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT_WORKER = ROOT / "examples" / "chat" / "worker.py"
+CHAT_STATIC = ROOT / "examples" / "chat" / "static"
+
+CHROMIUM = os.environ.get("WARPSOCKET_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("WARPSOCKET_CHROMEDRIVER", "/usr/bin/chromedriver")
+WAIT = 60  # seconds: generous, the CI box has two loaded cores
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def missing_tools():
+    problems = []
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            problems.append(f"{path} not found (apt-get install -y {package})")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        problems.append("the selenium package is not installed (pip install selenium)")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def browser_tools():
+    problems = missing_tools()
+    if problems:
+        message = "browser tests need Chromium, its driver and Selenium: " + "; ".join(problems)
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def chat_server(browser_tools, start_server):
+    return start_server(worker=str(CHAT_WORKER), static_dir=str(CHAT_STATIC), threads=2)
+
+
+@pytest.fixture
+def open_page(chat_server, tmp_path):
+    """``open_page(name) -> Page``: a fresh headless browser showing the chat."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    drivers = []
+
+    def _open(label):
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        profile = tmp_path / f"profile-{label}-{len(drivers)}"
+        for arg in (
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            "--window-size=1200,800",
+            f"--user-data-dir={profile}",
+        ):
+            options.add_argument(arg)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        drivers.append(driver)
+        driver.set_page_load_timeout(WAIT)
+        driver.get(f"http://127.0.0.1:{chat_server.port}/")
+        return Page(driver)
+
+    yield _open
+    for driver in drivers:
+        try:
+            driver.quit()
+        except Exception:  # already quit by the test
+            pass
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+class Page:
+    """One browser tab with the chat, read through small JavaScript snippets.
+
+    The page re-renders lists wholesale, so state is read with ``execute_script``
+    (atomic) rather than through element handles that may go stale.
+    """
+
+    def __init__(self, driver):
+        self.driver = driver
+        self.name = None
+
+    def js(self, script, *args):
+        return self.driver.execute_script(script, *args)
+
+    def wait(self, condition, message, timeout=WAIT):
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        return WebDriverWait(self.driver, timeout, poll_frequency=0.1).until(
+            lambda _driver: condition(), message=f"{self.name or 'page'}: {message}"
+        )
+
+    def type_into(self, element_id, text):
+        from selenium.webdriver.common.by import By
+
+        element = self.driver.find_element(By.ID, element_id)
+        element.clear()
+        element.send_keys(text)
+
+    def click(self, element_id):
+        from selenium.webdriver.common.by import By
+
+        self.driver.find_element(By.ID, element_id).click()
+
+    def login(self, name):
+        self.wait(
+            lambda: self.js("return document.getElementById('status').className.includes('online')"),
+            "connected",
+        )
+        self.type_into("name-input", name)
+        self.click("name-button")
+        self.wait(lambda: self.js("return document.getElementById('me').textContent") == name, "logged in")
+        self.wait(lambda: self.js("return !document.getElementById('chat').hidden"), "chat shown")
+        self.name = name
+
+    def join(self, room):
+        self.type_into("room-input", room)
+        self.click("join-button")
+        self.wait(lambda: self.active_room() == room, f"#{room} active")
+        self.wait(lambda: self.name in self.members(), f"in #{room}'s member list")
+
+    def say(self, text):
+        self.type_into("message-input", text)
+        self.click("send-button")
+        self.wait(lambda: text in self.messages(), f"own message {text!r} shown")
+
+    def rooms(self):
+        return self.js("return [...document.querySelectorAll('#rooms li')].map(li => li.dataset.room)")
+
+    def active_room(self):
+        return self.js("const li = document.querySelector('#rooms li.active'); return li && li.dataset.room")
+
+    def members(self):
+        return self.js("return [...document.querySelectorAll('#members li')].map(li => li.textContent)")
+
+    def messages(self):
+        return self.js(
+            "return [...document.querySelectorAll('#messages .message .text')].map(e => e.textContent)"
+        )
+
+    def notices(self):
+        return self.js("return [...document.querySelectorAll('#messages .notice')].map(e => e.textContent)")
+
+    def typing(self):
+        return self.js("return document.getElementById('typing').textContent")
+
+    def wait_members(self, expected):
+        expected = sorted(expected)
+        self.wait(lambda: sorted(self.members()) == expected, f"members {expected} (have {self.members()})")
+
+    def wait_message(self, text):
+        self.wait(lambda: text in self.messages(), f"message {text!r} (have {self.messages()})")
+
+    def console_errors(self):
+        return [e for e in self.driver.get_log("browser") if e.get("level") == "SEVERE"]
+
+    def quit(self):
+        self.driver.quit()
+
+
+_rooms_made = []
+
+
+def new_room():
+    # The kv store lives as long as the process: every test gets rooms of its own.
+    room = "r" + uuid.uuid4().hex[:8]
+    _rooms_made.append(room)
+    return room
+
+
+@pytest.fixture(autouse=True)
+def _forget_rooms():
+    # Set up before (so torn down after) the servers: their handle_close calls are done.
+    yield
+    while _rooms_made:
+        room = _rooms_made.pop()
+        warpsocket.set_key(f"chat:history:{room}")
+        warpsocket.set_key(f"chat:presence:{room}")
+
+
+def test_two_browsers_chat_with_live_presence(open_page):
+    room = new_room()
+    alice, bob = open_page("alice"), open_page("bob")
+    alice.login("alice")
+    bob.login("bob")
+
+    alice.join(room)
+    assert alice.members() == ["alice"]
+    bob.join(room)
+    alice.wait_members(["alice", "bob"])
+    bob.wait_members(["alice", "bob"])
+    alice.wait(lambda: "bob joined" in alice.notices(), "join notice")
+
+    alice.say("hello bob")
+    bob.wait_message("hello bob")
+    bob.say("hi alice, <b>not bold</b>")
+    alice.wait_message("hi alice, <b>not bold</b>")  # text, never HTML
+    assert alice.js("return document.querySelectorAll('#messages b').length") == 0
+    assert alice.messages() == ["hello bob", "hi alice, <b>not bold</b>"]
+    assert bob.messages() == alice.messages()
+
+    # a small touch: "bob is typing…" while bob types
+    bob.type_into("message-input", "still typ")
+    alice.wait(lambda: alice.typing().startswith("bob is typing"), "typing indicator")
+
+    # bob closes his browser: alice's member list follows
+    bob_errors = bob.console_errors()
+    bob.quit()
+    alice.wait_members(["alice"])
+    alice.wait(lambda: "bob left" in alice.notices(), "leave notice")
+    assert alice.console_errors() == []
+    assert bob_errors == []
+
+
+def test_late_joiner_sees_history_and_leaving_updates_presence(open_page):
+    room, other = new_room(), new_room()
+    alice, bob = open_page("alice"), open_page("bob")
+    alice.login("alice")
+    alice.join(room)
+    sent = [f"message {i} before bob" for i in range(3)]
+    for text in sent:
+        alice.say(text)
+
+    # bob arrives later: the room's history is there
+    bob.login("bob")
+    bob.join(room)
+    bob.wait(lambda: bob.messages() == sent, f"history {sent} (have {bob.messages()})")
+    alice.wait_members(["alice", "bob"])
+
+    # one page in two rooms at once, messages routed to the right one
+    bob.join(other)
+    alice.join(other)
+    alice.say("in the other room")
+    bob.wait_message("in the other room")
+    bob.js("document.querySelector(`#rooms li[data-room='${arguments[0]}']`).click()", room)
+    bob.wait(lambda: bob.active_room() == room, "switched back")
+    assert "in the other room" not in bob.messages()
+    assert bob.messages() == sent
+
+    # bob leaves the first room with its × button
+    bob.js("document.querySelector(`#rooms li[data-room='${arguments[0]}'] .leave`).click()", room)
+    bob.wait(lambda: room not in bob.rooms(), "room gone from bob's list")
+    alice.js("document.querySelector(`#rooms li[data-room='${arguments[0]}']`).click()", room)
+    alice.wait(lambda: alice.active_room() == room, "alice back in the first room")
+    alice.wait_members(["alice"])
+    alice.say("said while bob was away")
+
+    # and rejoins: everything said meanwhile is in the history
+    bob.join(room)
+    bob.wait(
+        lambda: bob.messages() == [*sent, "said while bob was away"],
+        f"history after rejoining (have {bob.messages()})",
+    )
+    alice.wait_members(["alice", "bob"])
+    assert alice.console_errors() == []
+    assert bob.console_errors() == []
