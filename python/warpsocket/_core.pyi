@@ -76,6 +76,7 @@ class Server:
         ping_interval: float,
         ping_timeout: float,
         open_timeout: float,
+        max_pending_upgrades: int = 1024,
         io_threads: int | None = None,
         static_dir: str | None = None,
     ) -> None: ...

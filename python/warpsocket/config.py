@@ -38,6 +38,10 @@ class Options:
     ping_timeout: float = field(
         default=20.0, metadata={"help": "seconds to wait for a keepalive answer (else 1011)"}
     )
+    max_pending_upgrades: int = field(
+        default=1024,
+        metadata={"help": "connections allowed in their handshake at once; more are dropped"},
+    )
 
     @classmethod
     def build(

@@ -172,7 +172,8 @@ def start(
     ``worker`` a file path or an importable module name. ``static_dir``: a folder whose
     files answer plain HTTP GET/HEAD requests on the same port (else they get 426).
     Tunables: ``handler_timeout``, ``hang_timeout``, ``max_message_size``,
-    ``max_backpressure``, ``ping_interval``, ``ping_timeout`` (see the README).
+    ``max_backpressure``, ``ping_interval``, ``ping_timeout``, ``max_pending_upgrades``
+    (see the README).
 
     Raises ``OSError`` when an address cannot be bound, ``ImportError`` when the worker
     cannot be imported, ``RuntimeError`` when ``handle_start`` raises or a server already
@@ -190,6 +191,7 @@ def start(
             ping_interval=options.ping_interval,
             ping_timeout=options.ping_timeout,
             open_timeout=options.handler_timeout + options.hang_timeout + 1.0,
+            max_pending_upgrades=options.max_pending_upgrades,
             static_dir=options.static_dir,
         )
         workers: list[Worker] = []

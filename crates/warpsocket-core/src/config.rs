@@ -32,6 +32,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// I/O threads for the tokio runtime.
     pub io_threads: usize,
+    /// Connections allowed in their handshake at once; more are dropped at
+    /// accept, so a flood of idle or slow clients cannot exhaust the server.
+    pub max_pending_upgrades: usize,
     /// Folder whose files answer plain HTTP GET/HEAD requests (else 426).
     pub static_dir: Option<PathBuf>,
 }
@@ -53,6 +56,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             io_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             static_dir: None,
+            max_pending_upgrades: 1024,
         }
     }
 }

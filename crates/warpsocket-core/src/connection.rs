@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::dispatch::Event;
@@ -32,7 +33,14 @@ const READ_CHUNK: usize = 16 * 1024;
 const MAX_IOVECS: usize = 64;
 
 /// Serves one accepted TCP connection until it is closed.
-pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// `upgrading` is the connection's pending-upgrade permit, released once the
+/// upgrade is done (or refused).
+pub(crate) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    upgrading: OwnedSemaphorePermit,
+) {
     let _ = stream.set_nodelay(true);
     let mut buf = Vec::new();
     let read = tokio::select! {
@@ -51,7 +59,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
             method,
             path,
             headers,
-        } => return plain_http(stream, &shared, method, path, headers).await,
+        } => return plain_http(stream, shared, method, path, headers).await,
     };
     let Some(worker) = shared.workers.pick() else {
         return refuse(stream, Refusal::new(503, "no worker is available")).await;
@@ -61,7 +69,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let socket = engine.add_socket(|id| Socket::new(id, worker, max_backpressure));
     socket.worker.connection_opened();
     let _guard = SocketGuard {
-        shared: &shared,
+        shared,
         socket: &socket,
     };
 
@@ -103,6 +111,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     if !leftover.is_empty() {
         conn.on_bytes(&leftover);
     }
+    drop(upgrading);
     conn.run().await;
 }
 

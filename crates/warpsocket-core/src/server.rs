@@ -10,7 +10,7 @@ use std::time::Duration;
 use socket2::{Domain, Socket as RawSocket, Type};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::{Config, Handlers};
 use crate::connection;
@@ -30,6 +30,9 @@ pub(crate) struct Shared {
     pub(crate) static_files: Option<Arc<StaticFiles>>,
     /// Flips to true once when shutdown begins.
     stop: watch::Sender<bool>,
+    /// One permit per connection still in its handshake (up to the verdict
+    /// of `handle_open`).
+    upgrades: Arc<Semaphore>,
     /// Connection tasks still running, and a wakeup for when that reaches 0.
     live: AtomicUsize,
     all_gone: Notify,
@@ -121,12 +124,14 @@ impl Server {
             return Err(io::Error::other("server already serving or stopped"));
         };
         config.handlers = handlers;
+        let upgrades = Arc::new(Semaphore::new(config.max_pending_upgrades.max(1)));
         let (stop, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             engine: self.engine.clone(),
             config,
             workers: self.workers.clone(),
             static_files: self.static_files.clone(),
+            upgrades,
             stop,
             live: AtomicUsize::new(0),
             all_gone: Notify::new(),
@@ -185,10 +190,17 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(upgrading) = shared.upgrades.clone().try_acquire_owned() else {
+                    // Too many connections are still in their handshake (a flood of
+                    // idle or slow clients): refuse this one at once.
+                    log::debug!(target: "warpsocket", "{peer}: too many pending upgrades, connection dropped");
+                    drop(stream);
+                    continue;
+                };
                 shared.live.fetch_add(1, Ordering::AcqRel);
                 let guard = LiveGuard(shared.clone());
                 tokio::spawn(async move {
-                    connection::serve(stream, peer, guard.0.clone()).await;
+                    connection::serve(stream, peer, &guard.0, upgrading).await;
                     drop(guard);
                 });
             }

@@ -472,7 +472,7 @@ impl Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, io_threads=None, static_dir=None))]
+    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades=1024, io_threads=None, static_dir=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -482,6 +482,7 @@ impl Server {
         ping_interval: f64,
         ping_timeout: f64,
         open_timeout: f64,
+        max_pending_upgrades: usize,
         io_threads: Option<usize>,
         static_dir: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
@@ -493,6 +494,7 @@ impl Server {
             ping_timeout: Duration::from_secs_f64(ping_timeout),
             open_timeout: Duration::from_secs_f64(open_timeout),
             static_dir,
+            max_pending_upgrades,
             ..Config::default()
         };
         if let Some(n) = io_threads {
