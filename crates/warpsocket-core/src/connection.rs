@@ -41,17 +41,40 @@ pub(crate) async fn serve(
     shared: &Arc<Shared>,
     upgrading: OwnedSemaphorePermit,
 ) {
+    // The handshake runs in its own allocation, freed once the connection is
+    // up, so the task keeps only what an open connection needs.
+    let Some((mut conn, leftover)) = Box::pin(upgrade(stream, peer, shared)).await else {
+        return;
+    };
+    drop(upgrading);
+    if !leftover.is_empty() {
+        conn.on_bytes(&leftover);
+    }
+    drop(leftover);
+    conn.run().await;
+}
+
+/// Reads the request, asks `handle_open`, and answers 101 or an error.
+/// Returns the open connection and any bytes that came after the request.
+async fn upgrade(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Option<(Connection, Vec<u8>)> {
     let _ = stream.set_nodelay(true);
     let mut buf = Vec::new();
     let read = tokio::select! {
         r = tokio::time::timeout(shared.config.handshake_timeout, read_request(&stream, &mut buf)) => r,
-        _ = shared.stopping() => return,
+        _ = shared.stopping() => return None,
     };
     let (request, used) = match read {
         Ok(Ok(Ok(Some(parsed)))) => parsed,
-        Ok(Ok(Err(refusal))) => return refuse(stream, refusal).await,
+        Ok(Ok(Err(refusal))) => {
+            refuse(stream, refusal).await;
+            return None;
+        }
         // The peer left, broke the connection, or was too slow.
-        Ok(Ok(Ok(None))) | Ok(Err(_)) | Err(_) => return,
+        Ok(Ok(Ok(None))) | Ok(Err(_)) | Err(_) => return None,
     };
     let upgrade = match request {
         Request::Upgrade(upgrade) => upgrade,
@@ -59,22 +82,28 @@ pub(crate) async fn serve(
             method,
             path,
             headers,
-        } => return plain_http(stream, shared, method, path, headers).await,
+        } => {
+            plain_http(stream, shared, method, path, headers).await;
+            return None;
+        }
     };
     let Some(worker) = shared.workers.pick() else {
-        return refuse(stream, Refusal::new(503, "no worker is available")).await;
+        refuse(stream, Refusal::new(503, "no worker is available")).await;
+        return None;
     };
-    let engine = &shared.engine;
     let max_backpressure = shared.config.max_backpressure;
-    let socket = engine.add_socket(|id| Socket::new(id, worker, max_backpressure));
+    let socket = shared
+        .engine
+        .add_socket(|id| Socket::new(id, worker, max_backpressure));
     socket.worker.connection_opened();
-    let _guard = SocketGuard {
-        shared,
-        socket: &socket,
+    let guard = SocketGuard {
+        socket,
+        shared: shared.clone(),
     };
+    let socket = &guard.socket;
 
     if shared.config.handlers.open {
-        let verdict = engine.wait_for_verdict(socket.id);
+        let verdict = shared.engine.wait_for_verdict(socket.id);
         socket.event_queued();
         socket.worker.push(Event::Open {
             id: socket.id,
@@ -85,34 +114,25 @@ pub(crate) async fn serve(
         let verdict = tokio::select! {
             v = verdict => v.unwrap_or(Verdict::Refuse(500)),
             _ = tokio::time::sleep(shared.config.open_timeout) => Verdict::Refuse(500),
-            _ = shared.stopping() => return,
+            _ = shared.stopping() => return None,
         };
         if let Verdict::Refuse(status) = verdict {
-            return refuse(
+            refuse(
                 stream,
                 Refusal::new(status, "connection refused by the application"),
             )
             .await;
+            return None;
         }
     } else {
         socket.accept();
     }
-    let mut conn = Connection::new(stream, socket.clone(), shared.clone());
-    if conn
-        .stream
+    let mut conn = Connection::new(stream, guard);
+    conn.stream
         .write_all(&handshake::accept_response(&upgrade))
         .await
-        .is_err()
-    {
-        return;
-    }
-    let leftover = buf.split_off(used);
-    drop(buf);
-    if !leftover.is_empty() {
-        conn.on_bytes(&leftover);
-    }
-    drop(upgrading);
-    conn.run().await;
+        .ok()?;
+    Some((conn, buf.split_off(used)))
 }
 
 /// Answers a request that is not an upgrade: a static file when a folder is
@@ -174,16 +194,15 @@ async fn refuse(mut stream: TcpStream, refusal: Refusal) {
 
 /// Unregisters the socket however the task ends (also when the runtime drops
 /// it at shutdown), and owes the worker exactly one close event.
-struct SocketGuard<'a> {
-    shared: &'a Shared,
-    socket: &'a Arc<Socket>,
+struct SocketGuard {
+    socket: Arc<Socket>,
+    shared: Arc<Shared>,
 }
 
-impl Drop for SocketGuard<'_> {
+impl Drop for SocketGuard {
     fn drop(&mut self) {
-        let engine = &self.shared.engine;
         let id = self.socket.id;
-        engine.remove_socket(id);
+        self.shared.engine.remove_socket(id);
         self.socket.mark_closed();
         if self.socket.is_accepted() {
             self.socket.event_queued();
@@ -258,9 +277,8 @@ impl Writer {
             if self.close_queued {
                 self.close_written = true;
             }
-            if self.frames.capacity() > 256 {
-                self.frames = VecDeque::new();
-            }
+            // Idle connections hold no buffers; a busy one allocates once per burst.
+            self.frames = VecDeque::new();
         }
         Ok(total)
     }
@@ -268,8 +286,8 @@ impl Writer {
 
 struct Connection {
     stream: TcpStream,
-    socket: Arc<Socket>,
-    shared: Arc<Shared>,
+    /// The socket and the server; cleans up when the connection ends.
+    guard: SocketGuard,
     decoder: Decoder,
     writer: Writer,
     state: State,
@@ -290,12 +308,11 @@ enum Wake {
 }
 
 impl Connection {
-    fn new(stream: TcpStream, socket: Arc<Socket>, shared: Arc<Shared>) -> Self {
-        let max = shared.config.max_message_size;
+    fn new(stream: TcpStream, guard: SocketGuard) -> Self {
+        let max = guard.shared.config.max_message_size;
         Connection {
             stream,
-            socket,
-            shared,
+            guard,
             decoder: Decoder::new(max),
             writer: Writer::default(),
             state: State::Open,
@@ -307,9 +324,9 @@ impl Connection {
     }
 
     async fn run(&mut self) {
-        let config = &self.shared.config;
+        let config = &self.guard.shared.config;
         let (ping_interval, ping_timeout) = (config.ping_interval, config.ping_timeout);
-        let socket = self.socket.clone();
+        let socket = self.guard.socket.clone();
         let timer = tokio::time::sleep(ping_interval);
         tokio::pin!(timer);
         let mut close_deadline: Option<Instant> = None;
@@ -380,7 +397,7 @@ impl Connection {
         if now < last + interval {
             return last + interval;
         }
-        self.socket.send(&frame::encode_ping(b""));
+        self.guard.socket.send(&frame::encode_ping(b""));
         self.ping_sent = Some(now);
         self.heard_since_ping = false;
         now + interval.min(timeout)
@@ -390,7 +407,7 @@ impl Connection {
         // After a backpressure close, a frame already partly written must be
         // finished so the close frame after it is well-formed.
         let keep_front = self.writer.offset > 0;
-        let taken = self.socket.take(&mut self.writer.frames, keep_front);
+        let taken = self.guard.socket.take(&mut self.writer.frames, keep_front);
         if taken.close {
             self.writer.close_queued = true;
             if self.state == State::Open {
@@ -402,7 +419,7 @@ impl Connection {
 
     fn write(&mut self) {
         match self.writer.flush(&self.stream) {
-            Ok(n) if n > 0 => self.socket.written(n),
+            Ok(n) if n > 0 => self.guard.socket.written(n),
             Ok(_) => {}
             Err(_) => self.broken = true,
         }
@@ -433,7 +450,7 @@ impl Connection {
             Incoming::Text(data) => self.on_message(Kind::Text, data),
             Incoming::Binary(data) => self.on_message(Kind::Binary, data),
             Incoming::Ping(payload) => {
-                self.socket.send(&frame::encode_pong(&payload));
+                self.guard.socket.send(&frame::encode_pong(&payload));
             }
             Incoming::Pong => {}
             Incoming::Close(code) => {
@@ -446,7 +463,7 @@ impl Connection {
                     Some(code) => frame::encode_close(code, ""),
                     None => frame::encode_empty_close(),
                 };
-                self.socket.close_with(reply);
+                self.guard.socket.close_with(reply);
                 self.state = State::Ending;
             }
         }
@@ -456,7 +473,7 @@ impl Connection {
         if self.state != State::Open {
             return;
         }
-        let handlers = self.shared.config.handlers;
+        let handlers = self.guard.shared.config.handlers;
         let handled = match kind {
             Kind::Text => handlers.text,
             Kind::Binary => handlers.binary,
@@ -465,17 +482,17 @@ impl Connection {
             let what = if kind == Kind::Text { "text" } else { "binary" };
             log::debug!(target: "warpsocket",
                 "socket {}: no handler for {what} messages, closing with 1003",
-                self.socket.id
+                self.guard.socket.id
             );
             self.fail(close_code::UNSUPPORTED, "no handler for this message type");
             return;
         }
-        let stats = &self.shared.engine.stats;
+        let stats = &self.guard.shared.engine.stats;
         Counters::add(&stats.messages_in, 1);
         Counters::add(&stats.bytes_in, data.len() as u64);
-        let id = self.socket.id;
-        self.socket.event_queued();
-        self.socket.worker.push(match kind {
+        let id = self.guard.socket.id;
+        self.guard.socket.event_queued();
+        self.guard.socket.worker.push(match kind {
             Kind::Text => Event::Text { id, data },
             Kind::Binary => Event::Binary { id, data },
         });
@@ -483,7 +500,35 @@ impl Connection {
 
     /// Fails the connection: close frame with `code`, then the TCP connection.
     fn fail(&mut self, code: u16, reason: &str) {
-        self.socket.close(code, reason);
+        self.guard.socket.close(code, reason);
         self.state = State::Ending;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every open connection keeps its task's state for its whole life; this
+    /// keeps it from growing unnoticed (the memory target is ~2 KB per
+    /// connection in all).
+    #[tokio::test]
+    async fn connection_task_state_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let shared = crate::server::test_shared();
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
+        let task = serve(stream, peer, &shared, permit);
+        assert!(
+            std::mem::size_of_val(&task) <= 1024,
+            "{} bytes",
+            std::mem::size_of_val(&task)
+        );
+        drop((task, client));
     }
 }

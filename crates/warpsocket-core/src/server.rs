@@ -229,3 +229,18 @@ fn bind_one(text: &str) -> io::Result<StdListener> {
     socket.listen(BACKLOG)?;
     Ok(socket.into())
 }
+
+#[cfg(test)]
+pub(crate) fn test_shared() -> Arc<Shared> {
+    let (stop, _) = watch::channel(false);
+    Arc::new(Shared {
+        engine: Engine::new(),
+        config: Config::default(),
+        workers: Arc::default(),
+        static_files: None,
+        upgrades: Arc::new(Semaphore::new(1)),
+        stop,
+        live: AtomicUsize::new(0),
+        all_gone: Notify::new(),
+    })
+}

@@ -155,7 +155,13 @@ impl Socket {
         if std::mem::take(&mut out.discard) {
             into.truncate(usize::from(keep_front));
         }
-        into.append(&mut out.frames);
+        if into.is_empty() {
+            // Hand the whole buffer over: the outbox keeps no capacity while
+            // its connection is idle.
+            std::mem::swap(into, &mut out.frames);
+        } else {
+            into.append(&mut out.frames);
+        }
         let close = out.phase == Phase::Closing && !out.close_taken;
         if close {
             out.close_taken = true;
