@@ -2,6 +2,7 @@
 //! events and writing the outbox, in a single task so an idle connection
 //! costs one small future and no buffers.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -27,7 +28,7 @@ const MAX_REQUEST_BYTES: usize = 16 * 1024;
 /// How long to wait for the peer's close frame (or for ours to be written)
 /// before dropping the TCP connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Stack buffer for one read; frames that do not fit carry over in the decoder.
+/// Bytes taken by one read; frames that do not fit carry over in the decoder.
 const READ_CHUNK: usize = 16 * 1024;
 /// Most frames handed to one vectored write.
 const MAX_IOVECS: usize = 64;
@@ -426,13 +427,21 @@ impl Connection {
     }
 
     fn read(&mut self) {
-        let mut chunk = [0u8; READ_CHUNK];
-        match self.stream.try_read(&mut chunk) {
+        thread_local! {
+            // One read buffer per I/O thread, reused without re-zeroing:
+            // connections keep only the unparsed tail of a frame.
+            static CHUNK: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(READ_CHUNK));
+        }
+        let mut chunk = CHUNK.with(|c| std::mem::take(&mut *c.borrow_mut()));
+        chunk.clear();
+        chunk.reserve(READ_CHUNK);
+        match self.stream.try_read_buf(&mut chunk) {
             Ok(0) => self.broken = true,
-            Ok(n) => self.on_bytes(&chunk[..n]),
+            Ok(_) => self.on_bytes(&chunk),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => self.broken = true,
         }
+        CHUNK.with(|c| *c.borrow_mut() = chunk);
     }
 
     fn on_bytes(&mut self, bytes: &[u8]) {
