@@ -233,31 +233,35 @@ class Worker(threading.Thread):
     # -- events --------------------------------------------------------------
 
     def _on_events(self) -> None:
-        """Run every waiting event: sync handlers now, async ones as tasks."""
+        """Run every waiting event: sync handlers now, async ones as tasks.
+
+        Drained events count as handled in the core; one that has to wait behind
+        an awaiting handler, or that starts an awaiting one, is held until done,
+        so a connection's backlog stays bounded (the core stops reading it).
+        """
         if self.retired:
             return
-        finished: list[int] = []
         conns = self._conns
+        hold = self.queue.hold
         for kind, sid, payload in self.queue.drain():
             conn = conns.get(sid)
-            if conn is not None and conn.busy:
-                conn.backlog.append((kind, payload))
-                continue
-            if conn is not None and conn.failed and kind != CLOSE:
-                finished.append(sid)
-                continue
+            if conn is not None:
+                if conn.busy:
+                    conn.backlog.append((kind, payload))
+                    hold(sid)
+                    continue
+                if conn.failed and kind != CLOSE:
+                    continue
             pending = self._run(kind, sid, payload)
             if pending is None:
-                finished.append(sid)
                 if kind == CLOSE:
                     conns.pop(sid, None)
-            else:
-                if conn is None:
-                    conn = conns[sid] = _Connection()
-                conn.busy = True
-                self._spawn(self._drive(sid, conn, kind, pending))
-        if finished:
-            self.queue.finished(finished)
+                continue
+            if conn is None:
+                conn = conns[sid] = _Connection()
+            conn.busy = True
+            hold(sid)
+            self._spawn(self._drive(sid, conn, kind, pending))
 
     def _on_inherited_events(self, orphaned: _core.WorkerQueue) -> None:
         """Run ``handle_close`` for the connections of a retired worker; drop the rest.
@@ -265,34 +269,18 @@ class Worker(threading.Thread):
         Those connections were closed with 1011 when the worker was retired, so only
         their close events matter. Stops watching the queue once all are gone.
         """
-        finished: list[int] = []
+        done = orphaned.connections == 0
         for kind, sid, _payload in orphaned.drain():
-            if kind != CLOSE:
-                finished.append(sid)
-                continue
-            self._conns.pop(sid, None)
-            pending = self._run(CLOSE, sid, None)
-            if pending is None:
-                finished.append(sid)
-            else:
-                self._spawn(self._close_inherited(orphaned, sid, pending))
-        if finished:
-            orphaned.finished(finished)
-        if orphaned.connections == 0 and self._loop is not None:
-            # Every close event was queued before the count reached 0 (see the core).
+            if kind == CLOSE:
+                self._conns.pop(sid, None)
+                pending = self._run(CLOSE, sid, None)
+                if pending is not None:
+                    self._spawn(self._await(sid, _Connection(), CLOSE, pending))
+        # Every close event was queued before the count reached 0 (see the core),
+        # so once it was 0 before this drain, nothing more can come.
+        if done and self._loop is not None:
             self._loop.remove_reader(orphaned.fileno())
-            for kind, sid, _payload in orphaned.drain():
-                if kind == CLOSE:
-                    pending = self._run(CLOSE, sid, None)
-                    if pending is not None:
-                        self._spawn(self._close_inherited(orphaned, sid, pending))
-                        continue
-                orphaned.finished([sid])
             self.inherited.remove(orphaned)
-
-    async def _close_inherited(self, orphaned: _core.WorkerQueue, sid: int, pending: Awaitable[Any]) -> None:
-        await self._await(sid, _Connection(), CLOSE, pending)
-        orphaned.finished([sid])
 
     def _run(self, kind: int, sid: int, payload: Any) -> Awaitable[Any] | None:
         """Call the handler for one event. Returns its awaitable if it has to be awaited."""
@@ -344,9 +332,10 @@ class Worker(threading.Thread):
 
     async def _drive(self, sid: int, conn: _Connection, kind: int, pending: Awaitable[Any]) -> None:
         """Await one connection's handler, then run its backlog in order."""
+        release = self.queue.release
         while True:
             await self._await(sid, conn, kind, pending)
-            self.queue.finished([sid])
+            release(sid)
             if kind == CLOSE:
                 self._conns.pop(sid, None)
                 return
@@ -354,11 +343,11 @@ class Worker(threading.Thread):
             while conn.backlog and next_pending is None:
                 kind, payload = conn.backlog.popleft()
                 if conn.failed and kind != CLOSE:
-                    self.queue.finished([sid])
+                    release(sid)
                     continue
                 next_pending = self._run(kind, sid, payload)
                 if next_pending is None:
-                    self.queue.finished([sid])
+                    release(sid)
                     if kind == CLOSE:
                         self._conns.pop(sid, None)
                         return
@@ -367,6 +356,7 @@ class Worker(threading.Thread):
                 if not conn.failed:
                     self._conns.pop(sid, None)
                 return
+            # Still held from the backlog: released once awaited.
             pending = next_pending
 
     async def _await(self, sid: int, conn: _Connection, kind: int, pending: Awaitable[Any]) -> None:

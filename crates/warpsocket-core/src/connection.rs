@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::dispatch::Event;
+use crate::dispatch::Payload;
 use crate::engine::{Verdict, PAUSE_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
 use crate::handshake::{self, Refusal, Request};
@@ -105,13 +105,14 @@ async fn upgrade(
 
     if shared.config.handlers.open {
         let verdict = shared.engine.wait_for_verdict(socket.id);
-        socket.event_queued();
-        socket.worker.push(Event::Open {
-            id: socket.id,
-            ip: peer.ip().to_canonical().to_string(),
-            path: upgrade.path.clone(),
-            headers: upgrade.headers.clone(),
-        });
+        socket.worker.push(
+            socket,
+            Payload::Open {
+                ip: peer.ip().to_canonical().to_string(),
+                path: upgrade.path.clone(),
+                headers: upgrade.headers.clone(),
+            },
+        );
         let verdict = tokio::select! {
             v = verdict => v.unwrap_or(Verdict::Refuse(500)),
             _ = tokio::time::sleep(shared.config.open_timeout) => Verdict::Refuse(500),
@@ -206,8 +207,7 @@ impl Drop for SocketGuard {
         self.shared.engine.remove_socket(id);
         self.socket.mark_closed();
         if self.socket.is_accepted() {
-            self.socket.event_queued();
-            self.socket.worker.push(Event::Close { id });
+            self.socket.worker.push(&self.socket, Payload::Close);
         }
         // Last: a retired worker's successor stops watching its queue once
         // the count is 0, so every close event must already be queued.
@@ -499,12 +499,14 @@ impl Connection {
         let stats = &self.guard.shared.engine.stats;
         Counters::add(&stats.messages_in, 1);
         Counters::add(&stats.bytes_in, data.len() as u64);
-        let id = self.guard.socket.id;
-        self.guard.socket.event_queued();
-        self.guard.socket.worker.push(match kind {
-            Kind::Text => Event::Text { id, data },
-            Kind::Binary => Event::Binary { id, data },
-        });
+        let socket = &self.guard.socket;
+        socket.worker.push(
+            socket,
+            match kind {
+                Kind::Text => Payload::Text(data),
+                Kind::Binary => Payload::Binary(data),
+            },
+        );
     }
 
     /// Fails the connection: close frame with `code`, then the TCP connection.

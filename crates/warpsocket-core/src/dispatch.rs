@@ -12,34 +12,36 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::engine::RESUME_READING_BELOW;
+use crate::socket::Socket;
 use crate::wakeup::Wakeup;
 
-/// Something a worker's handlers must see, in the order it happened.
+/// What happened to a connection.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Event {
+pub enum Payload {
     /// An upgrade request waiting for `handle_open`'s verdict.
     Open {
-        id: u64,
         ip: String,
         path: String,
         headers: Vec<(String, String)>,
     },
-    /// A text message; `data` is valid UTF-8.
-    Text {
-        id: u64,
-        data: Vec<u8>,
-    },
-    Binary {
-        id: u64,
-        data: Vec<u8>,
-    },
+    /// A text message; the bytes are valid UTF-8.
+    Text(Vec<u8>),
+    Binary(Vec<u8>),
     /// The connection is gone; `handle_close` must run.
-    Close {
-        id: u64,
-    },
-    /// Liveness probe: makes an idle queue non-empty so a worker that stopped
-    /// draining shows as stalled. Never reaches a handler.
-    Probe,
+    Close,
+}
+
+/// Something a worker's handlers must see, in the order it happened.
+pub struct Event {
+    socket: Arc<Socket>,
+    pub payload: Payload,
+}
+
+impl Event {
+    pub fn socket_id(&self) -> u64 {
+        self.socket.id
+    }
 }
 
 /// Milliseconds on a process-wide monotonic clock; 0 is reserved for "never".
@@ -87,23 +89,16 @@ impl WorkerQueue {
         self.wakeup.fd()
     }
 
-    pub fn push(&self, event: Event) {
+    /// Queues an event for `socket`, which must be pinned to this worker.
+    pub(crate) fn push(&self, socket: &Arc<Socket>, payload: Payload) {
+        socket.event_queued();
         self.depth.fetch_add(1, Ordering::Relaxed);
-        self.enqueue(event);
-    }
-
-    /// Queues a [`Event::Probe`] if nothing is waiting, so that a worker stuck
-    /// in a handler is seen as stalled even when its connections are quiet.
-    pub fn probe(&self) {
-        if self.events.lock().is_empty() {
-            self.enqueue(Event::Probe);
-        }
-    }
-
-    fn enqueue(&self, event: Event) {
         let mut events = self.events.lock();
         let was_empty = events.is_empty();
-        events.push(event);
+        events.push(Event {
+            socket: socket.clone(),
+            payload,
+        });
         if was_empty {
             self.waiting_since_ms.store(now_ms(), Ordering::Relaxed);
         }
@@ -113,17 +108,49 @@ impl WorkerQueue {
         }
     }
 
-    /// Takes every waiting event, oldest first.
-    pub fn drain(&self) -> Vec<Event> {
-        self.wakeup.clear();
-        let mut events = self.events.lock();
-        self.waiting_since_ms.store(0, Ordering::Relaxed);
-        std::mem::take(&mut *events)
+    /// Wakes an idle worker as if an event waited, so that a worker stuck in a
+    /// handler shows as stalled even when its connections are quiet.
+    pub fn probe(&self) {
+        let events = self.events.lock();
+        if events.is_empty() && self.waiting_since_ms.load(Ordering::Relaxed) == 0 {
+            self.waiting_since_ms.store(now_ms(), Ordering::Relaxed);
+            drop(events);
+            self.wakeup.signal();
+        }
     }
 
-    /// `count` events finished their handlers.
-    pub fn finished(&self, count: usize) {
-        self.depth.fetch_sub(count, Ordering::Relaxed);
+    /// Takes every waiting event, oldest first. They count as handled from
+    /// here on: the worker runs synchronous handlers at once and reports
+    /// the events it keeps waiting or awaiting with [`hold`](Self::hold).
+    pub fn drain(&self) -> Vec<Event> {
+        self.wakeup.clear();
+        let events = {
+            let mut events = self.events.lock();
+            self.waiting_since_ms.store(0, Ordering::Relaxed);
+            std::mem::take(&mut *events)
+        };
+        for event in &events {
+            event.socket.event_finished(RESUME_READING_BELOW);
+        }
+        self.depth.fetch_sub(events.len(), Ordering::Relaxed);
+        events
+    }
+
+    /// An event of `socket` (if still open) is waiting behind another or
+    /// being awaited: it counts against the connection's backlog and the
+    /// queue depth until [`release`](Self::release).
+    pub fn hold(&self, socket: Option<&Socket>) {
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        if let Some(socket) = socket {
+            socket.event_queued();
+        }
+    }
+
+    pub fn release(&self, socket: Option<&Socket>) {
+        self.depth.fetch_sub(1, Ordering::Relaxed);
+        if let Some(socket) = socket {
+            socket.event_finished(RESUME_READING_BELOW);
+        }
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -219,11 +246,10 @@ mod tests {
     fn drain_returns_events_in_order_and_clears_the_wakeup() {
         let workers = Workers::default();
         let q = workers.add().unwrap();
-        q.push(Event::Text {
-            id: 1,
-            data: b"a".to_vec(),
-        });
-        q.push(Event::Close { id: 1 });
+        let socket = Arc::new(Socket::new(1, q.clone(), 1 << 20));
+        q.push(&socket, Payload::Text(b"a".to_vec()));
+        q.push(&socket, Payload::Close);
+        assert_eq!((q.queue_depth(), socket.inflight()), (2, 2));
         let mut fds = libc::pollfd {
             fd: q.fd(),
             events: libc::POLLIN,
@@ -232,21 +258,30 @@ mod tests {
         // SAFETY: one valid pollfd, zero timeout.
         assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 1);
         let events = q.drain();
+        let payloads: Vec<&Payload> = events.iter().map(|e| &e.payload).collect();
         assert_eq!(
-            events,
-            vec![
-                Event::Text {
-                    id: 1,
-                    data: b"a".to_vec()
-                },
-                Event::Close { id: 1 }
-            ]
+            payloads,
+            vec![&Payload::Text(b"a".to_vec()), &Payload::Close]
         );
+        assert_eq!(events[0].socket_id(), 1);
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 0);
-        assert_eq!(q.queue_depth(), 2);
-        q.finished(2);
-        assert_eq!(q.queue_depth(), 0);
+        assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
+        q.hold(Some(&socket));
+        assert_eq!((q.queue_depth(), socket.inflight()), (1, 1));
+        q.release(Some(&socket));
+        assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
+        assert_eq!(q.stalled_for(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_probe_makes_an_idle_queue_look_waiting() {
+        let workers = Workers::default();
+        let q = workers.add().unwrap();
+        q.probe();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(q.stalled_for() >= Duration::from_millis(10));
+        assert!(q.drain().is_empty());
         assert_eq!(q.stalled_for(), Duration::ZERO);
     }
 }

@@ -374,14 +374,11 @@ impl Engine {
         rx
     }
 
-    /// The handlers for these events finished (one id per event). Lets the
-    /// connections read again once their backlog is small. The worker's own
-    /// count is [`WorkerQueue::finished`](crate::dispatch::WorkerQueue::finished).
-    pub fn finished(&self, ids: &[u64]) {
-        for &id in ids {
-            if let Some(Entry::Real(socket)) = self.sockets.get(id) {
-                socket.event_finished(RESUME_READING_BELOW);
-            }
+    /// The open connection with this id, for worker bookkeeping.
+    pub fn connection(&self, id: u64) -> Option<Arc<Socket>> {
+        match self.sockets.get(id) {
+            Some(Entry::Real(socket)) => Some(socket),
+            _ => None,
         }
     }
 }

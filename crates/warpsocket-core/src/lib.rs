@@ -13,13 +13,13 @@ pub mod handshake;
 pub mod kv;
 mod registry;
 pub mod server;
-mod socket;
+pub mod socket;
 pub mod static_files;
 pub mod stats;
 mod wakeup;
 
 pub use config::{Config, Handlers};
-pub use dispatch::{Event, WorkerQueue, Workers};
+pub use dispatch::{Event, Payload, WorkerQueue, Workers};
 pub use engine::{Engine, Target, Verdict, VirtualError};
 pub use frame::Kind;
 pub use registry::MAX_PREFIX;

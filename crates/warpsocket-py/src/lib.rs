@@ -12,7 +12,7 @@ use pyo3::types::{
     PyBool, PyByteArray, PyBytes, PyDict, PyInt, PyList, PyMemoryView, PyString, PyTuple,
 };
 use warpsocket_core::{
-    Config, Engine, Event, Handlers, Kind, Target, Verdict, VirtualError, MAX_PREFIX,
+    Config, Engine, Handlers, Kind, Payload, Target, Verdict, VirtualError, MAX_PREFIX,
 };
 
 /// The process-wide engine: sockets and counters outlive any one server.
@@ -389,52 +389,48 @@ impl WorkerQueue {
     }
 
     /// Takes every waiting event as `(kind, socket_id, payload)` tuples.
+    /// Drained events count as handled unless held (see `hold`).
     fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let events = self.inner.drain();
         let list = PyList::empty(py);
         for event in events {
-            let item = match event {
-                Event::Open {
-                    id,
-                    ip,
-                    path,
-                    headers,
-                } => {
+            let id = event.socket_id();
+            let item = match event.payload {
+                Payload::Open { ip, path, headers } => {
                     let dict = PyDict::new(py);
                     for (name, value) in headers {
                         dict.set_item(name, value)?;
                     }
                     dict.set_item(":path", path)?;
-                    (
-                        EVENT_OPEN,
-                        id,
-                        PyTuple::new(py, [ip.into_pyobject(py)?.into_any(), dict.into_any()])?
-                            .into_any(),
-                    )
+                    let args =
+                        PyTuple::new(py, [ip.into_pyobject(py)?.into_any(), dict.into_any()])?;
+                    (EVENT_OPEN, id, args.into_any())
                 }
-                Event::Text { id, data } => {
+                Payload::Text(data) => {
                     // SAFETY: the decoder only emits text that passed UTF-8 validation.
                     let text = unsafe { std::str::from_utf8_unchecked(&data) };
                     (EVENT_TEXT, id, PyString::new(py, text).into_any())
                 }
-                Event::Binary { id, data } => {
-                    (EVENT_BINARY, id, PyBytes::new(py, &data).into_any())
-                }
-                Event::Close { id } => (EVENT_CLOSE, id, py.None().into_bound(py)),
-                Event::Probe => continue,
+                Payload::Binary(data) => (EVENT_BINARY, id, PyBytes::new(py, &data).into_any()),
+                Payload::Close => (EVENT_CLOSE, id, py.None().into_bound(py)),
             };
             list.append(item)?;
         }
         Ok(list)
     }
 
-    /// The handlers of these events finished (one socket id per event).
-    fn finished(&self, socket_ids: Vec<u64>) {
-        self.inner.finished(socket_ids.len());
-        ENGINE.finished(&socket_ids);
+    /// An event of `socket_id` waits behind another or is being awaited:
+    /// it counts against the connection's backlog until `release`.
+    fn hold(&self, socket_id: u64) {
+        self.inner.hold(ENGINE.connection(socket_id).as_deref());
     }
 
-    /// Makes an idle queue non-empty, so a stuck worker shows as stalled.
+    /// A held event's handler finished.
+    fn release(&self, socket_id: u64) {
+        self.inner.release(ENGINE.connection(socket_id).as_deref());
+    }
+
+    /// Wakes an idle worker as if an event waited, so a stuck one shows as stalled.
     fn probe(&self) {
         self.inner.probe();
     }
