@@ -243,8 +243,10 @@ class Worker(threading.Thread):
             return
         conns = self._conns
         hold = self.queue.hold
+        run = self._run
         for kind, sid, payload in self.queue.drain():
-            conn = conns.get(sid)
+            # Most apps have no connection waiting on an async handler: skip the lookup.
+            conn = conns.get(sid) if conns else None
             if conn is not None:
                 if conn.busy:
                     conn.backlog.append((kind, payload))
@@ -252,10 +254,10 @@ class Worker(threading.Thread):
                     continue
                 if conn.failed and kind != CLOSE:
                     continue
-            pending = self._run(kind, sid, payload)
+            pending = run(kind, sid, payload)
             if pending is None:
-                if kind == CLOSE:
-                    conns.pop(sid, None)
+                if kind == CLOSE and conn is not None:
+                    del conns[sid]
                 continue
             if conn is None:
                 conn = conns[sid] = _Connection()
