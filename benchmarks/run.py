@@ -330,7 +330,12 @@ def main() -> int:
     parser.add_argument("--connections", default="1000,10000", help="comma-separated counts")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--duration", type=float, default=10.0, help="measurement window, seconds")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before the window")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=8.0,
+        help="seconds of load before the window (10,000 connections need ~8 s to settle)",
+    )
     parser.add_argument("--ports", type=int, default=4, help="server ports per run")
     parser.add_argument("--base-port", type=int, default=21000)
     parser.add_argument("--source-ips", type=int, default=8, help="client source IPs 127.0.0.1..N")
