@@ -121,13 +121,15 @@ log "source: $SRC"
 # site.py / sysconfig changes put "lib/python3.13/site-packages" on a venv's sys.path while
 # pip installs into "lib/python3.13t/site-packages". Undo just those three patches (the
 # CVE and bug-fix patches stay), once.
-if [ ! -f "$SRC/.upstream-layout" ]; then
-    for p in ensurepip-disabled.diff sysconfig-debian-schemes.diff distutils-install-layout.diff; do
+for p in ensurepip-disabled.diff sysconfig-debian-schemes.diff distutils-install-layout.diff; do
+    if (cd "$SRC" && patch -R -p1 -s -f --dry-run <"debian/patches/$p" >/dev/null 2>&1); then
         log "reverting Debian patch $p"
-        (cd "$SRC" && patch -R -p1 -s --no-backup-if-mismatch <"debian/patches/$p")
-    done
-    touch "$SRC/.upstream-layout"
-fi
+        (cd "$SRC" && patch -R -p1 -s -f --no-backup-if-mismatch <"debian/patches/$p")
+    elif ! (cd "$SRC" && patch -p1 -s -f --dry-run <"debian/patches/$p" >/dev/null 2>&1); then
+        echo "Debian patch $p is neither applied nor cleanly revertible in $SRC" >&2
+        exit 1
+    fi
+done
 
 # 4. Configure, build, install, out of tree so that a rerun with another PREFIX starts clean.
 OBJ="$BUILD_DIR/build-$(echo "$PREFIX" | tr '/' '_')"

@@ -691,16 +691,22 @@ def handle_start(worker_arg):
     LOG = worker_arg
     log("start", threading.get_ident())
 
+def spin():
+    # busy loop that never yields to the event loop; the test creates the
+    # release file during cleanup so a worker that was not interrupted ends
+    while not os.path.exists(LOG + ".release"):
+        pass
+
 def handle_text_message(text, socket_id):
     if text == "who":
         warpsocket.send(socket_id, str(threading.get_ident()))
     elif text == "hang":
         log("hanging", socket_id)
+        # The loop runs in a function of its own: on CPython 3.13 an exception set with
+        # PyThreadState_SetAsyncExc can skip the except clauses of the frame it is raised
+        # in (python/cpython#139622); the caller's still see it.
         try:
-            # busy loop that never yields to the event loop; the test creates the
-            # release file during cleanup so a worker that was not interrupted ends
-            while not os.path.exists(LOG + ".release"):
-                pass
+            spin()
         except BaseException as exc:
             log("interrupted", socket_id, type(exc).__name__)
             raise
