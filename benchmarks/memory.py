@@ -1,0 +1,99 @@
+"""Server memory per idle connection.
+
+Starts a WarpSocket server in this process (echo worker, one worker thread), opens
+N upgraded connections from a separate client process (asyncio, raw handshakes,
+source addresses 127.0.0.1..8), waits until the server counts them all, and
+prints how much the server's RSS grew per connection.
+
+    python benchmarks/memory.py [--connections 1000 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import warpsocket
+
+ECHO = Path(__file__).resolve().parent.parent / "examples" / "echo" / "worker.py"
+
+CLIENT = r"""
+import asyncio, base64, os, resource, sys
+
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+async def one(port, i):
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, local_addr=(f"127.0.0.{1 + i % 8}", 0)
+    )
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
+
+async def main():
+    port, n = int(sys.argv[1]), int(sys.argv[2])
+    conns = []
+    for start in range(0, n, 500):
+        conns += await asyncio.gather(*(one(port, i) for i in range(start, min(n, start + 500))))
+    print("connected", flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def measure(n: int) -> tuple[int, int]:
+    with warpsocket.start("127.0.0.1:0", str(ECHO), threads=1) as server:
+        time.sleep(0.5)
+        before = rss_kib()
+        client = subprocess.Popen(
+            [sys.executable, "-c", CLIENT, str(server.port), str(n)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            if client.stdout is None or client.stdout.readline().strip() != "connected":
+                raise RuntimeError("the client process failed to connect")
+            deadline = time.monotonic() + 60
+            while warpsocket.stats()["connections"] < n and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)
+            return before, rss_kib()
+        finally:
+            client.kill()
+            client.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connections", type=int, nargs="+", default=[1000, 10000])
+    args = parser.parse_args()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    for n in args.connections:
+        before, after = measure(n)
+        print(
+            f"{n:>7,} connections: server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB, "
+            f"{(after - before) * 1024 / n:,.0f} bytes per connection"
+        )
+
+
+if __name__ == "__main__":
+    main()
