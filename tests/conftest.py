@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 import warpsocket
-from helpers import ECHO_WORKER, wait_no_warpsocket_threads
+from helpers import ECHO_WORKER, IdClient, wait_no_warpsocket_threads
 
 DEFAULT_TEST_TIMEOUT = 120
 
@@ -86,3 +86,21 @@ def start_server(write_worker):
             with contextlib.suppress(Exception):  # best-effort cleanup
                 server.stop(timeout=10)
         wait_no_warpsocket_threads(timeout=30)
+
+
+@pytest.fixture
+def make_client(server):
+    """``make_client(path="/") -> IdClient`` on the module's ``server`` fixture; closed at teardown."""
+    clients = []
+
+    def _make(path="/"):
+        client = IdClient(server, path)
+        clients.append(client)
+        return client
+
+    try:
+        yield _make
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import inspect
+import itertools
 import os
 import socket
 import struct
@@ -12,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import warpsocket
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
@@ -367,3 +369,31 @@ def log(*parts):
             f.write(line + "\\n")
             f.flush()
 """
+
+
+_sentinels = itertools.count()
+
+
+class IdClient:
+    """A connected client that knows its socket id (its worker answers "id" with it)."""
+
+    def __init__(self, server, path="/"):
+        self.ws = connect(server, path)
+        self.sid = int(ask(self.ws, "id", timeout=30))
+
+    def recv(self, timeout=20.0):
+        return self.ws.recv(timeout=timeout)
+
+    def received(self, timeout=20.0):
+        """Everything that arrives before a sentinel sent now from this thread."""
+        token = f"~sentinel~{next(_sentinels)}~"
+        assert warpsocket.send(self.sid, token) == 1
+        out = []
+        while True:
+            message = self.ws.recv(timeout=timeout)
+            if message == token:
+                return out
+            out.append(message)
+
+    def close(self):
+        self.ws.close()

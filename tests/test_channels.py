@@ -10,12 +10,9 @@ expected messages (messages sent from one thread to one connection keep their or
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-
 import pytest
 import warpsocket
-from helpers import ask, connect, wait_for
+from helpers import IdClient, ask, connect, wait_for
 from websockets.exceptions import InvalidStatus
 
 CHANNEL_WORKER = """
@@ -70,54 +67,10 @@ def handle_close(socket_id):
 
 NO_SUCH_ID = 10**15 + 12345
 
-_tokens = itertools.count()
-
-
-class Client:
-    """A connected client that knows its socket id."""
-
-    def __init__(self, server, path="/"):
-        self.ws = connect(server, path)
-        self.sid = int(ask(self.ws, "id", timeout=30))
-
-    def recv(self, timeout=20.0):
-        return self.ws.recv(timeout=timeout)
-
-    def received(self, timeout=20.0):
-        """Everything that arrives before a sentinel sent now from this thread."""
-        token = f"~sentinel~{next(_tokens)}~"
-        assert warpsocket.send(self.sid, token) == 1
-        out = []
-        while True:
-            message = self.ws.recv(timeout=timeout)
-            if message == token:
-                return out
-            out.append(message)
-
-    def close(self):
-        self.ws.close()
-
 
 @pytest.fixture
 def server(start_server):
     return start_server(CHANNEL_WORKER, threads=2)
-
-
-@pytest.fixture
-def make_client(server):
-    clients = []
-
-    def _make(path="/"):
-        client = Client(server, path)
-        clients.append(client)
-        return client
-
-    try:
-        yield _make
-    finally:
-        for client in clients:
-            with contextlib.suppress(Exception):
-                client.close()
 
 
 def subs():
@@ -641,7 +594,7 @@ def test_stats_counts_for_a_known_setup(start_server):
     assert stats["channels"] == 0
     assert stats["subscriptions"] == 0
     assert stats["virtual_sockets"] == 0
-    clients = [Client(server) for _ in range(3)]
+    clients = [IdClient(server) for _ in range(3)]
     try:
         a, b, c = clients
         wait_for(lambda: warpsocket.stats()["connections"] == 3, message="3 connections")

@@ -6,9 +6,6 @@ sentinel sent straight to the actual socket after the messages under test.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-
 import pytest
 import warpsocket
 from helpers import ask, connect, expect_close, wait_for
@@ -56,52 +53,10 @@ def handle_close(socket_id):
 
 NO_SUCH_ID = 10**15 + 54321
 
-_tokens = itertools.count()
-
-
-class Client:
-    def __init__(self, server, path="/"):
-        self.ws = connect(server, path)
-        self.sid = int(ask(self.ws, "id", timeout=30))
-
-    def recv(self, timeout=20.0):
-        return self.ws.recv(timeout=timeout)
-
-    def received(self, timeout=20.0):
-        """Everything that arrives before a sentinel sent now from this thread."""
-        token = f"~sentinel~{next(_tokens)}~"
-        assert warpsocket.send(self.sid, token) == 1
-        out = []
-        while True:
-            message = self.ws.recv(timeout=timeout)
-            if message == token:
-                return out
-            out.append(message)
-
-    def close(self):
-        self.ws.close()
-
 
 @pytest.fixture
 def server(start_server):
     return start_server(VS_WORKER, threads=2)
-
-
-@pytest.fixture
-def make_client(server):
-    clients = []
-
-    def _make(path="/"):
-        client = Client(server, path)
-        clients.append(client)
-        return client
-
-    try:
-        yield _make
-    finally:
-        for client in clients:
-            with contextlib.suppress(Exception):
-                client.close()
 
 
 def vcount():
