@@ -122,13 +122,13 @@ def ensure_bench_binary(path: Path) -> None:
     subprocess.run(["cargo", "build", "--release", "-p", "warpsocket-bench"], cwd=ROOT, check=True)
 
 
-def server_command(server: str, ports: list[int], cpu: str) -> list[str]:
+def server_command(server: str, ports: list[int], cpu: str, threads: int = 1) -> list[str]:
     pin = ["taskset", "-c", cpu]
     if server == "warpsocket":
         binds = [arg for p in ports for arg in ("--bind", f"127.0.0.1:{p}")]
         return [
             *pin, sys.executable, "-m", "warpsocket", str(WORKER), *binds,
-            "--threads", "1", "--log-level", "WARNING",
+            "--threads", str(threads), "--log-level", "WARNING",
         ]  # fmt: skip
     port_args = [arg for p in ports for arg in ("--port", str(p))]
     return [*pin, sys.executable, str(PEERS / f"{server}_server.py"), *port_args]
