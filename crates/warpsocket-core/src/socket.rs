@@ -101,7 +101,6 @@ impl Socket {
         // has nothing waiting; the limit is on what piles up behind it.
         if out.queued != 0 && out.queued + frame.len() > self.max_backpressure {
             out.frames.clear();
-            out.queued = 0;
             out.discard = true;
             let close = frame::encode_close(close_code::POLICY, "backpressure limit exceeded");
             out.queued = close.len();
