@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import textwrap
 
 import pytest
 import warpsocket
-from helpers import ECHO_WORKER, IdClient, wait_no_warpsocket_threads
+from helpers import ECHO_WORKER, IdClient, LogCollector, wait_no_warpsocket_threads
 
 DEFAULT_TEST_TIMEOUT = 120
 
@@ -104,3 +105,15 @@ def make_client(server):
         for client in clients:
             with contextlib.suppress(Exception):
                 client.close()
+
+
+@pytest.fixture
+def warpsocket_log():
+    """A :class:`LogCollector` attached to the ``warpsocket`` logger for the test."""
+    logger = logging.getLogger("warpsocket")
+    handler = LogCollector()
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import inspect
 import itertools
+import logging
 import os
 import socket
 import struct
@@ -397,3 +398,50 @@ class IdClient:
 
     def close(self):
         self.ws.close()
+
+
+class LogCollector(logging.Handler):
+    """Collects every record emitted on the ``warpsocket`` logger (from any thread)."""
+
+    _format = logging.Formatter("%(levelname)s %(name)s %(message)s")
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def errors(self):
+        """ERROR records as text, with their traceback or stack when they carry one."""
+        return [self._format.format(r) for r in list(self.records) if r.levelno >= logging.ERROR]
+
+    def errors_containing(self, needle):
+        return [text for text in self.errors() if needle in text]
+
+
+# An echo worker that also answers "sid?" and logs open/close to the file in worker_arg.
+LOGGING_ECHO_WORKER = (
+    LOGGING_PRELUDE
+    + """
+def handle_start(worker_arg):
+    global LOG
+    LOG = worker_arg
+
+def handle_open(socket_id, ip, headers):
+    log("open", socket_id)
+    return True
+
+def handle_text_message(text, socket_id):
+    if text == "sid?":
+        warpsocket.send(socket_id, str(socket_id))
+    else:
+        warpsocket.send(socket_id, text)
+
+def handle_binary_message(data, socket_id):
+    warpsocket.send(socket_id, data)
+
+def handle_close(socket_id):
+    log("close", socket_id)
+"""
+)

@@ -48,26 +48,6 @@ def handle_binary_message(data, socket_id):
 """
 
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
-@pytest.fixture
-def warpsocket_log():
-    logger = logging.getLogger("warpsocket")
-    handler = _Collect()
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-
-
 def assert_backpressure_warning(handler):
     """A WARNING record on logger ``warpsocket`` about the 1008 close."""
     wait_for(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -28,39 +27,6 @@ from helpers import (
 )
 from websockets.asyncio.client import connect as async_connect
 from websockets.exceptions import InvalidStatus
-
-
-class _CollectingHandler(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.formatter_ = logging.Formatter("%(levelname)s %(name)s %(message)s")
-        self.records = []
-        self.texts = []
-
-    def emit(self, record):
-        self.records.append(record)
-        self.texts.append(self.formatter_.format(record))
-
-
-@pytest.fixture
-def warpsocket_log():
-    """Collects every record emitted on the ``warpsocket`` logger (from any thread)."""
-    logger = logging.getLogger("warpsocket")
-    handler = _CollectingHandler()
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-
-
-def logged_error_containing(handler, needle):
-    return [
-        text
-        for record, text in zip(handler.records, handler.texts, strict=False)
-        if record.levelno >= logging.ERROR and needle in text
-    ]
-
 
 # ---------------------------------------------------------------- per-worker instances and pinning
 
@@ -557,10 +523,10 @@ def test_raising_handler_logs_traceback_and_closes_1011(start_server, log_path, 
         assert code == 1011
         assert ask(other, "still working") == "still working"
         wait_for(
-            lambda: logged_error_containing(warpsocket_log, "kaboom-123"),
+            lambda: warpsocket_log.errors_containing("kaboom-123"),
             message="traceback on logger warpsocket",
         )
-        text = logged_error_containing(warpsocket_log, "kaboom-123")[0]
+        text = warpsocket_log.errors_containing("kaboom-123")[0]
         assert "Traceback" in text
         assert "handle_text_message" in text
         wait_for(
@@ -577,7 +543,7 @@ def test_raising_async_handler_closes_1011(start_server, log_path, warpsocket_lo
         code, _ = expect_close(ws)
         assert code == 1011
         wait_for(
-            lambda: logged_error_containing(warpsocket_log, "async-kaboom-456"),
+            lambda: warpsocket_log.errors_containing("async-kaboom-456"),
             message="traceback logged",
         )
         assert ask(other, b"fine") == b"fine"
@@ -674,7 +640,7 @@ def test_raising_handle_close_is_logged_and_worker_survives(start_server, warpso
     with connect(server) as ws:
         assert ask(ws, "a") == "a"
     wait_for(
-        lambda: logged_error_containing(warpsocket_log, "close-failure-789"),
+        lambda: warpsocket_log.errors_containing("close-failure-789"),
         message="logged handle_close error",
     )
     with connect(server) as ws:

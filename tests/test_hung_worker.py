@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import logging
 import struct
 import threading
 import time
@@ -68,38 +67,6 @@ def handle_close(socket_id):
     log("close", socket_id, threading.get_ident())
 """
 )
-
-
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-    def errors(self):
-        out = []
-        for record in list(self.records):
-            if record.levelno >= logging.ERROR:
-                text = record.getMessage()
-                if record.exc_info:
-                    text += "\n" + logging.Formatter().formatException(record.exc_info)
-                if record.stack_info:
-                    text += "\n" + record.stack_info
-                out.append(text)
-        return out
-
-
-@pytest.fixture
-def warpsocket_log():
-    logger = logging.getLogger("warpsocket")
-    handler = _Collect()
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import time
 import pytest
 import warpsocket
 from helpers import (
-    LOGGING_PRELUDE,
+    LOGGING_ECHO_WORKER,
     OP_CLOSE,
     OP_PING,
     OP_PONG,
@@ -18,28 +18,6 @@ from helpers import (
     connect,
     read_lines,
     wait_for,
-)
-
-KEEPALIVE_WORKER = (
-    LOGGING_PRELUDE
-    + """
-def handle_start(worker_arg):
-    global LOG
-    LOG = worker_arg
-
-def handle_open(socket_id, ip, headers):
-    log("open", socket_id)
-    return True
-
-def handle_text_message(text, socket_id):
-    if text == "sid?":
-        warpsocket.send(socket_id, str(socket_id))
-    else:
-        warpsocket.send(socket_id, text)
-
-def handle_close(socket_id):
-    log("close", socket_id)
-"""
 )
 
 FAST_PINGS = {"ping_interval": 0.5, "ping_timeout": 1.0}
@@ -61,7 +39,7 @@ PING_SETTINGS = [
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("settings", PING_SETTINGS)
 def test_silent_peer_is_closed_1011_and_dropped(start_server, log_path, settings):
-    server = start_server(KEEPALIVE_WORKER, threads=1, worker_arg=str(log_path), **settings)
+    server = start_server(LOGGING_ECHO_WORKER, threads=1, worker_arg=str(log_path), **settings)
     interval, timeout = settings["ping_interval"], settings["ping_timeout"]
     with RawConn(server.port, timeout=30) as raw, connect(server) as other:
         raw.handshake()
@@ -103,7 +81,7 @@ def test_silent_peer_is_closed_1011_and_dropped(start_server, log_path, settings
 def test_silent_peer_that_reads_nothing_is_dropped(start_server, log_path):
     """A peer that neither reads nor writes after the upgrade still gets dropped."""
     settings = {"ping_interval": 1.0, "ping_timeout": 1.0}
-    server = start_server(KEEPALIVE_WORKER, threads=1, worker_arg=str(log_path), **settings)
+    server = start_server(LOGGING_ECHO_WORKER, threads=1, worker_arg=str(log_path), **settings)
     with RawConn(server.port, timeout=30) as raw:
         raw.handshake()
         sid = raw_sid(raw)
@@ -116,7 +94,7 @@ def test_silent_peer_that_reads_nothing_is_dropped(start_server, log_path):
 
 @pytest.mark.timeout(60)
 def test_websockets_client_answering_pings_stays_connected(start_server, log_path):
-    server = start_server(KEEPALIVE_WORKER, threads=1, worker_arg=str(log_path), **FAST_PINGS)
+    server = start_server(LOGGING_ECHO_WORKER, threads=1, worker_arg=str(log_path), **FAST_PINGS)
     # the client sends no pings of its own and no messages; it only answers the server's pings
     with connect(server, ping_interval=None) as ws:
         sid = int(ask(ws, "sid?"))
@@ -132,7 +110,7 @@ def test_websockets_client_answering_pings_stays_connected(start_server, log_pat
 
 @pytest.mark.timeout(60)
 def test_server_pings_every_interval_and_pongs_keep_the_peer(start_server, log_path):
-    server = start_server(KEEPALIVE_WORKER, threads=1, worker_arg=str(log_path), **FAST_PINGS)
+    server = start_server(LOGGING_ECHO_WORKER, threads=1, worker_arg=str(log_path), **FAST_PINGS)
     with RawConn(server.port, timeout=30) as raw:
         raw.handshake()
         sid = raw_sid(raw)
@@ -154,7 +132,7 @@ def test_server_pings_every_interval_and_pongs_keep_the_peer(start_server, log_p
 
 @pytest.mark.timeout(60)
 def test_client_pings_are_answered(start_server, log_path):
-    server = start_server(KEEPALIVE_WORKER, threads=1, worker_arg=str(log_path))
+    server = start_server(LOGGING_ECHO_WORKER, threads=1, worker_arg=str(log_path))
     with RawConn(server.port, timeout=30) as raw:
         raw.handshake()
         raw.send_frame(OP_PING, b"are you there")

@@ -8,7 +8,7 @@ import pytest
 import warpsocket
 from helpers import (
     ECHO_WORKER,
-    LOGGING_PRELUDE,
+    LOGGING_ECHO_WORKER,
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,
@@ -27,31 +27,6 @@ from helpers import (
     wait_for,
 )
 from websockets.exceptions import ConnectionClosed
-
-LOGGING_ECHO_WORKER = (
-    LOGGING_PRELUDE
-    + """
-def handle_start(worker_arg):
-    global LOG
-    LOG = worker_arg
-
-def handle_open(socket_id, ip, headers):
-    log("open", socket_id)
-    return True
-
-def handle_text_message(text, socket_id):
-    if text == "sid?":
-        warpsocket.send(socket_id, str(socket_id))
-    else:
-        warpsocket.send(socket_id, text)
-
-def handle_binary_message(data, socket_id):
-    warpsocket.send(socket_id, data)
-
-def handle_close(socket_id):
-    log("close", socket_id)
-"""
-)
 
 
 @pytest.fixture

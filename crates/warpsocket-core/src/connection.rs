@@ -408,8 +408,8 @@ impl Connection {
         // After a backpressure close, a frame already partly written must be
         // finished so the close frame after it is well-formed.
         let keep_front = self.writer.offset > 0;
-        let taken = self.guard.socket.take(&mut self.writer.frames, keep_front);
-        if taken.close {
+        let close_taken = self.guard.socket.take(&mut self.writer.frames, keep_front);
+        if close_taken {
             self.writer.close_queued = true;
             if self.state == State::Open {
                 self.state = State::Closing;

@@ -36,12 +36,6 @@ struct Outbox {
     discard: bool,
 }
 
-/// What the writer got from [`Socket::take`].
-pub struct Taken {
-    /// The close frame is the last of the frames just taken.
-    pub close: bool,
-}
-
 /// The shared handle of one accepted (or upgrading) connection.
 pub struct Socket {
     pub id: u64,
@@ -149,7 +143,8 @@ impl Socket {
     /// Moves the queued frames to the writer's buffer. After a backpressure
     /// close, the frames the writer still holds are dropped first, except
     /// the front one when `keep_front` (it is partly written).
-    pub(crate) fn take(&self, into: &mut VecDeque<Bytes>, keep_front: bool) -> Taken {
+    /// Returns true when the close frame is the last of the frames just taken.
+    pub(crate) fn take(&self, into: &mut VecDeque<Bytes>, keep_front: bool) -> bool {
         let mut out = self.outbox.lock();
         if std::mem::take(&mut out.discard) {
             into.truncate(usize::from(keep_front));
@@ -165,7 +160,7 @@ impl Socket {
         if close {
             out.close_taken = true;
         }
-        Taken { close }
+        close
     }
 
     /// The writer put `bytes` on the wire.
