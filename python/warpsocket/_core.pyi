@@ -43,6 +43,12 @@ def set_key_if(key: Name, new_value: Name | None = None, check_value: Name | Non
 def resolve_open(socket_id: int, accept: bool, status: int) -> bool:
     """Deliver ``handle_open``'s verdict; False if the upgrade no longer waits."""
 
+def join_cluster(url: str) -> int:
+    """Join the cluster sharing the Redis server at ``url``; return this node's id."""
+
+def leave_cluster() -> None:
+    """Leave the cluster, if in one."""
+
 def counters() -> dict[str, int]:
     """The engine's counters (``stats()`` without the worker list)."""
 
@@ -59,8 +65,12 @@ class WorkerQueue:
         """The descriptor that becomes readable when events wait."""
     def drain(self) -> list[tuple[int, int, Any]]:
         """Take every waiting event as ``(kind, socket_id, payload)``."""
-    def finished(self, socket_ids: list[int]) -> None:
-        """Report that the handlers of these events finished (one id per event)."""
+    def hold(self, socket_id: int) -> None:
+        """An event of ``socket_id`` waits or is awaited: it counts until ``release``."""
+    def release(self, socket_id: int) -> None:
+        """A held event's handler finished."""
+    def probe(self) -> None:
+        """Wake an idle worker as if an event waited (hang detection)."""
     def stalled_for(self) -> float:
         """Seconds the oldest waiting event has waited."""
 
@@ -82,6 +92,6 @@ class Server:
     ) -> None: ...
     def addresses(self) -> list[tuple[str, int]]: ...
     def add_worker(self) -> WorkerQueue: ...
-    def retire_worker(self, worker_id: int) -> bool: ...
+    def retire_worker(self, worker_id: int) -> int: ...
     def serve(self, *, handle_open: bool, handle_text: bool, handle_binary: bool) -> None: ...
     def shutdown(self, timeout: float) -> None: ...

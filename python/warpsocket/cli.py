@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="serve the files of DIR to plain HTTP GET/HEAD requests on the same port",
     )
+    parser.add_argument(
+        "--cluster",
+        metavar="URL",
+        default=None,
+        help="join the cluster of WarpSocket processes sharing this Redis server, "
+        "e.g. redis://127.0.0.1:6379/0",
+    )
     for spec in TUNABLES:
         parser.add_argument(
             "--" + spec.name.replace("_", "-"),
@@ -77,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             threads=args.threads,
             worker_arg=args.worker_arg,
             static_dir=args.static_dir,
+            cluster=args.cluster,
             **tunables,
         )
     except (OSError, ImportError, RuntimeError, ValueError, TypeError) as exc:

@@ -23,6 +23,7 @@ class Options:
     threads: int = field(default_factory=default_threads)
     worker_arg: Any = None
     static_dir: str | None = None
+    cluster: str | None = None
     handler_timeout: float = field(default=5.0, metadata={"help": "seconds an async handler may run"})
     hang_timeout: float = field(
         default=3.0, metadata={"help": "seconds a worker may leave its events waiting"}
@@ -51,6 +52,7 @@ class Options:
         threads: int | None = None,
         worker_arg: Any = None,
         static_dir: str | os.PathLike[str] | None = None,
+        cluster: str | None = None,
         **tunables: Any,
     ) -> Options:
         """Check every argument and return the options, raising TypeError/ValueError."""
@@ -76,6 +78,11 @@ class Options:
             if not os.path.isdir(static_dir):
                 raise ValueError(f"static_dir {static_dir!r} is not an existing folder")
             static_dir = os.path.abspath(static_dir)
+        if cluster is not None:
+            if not isinstance(cluster, str):
+                raise TypeError(f"cluster must be a Redis URL (str) or None, not {type(cluster).__name__}")
+            if not cluster.startswith(("redis://", "unix://", "redis+unix://")):
+                raise ValueError(f"cluster must be a redis:// URL, got {cluster!r}")
         if threads is None:
             threads = default_threads()
         _check_int("threads", threads)
@@ -96,6 +103,7 @@ class Options:
             threads=threads,
             worker_arg=worker_arg,
             static_dir=static_dir,
+            cluster=cluster,
             **tunables,
         )
 

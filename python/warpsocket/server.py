@@ -114,6 +114,9 @@ class Server:
                 worker.join(max(deadline - time.monotonic(), 0.0) + 1.0)
                 if worker.is_alive():
                     logger.warning("worker thread %s did not finish in time", worker.name)
+            if self.options.cluster is not None:
+                # After every handle_close: they may still use the shared kv store.
+                _core.leave_cluster()
             _release(self)
             self._stopped.set()
             logger.info("warpsocket stopped")
@@ -164,6 +167,7 @@ def start(
     threads: int | None = None,
     worker_arg: Any = None,
     static_dir: str | os.PathLike[str] | None = None,
+    cluster: str | None = None,
     **tunables: Any,
 ) -> Server:
     """Start a server and return it once every address is bound and every worker is ready.
@@ -171,58 +175,75 @@ def start(
     ``bind`` is an address (``"127.0.0.1:3000"``, ``"[::1]:3000"``) or a list of them;
     ``worker`` a file path or an importable module name. ``static_dir``: a folder whose
     files answer plain HTTP GET/HEAD requests on the same port (else they get 426).
+    ``cluster``: a Redis URL (``"redis://host:6379/0"``) to join a cluster of WarpSocket
+    processes sharing that Redis server (see the README, "Running on many machines").
     Tunables: ``handler_timeout``, ``hang_timeout``, ``max_message_size``,
     ``max_backpressure``, ``ping_interval``, ``ping_timeout``, ``max_pending_upgrades``
     (see the README).
 
-    Raises ``OSError`` when an address cannot be bound, ``ImportError`` when the worker
-    cannot be imported, ``RuntimeError`` when ``handle_start`` raises or a server already
+    Raises ``OSError`` when an address cannot be bound, ``ConnectionError`` when the
+    cluster's Redis server cannot be reached, ``ImportError`` when the worker cannot be
+    imported, ``RuntimeError`` when ``handle_start`` raises or a server already
     runs; nothing is left running then.
     """
     global _running
-    options = Options.build(bind, worker, threads, worker_arg, static_dir, **tunables)
+    options = Options.build(bind, worker, threads, worker_arg, static_dir, cluster, **tunables)
     with _state_lock:
         if _running is not None:
             raise RuntimeError("a WarpSocket server is already running in this process")
-        core = _core.Server(
-            list(options.bind),
-            max_message_size=options.max_message_size,
-            max_backpressure=options.max_backpressure,
-            ping_interval=options.ping_interval,
-            ping_timeout=options.ping_timeout,
-            open_timeout=options.handler_timeout + options.hang_timeout + 1.0,
-            max_pending_upgrades=options.max_pending_upgrades,
-            static_dir=options.static_dir,
-        )
-        workers: list[Worker] = []
+        if options.cluster is not None:
+            # Joined first: every socket id handed out carries this node's number.
+            node = _core.join_cluster(options.cluster)
+            logger.info("joined the cluster at %s as node %d", options.cluster, node)
         try:
-            for index in range(options.threads):
-                worker_thread = Worker(index, options, core.add_worker())
-                workers.append(worker_thread)
-                worker_thread.start()
-            for worker_thread in workers:
-                worker_thread.ready.wait()
-            errors = [w.startup_error for w in workers if w.startup_error is not None]
-            if errors:
-                raise errors[0]
-            handlers = workers[0].handlers
-            core.serve(
-                handle_open=handlers["handle_open"] is not None,
-                handle_text=handlers["handle_text_message"] is not None,
-                handle_binary=handlers["handle_binary_message"] is not None,
-            )
+            server = _start_joined(options)
         except BaseException:
-            core.shutdown(0.0)
-            for worker_thread in workers:
-                worker_thread.finish(time.monotonic())
-            for worker_thread in workers:
-                worker_thread.join(5.0)
+            if options.cluster is not None:
+                _core.leave_cluster()
             raise
-        server = Server(options, core, workers)
         _running = server
     where = ", ".join(f"{_format_host(h)}:{p}" for h, p in server.addresses)
     logger.info("warpsocket listening on %s with %d workers", where, options.threads)
     return server
+
+
+def _start_joined(options: Options) -> Server:
+    """Bind, start the workers and serve; on failure leave nothing running."""
+    core = _core.Server(
+        list(options.bind),
+        max_message_size=options.max_message_size,
+        max_backpressure=options.max_backpressure,
+        ping_interval=options.ping_interval,
+        ping_timeout=options.ping_timeout,
+        open_timeout=options.handler_timeout + options.hang_timeout + 1.0,
+        max_pending_upgrades=options.max_pending_upgrades,
+        static_dir=options.static_dir,
+    )
+    workers: list[Worker] = []
+    try:
+        for index in range(options.threads):
+            worker_thread = Worker(index, options, core.add_worker())
+            workers.append(worker_thread)
+            worker_thread.start()
+        for worker_thread in workers:
+            worker_thread.ready.wait()
+        errors = [w.startup_error for w in workers if w.startup_error is not None]
+        if errors:
+            raise errors[0]
+        handlers = workers[0].handlers
+        core.serve(
+            handle_open=handlers["handle_open"] is not None,
+            handle_text=handlers["handle_text_message"] is not None,
+            handle_binary=handlers["handle_binary_message"] is not None,
+        )
+    except BaseException:
+        core.shutdown(0.0)
+        for worker_thread in workers:
+            worker_thread.finish(time.monotonic())
+        for worker_thread in workers:
+            worker_thread.join(5.0)
+        raise
+    return Server(options, core, workers)
 
 
 def _format_host(host: str) -> str:
@@ -235,6 +256,7 @@ def run(
     threads: int | None = None,
     worker_arg: Any = None,
     static_dir: str | os.PathLike[str] | None = None,
+    cluster: str | None = None,
     **tunables: Any,
 ) -> None:
     """Start a server and block until SIGINT or SIGTERM, then stop gracefully.
@@ -258,7 +280,7 @@ def run(
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
     try:
-        server = start(bind, worker, threads, worker_arg, static_dir, **tunables)
+        server = start(bind, worker, threads, worker_arg, static_dir, cluster, **tunables)
         # Short waits so the main thread gets to run signal handlers.
         while not stop_requested.is_set() and server.running:
             stop_requested.wait(0.2)

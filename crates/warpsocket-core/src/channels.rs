@@ -96,6 +96,19 @@ impl Channels {
         }
     }
 
+    pub(crate) fn contains(&self, name: &[u8]) -> bool {
+        self.shard(name).read().contains_key(name)
+    }
+
+    /// Every channel with at least one subscription.
+    pub(crate) fn names(&self) -> Vec<Bytes> {
+        let mut names = Vec::new();
+        for shard in self.shards.iter() {
+            names.extend(shard.read().keys().cloned());
+        }
+        names
+    }
+
     pub(crate) fn pair_count(&self) -> usize {
         self.pairs.load(Ordering::Relaxed)
     }

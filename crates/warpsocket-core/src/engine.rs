@@ -5,15 +5,21 @@
 //!
 //! Lock order, to stay deadlock-free: a socket's links, then a channel shard,
 //! then registry shards, then an outbox. Nothing is held while calling out.
+//!
+//! In cluster mode the public calls go through [`Cluster`], which applies
+//! the local part here (the `*_local` methods) and forwards the rest.
 
+use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::channels::{Change, Channels};
+use crate::cluster::{Cluster, Unreachable};
 use crate::frame::{self, Kind};
 use crate::kv::Kv;
 use crate::registry::{Entry, IdMap, Links, Prefix, Registry, VirtualSocket, MAX_PREFIX};
@@ -40,11 +46,13 @@ pub enum Target {
 }
 
 /// Why a virtual socket could not be created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VirtualError {
     /// The target is not an open connection or live virtual socket.
     NoSuchSocket,
     PrefixTooLong,
+    /// The target lives on another node, which did not answer.
+    Unreachable(String),
 }
 
 #[derive(Default)]
@@ -59,6 +67,10 @@ pub struct Engine {
     last_id: AtomicU64,
     connections: AtomicUsize,
     virtual_sockets: AtomicUsize,
+    /// Set while this process is a node of a cluster.
+    cluster: ArcSwapOption<Cluster>,
+    /// The node number in the top bits of every id handed out (0 alone).
+    id_base: AtomicU64,
 }
 
 impl Engine {
@@ -67,7 +79,48 @@ impl Engine {
     }
 
     fn next_id(&self) -> u64 {
-        self.last_id.fetch_add(1, Ordering::Relaxed) + 1
+        self.id_base.load(Ordering::Relaxed) | (self.last_id.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    // -- cluster membership ----------------------------------------------
+
+    /// Joins the cluster whose Redis server is at `url`; returns this node's
+    /// number. Ids handed out from now on carry it.
+    pub fn join_cluster(self: &Arc<Self>, url: &str) -> io::Result<u16> {
+        self.leave_cluster();
+        let cluster = Cluster::join(self, url)?;
+        let node = cluster.node();
+        self.id_base.store(cluster.id_base(), Ordering::Relaxed);
+        self.cluster.store(Some(cluster));
+        Ok(node)
+    }
+
+    /// Leaves the cluster (if in one): back to a process on its own.
+    pub fn leave_cluster(&self) {
+        if let Some(cluster) = self.cluster.swap(None) {
+            cluster.leave();
+        }
+        self.id_base.store(0, Ordering::Relaxed);
+    }
+
+    /// This node's number, 0 when not in a cluster.
+    pub fn node_id(&self) -> u16 {
+        self.cluster.load().as_ref().map_or(0, |c| c.node())
+    }
+
+    /// Channels with local subscriptions: the ones to listen to on Redis.
+    pub(crate) fn local_channels(&self) -> Vec<Bytes> {
+        self.channels.names()
+    }
+
+    pub(crate) fn listens_to(&self, channel: &[u8]) -> bool {
+        self.channels.contains(channel)
+    }
+
+    fn subscriptions_changed(&self, channel: &Bytes) {
+        if let Some(cluster) = self.cluster.load().as_ref() {
+            cluster.subscriptions_changed(channel);
+        }
     }
 
     // -- connections -----------------------------------------------------
@@ -106,6 +159,7 @@ impl Engine {
             };
             for channel in &channels {
                 self.channels.update(channel, id, i64::MIN);
+                self.subscriptions_changed(channel);
             }
             if let Entry::Virtual(_) = entry {
                 self.virtual_sockets.fetch_sub(1, Ordering::Relaxed);
@@ -142,10 +196,19 @@ impl Engine {
 
     // -- sending -----------------------------------------------------------
 
-    /// Sends one message to every target (repeats count again); the frame is
-    /// encoded once and shared, except for prefixed virtual sockets. Returns
-    /// the number of recipients it was queued for.
+    /// Sends one message to every target (repeats count again). Returns the
+    /// number of recipients it was queued for, plus, in a cluster, the
+    /// messages handed to Redis for other nodes.
     pub fn send(&self, targets: &[Target], kind: Kind, payload: &[u8]) -> usize {
+        match self.cluster.load().as_ref() {
+            Some(cluster) => cluster.send(self, targets, kind, payload),
+            None => self.send_local(targets, kind, payload),
+        }
+    }
+
+    /// [`send`](Self::send) on this node only: the frame is encoded once and
+    /// shared, except for prefixed virtual sockets.
+    pub(crate) fn send_local(&self, targets: &[Target], kind: Kind, payload: &[u8]) -> usize {
         let frame = frame::encode_message(kind, payload);
         let mut sent = 0;
         let mut overflowed = Vec::new();
@@ -190,8 +253,18 @@ impl Engine {
     }
 
     /// Starts the close handshake of the connection `id` resolves to; false
-    /// when there is none or it is already closing.
+    /// when there is none or it is already closing. For another node's
+    /// socket: true when the request was handed to Redis.
     pub fn close(&self, id: u64, code: u16, reason: &str) -> bool {
+        if let Some(cluster) = self.cluster.load().as_ref() {
+            if let Some(forwarded) = cluster.close(self, id, code, reason) {
+                return forwarded;
+            }
+        }
+        self.close_local(id, code, reason)
+    }
+
+    pub(crate) fn close_local(&self, id: u64, code: u16, reason: &str) -> bool {
         self.sockets
             .resolve(id)
             .is_some_and(|(socket, _)| socket.close(code, reason))
@@ -201,8 +274,21 @@ impl Engine {
 
     /// Adds `delta` to the subscription count of every socket `targets` names
     /// (a channel target names its current subscribers) on `channel`. Returns
-    /// the ids that became subscribed (`delta > 0`) or unsubscribed (`delta < 0`).
+    /// the ids that became subscribed (`delta > 0`) or unsubscribed (`delta < 0`)
+    /// on this node (another node's sockets are changed there, unreported).
     pub fn subscribe(&self, targets: &[Target], channel: &Bytes, delta: i64) -> Vec<u64> {
+        match self.cluster.load().as_ref() {
+            Some(cluster) => cluster.subscribe(self, targets, channel, delta),
+            None => self.subscribe_local(targets, channel, delta),
+        }
+    }
+
+    pub(crate) fn subscribe_local(
+        &self,
+        targets: &[Target],
+        channel: &Bytes,
+        delta: i64,
+    ) -> Vec<u64> {
         let mut changed = Vec::new();
         if delta == 0 {
             return changed;
@@ -252,13 +338,27 @@ impl Engine {
             Change::Removed => {
                 links.channels.remove(channel);
             }
-            Change::Kept => {}
+            Change::Kept => return change,
         }
+        drop(links);
+        self.subscriptions_changed(channel);
         change
     }
 
-    /// True if a subscriber of `channel` resolves to an open connection.
+    /// True if a subscriber of `channel` resolves to an open connection; in
+    /// a cluster, on any node (another node's answer needs Redis: when it is
+    /// unreachable, only this node's subscribers count).
     pub fn has_subscriptions(&self, channel: &[u8]) -> bool {
+        if self.has_local_subscriptions(channel) {
+            return true;
+        }
+        match self.cluster.load().as_ref() {
+            Some(cluster) => cluster.others_subscribed(self, channel).unwrap_or(false),
+            None => false,
+        }
+    }
+
+    fn has_local_subscriptions(&self, channel: &[u8]) -> bool {
         let view = self.channels.subscribers(channel);
         let live = view.ids().any(|id| self.resolves_open(id));
         live
@@ -275,8 +375,27 @@ impl Engine {
     // -- virtual sockets -----------------------------------------------------
 
     /// Creates a virtual socket pointing at `target` (a connection or another
-    /// virtual socket).
+    /// virtual socket). In a cluster it is made by the node that owns
+    /// `target`, which this waits for.
     pub fn create_virtual_socket(
+        &self,
+        target: u64,
+        prefix: Option<&[u8]>,
+    ) -> Result<u64, VirtualError> {
+        if prefix.is_some_and(|p| p.len() > MAX_PREFIX) {
+            return Err(VirtualError::PrefixTooLong);
+        }
+        if let Some(cluster) = self.cluster.load().as_ref() {
+            if let Some(made) =
+                cluster.create_virtual_socket(self, target, prefix.unwrap_or_default())
+            {
+                return made;
+            }
+        }
+        self.create_virtual_socket_local(target, prefix)
+    }
+
+    pub(crate) fn create_virtual_socket_local(
         &self,
         target: u64,
         prefix: Option<&[u8]>,
@@ -313,8 +432,22 @@ impl Engine {
     }
 
     /// Deletes a virtual socket (and those pointing at it), removing it from
-    /// every channel. With `expected_target`, only if it points there.
+    /// every channel. With `expected_target`, only if it points there. For
+    /// another node's virtual socket: true when the request was handed to Redis.
     pub fn delete_virtual_socket(&self, id: u64, expected_target: Option<u64>) -> bool {
+        if let Some(cluster) = self.cluster.load().as_ref() {
+            if let Some(forwarded) = cluster.delete_virtual_socket(self, id, expected_target) {
+                return forwarded;
+            }
+        }
+        self.delete_virtual_socket_local(id, expected_target)
+    }
+
+    pub(crate) fn delete_virtual_socket_local(
+        &self,
+        id: u64,
+        expected_target: Option<u64>,
+    ) -> bool {
         let Some(Entry::Virtual(v)) = self.sockets.get(id) else {
             return false;
         };
@@ -328,6 +461,44 @@ impl Engine {
             parent.links().lock().children.retain(|&child| child != id);
         }
         true
+    }
+
+    // -- the key/value store: in-process, or in Redis for a cluster ----------
+
+    pub fn get_key(&self, key: &[u8]) -> Result<Option<Bytes>, Unreachable> {
+        match self.cluster.load().as_ref() {
+            Some(cluster) => cluster.get_key(key),
+            None => Ok(self.kv.get(key)),
+        }
+    }
+
+    /// Stores `value` (`None` deletes); returns the previous value.
+    pub fn set_key(&self, key: &[u8], value: Option<&[u8]>) -> Result<Option<Bytes>, Unreachable> {
+        match self.cluster.load().as_ref() {
+            Some(cluster) => cluster.set_key(key, value),
+            None => Ok(self.kv.set(key, value)),
+        }
+    }
+
+    /// Compare-and-set, see [`Kv::set_if`].
+    pub fn set_key_if(
+        &self,
+        key: &[u8],
+        new: Option<&[u8]>,
+        check: Option<&[u8]>,
+    ) -> Result<bool, Unreachable> {
+        match self.cluster.load().as_ref() {
+            Some(cluster) => cluster.set_key_if(key, new, check),
+            None => Ok(self.kv.set_if(key, new, check)),
+        }
+    }
+
+    /// Keys in the store (for a cluster, as Redis counts them).
+    pub fn key_count(&self) -> Result<usize, Unreachable> {
+        match self.cluster.load().as_ref() {
+            Some(cluster) => cluster.key_count(),
+            None => Ok(self.kv.len()),
+        }
     }
 
     // -- upgrades and worker bookkeeping -------------------------------------

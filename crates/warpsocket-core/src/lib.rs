@@ -4,6 +4,7 @@
 //! Nothing here knows about Python; `warpsocket-py` binds it.
 
 mod channels;
+pub mod cluster;
 pub mod config;
 mod connection;
 pub mod dispatch;

@@ -124,8 +124,8 @@ impl Registry {
                     if prefix.is_none() {
                         prefix = v.prefix.clone();
                     }
-                    // Targets always have smaller ids (they existed first), so
-                    // the walk ends.
+                    // A target existed before the virtual sockets pointing
+                    // at it, so chains have no cycles and the walk ends.
                     id = v.target;
                 }
             }

@@ -9,6 +9,12 @@ pub struct Counters {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub backpressure_closes: AtomicU64,
+    /// Cluster mode: messages handed to Redis for other nodes, requests and
+    /// broadcasts received from them, and cross-node sends that failed
+    /// (Redis unreachable or too slow).
+    pub cluster_messages_out: AtomicU64,
+    pub cluster_messages_in: AtomicU64,
+    pub cluster_send_failures: AtomicU64,
 }
 
 impl Counters {

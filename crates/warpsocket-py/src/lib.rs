@@ -6,11 +6,12 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{
     PyBool, PyByteArray, PyBytes, PyDict, PyInt, PyList, PyMemoryView, PyString, PyTuple,
 };
+use warpsocket_core::cluster::Unreachable;
 use warpsocket_core::{
     Config, Engine, Handlers, Kind, Payload, Target, Verdict, VirtualError, MAX_PREFIX,
 };
@@ -206,23 +207,30 @@ fn unsubscribe(
     change_subscriptions(py, target, channel, -delta)
 }
 
-/// True if any subscriber of `channel` resolves to an open connection.
+/// True if any subscriber of `channel` resolves to an open connection (in a
+/// cluster, on any node: that asks Redis, so the GIL is released).
 #[pyfunction]
-fn has_subscriptions(channel: &Bound<'_, PyAny>) -> PyResult<bool> {
-    Ok(ENGINE.has_subscriptions(&name_bytes(channel, "channel")?))
+fn has_subscriptions(py: Python<'_>, channel: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let channel = name_bytes(channel, "channel")?;
+    Ok(py.detach(|| ENGINE.has_subscriptions(&channel)))
+}
+
+fn connection_error(e: Unreachable) -> PyErr {
+    PyConnectionError::new_err(e.to_string())
 }
 
 /// Creates a virtual socket pointing at `socket_id`; returns its id.
 #[pyfunction]
 #[pyo3(signature = (socket_id, user_prefix=None))]
 fn create_virtual_socket(
+    py: Python<'_>,
     socket_id: &Bound<'_, PyAny>,
     user_prefix: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<u64> {
     let id = self::socket_id(socket_id, "socket_id")?;
     let prefix = optional_bytes(user_prefix, "user_prefix")?;
-    ENGINE
-        .create_virtual_socket(id, prefix.as_deref())
+    // Another node's socket: waits for that node's answer.
+    py.detach(|| ENGINE.create_virtual_socket(id, prefix.as_deref()))
         .map_err(|e| match e {
             VirtualError::PrefixTooLong => PyValueError::new_err(format!(
                 "user_prefix must be at most {MAX_PREFIX} bytes, got {}",
@@ -230,6 +238,9 @@ fn create_virtual_socket(
             )),
             VirtualError::NoSuchSocket => PyValueError::new_err(format!(
                 "socket_id {id} is not an open connection or live virtual socket"
+            )),
+            VirtualError::Unreachable(why) => PyConnectionError::new_err(format!(
+                "socket_id {id} belongs to another node, which did not answer: {why}"
             )),
         })
 }
@@ -253,7 +264,19 @@ fn delete_virtual_socket(
 #[pyfunction]
 fn get_key<'py>(py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyBytes>>> {
     let key = name_bytes(key, "key")?;
-    Ok(ENGINE.kv.get(&key).map(|v| PyBytes::new(py, &v)))
+    let value = kv_call(py, || ENGINE.get_key(&key))?;
+    Ok(value.map(|v| PyBytes::new(py, &v)))
+}
+
+/// A kv call: in a cluster it waits for Redis, without holding the GIL.
+fn kv_call<T: Send>(
+    py: Python<'_>,
+    call: impl FnOnce() -> Result<T, Unreachable> + Send,
+) -> PyResult<T> {
+    if ENGINE.node_id() == 0 {
+        return call().map_err(connection_error);
+    }
+    py.detach(call).map_err(connection_error)
 }
 
 /// Stores `value` under `key` (None deletes); returns the previous value.
@@ -266,16 +289,15 @@ fn set_key<'py>(
 ) -> PyResult<Option<Bound<'py, PyBytes>>> {
     let key = name_bytes(key, "key")?;
     let value = optional_bytes(value, "value")?;
-    Ok(ENGINE
-        .kv
-        .set(&key, value.as_deref())
-        .map(|v| PyBytes::new(py, &v)))
+    let previous = kv_call(py, || ENGINE.set_key(&key, value.as_deref()))?;
+    Ok(previous.map(|v| PyBytes::new(py, &v)))
 }
 
 /// Compare-and-set; see API.md §3.
 #[pyfunction]
 #[pyo3(signature = (key, new_value=None, check_value=None))]
 fn set_key_if(
+    py: Python<'_>,
     key: &Bound<'_, PyAny>,
     new_value: Option<&Bound<'_, PyAny>>,
     check_value: Option<&Bound<'_, PyAny>>,
@@ -283,9 +305,9 @@ fn set_key_if(
     let key = name_bytes(key, "key")?;
     let new_value = optional_bytes(new_value, "new_value")?;
     let check_value = optional_bytes(check_value, "check_value")?;
-    Ok(ENGINE
-        .kv
-        .set_if(&key, new_value.as_deref(), check_value.as_deref()))
+    kv_call(py, || {
+        ENGINE.set_key_if(&key, new_value.as_deref(), check_value.as_deref())
+    })
 }
 
 /// Starts closing a connection; True if one was found open.
@@ -351,6 +373,22 @@ fn resolve_open(socket_id: u64, accept: bool, status: u16) -> bool {
     ENGINE.resolve_open(socket_id, verdict)
 }
 
+/// Joins the cluster whose Redis server is at `url`; returns this node's id.
+#[pyfunction]
+fn join_cluster(py: Python<'_>, url: &str) -> PyResult<u16> {
+    py.detach(|| ENGINE.join_cluster(url))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
+            _ => PyConnectionError::new_err(e.to_string()),
+        })
+}
+
+/// Leaves the cluster (if in one); kv and sends are local again.
+#[pyfunction]
+fn leave_cluster(py: Python<'_>) {
+    py.detach(|| ENGINE.leave_cluster());
+}
+
 /// Engine counters (the Python layer adds the per-worker list).
 #[pyfunction]
 fn counters(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
@@ -361,12 +399,18 @@ fn counters(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     dict.set_item("virtual_sockets", ENGINE.virtual_socket_count())?;
     dict.set_item("channels", ENGINE.channel_count())?;
     dict.set_item("subscriptions", ENGINE.subscription_count())?;
-    dict.set_item("keys", ENGINE.kv.len())?;
+    // In a cluster the count comes from Redis: -1 while it cannot be asked.
+    let keys = kv_call(py, || ENGINE.key_count()).map_or(-1, |n| n as i64);
+    dict.set_item("keys", keys)?;
     dict.set_item("messages_in", get(&stats.messages_in))?;
     dict.set_item("messages_out", get(&stats.messages_out))?;
     dict.set_item("bytes_in", get(&stats.bytes_in))?;
     dict.set_item("bytes_out", get(&stats.bytes_out))?;
     dict.set_item("backpressure_closes", get(&stats.backpressure_closes))?;
+    dict.set_item("node_id", ENGINE.node_id())?;
+    dict.set_item("cluster_messages_out", get(&stats.cluster_messages_out))?;
+    dict.set_item("cluster_messages_in", get(&stats.cluster_messages_in))?;
+    dict.set_item("cluster_send_failures", get(&stats.cluster_send_failures))?;
     Ok(dict)
 }
 
@@ -574,6 +618,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_key_if, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_open, m)?)?;
     m.add_function(wrap_pyfunction!(counters, m)?)?;
+    m.add_function(wrap_pyfunction!(join_cluster, m)?)?;
+    m.add_function(wrap_pyfunction!(leave_cluster, m)?)?;
     m.add("EVENT_OPEN", EVENT_OPEN)?;
     m.add("EVENT_TEXT", EVENT_TEXT)?;
     m.add("EVENT_BINARY", EVENT_BINARY)?;

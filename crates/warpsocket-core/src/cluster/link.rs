@@ -1,0 +1,243 @@
+//! The node's Redis I/O: joining, the publisher task, and the listener task
+//! that keeps the pub/sub connection (reconnecting and re-subscribing with
+//! backoff) and applies what other nodes send.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use redis::{Msg, RedisResult, Script};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::wire::{Broadcast, Op};
+use super::{
+    channel_key, node_key, node_number, Cluster, ALL_NODES, CHANNEL_PREFIX, NODE_COUNTER,
+    REDIS_TIMEOUT,
+};
+use crate::engine::{Engine, Target};
+use crate::stats::Counters;
+
+/// `set_key`: returns the previous value, stores ARGV[3] when ARGV[2] is 1,
+/// deletes otherwise; one script so the two steps are atomic.
+pub(super) static SET_KEY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local old = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[2] == '1' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+else redis.call('HDEL', KEYS[1], ARGV[1]) end
+return old",
+    )
+});
+
+/// `set_key_if`: ARGV[2..3] is the check (flag, value: flag 0 means "absent"),
+/// ARGV[4..5] the new value (flag 0 means "delete"). Returns 1 when it happened.
+pub(super) static SET_KEY_IF: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local current = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[2] == '1' then
+  if current ~= ARGV[3] then return 0 end
+elseif current then return 0 end
+if ARGV[4] == '1' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
+else redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1",
+    )
+});
+
+/// After a Redis restart the node counter is gone: raise it past this
+/// node's number again so a node joining later does not take it.
+static KEEP_COUNTER_PAST: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if (tonumber(redis.call('GET', KEYS[1])) or 0) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1]) end
+return 1",
+    )
+});
+
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// PUBLISH commands sent to Redis in one pipeline.
+const BATCH: usize = 256;
+
+/// The command connection and this node's number.
+pub(super) async fn connect(client: &redis::Client) -> RedisResult<(ConnectionManager, u16)> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(1))
+        .set_response_timeout(REDIS_TIMEOUT)
+        .set_number_of_retries(2)
+        .set_max_delay(500);
+    let mut commands = client.get_connection_manager_with_config(config).await?;
+    let n: u64 = redis::cmd("INCR")
+        .arg(NODE_COUNTER)
+        .query_async(&mut commands)
+        .await?;
+    Ok((commands, node_number(n)))
+}
+
+/// Sends queued messages to Redis, many per round trip, in queue order (so
+/// one thread's messages to one socket stay in order across nodes).
+pub(super) async fn publish(
+    engine: Arc<Engine>,
+    mut commands: ConnectionManager,
+    mut queue: mpsc::Receiver<(Bytes, Bytes)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        tokio::select! {
+            n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
+            _ = stopped(&mut stop) => return,
+        }
+        let mut pipe = redis::pipe();
+        for (channel, message) in &batch {
+            pipe.cmd("PUBLISH")
+                .arg(&channel[..])
+                .arg(&message[..])
+                .ignore();
+        }
+        let sent = tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<()>(&mut commands)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            Counters::add(&engine.stats.cluster_send_failures, batch.len() as u64);
+            log::debug!(target: "warpsocket", "cluster: {} messages not published: Redis unreachable", batch.len());
+        }
+        batch.clear();
+    }
+}
+
+/// Keeps this node listening on Redis: its own channel, the all-nodes
+/// channel and every channel it has local subscribers for. Reconnects with
+/// backoff and re-subscribes everything after a loss.
+pub(super) async fn listen(
+    engine: Arc<Engine>,
+    cluster: Arc<Cluster>,
+    client: redis::Client,
+    mut interest: mpsc::UnboundedReceiver<Bytes>,
+    mut stop: watch::Receiver<bool>,
+    ready: oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
+    let mut backoff = MIN_BACKOFF;
+    let mut was_up = false;
+    loop {
+        let connected = tokio::select! {
+            c = tokio::time::timeout(REDIS_TIMEOUT, listen_once(&engine, &cluster, &client)) => c,
+            _ = stopped(&mut stop) => return,
+        };
+        if let Ok(Ok((mut sink, mut stream, mut listening))) = connected {
+            cluster.up.store(true, Ordering::Release);
+            if was_up {
+                log::warn!(target: "warpsocket", "cluster: reconnected to Redis, listening on {} channels again", listening.len());
+            }
+            was_up = true;
+            backoff = MIN_BACKOFF;
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(());
+            }
+            loop {
+                tokio::select! {
+                    msg = stream.next() => match msg {
+                        Some(msg) => receive(&engine, &cluster, &msg),
+                        None => break,
+                    },
+                    Some(channel) = interest.recv() => {
+                        if update_interest(&engine, &mut sink, &mut listening, channel).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ = stopped(&mut stop) => return,
+                }
+            }
+            cluster.up.store(false, Ordering::Release);
+            log::warn!(target: "warpsocket", "cluster: lost the connection to Redis; cross-node messages fail until it is back");
+        }
+        // While away, changes of interest need no action: the next
+        // connection subscribes from the engine's current channels.
+        let pause = tokio::time::sleep(backoff);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                _ = &mut pause => break,
+                Some(_) = interest.recv() => {}
+                _ = stopped(&mut stop) => return,
+            }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+type Listening = (PubSubSink, redis::aio::PubSubStream, HashSet<Bytes>);
+
+async fn listen_once(
+    engine: &Engine,
+    cluster: &Cluster,
+    client: &redis::Client,
+) -> RedisResult<Listening> {
+    let (mut sink, stream) = client.get_async_pubsub().await?.split();
+    sink.subscribe(&node_key(cluster.node)[..]).await?;
+    sink.subscribe(ALL_NODES).await?;
+    let mut listening = HashSet::new();
+    for name in engine.local_channels() {
+        sink.subscribe(&channel_key(&name)[..]).await?;
+        listening.insert(name);
+    }
+    let mut commands = cluster.commands.clone();
+    KEEP_COUNTER_PAST
+        .key(NODE_COUNTER)
+        .arg(cluster.node)
+        .invoke_async::<()>(&mut commands)
+        .await?;
+    Ok((sink, stream, listening))
+}
+
+/// Subscribes to or unsubscribes from `channel` on Redis to match whether it
+/// has local subscribers now (first in, last out).
+async fn update_interest(
+    engine: &Engine,
+    sink: &mut PubSubSink,
+    listening: &mut HashSet<Bytes>,
+    channel: Bytes,
+) -> RedisResult<()> {
+    let wanted = engine.listens_to(&channel);
+    if wanted && !listening.contains(&channel) {
+        sink.subscribe(&channel_key(&channel)[..]).await?;
+        listening.insert(channel);
+    } else if !wanted && listening.remove(&channel) {
+        sink.unsubscribe(&channel_key(&channel)[..]).await?;
+    }
+    Ok(())
+}
+
+fn receive(engine: &Engine, cluster: &Cluster, msg: &Msg) {
+    let Ok(channel) = msg.get_channel::<Vec<u8>>() else {
+        return;
+    };
+    let payload = msg.get_payload_bytes();
+    if let Some(name) = channel.strip_prefix(CHANNEL_PREFIX) {
+        match Broadcast::decode(payload) {
+            // Its own broadcasts were delivered locally already.
+            Some(b) if b.origin == cluster.node => {}
+            Some(b) => {
+                Counters::add(&engine.stats.cluster_messages_in, 1);
+                let target = [Target::Channel(Bytes::copy_from_slice(name))];
+                engine.send_local(&target, b.kind, b.payload);
+            }
+            None => log::warn!(target: "warpsocket", "cluster: undecodable broadcast dropped"),
+        }
+        return;
+    }
+    match Op::decode(payload) {
+        Some(op) => {
+            Counters::add(&engine.stats.cluster_messages_in, 1);
+            cluster.apply(engine, op);
+        }
+        None => log::warn!(target: "warpsocket", "cluster: undecodable request dropped"),
+    }
+}
+
+/// Completes once the node leaves (the watch guard must not live across an
+/// await: it is not `Send`).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,351 @@
+//! What nodes say to each other through Redis pub/sub, as bytes.
+//!
+//! Every message is one Redis payload; integers are big-endian, variable
+//! parts (payloads, names, reasons) run to the end or carry a length.
+//! Decoding never trusts the input: anything short or unknown is `None`.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::frame::Kind;
+
+/// A channel broadcast: the node it came from (so it can skip its own echo)
+/// and the message, encoded once for every node.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Broadcast<'a> {
+    pub(crate) origin: u16,
+    pub(crate) kind: Kind,
+    pub(crate) payload: &'a [u8],
+}
+
+impl Broadcast<'_> {
+    pub(crate) fn encode(origin: u16, kind: Kind, payload: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(3 + payload.len());
+        out.put_u16(origin);
+        out.put_u8(kind_byte(kind));
+        out.put_slice(payload);
+        out.freeze()
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Broadcast<'_>> {
+        let mut r = Reader(bytes);
+        Some(Broadcast {
+            origin: r.u16()?,
+            kind: byte_kind(r.u8()?)?,
+            payload: r.rest(),
+        })
+    }
+}
+
+/// A request for the node that owns a socket (on that node's own Redis
+/// channel), or for every node (on the shared channel).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Op<'a> {
+    Send {
+        id: u64,
+        kind: Kind,
+        payload: &'a [u8],
+    },
+    Subscribe {
+        delta: i64,
+        ids: Vec<u64>,
+        channel: &'a [u8],
+    },
+    /// `subscribe(source_channel, channel)`: every node applies it to its
+    /// own subscribers of `source`.
+    SubscribeChannel {
+        origin: u16,
+        delta: i64,
+        source: &'a [u8],
+        channel: &'a [u8],
+    },
+    Close {
+        id: u64,
+        code: u16,
+        reason: &'a [u8],
+    },
+    DeleteVirtual {
+        id: u64,
+        expected: Option<u64>,
+    },
+    CreateVirtual {
+        reply_to: u16,
+        request: u64,
+        target: u64,
+        prefix: &'a [u8],
+    },
+    /// The answer to `CreateVirtual`: the new id, or `None` when the target
+    /// is not an open socket there.
+    Created {
+        request: u64,
+        id: Option<u64>,
+    },
+}
+
+impl Op<'_> {
+    pub(crate) fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(32);
+        match self {
+            Op::Send { id, kind, payload } => {
+                out.put_u8(b'S');
+                out.put_u8(kind_byte(*kind));
+                out.put_u64(*id);
+                out.put_slice(payload);
+            }
+            Op::Subscribe {
+                delta,
+                ids,
+                channel,
+            } => {
+                out.put_u8(b'U');
+                out.put_i64(*delta);
+                out.put_u32(ids.len() as u32);
+                for id in ids {
+                    out.put_u64(*id);
+                }
+                out.put_slice(channel);
+            }
+            Op::SubscribeChannel {
+                origin,
+                delta,
+                source,
+                channel,
+            } => {
+                out.put_u8(b'X');
+                out.put_u16(*origin);
+                out.put_i64(*delta);
+                out.put_u32(source.len() as u32);
+                out.put_slice(source);
+                out.put_slice(channel);
+            }
+            Op::Close { id, code, reason } => {
+                out.put_u8(b'C');
+                out.put_u64(*id);
+                out.put_u16(*code);
+                out.put_slice(reason);
+            }
+            Op::DeleteVirtual { id, expected } => {
+                out.put_u8(b'D');
+                out.put_u64(*id);
+                out.put_u64(expected.unwrap_or(0));
+            }
+            Op::CreateVirtual {
+                reply_to,
+                request,
+                target,
+                prefix,
+            } => {
+                out.put_u8(b'V');
+                out.put_u16(*reply_to);
+                out.put_u64(*request);
+                out.put_u64(*target);
+                out.put_slice(prefix);
+            }
+            Op::Created { request, id } => {
+                out.put_u8(b'R');
+                out.put_u64(*request);
+                out.put_u64(id.unwrap_or(0));
+            }
+        }
+        out.freeze()
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Op<'_>> {
+        let mut r = Reader(bytes);
+        let op = match r.u8()? {
+            b'S' => {
+                let kind = byte_kind(r.u8()?)?;
+                Op::Send {
+                    id: r.u64()?,
+                    kind,
+                    payload: r.rest(),
+                }
+            }
+            b'U' => {
+                let delta = r.i64()?;
+                let count = r.u32()? as usize;
+                // Bounded by the bytes present, not by the announced count.
+                let mut ids = Vec::with_capacity(count.min(r.0.len() / 8));
+                for _ in 0..count {
+                    ids.push(r.u64()?);
+                }
+                Op::Subscribe {
+                    delta,
+                    ids,
+                    channel: r.rest(),
+                }
+            }
+            b'X' => {
+                let origin = r.u16()?;
+                let delta = r.i64()?;
+                let len = r.u32()? as usize;
+                Op::SubscribeChannel {
+                    origin,
+                    delta,
+                    source: r.take(len)?,
+                    channel: r.rest(),
+                }
+            }
+            b'C' => Op::Close {
+                id: r.u64()?,
+                code: r.u16()?,
+                reason: r.rest(),
+            },
+            b'D' => Op::DeleteVirtual {
+                id: r.u64()?,
+                expected: Some(r.u64()?).filter(|&e| e != 0),
+            },
+            b'V' => Op::CreateVirtual {
+                reply_to: r.u16()?,
+                request: r.u64()?,
+                target: r.u64()?,
+                prefix: r.rest(),
+            },
+            b'R' => Op::Created {
+                request: r.u64()?,
+                id: Some(r.u64()?).filter(|&id| id != 0),
+            },
+            _ => return None,
+        };
+        Some(op)
+    }
+}
+
+fn kind_byte(kind: Kind) -> u8 {
+    match kind {
+        Kind::Text => 1,
+        Kind::Binary => 2,
+    }
+}
+
+fn byte_kind(byte: u8) -> Option<Kind> {
+    match byte {
+        1 => Some(Kind::Text),
+        2 => Some(Kind::Binary),
+        _ => None,
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_be_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.array()?))
+    }
+
+    fn i64(&mut self) -> Option<i64> {
+        Some(i64::from_be_bytes(self.array()?))
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_op_survives_a_round_trip() {
+        let ops = [
+            Op::Send {
+                id: 7 << 40 | 3,
+                kind: Kind::Text,
+                payload: b"hello",
+            },
+            Op::Subscribe {
+                delta: -2,
+                ids: vec![1, 2, u64::MAX],
+                channel: b"room",
+            },
+            Op::SubscribeChannel {
+                origin: 8191,
+                delta: 1,
+                source: b"a",
+                channel: b"",
+            },
+            Op::Close {
+                id: 9,
+                code: 4000,
+                reason: "bye ✓".as_bytes(),
+            },
+            Op::DeleteVirtual {
+                id: 5,
+                expected: None,
+            },
+            Op::DeleteVirtual {
+                id: 5,
+                expected: Some(4),
+            },
+            Op::CreateVirtual {
+                reply_to: 2,
+                request: 77,
+                target: 12,
+                prefix: b"\xff",
+            },
+            Op::Created {
+                request: 77,
+                id: Some(13),
+            },
+            Op::Created {
+                request: 78,
+                id: None,
+            },
+        ];
+        for op in ops {
+            assert_eq!(Op::decode(&op.encode()), Some(op));
+        }
+        let broadcast = Broadcast::encode(3, Kind::Binary, b"\x00\x01");
+        assert_eq!(
+            Broadcast::decode(&broadcast),
+            Some(Broadcast {
+                origin: 3,
+                kind: Kind::Binary,
+                payload: b"\x00\x01"
+            })
+        );
+    }
+
+    #[test]
+    fn truncated_or_unknown_input_is_refused() {
+        let op = Op::Subscribe {
+            delta: 1,
+            ids: vec![1, 2],
+            channel: b"c",
+        }
+        .encode();
+        for cut in 0..13 + 16 {
+            assert_eq!(Op::decode(&op[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(Op::decode(b"Z"), None);
+        assert_eq!(Op::decode(b"U\0\0\0\0\0\0\0\x01\xff\xff\xff\xff"), None);
+        assert_eq!(Op::decode(b"S\x03\0\0\0\0\0\0\0\x01"), None, "bad kind");
+        assert_eq!(Broadcast::decode(b"\0\x01\x09"), None);
+        assert_eq!(Broadcast::decode(b"\0"), None);
+    }
+}
