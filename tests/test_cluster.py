@@ -1,0 +1,521 @@
+"""Cluster mode (API.md §7): several WarpSocket processes sharing one real Redis server.
+
+Each node is a ``python -m warpsocket`` process with a control worker: a client sends
+``{"tag": n, "fn": name, "args": [...]}`` and the handler calls ``warpsocket.<name>``
+(``"$me"`` stands for the caller's socket id) and replies ``{"tag": n, "result": ...}``.
+Anything else a client receives is a message some node sent to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import warpsocket
+from helpers import connect, free_port, wait_for, wait_no_warpsocket_threads
+from websockets.exceptions import ConnectionClosed
+
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
+
+CONTROL_WORKER = r'''
+import json
+import warpsocket
+
+
+def _resolve(value, me):
+    if value == "$me":
+        return me
+    if isinstance(value, list):
+        return [_resolve(v, me) for v in value]
+    return value
+
+
+def _increment(key, times):
+    """Add 1 to an integer kept under ``key`` ``times`` times by compare-and-set."""
+    retries = 0
+    for _ in range(times):
+        while True:
+            old = warpsocket.get_key(key)
+            if warpsocket.set_key_if(key, str(int(old or b"0") + 1), old):
+                break
+            retries += 1
+    return retries
+
+
+def handle_text_message(text, socket_id):
+    request = json.loads(text)
+    reply = {"tag": request["tag"]}
+    try:
+        args = _resolve(request.get("args", []), socket_id)
+        if request["fn"] == "me":
+            result = socket_id
+        elif request["fn"] == "increment":
+            result = _increment(*args)
+        else:
+            result = getattr(warpsocket, request["fn"])(*args)
+        if isinstance(result, bytes):
+            result = result.decode()
+        reply["result"] = result
+    except Exception as exc:
+        reply["error"] = type(exc).__name__
+        reply["message"] = str(exc)
+    warpsocket.send(socket_id, json.dumps(reply))
+'''
+
+
+# --------------------------------------------------------------------------
+# Redis and node processes
+# --------------------------------------------------------------------------
+
+
+class Redis:
+    """A private ``redis-server`` on a free port, without persistence."""
+
+    def __init__(self, workdir):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: self.cli("PING") == "PONG", timeout=30, message="redis-server to answer")
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def cli(self, *args):
+        result = subprocess.run(
+            [REDIS_CLI, "-p", str(self.port), *args], capture_output=True, text=True, timeout=10
+        )
+        return result.stdout.strip()
+
+    def listeners(self, channel):
+        """How many connections (nodes) listen on a WarpSocket channel's Redis channel."""
+        out = self.cli("PUBSUB", "NUMSUB", f"warpsocket:c:{channel}").split()
+        return int(out[1]) if len(out) == 2 else -1
+
+
+class Node:
+    """One ``python -m warpsocket`` process in the cluster."""
+
+    def __init__(self, worker, url):
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "warpsocket",
+                str(worker),
+                "--bind",
+                "127.0.0.1:0",
+                "--cluster",
+                url,
+                "--threads",
+                "2",
+                "--hang-timeout",
+                "60",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines = []
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
+        found = wait_for(self._started, timeout=60, message="node to listen")
+        self.node_id, self.port = found
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def _started(self):
+        text = self.output()
+        if self.proc.poll() is not None:
+            raise AssertionError(f"node exited with {self.proc.returncode}:\n{text}")
+        node = re.search(r"as node (\d+)", text)
+        port = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
+        return node and port and (int(node.group(1)), int(port.group(1)))
+
+    def output(self):
+        return "".join(self.lines)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._pump.join(5)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(10)
+        self._pump.join(5)
+
+
+class Client:
+    """A ``websockets`` client that drives a node's control worker."""
+
+    _tags = itertools.count(1)
+
+    def __init__(self, node):
+        self.ws = connect(f"ws://127.0.0.1:{node.port}/")
+        self.replies = {}
+        self.inbox = queue.Queue()
+        self.id = self.call("me")
+
+    def _receive(self, timeout):
+        message = self.ws.recv(timeout=timeout)
+        if isinstance(message, str) and message.startswith('{"tag"'):
+            reply = json.loads(message)
+            self.replies[reply["tag"]] = reply
+        else:
+            self.inbox.put(message)
+
+    def reply(self, fn, *args, timeout=60):
+        tag = next(self._tags)
+        self.ws.send(json.dumps({"tag": tag, "fn": fn, "args": list(args)}))
+        deadline = time.monotonic() + timeout
+        while tag not in self.replies:
+            self._receive(max(0.01, deadline - time.monotonic()))
+        return self.replies.pop(tag)
+
+    def call(self, fn, *args, timeout=60):
+        reply = self.reply(fn, *args, timeout=timeout)
+        assert "error" not in reply, f"{fn}{args} raised {reply['error']}: {reply['message']}"
+        return reply["result"]
+
+    def received(self, timeout=20):
+        """The next message some node sent to this client."""
+        deadline = time.monotonic() + timeout
+        while self.inbox.empty():
+            self._receive(max(0.01, deadline - time.monotonic()))
+        return self.inbox.get_nowait()
+
+    def close(self):
+        self.ws.close()
+
+
+# --------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis(tmp_path):
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (.ci/run installs Debian's redis-server)")
+        pytest.skip("redis-server is not installed")
+    server = Redis(tmp_path)
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def cluster(redis, write_worker):
+    """``cluster(n) -> [Node, ...]``: n nodes on ``redis``; every node and client stops at teardown."""
+    worker = write_worker(CONTROL_WORKER, name="control_worker.py")
+    nodes, clients = [], []
+
+    def _start(count):
+        started = [Node(worker, redis.url) for _ in range(count)]
+        nodes.extend(started)
+        return started
+
+    _start.client = lambda node: clients.append(Client(node)) or clients[-1]
+    yield _start
+    for client in clients:
+        with contextlib.suppress(Exception):
+            client.close()
+    for node in nodes:
+        node.stop()
+
+
+def wait_listeners(redis, channel, count):
+    wait_for(
+        lambda: redis.listeners(channel) == count,
+        timeout=30,
+        message=f"{count} nodes listening on {channel!r}",
+    )
+
+
+def assert_nothing_more(client, sentinel_from, sentinel):
+    """Everything queued for ``client`` before ``sentinel`` has arrived; nothing else did."""
+    sentinel_from.call("send", client.id, sentinel)
+    assert client.received() == sentinel
+
+
+# --------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_nodes_get_distinct_numbers_in_their_socket_ids(cluster):
+    nodes = cluster(3)
+    assert len({n.node_id for n in nodes}) == 3
+    for node in nodes:
+        client = cluster.client(node)
+        assert client.id >> 40 == node.node_id
+        assert client.call("stats")["node_id"] == node.node_id
+
+
+@pytest.mark.timeout(240)
+def test_channel_broadcast_reaches_every_node_exactly_once(cluster, redis):
+    a, b, c = cluster(3)
+    sender, on_a, on_b, on_c = (cluster.client(n) for n in (a, a, b, c))
+    for client in (on_a, on_b, on_c):
+        assert client.call("subscribe", "$me", "room") == [client.id]
+    wait_listeners(redis, "room", 3)
+
+    # 1 local subscriber plus one message handed to Redis for the other nodes.
+    assert sender.call("send", "room", "hello") == 2
+    for client in (on_a, on_b, on_c):
+        assert client.received() == "hello"
+        assert_nothing_more(client, sender, "sentinel")
+    assert sender.call("stats")["cluster_messages_out"] >= 1
+    assert on_b.call("stats")["cluster_messages_in"] >= 1
+
+    # Last subscriber out: that node stops listening on the channel.
+    assert on_c.call("unsubscribe", "$me", "room") == [on_c.id]
+    wait_listeners(redis, "room", 2)
+    sender.call("send", "room", "again")
+    assert on_b.received() == "again"
+    assert_nothing_more(on_c, sender, "sentinel 2")
+
+
+@pytest.mark.timeout(240)
+def test_send_and_virtual_sockets_across_nodes(cluster, redis):
+    a, b = cluster(2)
+    on_a, on_b = cluster.client(a), cluster.client(b)
+
+    assert on_a.call("send", on_b.id, "direct") == 1
+    assert on_b.received() == "direct"
+    assert on_a.call("send", [on_b.id, on_a.id], "both") == 2
+    assert on_b.received() == "both"
+    assert on_a.received() == "both"
+
+    # A virtual socket for a remote socket is made by the owner and carries its node.
+    virtual = on_a.call("create_virtual_socket", on_b.id, "v:")
+    assert virtual >> 40 == b.node_id
+    assert on_a.call("send", virtual, "hi") == 1
+    assert on_b.received() == "v:hi"
+    assert on_a.call("subscribe", virtual, "via-virtual") == []  # applied on node B
+    wait_listeners(redis, "via-virtual", 1)
+    assert on_a.call("has_subscriptions", "via-virtual") is True
+    on_a.call("send", "via-virtual", "sub")
+    assert on_b.received() == "v:sub"
+    assert on_a.call("delete_virtual_socket", virtual) is True
+    wait_listeners(redis, "via-virtual", 0)
+    assert on_b.call("has_subscriptions", "via-virtual") is False
+    on_a.call("send", virtual, "gone")
+    assert_nothing_more(on_b, on_a, "sentinel")
+
+    reply = on_a.reply("create_virtual_socket", (b.node_id << 40) + 999_999)
+    assert reply["error"] == "ValueError"
+
+    # close() on a remote socket is forwarded with its code.
+    assert on_a.call("close", on_b.id, 4000, "bye") is True
+    with pytest.raises(ConnectionClosed):
+        on_b.ws.recv(timeout=30)
+    assert on_b.ws.close_code == 4000
+    assert on_b.ws.close_reason == "bye"
+
+
+@pytest.mark.timeout(240)
+def test_channel_to_channel_subscribe_across_nodes(cluster, redis):
+    a, b, c = cluster(3)
+    on_a, on_b, on_c = (cluster.client(n) for n in (a, b, c))
+    for client in (on_a, on_b, on_c):
+        client.call("subscribe", "$me", "team")
+    on_c.call("subscribe", "$me", "company")  # then counted twice, still one entry
+    wait_listeners(redis, "team", 3)
+
+    # Every node adds its own subscribers of "team" to "company".
+    on_a.call("subscribe", "team", "company")
+    wait_for(lambda: redis.listeners("company") == 3, timeout=30, message="company everywhere")
+    on_b.call("send", "company", "all hands")
+    for client in (on_a, on_b, on_c):
+        assert client.received() == "all hands"
+        assert_nothing_more(client, on_b, "sentinel")
+
+    # Reference counts hold across nodes: C's own subscription outlives the team's.
+    on_a.call("unsubscribe", "team", "company")
+    wait_listeners(redis, "company", 1)
+    on_a.call("send", "company", "c only")
+    assert on_c.received() == "c only"
+    for client in (on_a, on_b, on_c):
+        assert_nothing_more(client, on_a, "sentinel 2")
+
+
+@pytest.mark.timeout(240)
+def test_has_subscriptions_is_cluster_wide(cluster, redis):
+    a, b = cluster(2)
+    on_a, on_b = cluster.client(a), cluster.client(b)
+    assert on_a.call("has_subscriptions", "lonely") is False
+    on_b.call("subscribe", "$me", "lonely")
+    wait_listeners(redis, "lonely", 1)
+    assert on_a.call("has_subscriptions", "lonely") is True
+    on_b.close()
+    wait_for(
+        lambda: on_a.call("has_subscriptions", "lonely") is False,
+        timeout=30,
+        message="has_subscriptions to turn False after the subscriber left",
+    )
+    assert redis.listeners("lonely") == 0
+
+
+@pytest.mark.timeout(300)
+def test_kv_compare_and_set_from_every_node_stays_consistent(cluster):
+    nodes = cluster(3)
+    clients = [cluster.client(node) for node in nodes]
+    assert clients[0].call("set_key", "shared", "x") is None
+    assert clients[1].call("get_key", "shared") == "x"
+    assert clients[2].call("set_key_if", "shared", "y", "x") is True
+    assert clients[0].call("set_key_if", "shared", "z", "x") is False
+    assert clients[1].call("set_key", "shared") == "y"  # deletes
+    assert clients[2].call("get_key", "shared") is None
+
+    results = []
+    threads = [
+        threading.Thread(target=lambda c=c: results.append(c.call("increment", "counter", 1000, timeout=240)))
+        for c in clients
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(250)
+    assert len(results) == 3
+    assert clients[0].call("get_key", "counter") == "3000"
+    assert all(c.call("stats")["keys"] == 1 for c in clients)
+
+
+@pytest.mark.timeout(300)
+def test_redis_restart_local_traffic_continues_and_broadcasts_resume(cluster, redis):
+    a, b = cluster(2)
+    sender, local, remote = cluster.client(a), cluster.client(a), cluster.client(b)
+    for client in (local, remote):
+        client.call("subscribe", "$me", "news")
+    wait_listeners(redis, "news", 2)
+    assert sender.call("send", "news", "before") == 2
+    assert local.received() == "before"
+    assert remote.received() == "before"
+
+    redis.kill()
+    # Local delivery goes on; the cross-node part fails visibly.
+    wait_for(
+        lambda: sender.call("send", "news", "during") == 1,
+        timeout=30,
+        message="the node to notice Redis is gone",
+    )
+    failures = sender.call("stats")["cluster_send_failures"]
+    assert failures >= 1
+    assert sender.call("send", remote.id, "direct while down") == 0
+    assert sender.call("stats")["cluster_send_failures"] > failures
+    assert sender.call("stats")["keys"] == -1
+    assert sender.reply("get_key", "k")["error"] == "ConnectionError"
+    assert sender.reply("set_key_if", "k", "v")["error"] == "ConnectionError"
+    assert sender.call("send", local.id, "local while down") == 1
+    while (message := local.received()) != "local while down":
+        assert message == "during"
+
+    redis.start()
+    # Both nodes reconnect and listen on "news" again, without being restarted.
+    wait_listeners(redis, "news", 2)
+    assert sender.call("send", "news", "after") == 2
+    assert remote.received() == "after"
+    while (message := local.received()) != "after":
+        assert message == "during"
+    assert sender.call("set_key", "k", "v") is None
+    assert remote.call("get_key", "k") == "v"
+    assert "reconnected to Redis" in a.output()
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_node_leaves_the_others_serving(cluster, redis):
+    a, b, c = cluster(3)
+    on_a, on_b, on_c = (cluster.client(n) for n in (a, b, c))
+    for client in (on_a, on_b, on_c):
+        client.call("subscribe", "$me", "room")
+    wait_listeners(redis, "room", 3)
+
+    c.kill()
+    wait_listeners(redis, "room", 2)
+    assert on_a.call("send", "room", "still here") == 2
+    assert on_a.received() == "still here"
+    assert on_b.received() == "still here"
+    assert on_b.call("send", on_a.id, "direct") == 1
+    assert on_a.received() == "direct"
+    # A client of the dead node reconnects to a live one and gets a fresh id there.
+    moved = cluster.client(b)
+    assert moved.id >> 40 == b.node_id
+    moved.call("subscribe", "$me", "room")
+    on_a.call("send", "room", "welcome back")
+    assert moved.received() == "welcome back"
+
+
+# --------------------------------------------------------------------------
+# in-process: start(cluster=...) arguments and failures
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_cluster_argument_is_checked(write_worker):
+    worker = write_worker(CONTROL_WORKER, name="control_worker.py")
+    with pytest.raises(TypeError, match="cluster"):
+        warpsocket.start("127.0.0.1:0", worker, cluster=123)
+    with pytest.raises(ValueError, match="cluster"):
+        warpsocket.start("127.0.0.1:0", worker, cluster="http://127.0.0.1:6379")
+    assert warpsocket.stats()["node_id"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_redis_fails_start_and_leaves_nothing_running(write_worker):
+    worker = write_worker(CONTROL_WORKER, name="control_worker.py")
+    port = free_port()
+    with pytest.raises(ConnectionError, match="Redis"):
+        warpsocket.start("127.0.0.1:0", worker, cluster=f"redis://127.0.0.1:{port}/0")
+    assert warpsocket.stats()["node_id"] == 0
+    wait_no_warpsocket_threads()
+    # The process is not stuck half-joined: a plain server starts and uses the local kv.
+    with warpsocket.start("127.0.0.1:0", worker, threads=1):
+        warpsocket.set_key("local", "yes")
+        assert warpsocket.get_key("local") == b"yes"
+        warpsocket.set_key("local")
