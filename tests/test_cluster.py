@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import warpsocket
@@ -91,20 +92,10 @@ class Redis:
         self.start()
 
     def start(self):
+        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
         self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
+            argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -131,22 +122,11 @@ class Redis:
 class Node:
     """One ``python -m warpsocket`` process in the cluster."""
 
-    def __init__(self, worker, url):
+    def __init__(self, worker, url, *options):
+        argv = [sys.executable, "-m", "warpsocket", str(worker), "--bind", "127.0.0.1:0",
+                "--cluster", url, "--threads", "2", "--hang-timeout", "60", *options]  # fmt: skip
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "warpsocket",
-                str(worker),
-                "--bind",
-                "127.0.0.1:0",
-                "--cluster",
-                url,
-                "--threads",
-                "2",
-                "--hang-timeout",
-                "60",
-            ],
+            argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -519,3 +499,31 @@ def test_unreachable_redis_fails_start_and_leaves_nothing_running(write_worker):
         warpsocket.set_key("local", "yes")
         assert warpsocket.get_key("local") == b"yes"
         warpsocket.set_key("local")
+
+
+@pytest.mark.timeout(240)
+def test_performance_worker_buckets_span_nodes(redis):
+    """The benchmark's worker with shared buckets: a channel of 10 holds clients of both nodes."""
+    worker = Path(__file__).resolve().parent.parent / "examples" / "performance" / "worker.py"
+    nodes = [Node(worker, redis.url, "--worker-arg", '{"buckets": "shared"}') for _ in range(2)]
+    clients = []
+    try:
+        for i in range(20):
+            ws = connect(f"ws://127.0.0.1:{nodes[i % 2].port}/")
+            clients.append(ws)
+            ws.send('{"type":"sub"}')
+            assert json.loads(ws.recv(timeout=30)) == {"type": "sub-ack", "ch": f"shared-{i // 10}"}
+        wait_listeners(redis, "shared-1", 2)
+        clients[13].send('{"type":"req","channel":"shared-1"}')
+        event = {"type": "evt", "t": "This is a message to my dear clients"}
+        for ws in clients[10:]:
+            assert json.loads(ws.recv(timeout=30)) == event
+        assert json.loads(clients[13].recv(timeout=30)) == {"type": "ack"}
+        for ws in clients[:10]:
+            with pytest.raises(TimeoutError):
+                ws.recv(timeout=0.5)
+    finally:
+        for ws in clients:
+            ws.close()
+        for node in nodes:
+            node.stop()
