@@ -101,7 +101,7 @@ class Redis:
         return 0
 
     def listeners(self, channel: str) -> int:
-        out = self.cli("PUBSUB", "NUMSUB", f"warpsocket:c:{channel}").split()
+        out = self.cli("PUBSUB", "NUMSUB", f"warpsocket:c:{channel}").splitlines()
         return int(out[1]) if len(out) == 2 else 0
 
 

@@ -115,7 +115,7 @@ class Redis:
 
     def listeners(self, channel):
         """How many connections (nodes) listen on a WarpSocket channel's Redis channel."""
-        out = self.cli("PUBSUB", "NUMSUB", f"warpsocket:c:{channel}").split()
+        out = self.cli("PUBSUB", "NUMSUB", f"warpsocket:c:{channel}").splitlines()
         return int(out[1]) if len(out) == 2 else -1
 
 
@@ -413,7 +413,10 @@ def test_redis_restart_local_traffic_continues_and_broadcasts_resume(cluster, re
     sender, local, remote = cluster.client(a), cluster.client(a), cluster.client(b)
     for client in (local, remote):
         client.call("subscribe", "$me", "news")
+    remote.call("subscribe", "$me", "remote only")
     wait_listeners(redis, "news", 2)
+    wait_listeners(redis, "remote only", 1)
+    assert sender.call("has_subscriptions", "remote only") is True
     assert sender.call("send", "news", "before") == 2
     assert local.received() == "before"
     assert remote.received() == "before"
@@ -432,6 +435,8 @@ def test_redis_restart_local_traffic_continues_and_broadcasts_resume(cluster, re
     assert sender.call("stats")["keys"] == -1
     assert sender.reply("get_key", "k")["error"] == "ConnectionError"
     assert sender.reply("set_key_if", "k", "v")["error"] == "ConnectionError"
+    assert sender.call("has_subscriptions", "news") is True  # this node's own answer
+    assert sender.call("has_subscriptions", "remote only") is False
     assert sender.call("send", local.id, "local while down") == 1
     while (message := local.received()) != "local while down":
         assert message == "during"
@@ -445,6 +450,7 @@ def test_redis_restart_local_traffic_continues_and_broadcasts_resume(cluster, re
         assert message == "during"
     assert sender.call("set_key", "k", "v") is None
     assert remote.call("get_key", "k") == "v"
+    assert sender.call("has_subscriptions", "remote only") is True
     assert "reconnected to Redis" in a.output()
 
 

@@ -276,6 +276,11 @@ impl Cluster {
         engine: &Engine,
         channel: &[u8],
     ) -> Result<bool, Unreachable> {
+        // Without the pub/sub connection the answer could only come after a
+        // timeout, and it would be stale by the time the node listens again.
+        if !self.up.load(Ordering::Acquire) {
+            return Err(Unreachable("not connected".into()));
+        }
         let mut commands = self.commands.clone();
         let key = channel_key(channel);
         let listening: Vec<(Vec<u8>, u64)> = self.wait(async move {
