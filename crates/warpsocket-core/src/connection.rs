@@ -6,6 +6,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,14 +14,14 @@ use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::Instant;
+use tokio::time::Sleep;
 
 use crate::dispatch::Payload;
 use crate::engine::{Verdict, PAUSE_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
 use crate::handshake::{self, Refusal, Request};
 use crate::server::Shared;
-use crate::socket::Socket;
+use crate::socket::{CloseTaken, Socket};
 use crate::stats::Counters;
 
 /// Most bytes an upgrade request may have.
@@ -194,6 +195,14 @@ async fn refuse(mut stream: TcpStream, refusal: Refusal) {
     .await;
 }
 
+/// Completes once the close deadline, if any, has passed.
+async fn expired(deadline: &mut Option<Pin<Box<Sleep>>>) {
+    match deadline {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Unregisters the socket however the task ends (also when the runtime drops
 /// it at shutdown), and owes the worker exactly one close event.
 struct SocketGuard {
@@ -292,54 +301,46 @@ struct Connection {
     decoder: Decoder,
     writer: Writer,
     state: State,
-    /// The peer showed it is alive (any bytes) since the last keepalive ping.
-    heard_since_ping: bool,
-    /// When the outstanding keepalive ping was sent.
-    ping_sent: Option<Instant>,
     /// Reading or writing failed, or the peer hung up.
     broken: bool,
-    opened: Instant,
 }
 
 /// What woke the connection's task.
 enum Wake {
     Outbox,
     Ready(io::Result<tokio::io::Ready>),
-    Timer,
+    /// The peer did not answer our close in time.
+    CloseTimeout,
 }
 
 impl Connection {
     fn new(stream: TcpStream, guard: SocketGuard) -> Self {
-        let max = guard.shared.config.max_message_size;
+        let shared = &guard.shared;
+        let max = shared.config.max_message_size;
+        // From now on the server's keepalive sweep pings it.
+        guard.socket.keepalive.start(shared.id, shared.clock.now());
         Connection {
             stream,
             guard,
             decoder: Decoder::new(max),
             writer: Writer::default(),
             state: State::Open,
-            heard_since_ping: true,
-            ping_sent: None,
             broken: false,
-            opened: Instant::now(),
         }
     }
 
     async fn run(&mut self) {
-        let config = &self.guard.shared.config;
-        let (ping_interval, ping_timeout) = (config.ping_interval, config.ping_timeout);
         let socket = self.guard.socket.clone();
-        let timer = tokio::time::sleep(ping_interval);
-        tokio::pin!(timer);
-        let mut close_deadline: Option<Instant> = None;
+        // Only a closing connection has a timer, in its own allocation, so
+        // open ones do not carry one in their state.
+        let mut close_deadline: Option<Pin<Box<Sleep>>> = None;
         loop {
             if self.broken || (self.writer.close_written && self.state == State::Ending) {
                 break;
             }
             if self.writer.close_written && close_deadline.is_none() {
                 // Our close frame is out: the peer gets a moment to answer.
-                let deadline = Instant::now() + CLOSE_TIMEOUT;
-                close_deadline = Some(deadline);
-                timer.as_mut().reset(deadline);
+                close_deadline = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
             }
             let reading = self.state != State::Ending && socket.inflight() < PAUSE_READING_AT;
             let interest = match (reading, !self.writer.is_empty()) {
@@ -352,7 +353,7 @@ impl Connection {
                 biased;
                 _ = socket.woken() => Wake::Outbox,
                 ready = self.stream.ready(interest.unwrap_or(Interest::READABLE)), if interest.is_some() => Wake::Ready(ready),
-                _ = &mut timer => Wake::Timer,
+                _ = expired(&mut close_deadline) => Wake::CloseTimeout,
             };
             match wake {
                 Wake::Outbox => self.take_outbox(),
@@ -365,54 +366,28 @@ impl Connection {
                     }
                 }
                 Wake::Ready(Err(_)) => self.broken = true,
-                Wake::Timer => {
-                    let now = Instant::now();
-                    if close_deadline.is_some_and(|d| now >= d) {
-                        break;
-                    }
-                    if close_deadline.is_none() {
-                        let next = self.keepalive(now, ping_interval, ping_timeout);
-                        timer.as_mut().reset(next);
-                    }
-                }
+                Wake::CloseTimeout => break,
             }
         }
         let _ = self.stream.shutdown().await;
-    }
-
-    /// Sends a ping every `interval`; fails the connection with 1011 when
-    /// nothing was heard within `timeout` of one. Returns when to look again.
-    fn keepalive(&mut self, now: Instant, interval: Duration, timeout: Duration) -> Instant {
-        if self.state != State::Open {
-            return now + CLOSE_TIMEOUT;
-        }
-        if let Some(sent) = self.ping_sent.filter(|_| !self.heard_since_ping) {
-            // A ping is outstanding: no new one until it is answered or late.
-            if now >= sent + timeout {
-                self.fail(close_code::INTERNAL, "keepalive ping timeout");
-                return now + CLOSE_TIMEOUT;
-            }
-            return sent + timeout;
-        }
-        let last = self.ping_sent.unwrap_or(self.opened);
-        if now < last + interval {
-            return last + interval;
-        }
-        self.guard.socket.send(&frame::encode_ping(b""));
-        self.ping_sent = Some(now);
-        self.heard_since_ping = false;
-        now + interval.min(timeout)
     }
 
     fn take_outbox(&mut self) {
         // After a backpressure close, a frame already partly written must be
         // finished so the close frame after it is well-formed.
         let keep_front = self.writer.offset > 0;
-        let close_taken = self.guard.socket.take(&mut self.writer.frames, keep_front);
-        if close_taken {
-            self.writer.close_queued = true;
-            if self.state == State::Open {
-                self.state = State::Closing;
+        match self.guard.socket.take(&mut self.writer.frames, keep_front) {
+            CloseTaken::No => {}
+            CloseTaken::Close => {
+                self.writer.close_queued = true;
+                if self.state == State::Open {
+                    self.state = State::Closing;
+                }
+            }
+            CloseTaken::Fail => {
+                // Failed by the keepalive sweep: stop reading, end once written.
+                self.writer.close_queued = true;
+                self.state = State::Ending;
             }
         }
         self.write();
@@ -445,7 +420,7 @@ impl Connection {
     }
 
     fn on_bytes(&mut self, bytes: &[u8]) {
-        self.heard_since_ping = true;
+        self.guard.socket.keepalive.heard();
         let mut decoder = std::mem::replace(&mut self.decoder, Decoder::new(0));
         let result = decoder.feed(bytes, &mut |incoming| self.on_incoming(incoming));
         self.decoder = decoder;

@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod frame;
 pub mod handshake;
+mod keepalive;
 pub mod kv;
 mod registry;
 pub mod server;

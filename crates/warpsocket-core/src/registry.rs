@@ -132,6 +132,18 @@ impl Registry {
         }
     }
 
+    /// Calls `f` for every actual connection, one shard locked (for reading)
+    /// at a time; `f` must not touch the registry.
+    pub(crate) fn for_each_connection(&self, mut f: impl FnMut(&Arc<Socket>)) {
+        for shard in self.shards.iter() {
+            for entry in shard.read().values() {
+                if let Entry::Real(socket) = entry {
+                    f(socket);
+                }
+            }
+        }
+    }
+
     /// A snapshot of every actual connection.
     pub(crate) fn connections(&self) -> Vec<Arc<Socket>> {
         let mut all = Vec::new();

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,13 +17,22 @@ use crate::connection;
 use crate::dispatch::Workers;
 use crate::engine::Engine;
 use crate::frame::close_code;
+use crate::keepalive::{self, Clock};
 use crate::static_files::StaticFiles;
 
 /// Pending connections the kernel keeps per listener.
 const BACKLOG: i32 = 1024;
 
+/// Numbers the servers of this process, so that a keepalive sweep skips
+/// the connections of another server sharing the engine.
+static SERVER_IDS: AtomicU32 = AtomicU32::new(0);
+
 /// State shared by the server's tasks.
 pub(crate) struct Shared {
+    /// This server's number (from 1).
+    pub(crate) id: u32,
+    /// The keepalive clock of its connections.
+    pub(crate) clock: Clock,
     pub(crate) engine: Arc<Engine>,
     pub(crate) config: Config,
     pub(crate) workers: Arc<Workers>,
@@ -127,6 +136,8 @@ impl Server {
         let upgrades = Arc::new(Semaphore::new(config.max_pending_upgrades.max(1)));
         let (stop, _) = watch::channel(false);
         let shared = Arc::new(Shared {
+            id: SERVER_IDS.fetch_add(1, Ordering::Relaxed) + 1,
+            clock: Clock::new(),
             engine: self.engine.clone(),
             config,
             workers: self.workers.clone(),
@@ -141,6 +152,7 @@ impl Server {
             let listener = TcpListener::from_std(std_listener)?;
             runtime.spawn(accept_loop(listener, shared.clone()));
         }
+        runtime.spawn(keepalive::sweep(shared.clone()));
         self.shared = Some(shared);
         Ok(())
     }
@@ -234,6 +246,8 @@ fn bind_one(text: &str) -> io::Result<StdListener> {
 pub(crate) fn test_shared() -> Arc<Shared> {
     let (stop, _) = watch::channel(false);
     Arc::new(Shared {
+        id: SERVER_IDS.fetch_add(1, Ordering::Relaxed) + 1,
+        clock: Clock::new(),
         engine: Engine::new(),
         config: Config::default(),
         workers: Arc::default(),

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use crate::dispatch::WorkerQueue;
 use crate::frame::{self, close_code};
+use crate::keepalive::Keepalive;
 use crate::registry::Links;
 
 /// Where a connection is in its life, as far as senders are concerned.
@@ -32,6 +33,8 @@ struct Outbox {
     phase: Phase,
     /// The writer has taken the close frame.
     close_taken: bool,
+    /// The close frame fails the connection: no waiting for the peer's.
+    fail: bool,
     /// Frames already taken by the writer must be dropped (backpressure close).
     discard: bool,
 }
@@ -52,7 +55,19 @@ pub struct Socket {
     accepted: AtomicBool,
     /// Its channels and the virtual sockets pointing at it, for cleanup.
     pub(crate) links: Links,
+    /// Looked after by the server's keepalive sweep.
+    pub(crate) keepalive: Keepalive,
     max_backpressure: usize,
+}
+
+/// What the writer took besides frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseTaken {
+    No,
+    /// Our close frame, after which the peer's close is awaited.
+    Close,
+    /// Our close frame failing the connection: end once it is written.
+    Fail,
 }
 
 /// Result of queueing a frame.
@@ -75,12 +90,14 @@ impl Socket {
                 queued: 0,
                 phase: Phase::Open,
                 close_taken: false,
+                fail: false,
                 discard: false,
             }),
             wake: Notify::new(),
             inflight: AtomicU32::new(0),
             accepted: AtomicBool::new(false),
             links: Links::default(),
+            keepalive: Keepalive::default(),
             max_backpressure,
         }
     }
@@ -123,10 +140,22 @@ impl Socket {
     /// Like [`close`](Self::close) but with a prepared frame (an echo of the
     /// client's close, or an empty one).
     pub(crate) fn close_with(&self, frame: Bytes) -> bool {
+        self.queue_close(frame, false)
+    }
+
+    /// Fails the connection from another task: like [`close`](Self::close),
+    /// but the connection ends once the frame is written, without waiting
+    /// for the peer's close (a keepalive timeout).
+    pub(crate) fn fail(&self, code: u16, reason: &str) -> bool {
+        self.queue_close(frame::encode_close(code, reason), true)
+    }
+
+    fn queue_close(&self, frame: Bytes, fail: bool) -> bool {
         let mut out = self.outbox.lock();
         if out.phase != Phase::Open {
             return false;
         }
+        out.fail = fail;
         out.queued += frame.len();
         out.frames.push_back(frame);
         out.phase = Phase::Closing;
@@ -143,8 +172,8 @@ impl Socket {
     /// Moves the queued frames to the writer's buffer. After a backpressure
     /// close, the frames the writer still holds are dropped first, except
     /// the front one when `keep_front` (it is partly written).
-    /// Returns true when the close frame is the last of the frames just taken.
-    pub(crate) fn take(&self, into: &mut VecDeque<Bytes>, keep_front: bool) -> bool {
+    /// Says whether the close frame is the last of the frames just taken.
+    pub(crate) fn take(&self, into: &mut VecDeque<Bytes>, keep_front: bool) -> CloseTaken {
         let mut out = self.outbox.lock();
         if std::mem::take(&mut out.discard) {
             into.truncate(usize::from(keep_front));
@@ -156,11 +185,15 @@ impl Socket {
         } else {
             into.append(&mut out.frames);
         }
-        let close = out.phase == Phase::Closing && !out.close_taken;
-        if close {
-            out.close_taken = true;
+        if out.phase != Phase::Closing || out.close_taken {
+            return CloseTaken::No;
         }
-        close
+        out.close_taken = true;
+        if out.fail {
+            CloseTaken::Fail
+        } else {
+            CloseTaken::Close
+        }
     }
 
     /// The writer put `bytes` on the wire.
