@@ -139,7 +139,9 @@ struct Partial {
 pub struct Decoder {
     max_message_size: usize,
     pending: Vec<u8>,
-    partial: Option<Partial>,
+    /// Boxed: fragmented messages are rare, and the decoder lives in every
+    /// connection's task.
+    partial: Option<Box<Partial>>,
     closed: bool,
 }
 
@@ -315,11 +317,11 @@ impl Decoder {
                         Kind::Binary => Incoming::Binary(payload),
                     });
                 } else {
-                    self.partial = Some(Partial {
+                    self.partial = Some(Box::new(Partial {
                         kind,
                         data: payload,
                         checked,
-                    });
+                    }));
                 }
             }
         }

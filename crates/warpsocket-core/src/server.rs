@@ -55,8 +55,20 @@ impl Shared {
     }
 }
 
-/// Counts a connection task for the whole of its life.
-struct LiveGuard(Arc<Shared>);
+/// Counts a connection task for the whole of its life, and gives it the
+/// server's shared state.
+pub(crate) struct LiveGuard(Arc<Shared>);
+
+impl LiveGuard {
+    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+        shared.live.fetch_add(1, Ordering::AcqRel);
+        LiveGuard(shared.clone())
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.0
+    }
+}
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
@@ -209,12 +221,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     drop(stream);
                     continue;
                 };
-                shared.live.fetch_add(1, Ordering::AcqRel);
-                let guard = LiveGuard(shared.clone());
-                tokio::spawn(async move {
-                    connection::serve(stream, peer, &guard.0, upgrading).await;
-                    drop(guard);
-                });
+                let live = LiveGuard::new(&shared);
+                tokio::spawn(connection::serve(stream, peer, live, upgrading));
             }
             Err(e) => {
                 // Out of descriptors or similar: back off instead of spinning.
