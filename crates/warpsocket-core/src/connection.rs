@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
-use crate::dispatch::Payload;
+use crate::dispatch::{OpenRequest, Payload};
 use crate::engine::{Verdict, PAUSE_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
 use crate::handshake::{self, Refusal, Request};
@@ -112,11 +112,11 @@ async fn upgrade(
         let verdict = shared.engine.wait_for_verdict(socket.id);
         socket.worker.push(
             socket,
-            Payload::Open {
+            Payload::Open(Box::new(OpenRequest {
                 ip: peer.ip().to_canonical().to_string(),
                 path: upgrade.path.clone(),
                 headers: upgrade.headers.clone(),
-            },
+            })),
         );
         let verdict = tokio::select! {
             v = verdict => v.unwrap_or(Verdict::Refuse(500)),

@@ -21,7 +21,7 @@ pub mod stats;
 mod wakeup;
 
 pub use config::{Config, Handlers};
-pub use dispatch::{Event, Payload, WorkerQueue, Workers};
+pub use dispatch::{Event, OpenRequest, Payload, WorkerQueue, Workers};
 pub use engine::{Engine, Target, Verdict, VirtualError};
 pub use frame::Kind;
 pub use registry::MAX_PREFIX;
