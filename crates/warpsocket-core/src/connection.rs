@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
@@ -39,25 +39,51 @@ const MAX_IOVECS: usize = 64;
 /// The task serving one accepted TCP connection until it is closed.
 /// `upgrading` is the connection's pending-upgrade permit, released once the
 /// upgrade is done (or refused); `live` counts the task until it ends.
-///
-/// Not an `async fn`: the arguments of one stay in its state for the whole
-/// life of the future, and this future is what every open connection keeps.
 pub(crate) fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     live: LiveGuard,
     upgrading: OwnedSemaphorePermit,
-) -> impl Future<Output = ()> + Send {
-    // The handshake runs in its own allocation, freed once the connection is
-    // up, so the task keeps only what an open connection needs.
-    let upgrade = Box::pin(upgrade(stream, peer, live, upgrading));
-    async move {
-        // `let else`, not `if let`: the scrutinee of an `if let` would stay
-        // in the state next to `conn` while it runs.
-        let Some(mut conn) = upgrade.await else {
-            return;
-        };
-        conn.run().await;
+) -> Task {
+    Task::Upgrading(Box::pin(upgrade(stream, peer, live, upgrading)))
+}
+
+/// One connection's task: every open connection keeps it for its whole life,
+/// so it is written by hand rather than as an `async` block, whose state
+/// would hold the arguments, the handshake's and the loop's locals side by
+/// side. Tokio adds ~100 bytes and rounds tasks up to 128 bytes: kept at
+/// most 152 bytes (see the test), a connection's task takes 256.
+pub(crate) enum Task {
+    /// The handshake, in its own allocation, freed once the connection is up.
+    Upgrading(Pin<Box<dyn Future<Output = Option<Connection>> + Send>>),
+    Open(Connection),
+    Done,
+}
+
+impl Future for Task {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let task = self.get_mut();
+        loop {
+            match task {
+                Task::Upgrading(upgrade) => match upgrade.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(conn)) => *task = Task::Open(conn),
+                    Poll::Ready(None) => break,
+                },
+                Task::Open(conn) => {
+                    if conn.poll_run(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    break;
+                }
+                Task::Done => return Poll::Ready(()),
+            }
+        }
+        // Drops the connection (unregistering its socket) as soon as it ends.
+        *task = Task::Done;
+        Poll::Ready(())
     }
 }
 
@@ -203,47 +229,6 @@ async fn refuse(mut stream: TcpStream, refusal: Refusal) {
     .await;
 }
 
-/// What the connection's task waits for, in this order: its outbox (frames,
-/// a close, reading may resume), the stream (for reading and/or writing, as
-/// `wanted` says), the close deadline.
-///
-/// A hand-written poll rather than `select!` over `Notify::notified` and
-/// `TcpStream::ready`: those futures carry waiter nodes that every waiting
-/// connection would keep in its task, while the socket and the stream's
-/// `poll_*_ready` keep one waker each.
-fn poll_wake(
-    cx: &mut Context<'_>,
-    socket: &Socket,
-    stream: &TcpStream,
-    (reading, writing): (bool, bool),
-    close_deadline: &mut Option<Pin<Box<Sleep>>>,
-) -> Poll<Wake> {
-    if socket.poll_woken(cx).is_ready() {
-        return Poll::Ready(Wake::Outbox);
-    }
-    let readable = reading
-        && match stream.poll_read_ready(cx) {
-            Poll::Ready(Ok(())) => true,
-            Poll::Ready(Err(_)) => return Poll::Ready(Wake::Broken),
-            Poll::Pending => false,
-        };
-    let writable = writing
-        && match stream.poll_write_ready(cx) {
-            Poll::Ready(Ok(())) => true,
-            Poll::Ready(Err(_)) => return Poll::Ready(Wake::Broken),
-            Poll::Pending => false,
-        };
-    if readable || writable {
-        return Poll::Ready(Wake::Ready { readable, writable });
-    }
-    if let Some(sleep) = close_deadline {
-        if sleep.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Wake::CloseTimeout);
-        }
-    }
-    Poll::Pending
-}
-
 /// Unregisters the socket however the task ends (also when the runtime drops
 /// it at shutdown), and owes the worker exactly one close event.
 struct SocketGuard {
@@ -288,9 +273,6 @@ struct Writer {
     frames: VecDeque<Bytes>,
     /// Bytes of the front frame already written.
     offset: usize,
-    /// The last frame in `frames` is our close frame.
-    close_queued: bool,
-    close_written: bool,
 }
 
 impl Writer {
@@ -332,9 +314,6 @@ impl Writer {
             }
         }
         if self.frames.is_empty() {
-            if self.close_queued {
-                self.close_written = true;
-            }
             // Idle connections hold no buffers; a busy one allocates once per burst.
             self.frames = VecDeque::new();
         }
@@ -342,13 +321,20 @@ impl Writer {
     }
 }
 
-struct Connection {
+pub(crate) struct Connection {
     stream: TcpStream,
     /// The socket and the server; cleans up when the connection ends.
     guard: SocketGuard,
     decoder: Decoder,
     writer: Writer,
+    /// Armed once our close frame is written while the peer's is awaited.
+    /// Only closing connections have a timer, in its own allocation.
+    close_deadline: Option<Pin<Box<Sleep>>>,
     state: State,
+    /// The last frame the writer holds is our close frame.
+    close_queued: bool,
+    /// Our close frame is on the wire.
+    close_written: bool,
     /// Reading or writing failed, or the peer hung up.
     broken: bool,
 }
@@ -378,36 +364,31 @@ impl Connection {
             guard,
             decoder: Decoder::new(max),
             writer: Writer::default(),
+            close_deadline: None,
             state: State::Open,
+            close_queued: false,
+            close_written: false,
             broken: false,
         }
     }
 
-    async fn run(&mut self) {
-        // Only a closing connection has a timer, in its own allocation, so
-        // open ones do not carry one in their state.
-        let mut close_deadline: Option<Pin<Box<Sleep>>> = None;
+    /// Serves the open connection until it ends: reads frames into events,
+    /// writes the outbox, runs the close handshake.
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            if self.broken || (self.writer.close_written && self.state == State::Ending) {
+            if self.broken || (self.close_written && self.state == State::Ending) {
                 break;
             }
-            if self.writer.close_written && close_deadline.is_none() {
+            if self.close_written && self.close_deadline.is_none() {
                 // Our close frame is out: the peer gets a moment to answer.
-                close_deadline = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
+                self.close_deadline = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
             }
             let reading =
                 self.state != State::Ending && self.guard.socket.inflight() < PAUSE_READING_AT;
             let writing = !self.writer.is_empty();
-            let wake = poll_fn(|cx| {
-                poll_wake(
-                    cx,
-                    &self.guard.socket,
-                    &self.stream,
-                    (reading, writing),
-                    &mut close_deadline,
-                )
-            })
-            .await;
+            let Poll::Ready(wake) = self.poll_wake(cx, reading, writing) else {
+                return Poll::Pending;
+            };
             match wake {
                 Wake::Outbox => self.take_outbox(),
                 Wake::Ready { readable, writable } => {
@@ -422,7 +403,44 @@ impl Connection {
                 Wake::CloseTimeout => break,
             }
         }
-        let _ = self.stream.shutdown().await;
+        // Completes at once for a TCP stream (shutdown(2) of the write side).
+        let _ = Pin::new(&mut self.stream).poll_shutdown(cx);
+        Poll::Ready(())
+    }
+
+    /// What the task waits for, in this order: its outbox (frames, a close,
+    /// reading may resume), the stream (for reading and/or writing), the
+    /// close deadline.
+    ///
+    /// Polled by hand rather than with `select!` over `Notify::notified` and
+    /// `TcpStream::ready`: those futures carry waiter nodes that every
+    /// waiting connection would keep in its task, while the socket and the
+    /// stream's `poll_*_ready` keep one waker each.
+    fn poll_wake(&mut self, cx: &mut Context<'_>, reading: bool, writing: bool) -> Poll<Wake> {
+        if self.guard.socket.poll_woken(cx).is_ready() {
+            return Poll::Ready(Wake::Outbox);
+        }
+        let readable = reading
+            && match self.stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => true,
+                Poll::Ready(Err(_)) => return Poll::Ready(Wake::Broken),
+                Poll::Pending => false,
+            };
+        let writable = writing
+            && match self.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => true,
+                Poll::Ready(Err(_)) => return Poll::Ready(Wake::Broken),
+                Poll::Pending => false,
+            };
+        if readable || writable {
+            return Poll::Ready(Wake::Ready { readable, writable });
+        }
+        if let Some(sleep) = &mut self.close_deadline {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::CloseTimeout);
+            }
+        }
+        Poll::Pending
     }
 
     fn take_outbox(&mut self) {
@@ -432,14 +450,14 @@ impl Connection {
         match self.guard.socket.take(&mut self.writer.frames, keep_front) {
             CloseTaken::No => {}
             CloseTaken::Close => {
-                self.writer.close_queued = true;
+                self.close_queued = true;
                 if self.state == State::Open {
                     self.state = State::Closing;
                 }
             }
             CloseTaken::Fail => {
                 // Failed by the keepalive sweep: stop reading, end once written.
-                self.writer.close_queued = true;
+                self.close_queued = true;
                 self.state = State::Ending;
             }
         }
@@ -451,6 +469,9 @@ impl Connection {
             Ok(n) if n > 0 => self.guard.socket.written(n),
             Ok(_) => {}
             Err(_) => self.broken = true,
+        }
+        if self.close_queued && self.writer.is_empty() {
+            self.close_written = true;
         }
     }
 
@@ -550,9 +571,9 @@ mod tests {
 
     /// Every open connection keeps its task's state for its whole life; this
     /// keeps it from growing unnoticed (the memory target is ~2 KB per
-    /// connection in all). Tokio adds ~100 bytes of task header and trailer
-    /// and rounds the task up to 128 bytes: up to ~280 bytes of state, a
-    /// connection's task takes 384 bytes.
+    /// connection in all). Tokio adds 96 bytes of task header, scheduler and
+    /// trailer (plus up to 8 for its own tag) and rounds tasks up to 128
+    /// bytes: up to 152 bytes of state, a connection's task takes 256.
     #[tokio::test]
     async fn connection_task_state_stays_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -566,7 +587,7 @@ mod tests {
             .unwrap();
         let task = serve(stream, peer, crate::server::LiveGuard::new(&shared), permit);
         assert!(
-            std::mem::size_of_val(&task) <= 272,
+            std::mem::size_of_val(&task) <= 152,
             "{} bytes",
             std::mem::size_of_val(&task)
         );
