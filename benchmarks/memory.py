@@ -3,7 +3,9 @@
 Starts a WarpSocket server in this process (echo worker, one worker thread), opens
 N upgraded connections from a separate client process (asyncio, raw handshakes,
 source addresses 127.0.0.1..8), waits until the server counts them all, and
-prints how much the server's RSS grew per connection.
+prints how much the server's RSS grew per connection, and how much of the
+C heap it uses per connection (glibc's ``mallinfo2``: allocations only, without
+the allocator's free space, so steadier than RSS).
 
     python benchmarks/memory.py [--connections 1000 10000]
 """
@@ -11,6 +13,7 @@ prints how much the server's RSS grew per connection.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import resource
 import subprocess
 import sys
@@ -59,10 +62,29 @@ def rss_kib() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def measure(n: int) -> tuple[int, int]:
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+def heap_bytes() -> int | None:
+    """Bytes allocated with malloc (in arenas and mmapped), or None off glibc >= 2.33."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except AttributeError:
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def measure(n: int) -> tuple[int, int, int | None]:
     with warpsocket.start("127.0.0.1:0", str(ECHO), threads=1) as server:
         time.sleep(0.5)
         before = rss_kib()
+        heap_before = heap_bytes()
         client = subprocess.Popen(
             [sys.executable, "-c", CLIENT, str(server.port), str(n)],
             stdout=subprocess.PIPE,
@@ -75,7 +97,9 @@ def measure(n: int) -> tuple[int, int]:
             while warpsocket.stats()["connections"] < n and time.monotonic() < deadline:
                 time.sleep(0.1)
             time.sleep(1.0)
-            return before, rss_kib()
+            heap_after = heap_bytes()
+            heap = None if heap_before is None or heap_after is None else heap_after - heap_before
+            return before, rss_kib(), heap
         finally:
             client.kill()
             client.wait()
@@ -88,10 +112,11 @@ def main() -> None:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     for n in args.connections:
-        before, after = measure(n)
+        before, after, heap = measure(n)
+        heap_text = "" if heap is None else f"; heap {heap / n:,.0f} bytes per connection"
         print(
             f"{n:>7,} connections: server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB, "
-            f"{(after - before) * 1024 / n:,.0f} bytes per connection"
+            f"{(after - before) * 1024 / n:,.0f} bytes per connection{heap_text}"
         )
 
 

@@ -63,8 +63,11 @@ class WorkerQueue:
     def queue_depth(self) -> int: ...
     def fileno(self) -> int:
         """The descriptor that becomes readable when events wait."""
-    def drain(self) -> list[tuple[int, int, Any]]:
-        """Take every waiting event as ``(kind, socket_id, payload)``."""
+    def drain(self, max: int | None = None) -> list[tuple[int, int, Any]]:
+        """Take the waiting events (at most ``max``) as ``(kind, socket_id, payload)``.
+
+        When more wait, the descriptor stays readable.
+        """
     def hold(self, socket_id: int) -> None:
         """An event of ``socket_id`` waits or is awaited: it counts until ``release``."""
     def release(self, socket_id: int) -> None:

@@ -2,7 +2,8 @@
 
 Each worker thread loads its own instance of the worker module, runs its own
 asyncio loop, and runs the handlers of its connections in order. The core
-signals a descriptor when events wait; the loop drains them in one batch.
+signals a descriptor when events wait; the loop drains them in batches of up
+to ``DRAIN_BATCH``.
 A connection whose handler is awaiting keeps a backlog, so its events still
 run one after another while other connections go on.
 """
@@ -30,6 +31,11 @@ from .config import Options
 logger = logging.getLogger("warpsocket")
 
 OPEN, TEXT, BINARY, CLOSE = _core.EVENT_OPEN, _core.EVENT_TEXT, _core.EVENT_BINARY, _core.EVENT_CLOSE
+
+# Events taken per drain. When thousands of connections send at once, the
+# worker converts and runs them in slices of this size instead of holding them
+# all as Python objects; the descriptor stays readable while more wait.
+DRAIN_BATCH = 1024
 
 HANDLER_NAMES = (
     "handle_start",
@@ -220,20 +226,20 @@ class Worker(threading.Thread):
         return stack
 
     async def _finish(self, deadline: float) -> None:
-        self._on_events()
+        self._on_events(None)
         while self._tasks:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             await asyncio.wait(set(self._tasks), timeout=remaining)
-            self._on_events()
+            self._on_events(None)
         assert self._loop is not None
         self._loop.stop()
 
     # -- events --------------------------------------------------------------
 
-    def _on_events(self) -> None:
-        """Run every waiting event: sync handlers now, async ones as tasks.
+    def _on_events(self, batch: int | None = DRAIN_BATCH) -> None:
+        """Run the waiting events (up to ``batch``): sync handlers now, async ones as tasks.
 
         Drained events count as handled in the core; one that has to wait behind
         an awaiting handler, or that starts an awaiting one, is held until done,
@@ -244,7 +250,7 @@ class Worker(threading.Thread):
         conns = self._conns
         hold = self.queue.hold
         run = self._run
-        for kind, sid, payload in self.queue.drain():
+        for kind, sid, payload in self.queue.drain(batch):
             # Most apps have no connection waiting on an async handler: skip the lookup.
             conn = conns.get(sid) if conns else None
             if conn is not None:

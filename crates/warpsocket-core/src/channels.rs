@@ -1,6 +1,7 @@
 //! Channels: for each name, the socket ids subscribed and their reference
 //! counts. Sharded by name so unrelated channels never share a lock.
 
+use std::collections::hash_map::Entry;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -14,10 +15,11 @@ use crate::registry::IdMap;
 const SHARDS: usize = 64;
 
 /// What a count change did to a subscription.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Change {
-    /// The count went from 0 to positive.
-    Added,
+    /// The count went from 0 to positive. Carries the channel's name as
+    /// stored here, for the subscriber to keep without a copy of its own.
+    Added(Bytes),
     /// The count reached 0: the subscription is gone.
     Removed,
     /// The count changed but the subscription stayed (or stayed absent).
@@ -56,16 +58,19 @@ impl Channels {
     pub(crate) fn update(&self, name: &Bytes, id: u64, delta: i64) -> Change {
         let mut shard = self.shard(name).write();
         if delta > 0 {
-            let subscribers = shard.entry(name.clone()).or_insert_with(|| {
-                self.live.fetch_add(1, Ordering::Relaxed);
-                Subscribers::default()
-            });
+            let (stored, subscribers) = match shard.entry(name.clone()) {
+                Entry::Occupied(entry) => (entry.key().clone(), entry.into_mut()),
+                Entry::Vacant(entry) => {
+                    self.live.fetch_add(1, Ordering::Relaxed);
+                    (entry.key().clone(), entry.insert(Subscribers::default()))
+                }
+            };
             let count = subscribers.entry(id).or_insert(0);
             let added = *count == 0;
             *count = count.saturating_add(delta as u64);
             if added {
                 self.pairs.fetch_add(1, Ordering::Relaxed);
-                return Change::Added;
+                return Change::Added(stored);
             }
             return Change::Kept;
         }
@@ -141,9 +146,13 @@ mod tests {
     fn counts_are_reference_counted() {
         let ch = Channels::default();
         let name = Bytes::from_static(b"room");
-        assert_eq!(ch.update(&name, 1, 1), Change::Added);
+        assert_eq!(ch.update(&name, 1, 1), Change::Added(name.clone()));
         assert_eq!(ch.update(&name, 1, 2), Change::Kept);
-        assert_eq!(ch.update(&name, 2, 1), Change::Added);
+        let copy = Bytes::copy_from_slice(b"room");
+        let Change::Added(stored) = ch.update(&copy, 2, 1) else {
+            panic!("not added");
+        };
+        assert_eq!(stored.as_ptr(), name.as_ptr(), "the stored name is shared");
         assert_eq!((ch.channel_count(), ch.pair_count()), (1, 2));
         assert_eq!(ch.update(&name, 1, -2), Change::Kept);
         assert_eq!(ch.update(&name, 1, -5), Change::Removed);

@@ -4,23 +4,26 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::Instant;
+use tokio::time::Sleep;
 
-use crate::dispatch::Payload;
+use crate::dispatch::{OpenRequest, Payload};
 use crate::engine::{Verdict, PAUSE_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
 use crate::handshake::{self, Refusal, Request};
-use crate::server::Shared;
-use crate::socket::Socket;
+use crate::server::{LiveGuard, Shared};
+use crate::socket::{CloseTaken, Socket};
 use crate::stats::Counters;
 
 /// Most bytes an upgrade request may have.
@@ -33,35 +36,67 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Most frames handed to one vectored write.
 const MAX_IOVECS: usize = 64;
 
-/// Serves one accepted TCP connection until it is closed.
+/// The task serving one accepted TCP connection until it is closed.
 /// `upgrading` is the connection's pending-upgrade permit, released once the
-/// upgrade is done (or refused).
-pub(crate) async fn serve(
+/// upgrade is done (or refused); `live` counts the task until it ends.
+pub(crate) fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    shared: &Arc<Shared>,
+    live: LiveGuard,
     upgrading: OwnedSemaphorePermit,
-) {
-    // The handshake runs in its own allocation, freed once the connection is
-    // up, so the task keeps only what an open connection needs.
-    let Some((mut conn, leftover)) = Box::pin(upgrade(stream, peer, shared)).await else {
-        return;
-    };
-    drop(upgrading);
-    if !leftover.is_empty() {
-        conn.on_bytes(&leftover);
+) -> Task {
+    Task::Upgrading(Box::pin(upgrade(stream, peer, live, upgrading)))
+}
+
+/// One connection's task: every open connection keeps it for its whole life,
+/// so it is written by hand rather than as an `async` block, whose state
+/// would hold the arguments, the handshake's and the loop's locals side by
+/// side. Tokio adds 96 bytes (and up to 8 for its own tag) and rounds tasks
+/// up to 128 bytes: kept at most 152 bytes (see the test), a connection's
+/// task takes 256.
+pub(crate) enum Task {
+    /// The handshake, in its own allocation, freed once the connection is up.
+    Upgrading(Pin<Box<dyn Future<Output = Option<Connection>> + Send>>),
+    Open(Connection),
+    Done,
+}
+
+impl Future for Task {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let task = self.get_mut();
+        loop {
+            match task {
+                Task::Upgrading(upgrade) => match upgrade.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(conn)) => *task = Task::Open(conn),
+                    Poll::Ready(None) => break,
+                },
+                Task::Open(conn) => {
+                    if conn.poll_run(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    break;
+                }
+                Task::Done => return Poll::Ready(()),
+            }
+        }
+        // Drops the connection (unregistering its socket) as soon as it ends.
+        *task = Task::Done;
+        Poll::Ready(())
     }
-    drop(leftover);
-    conn.run().await;
 }
 
 /// Reads the request, asks `handle_open`, and answers 101 or an error.
-/// Returns the open connection and any bytes that came after the request.
+/// Returns the open connection, fed with any bytes that came after the request.
 async fn upgrade(
     stream: TcpStream,
     peer: SocketAddr,
-    shared: &Arc<Shared>,
-) -> Option<(Connection, Vec<u8>)> {
+    live: LiveGuard,
+    upgrading: OwnedSemaphorePermit,
+) -> Option<Connection> {
+    let shared = &live.shared().clone();
     let _ = stream.set_nodelay(true);
     let mut buf = Vec::new();
     let read = tokio::select! {
@@ -97,21 +132,18 @@ async fn upgrade(
         .engine
         .add_socket(|id| Socket::new(id, worker, max_backpressure));
     socket.worker.connection_opened();
-    let guard = SocketGuard {
-        socket,
-        shared: shared.clone(),
-    };
+    let guard = SocketGuard { socket, live };
     let socket = &guard.socket;
 
     if shared.config.handlers.open {
         let verdict = shared.engine.wait_for_verdict(socket.id);
         socket.worker.push(
             socket,
-            Payload::Open {
+            Payload::Open(Box::new(OpenRequest {
                 ip: peer.ip().to_canonical().to_string(),
                 path: upgrade.path.clone(),
                 headers: upgrade.headers.clone(),
-            },
+            })),
         );
         let verdict = tokio::select! {
             v = verdict => v.unwrap_or(Verdict::Refuse(500)),
@@ -134,7 +166,11 @@ async fn upgrade(
         .write_all(&handshake::accept_response(&upgrade))
         .await
         .ok()?;
-    Some((conn, buf.split_off(used)))
+    drop(upgrading);
+    if buf.len() > used {
+        conn.on_bytes(&buf[used..]);
+    }
+    Some(conn)
 }
 
 /// Answers a request that is not an upgrade: a static file when a folder is
@@ -198,13 +234,20 @@ async fn refuse(mut stream: TcpStream, refusal: Refusal) {
 /// it at shutdown), and owes the worker exactly one close event.
 struct SocketGuard {
     socket: Arc<Socket>,
-    shared: Arc<Shared>,
+    /// Dropped after the cleanup below: the task counts as live until then.
+    live: LiveGuard,
+}
+
+impl SocketGuard {
+    fn shared(&self) -> &Shared {
+        self.live.shared()
+    }
 }
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
         let id = self.socket.id;
-        self.shared.engine.remove_socket(id);
+        self.shared().engine.remove_socket(id);
         self.socket.mark_closed();
         if self.socket.is_accepted() {
             self.socket.worker.push(&self.socket, Payload::Close);
@@ -231,9 +274,6 @@ struct Writer {
     frames: VecDeque<Bytes>,
     /// Bytes of the front frame already written.
     offset: usize,
-    /// The last frame in `frames` is our close frame.
-    close_queued: bool,
-    close_written: bool,
 }
 
 impl Writer {
@@ -275,9 +315,6 @@ impl Writer {
             }
         }
         if self.frames.is_empty() {
-            if self.close_queued {
-                self.close_written = true;
-            }
             // Idle connections hold no buffers; a busy one allocates once per burst.
             self.frames = VecDeque::new();
         }
@@ -285,134 +322,144 @@ impl Writer {
     }
 }
 
-struct Connection {
+pub(crate) struct Connection {
     stream: TcpStream,
     /// The socket and the server; cleans up when the connection ends.
     guard: SocketGuard,
     decoder: Decoder,
     writer: Writer,
+    /// Armed once our close frame is written while the peer's is awaited.
+    /// Only closing connections have a timer, in its own allocation.
+    close_deadline: Option<Pin<Box<Sleep>>>,
     state: State,
-    /// The peer showed it is alive (any bytes) since the last keepalive ping.
-    heard_since_ping: bool,
-    /// When the outstanding keepalive ping was sent.
-    ping_sent: Option<Instant>,
+    /// The last frame the writer holds is our close frame.
+    close_queued: bool,
+    /// Our close frame is on the wire.
+    close_written: bool,
     /// Reading or writing failed, or the peer hung up.
     broken: bool,
-    opened: Instant,
 }
 
 /// What woke the connection's task.
 enum Wake {
     Outbox,
-    Ready(io::Result<tokio::io::Ready>),
-    Timer,
+    /// The stream is ready for what was asked.
+    Ready {
+        readable: bool,
+        writable: bool,
+    },
+    /// Polling the stream failed.
+    Broken,
+    /// The peer did not answer our close in time.
+    CloseTimeout,
 }
 
 impl Connection {
     fn new(stream: TcpStream, guard: SocketGuard) -> Self {
-        let max = guard.shared.config.max_message_size;
+        let shared = guard.shared();
+        let max = shared.config.max_message_size;
+        // From now on the server's keepalive sweep pings it.
+        guard.socket.keepalive.start(shared.id, shared.clock.now());
         Connection {
             stream,
             guard,
             decoder: Decoder::new(max),
             writer: Writer::default(),
+            close_deadline: None,
             state: State::Open,
-            heard_since_ping: true,
-            ping_sent: None,
+            close_queued: false,
+            close_written: false,
             broken: false,
-            opened: Instant::now(),
         }
     }
 
-    async fn run(&mut self) {
-        let config = &self.guard.shared.config;
-        let (ping_interval, ping_timeout) = (config.ping_interval, config.ping_timeout);
-        let socket = self.guard.socket.clone();
-        let timer = tokio::time::sleep(ping_interval);
-        tokio::pin!(timer);
-        let mut close_deadline: Option<Instant> = None;
+    /// Serves the open connection until it ends: reads frames into events,
+    /// writes the outbox, runs the close handshake.
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            if self.broken || (self.writer.close_written && self.state == State::Ending) {
+            if self.broken || (self.close_written && self.state == State::Ending) {
                 break;
             }
-            if self.writer.close_written && close_deadline.is_none() {
+            if self.close_written && self.close_deadline.is_none() {
                 // Our close frame is out: the peer gets a moment to answer.
-                let deadline = Instant::now() + CLOSE_TIMEOUT;
-                close_deadline = Some(deadline);
-                timer.as_mut().reset(deadline);
+                self.close_deadline = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
             }
-            let reading = self.state != State::Ending && socket.inflight() < PAUSE_READING_AT;
-            let interest = match (reading, !self.writer.is_empty()) {
-                (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
-                (true, false) => Some(Interest::READABLE),
-                (false, true) => Some(Interest::WRITABLE),
-                (false, false) => None,
-            };
-            let wake = tokio::select! {
-                biased;
-                _ = socket.woken() => Wake::Outbox,
-                ready = self.stream.ready(interest.unwrap_or(Interest::READABLE)), if interest.is_some() => Wake::Ready(ready),
-                _ = &mut timer => Wake::Timer,
+            let reading =
+                self.state != State::Ending && self.guard.socket.inflight() < PAUSE_READING_AT;
+            let writing = !self.writer.is_empty();
+            let Poll::Ready(wake) = self.poll_wake(cx, reading, writing) else {
+                return Poll::Pending;
             };
             match wake {
                 Wake::Outbox => self.take_outbox(),
-                Wake::Ready(Ok(ready)) => {
-                    if ready.is_readable() && reading {
+                Wake::Ready { readable, writable } => {
+                    if readable {
                         self.read();
                     }
-                    if ready.is_writable() {
+                    if writable {
                         self.write();
                     }
                 }
-                Wake::Ready(Err(_)) => self.broken = true,
-                Wake::Timer => {
-                    let now = Instant::now();
-                    if close_deadline.is_some_and(|d| now >= d) {
-                        break;
-                    }
-                    if close_deadline.is_none() {
-                        let next = self.keepalive(now, ping_interval, ping_timeout);
-                        timer.as_mut().reset(next);
-                    }
-                }
+                Wake::Broken => self.broken = true,
+                Wake::CloseTimeout => break,
             }
         }
-        let _ = self.stream.shutdown().await;
+        // Completes at once for a TCP stream (shutdown(2) of the write side).
+        let _ = Pin::new(&mut self.stream).poll_shutdown(cx);
+        Poll::Ready(())
     }
 
-    /// Sends a ping every `interval`; fails the connection with 1011 when
-    /// nothing was heard within `timeout` of one. Returns when to look again.
-    fn keepalive(&mut self, now: Instant, interval: Duration, timeout: Duration) -> Instant {
-        if self.state != State::Open {
-            return now + CLOSE_TIMEOUT;
+    /// What the task waits for, in this order: its outbox (frames, a close,
+    /// reading may resume), the stream (for reading and/or writing), the
+    /// close deadline.
+    ///
+    /// Polled by hand rather than with `select!` over `Notify::notified` and
+    /// `TcpStream::ready`: those futures carry waiter nodes that every
+    /// waiting connection would keep in its task, while the socket and the
+    /// stream's `poll_*_ready` keep one waker each.
+    fn poll_wake(&mut self, cx: &mut Context<'_>, reading: bool, writing: bool) -> Poll<Wake> {
+        if self.guard.socket.poll_woken(cx).is_ready() {
+            return Poll::Ready(Wake::Outbox);
         }
-        if let Some(sent) = self.ping_sent.filter(|_| !self.heard_since_ping) {
-            // A ping is outstanding: no new one until it is answered or late.
-            if now >= sent + timeout {
-                self.fail(close_code::INTERNAL, "keepalive ping timeout");
-                return now + CLOSE_TIMEOUT;
+        let readable = reading
+            && match self.stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => true,
+                Poll::Ready(Err(_)) => return Poll::Ready(Wake::Broken),
+                Poll::Pending => false,
+            };
+        let writable = writing
+            && match self.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => true,
+                Poll::Ready(Err(_)) => return Poll::Ready(Wake::Broken),
+                Poll::Pending => false,
+            };
+        if readable || writable {
+            return Poll::Ready(Wake::Ready { readable, writable });
+        }
+        if let Some(sleep) = &mut self.close_deadline {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::CloseTimeout);
             }
-            return sent + timeout;
         }
-        let last = self.ping_sent.unwrap_or(self.opened);
-        if now < last + interval {
-            return last + interval;
-        }
-        self.guard.socket.send(&frame::encode_ping(b""));
-        self.ping_sent = Some(now);
-        self.heard_since_ping = false;
-        now + interval.min(timeout)
+        Poll::Pending
     }
 
     fn take_outbox(&mut self) {
         // After a backpressure close, a frame already partly written must be
         // finished so the close frame after it is well-formed.
         let keep_front = self.writer.offset > 0;
-        let close_taken = self.guard.socket.take(&mut self.writer.frames, keep_front);
-        if close_taken {
-            self.writer.close_queued = true;
-            if self.state == State::Open {
-                self.state = State::Closing;
+        match self.guard.socket.take(&mut self.writer.frames, keep_front) {
+            CloseTaken::No => {}
+            CloseTaken::Close => {
+                self.close_queued = true;
+                if self.state == State::Open {
+                    self.state = State::Closing;
+                }
+            }
+            CloseTaken::Fail => {
+                // Failed by the keepalive sweep: stop reading, end once written.
+                self.close_queued = true;
+                self.state = State::Ending;
             }
         }
         self.write();
@@ -423,6 +470,9 @@ impl Connection {
             Ok(n) if n > 0 => self.guard.socket.written(n),
             Ok(_) => {}
             Err(_) => self.broken = true,
+        }
+        if self.close_queued && self.writer.is_empty() {
+            self.close_written = true;
         }
     }
 
@@ -445,7 +495,7 @@ impl Connection {
     }
 
     fn on_bytes(&mut self, bytes: &[u8]) {
-        self.heard_since_ping = true;
+        self.guard.socket.keepalive.heard();
         let mut decoder = std::mem::replace(&mut self.decoder, Decoder::new(0));
         let result = decoder.feed(bytes, &mut |incoming| self.on_incoming(incoming));
         self.decoder = decoder;
@@ -482,7 +532,7 @@ impl Connection {
         if self.state != State::Open {
             return;
         }
-        let handlers = self.guard.shared.config.handlers;
+        let handlers = self.guard.shared().config.handlers;
         let handled = match kind {
             Kind::Text => handlers.text,
             Kind::Binary => handlers.binary,
@@ -496,7 +546,7 @@ impl Connection {
             self.fail(close_code::UNSUPPORTED, "no handler for this message type");
             return;
         }
-        let stats = &self.guard.shared.engine.stats;
+        let stats = &self.guard.shared().engine.stats;
         Counters::add(&stats.messages_in, 1);
         Counters::add(&stats.bytes_in, data.len() as u64);
         let socket = &self.guard.socket;
@@ -522,7 +572,9 @@ mod tests {
 
     /// Every open connection keeps its task's state for its whole life; this
     /// keeps it from growing unnoticed (the memory target is ~2 KB per
-    /// connection in all).
+    /// connection in all). Tokio adds 96 bytes of task header, scheduler and
+    /// trailer (plus up to 8 for its own tag) and rounds tasks up to 128
+    /// bytes: up to 152 bytes of state, a connection's task takes 256.
     #[tokio::test]
     async fn connection_task_state_stays_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -534,9 +586,9 @@ mod tests {
         let permit = Arc::new(tokio::sync::Semaphore::new(1))
             .try_acquire_owned()
             .unwrap();
-        let task = serve(stream, peer, &shared, permit);
+        let task = serve(stream, peer, crate::server::LiveGuard::new(&shared), permit);
         assert!(
-            std::mem::size_of_val(&task) <= 1024,
+            std::mem::size_of_val(&task) <= 152,
             "{} bytes",
             std::mem::size_of_val(&task)
         );

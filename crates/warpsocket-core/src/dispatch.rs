@@ -19,17 +19,23 @@ use crate::wakeup::Wakeup;
 /// What happened to a connection.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Payload {
-    /// An upgrade request waiting for `handle_open`'s verdict.
-    Open {
-        ip: String,
-        path: String,
-        headers: Vec<(String, String)>,
-    },
+    /// An upgrade request waiting for `handle_open`'s verdict. Boxed: it is
+    /// rare and large, and every queued event has the size of the largest
+    /// variant.
+    Open(Box<OpenRequest>),
     /// A text message; the bytes are valid UTF-8.
     Text(Vec<u8>),
     Binary(Vec<u8>),
     /// The connection is gone; `handle_close` must run.
     Close,
+}
+
+/// The upgrade request `handle_open` is asked about.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OpenRequest {
+    pub ip: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
 }
 
 /// Something a worker's handlers must see, in the order it happened.
@@ -123,12 +129,30 @@ impl WorkerQueue {
     /// here on: the worker runs synchronous handlers at once and reports
     /// the events it keeps waiting or awaiting with [`hold`](Self::hold).
     pub fn drain(&self) -> Vec<Event> {
+        self.drain_at_most(usize::MAX)
+    }
+
+    /// Like [`drain`](Self::drain), but takes at most `max` events; if more
+    /// wait, the wakeup stays signalled for the rest. A worker that drains
+    /// in bounded batches keeps its own memory bounded when thousands of
+    /// connections send at once.
+    pub fn drain_at_most(&self, max: usize) -> Vec<Event> {
         self.wakeup.clear();
-        let events = {
+        let (events, more) = {
             let mut events = self.events.lock();
-            self.waiting_since_ms.store(0, Ordering::Relaxed);
-            std::mem::take(&mut *events)
+            if events.len() <= max {
+                self.waiting_since_ms.store(0, Ordering::Relaxed);
+                (std::mem::take(&mut *events), false)
+            } else {
+                // The worker is alive now: the rest waits from here on.
+                self.waiting_since_ms.store(now_ms(), Ordering::Relaxed);
+                let rest = events.split_off(max);
+                (std::mem::replace(&mut *events, rest), true)
+            }
         };
+        if more {
+            self.wakeup.signal();
+        }
         for event in &events {
             event.socket.event_finished(RESUME_READING_BELOW);
         }
@@ -270,6 +294,47 @@ mod tests {
         q.hold(Some(&socket));
         assert_eq!((q.queue_depth(), socket.inflight()), (1, 1));
         q.release(Some(&socket));
+        assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
+        assert_eq!(q.stalled_for(), Duration::ZERO);
+    }
+
+    /// Events wait in the queue by the thousand under load: keep them small.
+    #[test]
+    fn events_stay_small() {
+        assert!(std::mem::size_of::<Event>() <= 40);
+    }
+
+    #[test]
+    fn a_bounded_drain_leaves_the_rest_signalled() {
+        let workers = Workers::default();
+        let q = workers.add().unwrap();
+        let socket = Arc::new(Socket::new(1, q.clone(), 1 << 20));
+        for i in 0..5u8 {
+            q.push(&socket, Payload::Text(vec![i]));
+        }
+        let mut fds = libc::pollfd {
+            fd: q.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let texts = |events: Vec<Event>| -> Vec<Payload> {
+            events.into_iter().map(|e| e.payload).collect()
+        };
+        let first = texts(q.drain_at_most(3));
+        assert_eq!(
+            first,
+            (0..3u8).map(|i| Payload::Text(vec![i])).collect::<Vec<_>>()
+        );
+        assert_eq!((q.queue_depth(), socket.inflight()), (2, 2));
+        // SAFETY: one valid pollfd, zero timeout.
+        assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 1, "still signalled");
+        let rest = texts(q.drain_at_most(3));
+        assert_eq!(
+            rest,
+            (3..5u8).map(|i| Payload::Text(vec![i])).collect::<Vec<_>>()
+        );
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 0);
         assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
         assert_eq!(q.stalled_for(), Duration::ZERO);
     }

@@ -149,14 +149,7 @@ impl Engine {
         };
         let mut pending = vec![(id, entry)];
         while let Some((id, entry)) = pending.pop() {
-            let (channels, children) = {
-                let mut links = entry.links().lock();
-                links.dead = true;
-                (
-                    std::mem::take(&mut links.channels),
-                    std::mem::take(&mut links.children),
-                )
-            };
+            let (channels, children) = entry.links().lock().kill();
             for channel in &channels {
                 self.channels.update(channel, id, i64::MIN);
                 self.subscriptions_changed(channel);
@@ -293,15 +286,10 @@ impl Engine {
         if delta == 0 {
             return changed;
         }
-        let wanted = if delta > 0 {
-            Change::Added
-        } else {
-            Change::Removed
-        };
         for target in targets {
             match target {
                 Target::Socket(id) => {
-                    if self.subscribe_one(*id, channel, delta) == wanted {
+                    if self.subscribe_one(*id, channel, delta) {
                         changed.push(*id);
                     }
                 }
@@ -309,7 +297,7 @@ impl Engine {
                     let ids: Vec<u64> = self.channels.subscribers(source).ids().collect();
                     changed.extend(
                         ids.into_iter()
-                            .filter(|&id| self.subscribe_one(id, channel, delta) == wanted),
+                            .filter(|&id| self.subscribe_one(id, channel, delta)),
                     );
                 }
             }
@@ -317,32 +305,31 @@ impl Engine {
         changed
     }
 
-    fn subscribe_one(&self, id: u64, channel: &Bytes, delta: i64) -> Change {
+    /// True when `id` became subscribed (`delta > 0`) or unsubscribed
+    /// (`delta < 0`): a count change in one direction can only do that.
+    fn subscribe_one(&self, id: u64, channel: &Bytes, delta: i64) -> bool {
         let Some(entry) = self.sockets.get(id) else {
-            return Change::Kept;
+            return false;
         };
         if !self.resolves_open(id) {
-            return Change::Kept;
+            return false;
         }
         // Holding the links while the channel changes keeps the two indexes in
         // step with a concurrent delete, which marks the links dead first.
         let mut links = entry.links().lock();
         if links.dead {
-            return Change::Kept;
+            return false;
         }
-        let change = self.channels.update(channel, id, delta);
-        match change {
-            Change::Added => {
-                links.channels.insert(channel.clone());
-            }
-            Change::Removed => {
-                links.channels.remove(channel);
-            }
-            Change::Kept => return change,
+        match self.channels.update(channel, id, delta) {
+            // The name as the channel stores it: every subscriber's links
+            // share one allocation of it.
+            Change::Added(name) => links.add_channel(name),
+            Change::Removed => links.remove_channel(channel),
+            Change::Kept => return false,
         }
         drop(links);
         self.subscriptions_changed(channel);
-        change
+        true
     }
 
     /// True if a subscriber of `channel` resolves to an open connection; in
@@ -427,7 +414,7 @@ impl Engine {
             self.delete(id);
             return Err(VirtualError::NoSuchSocket);
         }
-        links.children.push(id);
+        links.add_child(id);
         Ok(id)
     }
 
@@ -458,7 +445,7 @@ impl Engine {
             return false;
         }
         if let Some(parent) = self.sockets.get(v.target) {
-            parent.links().lock().children.retain(|&child| child != id);
+            parent.links().lock().remove_child(id);
         }
         true
     }

@@ -134,21 +134,29 @@ struct Partial {
 
 /// Sans-I/O decoder for the frames of one client connection.
 ///
-/// Idle connections hold no buffers: `pending` only keeps the tail of a frame
-/// that has not fully arrived yet and is released once consumed.
+/// Idle connections hold no buffers: what a decoder keeps between reads (the
+/// tail of a frame that has not fully arrived, a fragmented message) lives in
+/// one allocation that exists only while there is something to keep. The
+/// decoder is part of every connection's task, so it stays small itself.
 pub struct Decoder {
     max_message_size: usize,
+    held: Option<Box<Held>>,
+    closed: bool,
+}
+
+/// What a decoder keeps between reads.
+#[derive(Default)]
+struct Held {
+    /// The start of a frame whose rest has not arrived yet.
     pending: Vec<u8>,
     partial: Option<Partial>,
-    closed: bool,
 }
 
 impl Decoder {
     pub fn new(max_message_size: usize) -> Self {
         Decoder {
             max_message_size,
-            pending: Vec::new(),
-            partial: None,
+            held: None,
             closed: false,
         }
     }
@@ -160,21 +168,38 @@ impl Decoder {
         if self.closed {
             return Ok(());
         }
-        if self.pending.is_empty() {
+        let mut pending = match &mut self.held {
+            Some(held) => std::mem::take(&mut held.pending),
+            None => Vec::new(),
+        };
+        if pending.is_empty() {
             let used = self.decode(data, sink)?;
-            if !self.closed {
-                self.pending.extend_from_slice(&data[used..]);
-            }
+            pending.extend_from_slice(&data[used..]);
         } else {
-            let mut pending = std::mem::take(&mut self.pending);
             pending.extend_from_slice(data);
             let used = self.decode(&pending, sink)?;
-            if !self.closed && used < pending.len() {
-                pending.drain(..used);
-                self.pending = pending;
-            }
+            pending.drain(..used);
         }
+        if !self.closed && !pending.is_empty() {
+            self.held.get_or_insert_with(Box::default).pending = pending;
+        }
+        self.release_held();
         Ok(())
+    }
+
+    /// Frees what the decoder kept once nothing is left in it.
+    fn release_held(&mut self) {
+        if self
+            .held
+            .as_ref()
+            .is_some_and(|h| h.pending.is_empty() && h.partial.is_none())
+        {
+            self.held = None;
+        }
+    }
+
+    fn partial(&self) -> Option<&Partial> {
+        self.held.as_ref()?.partial.as_ref()
     }
 
     /// Decodes every complete frame at the start of `buf`; returns the bytes used.
@@ -233,7 +258,7 @@ impl Decoder {
                 }
             }
             OpCode::Data(data) => {
-                let so_far = match (&self.partial, data) {
+                let so_far = match (self.partial(), data) {
                     (None, Data::Continue) => {
                         return Err(Violation::new(
                             close_code::PROTOCOL,
@@ -269,8 +294,7 @@ impl Decoder {
             OpCode::Control(Control::Close) => {
                 let code = parse_close_payload(&payload)?;
                 self.closed = true;
-                self.pending = Vec::new();
-                self.partial = None;
+                self.held = None;
                 sink(Incoming::Close(code));
             }
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
@@ -278,7 +302,7 @@ impl Decoder {
             }
             OpCode::Data(Data::Continue) => {
                 // check_header guarantees a partial message exists.
-                let Some(partial) = self.partial.as_mut() else {
+                let Some(partial) = self.held.as_mut().and_then(|h| h.partial.as_mut()) else {
                     return Err(Violation::new(
                         close_code::PROTOCOL,
                         "continuation without a message",
@@ -290,7 +314,9 @@ impl Decoder {
                         check_utf8_prefix(&partial.data, partial.checked, header.is_final)?;
                 }
                 if header.is_final {
-                    if let Some(done) = self.partial.take() {
+                    let done = self.held.as_mut().and_then(|h| h.partial.take());
+                    self.release_held();
+                    if let Some(done) = done {
                         sink(match done.kind {
                             Kind::Text => Incoming::Text(done.data),
                             Kind::Binary => Incoming::Binary(done.data),
@@ -315,7 +341,7 @@ impl Decoder {
                         Kind::Binary => Incoming::Binary(payload),
                     });
                 } else {
-                    self.partial = Some(Partial {
+                    self.held.get_or_insert_with(Box::default).partial = Some(Partial {
                         kind,
                         data: payload,
                         checked,
@@ -452,7 +478,7 @@ mod tests {
                 Incoming::Ping(b"p".to_vec())
             ]
         );
-        assert!(dec.pending.capacity() == 0 || dec.pending.is_empty());
+        assert!(dec.held.is_none(), "nothing kept once every frame is whole");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod frame;
 pub mod handshake;
+mod keepalive;
 pub mod kv;
 mod registry;
 pub mod server;
@@ -20,7 +21,7 @@ pub mod stats;
 mod wakeup;
 
 pub use config::{Config, Handlers};
-pub use dispatch::{Event, Payload, WorkerQueue, Workers};
+pub use dispatch::{Event, OpenRequest, Payload, WorkerQueue, Workers};
 pub use engine::{Engine, Target, Verdict, VirtualError};
 pub use frame::Kind;
 pub use registry::MAX_PREFIX;

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,13 +17,22 @@ use crate::connection;
 use crate::dispatch::Workers;
 use crate::engine::Engine;
 use crate::frame::close_code;
+use crate::keepalive::{self, Clock};
 use crate::static_files::StaticFiles;
 
 /// Pending connections the kernel keeps per listener.
 const BACKLOG: i32 = 1024;
 
+/// Numbers the servers of this process, so that a keepalive sweep skips
+/// the connections of another server sharing the engine.
+static SERVER_IDS: AtomicU32 = AtomicU32::new(0);
+
 /// State shared by the server's tasks.
 pub(crate) struct Shared {
+    /// This server's number (from 1).
+    pub(crate) id: u32,
+    /// The keepalive clock of its connections.
+    pub(crate) clock: Clock,
     pub(crate) engine: Arc<Engine>,
     pub(crate) config: Config,
     pub(crate) workers: Arc<Workers>,
@@ -46,8 +55,20 @@ impl Shared {
     }
 }
 
-/// Counts a connection task for the whole of its life.
-struct LiveGuard(Arc<Shared>);
+/// Counts a connection task for the whole of its life, and gives it the
+/// server's shared state.
+pub(crate) struct LiveGuard(Arc<Shared>);
+
+impl LiveGuard {
+    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
+        shared.live.fetch_add(1, Ordering::AcqRel);
+        LiveGuard(shared.clone())
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.0
+    }
+}
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
@@ -127,6 +148,8 @@ impl Server {
         let upgrades = Arc::new(Semaphore::new(config.max_pending_upgrades.max(1)));
         let (stop, _) = watch::channel(false);
         let shared = Arc::new(Shared {
+            id: SERVER_IDS.fetch_add(1, Ordering::Relaxed) + 1,
+            clock: Clock::new(),
             engine: self.engine.clone(),
             config,
             workers: self.workers.clone(),
@@ -141,6 +164,7 @@ impl Server {
             let listener = TcpListener::from_std(std_listener)?;
             runtime.spawn(accept_loop(listener, shared.clone()));
         }
+        runtime.spawn(keepalive::sweep(shared.clone()));
         self.shared = Some(shared);
         Ok(())
     }
@@ -197,12 +221,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                     drop(stream);
                     continue;
                 };
-                shared.live.fetch_add(1, Ordering::AcqRel);
-                let guard = LiveGuard(shared.clone());
-                tokio::spawn(async move {
-                    connection::serve(stream, peer, &guard.0, upgrading).await;
-                    drop(guard);
-                });
+                let live = LiveGuard::new(&shared);
+                tokio::spawn(connection::serve(stream, peer, live, upgrading));
             }
             Err(e) => {
                 // Out of descriptors or similar: back off instead of spinning.
@@ -234,6 +254,8 @@ fn bind_one(text: &str) -> io::Result<StdListener> {
 pub(crate) fn test_shared() -> Arc<Shared> {
     let (stop, _) = watch::channel(false);
     Arc::new(Shared {
+        id: SERVER_IDS.fetch_add(1, Ordering::Relaxed) + 1,
+        clock: Clock::new(),
         engine: Engine::new(),
         config: Config::default(),
         workers: Arc::default(),

@@ -5,13 +5,14 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use parking_lot::Mutex;
-use tokio::sync::Notify;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::dispatch::WorkerQueue;
 use crate::frame::{self, close_code};
+use crate::keepalive::Keepalive;
 use crate::registry::Links;
 
 /// Where a connection is in its life, as far as senders are concerned.
@@ -24,14 +25,25 @@ enum Phase {
     Closed,
 }
 
-/// Frames waiting for the connection's writer.
+/// Frames waiting for the connection's writer, and the wakeup of its task.
 struct Outbox {
-    frames: VecDeque<Bytes>,
+    /// Only appended to and taken whole, so a `Vec` (the writer's side is a
+    /// `VecDeque`, made from it without copying).
+    frames: Vec<Bytes>,
     /// Bytes queued and not yet written, including frames the writer holds.
     queued: usize,
+    /// The connection's task while it waits for [`Socket::poll_woken`].
+    /// Kept under the outbox lock, which every wake-up takes anyway: no
+    /// separate `Notify` in the socket and no waiter node in the task.
+    waker: Option<Waker>,
+    /// Something happened since the task last looked: frames queued, a close
+    /// requested, or its handlers caught up so reading may resume.
+    woken: bool,
     phase: Phase,
     /// The writer has taken the close frame.
     close_taken: bool,
+    /// The close frame fails the connection: no waiting for the peer's.
+    fail: bool,
     /// Frames already taken by the writer must be dropped (backpressure close).
     discard: bool,
 }
@@ -42,9 +54,6 @@ pub struct Socket {
     pub worker: Arc<WorkerQueue>,
     /// One lock per outbox, held for a push or a swap only.
     outbox: Mutex<Outbox>,
-    /// Wakes the connection's task: frames queued, close requested, or its
-    /// handlers caught up so reading may resume.
-    wake: Notify,
     /// Events of this connection handed to its worker and not yet finished;
     /// the reader pauses while too many are outstanding.
     inflight: AtomicU32,
@@ -52,7 +61,19 @@ pub struct Socket {
     accepted: AtomicBool,
     /// Its channels and the virtual sockets pointing at it, for cleanup.
     pub(crate) links: Links,
+    /// Looked after by the server's keepalive sweep.
+    pub(crate) keepalive: Keepalive,
     max_backpressure: usize,
+}
+
+/// What the writer took besides frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseTaken {
+    No,
+    /// Our close frame, after which the peer's close is awaited.
+    Close,
+    /// Our close frame failing the connection: end once it is written.
+    Fail,
 }
 
 /// Result of queueing a frame.
@@ -71,16 +92,19 @@ impl Socket {
             id,
             worker,
             outbox: Mutex::new(Outbox {
-                frames: VecDeque::new(),
+                frames: Vec::new(),
                 queued: 0,
+                waker: None,
+                woken: false,
                 phase: Phase::Open,
                 close_taken: false,
+                fail: false,
                 discard: false,
             }),
-            wake: Notify::new(),
             inflight: AtomicU32::new(0),
             accepted: AtomicBool::new(false),
             links: Links::default(),
+            keepalive: Keepalive::default(),
             max_backpressure,
         }
     }
@@ -98,18 +122,17 @@ impl Socket {
             out.discard = true;
             let close = frame::encode_close(close_code::POLICY, "backpressure limit exceeded");
             out.queued = close.len();
-            out.frames.push_back(close);
+            out.frames.push(close);
             out.phase = Phase::Closing;
-            drop(out);
-            self.wake.notify_one();
+            wake(out);
             return Queued::Overflow;
         }
         let was_empty = out.frames.is_empty();
-        out.frames.push_back(frame.clone());
+        out.frames.push(frame.clone());
         out.queued += frame.len();
-        drop(out);
+        // A non-empty outbox has woken its task already.
         if was_empty {
-            self.wake.notify_one();
+            wake(out);
         }
         Queued::Yes
     }
@@ -123,15 +146,26 @@ impl Socket {
     /// Like [`close`](Self::close) but with a prepared frame (an echo of the
     /// client's close, or an empty one).
     pub(crate) fn close_with(&self, frame: Bytes) -> bool {
+        self.queue_close(frame, false)
+    }
+
+    /// Fails the connection from another task: like [`close`](Self::close),
+    /// but the connection ends once the frame is written, without waiting
+    /// for the peer's close (a keepalive timeout).
+    pub(crate) fn fail(&self, code: u16, reason: &str) -> bool {
+        self.queue_close(frame::encode_close(code, reason), true)
+    }
+
+    fn queue_close(&self, frame: Bytes, fail: bool) -> bool {
         let mut out = self.outbox.lock();
         if out.phase != Phase::Open {
             return false;
         }
+        out.fail = fail;
         out.queued += frame.len();
-        out.frames.push_back(frame);
+        out.frames.push(frame);
         out.phase = Phase::Closing;
-        drop(out);
-        self.wake.notify_one();
+        wake(out);
         true
     }
 
@@ -143,24 +177,29 @@ impl Socket {
     /// Moves the queued frames to the writer's buffer. After a backpressure
     /// close, the frames the writer still holds are dropped first, except
     /// the front one when `keep_front` (it is partly written).
-    /// Returns true when the close frame is the last of the frames just taken.
-    pub(crate) fn take(&self, into: &mut VecDeque<Bytes>, keep_front: bool) -> bool {
+    /// Says whether the close frame is the last of the frames just taken.
+    pub(crate) fn take(&self, into: &mut VecDeque<Bytes>, keep_front: bool) -> CloseTaken {
         let mut out = self.outbox.lock();
         if std::mem::take(&mut out.discard) {
             into.truncate(usize::from(keep_front));
         }
+        // Hand the whole buffer over: the outbox keeps no capacity while its
+        // connection is idle.
+        let frames = std::mem::take(&mut out.frames);
         if into.is_empty() {
-            // Hand the whole buffer over: the outbox keeps no capacity while
-            // its connection is idle.
-            std::mem::swap(into, &mut out.frames);
+            *into = VecDeque::from(frames);
         } else {
-            into.append(&mut out.frames);
+            into.extend(frames);
         }
-        let close = out.phase == Phase::Closing && !out.close_taken;
-        if close {
-            out.close_taken = true;
+        if out.phase != Phase::Closing || out.close_taken {
+            return CloseTaken::No;
         }
-        close
+        out.close_taken = true;
+        if out.fail {
+            CloseTaken::Fail
+        } else {
+            CloseTaken::Close
+        }
     }
 
     /// The writer put `bytes` on the wire.
@@ -173,12 +212,23 @@ impl Socket {
     pub(crate) fn mark_closed(&self) {
         let mut out = self.outbox.lock();
         out.phase = Phase::Closed;
-        out.frames = VecDeque::new();
+        out.frames = Vec::new();
         out.queued = 0;
+        out.waker = None;
     }
 
-    pub(crate) async fn woken(&self) {
-        self.wake.notified().await;
+    /// Ready once the connection's task has something to look at (see
+    /// `Outbox::woken`); else it is woken when it does.
+    pub(crate) fn poll_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut out = self.outbox.lock();
+        if std::mem::take(&mut out.woken) {
+            return Poll::Ready(());
+        }
+        match &out.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => out.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     pub(crate) fn event_queued(&self) -> u32 {
@@ -189,7 +239,7 @@ impl Socket {
     pub(crate) fn event_finished(&self, resume_below: u32) {
         let before = self.inflight.fetch_sub(1, Ordering::Relaxed);
         if before == resume_below {
-            self.wake.notify_one();
+            wake(self.outbox.lock());
         }
     }
 
@@ -205,5 +255,32 @@ impl Socket {
 
     pub(crate) fn is_accepted(&self) -> bool {
         self.accepted.load(Ordering::Acquire)
+    }
+}
+
+/// Marks the outbox woken and wakes its task, after releasing the lock.
+fn wake(mut out: MutexGuard<'_, Outbox>) {
+    out.woken = true;
+    let waker = out.waker.take();
+    drop(out);
+    if let Some(waker) = waker {
+        waker.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection has one for its whole life: keep it from growing
+    /// unnoticed. With the `Arc`'s two counts and malloc's header, 136 bytes
+    /// is a 160-byte allocation.
+    #[test]
+    fn socket_stays_small() {
+        assert!(
+            std::mem::size_of::<Socket>() <= 136,
+            "{} bytes",
+            std::mem::size_of::<Socket>()
+        );
     }
 }

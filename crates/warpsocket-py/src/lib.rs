@@ -13,7 +13,7 @@ use pyo3::types::{
 };
 use warpsocket_core::cluster::Unreachable;
 use warpsocket_core::{
-    Config, Engine, Handlers, Kind, Payload, Target, Verdict, VirtualError, MAX_PREFIX,
+    Config, Engine, Handlers, Kind, OpenRequest, Payload, Target, Verdict, VirtualError, MAX_PREFIX,
 };
 
 /// The process-wide engine: sockets and counters outlive any one server.
@@ -432,15 +432,17 @@ impl WorkerQueue {
         self.inner.fd()
     }
 
-    /// Takes every waiting event as `(kind, socket_id, payload)` tuples.
-    /// Drained events count as handled unless held (see `hold`).
-    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let events = self.inner.drain();
+    /// Takes the waiting events (at most `max`) as `(kind, socket_id, payload)`
+    /// tuples. Drained events count as handled unless held (see `hold`).
+    #[pyo3(signature = (max=None))]
+    fn drain<'py>(&self, py: Python<'py>, max: Option<usize>) -> PyResult<Bound<'py, PyList>> {
+        let events = self.inner.drain_at_most(max.unwrap_or(usize::MAX));
         let list = PyList::empty(py);
         for event in events {
             let id = event.socket_id();
             let item = match event.payload {
-                Payload::Open { ip, path, headers } => {
+                Payload::Open(open) => {
+                    let OpenRequest { ip, path, headers } = *open;
                     let dict = PyDict::new(py);
                     for (name, value) in headers {
                         dict.set_item(name, value)?;
