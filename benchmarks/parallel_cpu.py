@@ -3,9 +3,10 @@
 Each message costs real CPU in the handler: a pure-Python arithmetic loop calibrated at
 startup to take about ``--cost-us`` microseconds (200 by default) on this interpreter.
 The server runs in this process; a light load generator runs in a separate process:
-``--connections`` WebSocket clients on one asyncio loop, each keeping one request in flight
-(send, wait for the reply, send again). For every worker count it measures requests/s over
-``--duration`` seconds (after a warm-up) and the server process's CPU use, and prints a table.
+``--connections`` WebSocket clients, each keeping one request in flight (send, wait for the
+reply, send again). For every worker count it measures requests/s over ``--duration``
+seconds (after a warm-up) and the server process's CPU use, and prints a table (``--json
+FILE`` also writes every run's figures).
 
 On a free-threaded interpreter (3.13t, GIL disabled) the handlers of different workers run
 at the same time, so requests/s should grow with the worker count up to the number of
@@ -17,15 +18,21 @@ drops below N). The server's I/O threads and the load generator need CPU too: on
 with 200 µs handlers they take about a third of the machine, so 2 workers cannot reach 2x
 there; ``--cost-us 1000`` shows the scaling of the handlers themselves. "µs CPU/req"
 staying flat as workers are added means the workers do not slow each other down.
+"non-handler" is that minus the calibrated handler cost: the server's own work per request
+(I/O threads, dispatch, the worker's Python-side overhead). "CPU bound" is the most req/s
+the cores could give at that CPU per request (server's plus client's), the cores other
+processes took left out, as a multiple of the 1-row's req/s: no worker count can beat it.
 
     python benchmarks/parallel_cpu.py                         # threads 1,2,4; 10 s each
     .venv-ft/bin/python benchmarks/parallel_cpu.py --repeat 3 --threads 1,2
 
-The default client is a minimal WebSocket client on asyncio's protocol layer
-(``--client raw``: precomputed masked frames, some tens of µs of CPU per request) so
-that the load generator takes little of the cores the server needs; ``--client
-websockets`` uses the ``websockets`` library's asyncio client instead (more CPU per
-request).
+The default client is the Rust load generator (``--client bench``:
+``warpsocket-bench --mode echo``, built with ``cargo build --release -p warpsocket-bench``
+if missing or stale; a few µs of CPU per request) so that the load generator takes as
+little as possible of the cores the server needs. ``--client raw`` is a minimal Python
+client on asyncio's protocol layer (precomputed masked frames, some tens of µs per
+request) and ``--client websockets`` the ``websockets`` library's asyncio client (more
+CPU per request still).
 """
 
 from __future__ import annotations
@@ -44,6 +51,11 @@ import sysconfig
 import tempfile
 import textwrap
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_BIN = ROOT / "target" / "release" / "warpsocket-bench"
+MESSAGE = b"x" * 16
 
 WORKER_SOURCE = """
 import warpsocket
@@ -201,7 +213,7 @@ async def _websockets_clients(port: int, connections: int, message: bytes, stats
 async def load(port: int, connections: int, client: str, warmup: float, duration: float) -> None:
     """Keep ``connections`` requests in flight; report the replies in the measured window."""
     stats = {"replies": 0}
-    message = b"x" * 16
+    message = MESSAGE
     if client == "raw":
         handles = await _raw_clients(port, connections, message, stats)
     else:
@@ -240,6 +252,54 @@ def _machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def _process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far (Linux /proc), else 0."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ensure_bench(path: Path) -> None:
+    """Builds warpsocket-bench when it is the default one (cargo does nothing if it is fresh)."""
+    if path == BENCH_BIN:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "warpsocket-bench"], cwd=ROOT, check=True)
+    if not path.exists():
+        raise SystemExit(f"no load generator at {path}")
+
+
+def _run_bench(port: int, args: argparse.Namespace) -> tuple[dict, float, float, float]:
+    """The Rust load generator in echo mode. Returns its JSON result and the server CPU,
+    machine busy and client CPU seconds over its measurement window."""
+    command = [
+        str(args.bench), "--port", str(port), "--connections", str(args.connections),
+        "--source-ips", "1", "--mode", "echo", "--message", MESSAGE.decode(),
+        "--warmup", str(args.warmup), "--duration", str(args.duration),
+    ]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        marks: dict[str, tuple[float, float, float]] = {}
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            mark = line.strip()
+            if mark in ("WINDOW_START", "WINDOW_END"):
+                marks[mark] = (_cpu_seconds(), _machine_busy_seconds(), _process_cpu_seconds(proc.pid))
+                if mark == "WINDOW_END":
+                    break
+        out = proc.stdout.read()
+        proc.wait(timeout=30)
+    if len(marks) != 2 or not out.strip():
+        raise RuntimeError(f"load generator failed: {''.join(lines[-5:])}{out}")
+    result = json.loads(out)
+    if result["errors"]:
+        raise RuntimeError(f"load generator: {result['errors']} connection errors: {''.join(lines[-5:])}")
+    (cpu0, busy0, client0), (cpu1, busy1, client1) = marks["WINDOW_START"], marks["WINDOW_END"]
+    return result, cpu1 - cpu0, busy1 - busy0, client1 - client0
+
+
 def measure(worker: str, threads: int, iterations: int, args: argparse.Namespace) -> dict[str, float]:
     """One run: a server with ``threads`` workers under the load generator."""
     import warpsocket
@@ -248,6 +308,18 @@ def measure(worker: str, threads: int, iterations: int, args: argparse.Namespace
         "127.0.0.1:0", worker, threads=threads, worker_arg={"iterations": iterations}, ping_interval=300.0
     ) as server:
         gil = sys._is_gil_enabled() if hasattr(sys, "_is_gil_enabled") else True
+        if args.client == "bench":
+            result, cpu_s, busy_s, client_s = _run_bench(server.port, args)
+            seconds = result["duration_s"]
+            return {
+                "rps": result["acks_per_s"],
+                "cpu_s": cpu_s,
+                "seconds": seconds,
+                "server_cpu": cpu_s / seconds,
+                "client_cpu": client_s / seconds,
+                "other_cpu": max((busy_s - cpu_s - client_s) / seconds, 0.0),
+                "gil": float(gil),
+            }
         command = [
             sys.executable,
             os.path.abspath(__file__),
@@ -275,6 +347,8 @@ def measure(worker: str, threads: int, iterations: int, args: argparse.Namespace
     server_cpu = (cpu1 - cpu0) / (t1 - t0)
     return {
         "rps": result["replies"] / result["seconds"],
+        "cpu_s": cpu1 - cpu0,
+        "seconds": t1 - t0,
         "server_cpu": server_cpu,
         "client_cpu": result["client_cpu"],
         # CPU that other processes took meanwhile: a shared machine makes the numbers noisy
@@ -325,8 +399,16 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per worker count; the median is shown")
     parser.add_argument(
-        "--client", choices=("raw", "websockets"), default="raw", help="load generator client"
+        "--client",
+        choices=("bench", "raw", "websockets"),
+        default="bench",
+        help="load generator: bench (warpsocket-bench --mode echo, the default), raw or websockets "
+        "(Python clients on asyncio)",
     )
+    parser.add_argument(
+        "--bench", type=Path, default=BENCH_BIN, help=f"warpsocket-bench binary (default {BENCH_BIN})"
+    )
+    parser.add_argument("--json", type=Path, help="also write every run's figures to this file")
     parser.add_argument(
         "--control",
         type=float,
@@ -350,6 +432,8 @@ def main() -> None:
     import warpsocket
 
     thread_counts = [int(t) for t in args.threads.split(",")]
+    if args.client == "bench":
+        ensure_bench(args.bench)
     iterations, ns_per_iteration = calibrate(args.cost_us)
     print(describe_interpreter())
     print(
@@ -394,29 +478,75 @@ def main() -> None:
 
     base = statistics.median(r["rps"] for r in rows[0][1])
     control_base = statistics.median(r.get("control", 0.0) for r in rows[0][1])
+    cores = os.cpu_count() or 1
     print()
     print(
-        f"{'threads':>7} {'req/s':>9} {'speedup':>8} {'ceiling':>8} {'server CPU':>11} {'µs CPU/req':>11} "
-        f"{'client CPU':>11} {'others CPU':>11} {'runs (req/s)':>24}"
+        f"{'threads':>7} {'req/s':>9} {'speedup':>8} {'ceiling':>8} {'CPU bound':>9} {'cpu_s':>7} "
+        f"{'server CPU':>11} {'µs CPU/req':>11} {'non-handler':>11} {'client µs/req':>13} "
+        f"{'others CPU':>11} {'runs (req/s)':>24}"
     )
+    summary = []
     for threads, runs in rows:
         rps = statistics.median(r["rps"] for r in runs)
         ceiling = statistics.median(r.get("control", 0.0) for r in runs) / control_base if control_base else 0
+        cpu_s = statistics.median(r["cpu_s"] for r in runs)
         server_cpu = statistics.median(r["server_cpu"] for r in runs)
-        client_cpu = statistics.median(r["client_cpu"] for r in runs)
         other_cpu = statistics.median(r["other_cpu"] for r in runs)
         cpu_per_request = statistics.median(r["server_cpu"] / r["rps"] * 1e6 for r in runs)
+        client_per_request = statistics.median(r["client_cpu"] / r["rps"] * 1e6 for r in runs)
+        # The most req/s the cores left by other processes allow at this CPU per request.
+        bound = statistics.median(
+            max(cores - r["other_cpu"], 0.0) * 1e6 / ((r["server_cpu"] + r["client_cpu"]) / r["rps"] * 1e6)
+            for r in runs
+        )
         spread = " ".join(f"{r['rps']:.0f}" for r in runs)
         print(
             f"{threads:>7} {rps:>9.0f} {rps / base:>7.2f}x {f'{ceiling:.2f}x' if ceiling else '-':>8} "
-            f"{server_cpu * 100:>10.0f}% {cpu_per_request:>11.0f} "
-            f"{client_cpu * 100:>10.0f}% {other_cpu * 100:>10.0f}% {spread:>24}"
+            f"{bound / base:>8.2f}x {cpu_s:>7.2f} {server_cpu * 100:>10.0f}% {cpu_per_request:>11.0f} "
+            f"{cpu_per_request - args.cost_us:>11.0f} {client_per_request:>13.0f} "
+            f"{other_cpu * 100:>10.0f}% {spread:>24}"
+        )
+        summary.append(
+            {
+                "threads": threads,
+                "rps": rps,
+                "speedup": rps / base,
+                "ceiling": ceiling or None,
+                "cpu_bound": bound / base,
+                "cpu_s": cpu_s,
+                "server_cpu": server_cpu,
+                "us_cpu_per_request": cpu_per_request,
+                "non_handler_us_per_request": cpu_per_request - args.cost_us,
+                "client_us_per_request": client_per_request,
+                "other_cpu": other_cpu,
+                "runs": runs,
+            }
         )
     print(
         f"(speedup: req/s over the 1-row's; ceiling: the same for N processes running the handler's "
-        f"loop,\n the most the cores allowed at the time; CPU: share of one core, {os.cpu_count()} cores; "
-        f"others: other processes;\n µs CPU/req: server process CPU per request, handler included)"
+        f"loop,\n the most the cores allowed at the time; CPU bound: the most req/s the cores left by "
+        f"others allow\n at this row's server + client CPU per request, over the 1-row's req/s; cpu_s: "
+        f"server CPU seconds in the window;\n CPU: share of one core, {cores} cores; µs CPU/req: server "
+        f"process CPU per request, handler included;\n non-handler: that minus the {args.cost_us:.0f} µs "
+        f"handler; others: other processes)"
     )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "interpreter": describe_interpreter(),
+                    "cost_us": args.cost_us,
+                    "iterations": iterations,
+                    "client": args.client,
+                    "connections": args.connections,
+                    "duration": args.duration,
+                    "cores": cores,
+                    "load_average": os.getloadavg(),
+                    "rows": summary,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":
