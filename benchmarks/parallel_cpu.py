@@ -50,17 +50,27 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_BIN = ROOT / "target" / "release" / "warpsocket-bench"
 MESSAGE = b"x" * 16
+# A module next to the worker file that all worker instances share (one per process).
+SHARED_SOURCE = "HANDLER_CPU = []  # one [seconds] list per worker\n"
 
 WORKER_SOURCE = """
+import time
+
+import parallel_cpu_shared
 import warpsocket
 
 ITERATIONS = 0
+# This worker's handler CPU seconds, read by the benchmark (measured, not assumed: on a
+# shared or virtualised machine a loop iteration does not always cost what it did at
+# calibration).
+SPENT = [0.0]
 
 
 def burn(n):
@@ -73,10 +83,13 @@ def burn(n):
 def handle_start(arg):
     global ITERATIONS
     ITERATIONS = arg["iterations"]
+    parallel_cpu_shared.HANDLER_CPU.append(SPENT)
 
 
 def handle_text_message(text, socket_id):
+    t0 = time.thread_time()
     burn(ITERATIONS)
+    SPENT[0] += time.thread_time() - t0
     warpsocket.send(socket_id, text)
 """
 
@@ -219,14 +232,11 @@ async def load(port: int, connections: int, client: str, warmup: float, duration
     else:
         handles = await _websockets_clients(port, connections, message, stats)
     await asyncio.sleep(warmup)
-    before, t0, cpu0 = stats["replies"], time.perf_counter(), time.process_time()
+    before, t0 = stats["replies"], time.perf_counter()
     print("go", flush=True)
     await asyncio.sleep(duration)
-    after, t1, cpu1 = stats["replies"], time.perf_counter(), time.process_time()
-    print(
-        json.dumps({"replies": after - before, "seconds": t1 - t0, "client_cpu": (cpu1 - cpu0) / (t1 - t0)}),
-        flush=True,
-    )
+    after, t1 = stats["replies"], time.perf_counter()
+    print(json.dumps({"replies": after - before, "seconds": t1 - t0}), flush=True)
     for handle in handles:
         (handle.cancel if isinstance(handle, asyncio.Task) else handle.close)()
 
@@ -262,6 +272,62 @@ def _process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _thread_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds so far of this process's worker threads and of its I/O threads."""
+    workers = {t.native_id for t in threading.enumerate() if t.name.startswith("warpsocket-worker")}
+    worker_s = io_s = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if int(tid) in workers:
+            worker_s += seconds
+        elif comm.startswith("warpsocket-io"):
+            io_s += seconds
+    return worker_s, io_s
+
+
+def _snapshot(client_pid: int) -> dict[str, float]:
+    """Clocks at one end of the measurement window."""
+    import parallel_cpu_shared  # next to the worker file, on sys.path once a server started
+
+    worker_s, io_s = _thread_cpu_seconds()
+    return {
+        "t": time.perf_counter(),
+        "cpu": _cpu_seconds(),
+        "busy": _machine_busy_seconds(),
+        "client": _process_cpu_seconds(client_pid),
+        "handler": sum(spent[0] for spent in parallel_cpu_shared.HANDLER_CPU),
+        "worker": worker_s,
+        "io": io_s,
+    }
+
+
+def _figures(
+    replies: float, seconds: float, start: dict[str, float], end: dict[str, float]
+) -> dict[str, float]:
+    """One run's figures from the replies in the window and the clocks at its ends."""
+    d = {k: end[k] - start[k] for k in start}
+    return {
+        "rps": replies / seconds,
+        "seconds": seconds,
+        "cpu_s": d["cpu"],
+        "server_cpu": d["cpu"] / seconds,
+        "client_cpu": d["client"] / seconds,
+        # CPU that other processes took meanwhile: a shared machine makes the numbers noisy
+        "other_cpu": max((d["busy"] - d["cpu"] - d["client"]) / seconds, 0.0),
+        "handler_s": d["handler"],
+        "worker_s": d["worker"],
+        "io_s": d["io"],
+    }
+
+
 def ensure_bench(path: Path) -> None:
     """Builds warpsocket-bench when it is the default one (cargo does nothing if it is fresh)."""
     if path == BENCH_BIN:
@@ -270,9 +336,8 @@ def ensure_bench(path: Path) -> None:
         raise SystemExit(f"no load generator at {path}")
 
 
-def _run_bench(port: int, args: argparse.Namespace) -> tuple[dict, float, float, float]:
-    """The Rust load generator in echo mode. Returns its JSON result and the server CPU,
-    machine busy and client CPU seconds over its measurement window."""
+def _run_bench(port: int, args: argparse.Namespace) -> dict[str, float]:
+    """The Rust load generator in echo mode; the figures of its measurement window."""
     command = [
         str(args.bench), "--port", str(port), "--connections", str(args.connections),
         "--source-ips", "1", "--mode", "echo", "--message", MESSAGE.decode(),
@@ -280,13 +345,13 @@ def _run_bench(port: int, args: argparse.Namespace) -> tuple[dict, float, float,
     ]  # fmt: skip
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None and proc.stderr is not None
-        marks: dict[str, tuple[float, float, float]] = {}
+        marks: dict[str, dict[str, float]] = {}
         lines = []
         for line in proc.stderr:
             lines.append(line)
             mark = line.strip()
             if mark in ("WINDOW_START", "WINDOW_END"):
-                marks[mark] = (_cpu_seconds(), _machine_busy_seconds(), _process_cpu_seconds(proc.pid))
+                marks[mark] = _snapshot(proc.pid)
                 if mark == "WINDOW_END":
                     break
         out = proc.stdout.read()
@@ -296,8 +361,27 @@ def _run_bench(port: int, args: argparse.Namespace) -> tuple[dict, float, float,
     result = json.loads(out)
     if result["errors"]:
         raise RuntimeError(f"load generator: {result['errors']} connection errors: {''.join(lines[-5:])}")
-    (cpu0, busy0, client0), (cpu1, busy1, client1) = marks["WINDOW_START"], marks["WINDOW_END"]
-    return result, cpu1 - cpu0, busy1 - busy0, client1 - client0
+    return _figures(result["acks"], result["duration_s"], marks["WINDOW_START"], marks["WINDOW_END"])
+
+
+def _run_python_client(port: int, args: argparse.Namespace) -> dict[str, float]:
+    """A Python load generator (``--load``) in a child process; the figures of its window."""
+    command = [
+        sys.executable, os.path.abspath(__file__), "--load", str(port),
+        "--connections", str(args.connections), "--client", args.client,
+        "--warmup", str(args.warmup), "--duration", str(args.duration),
+    ]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != "go":
+            raise RuntimeError(f"load generator failed: {line!r}")
+        start = _snapshot(proc.pid)
+        line = proc.stdout.readline()
+        end = _snapshot(proc.pid)
+        proc.wait(timeout=30)
+    result = json.loads(line)
+    return _figures(result["replies"], end["t"] - start["t"], start, end)
 
 
 def measure(worker: str, threads: int, iterations: int, args: argparse.Namespace) -> dict[str, float]:
@@ -309,52 +393,11 @@ def measure(worker: str, threads: int, iterations: int, args: argparse.Namespace
     ) as server:
         gil = sys._is_gil_enabled() if hasattr(sys, "_is_gil_enabled") else True
         if args.client == "bench":
-            result, cpu_s, busy_s, client_s = _run_bench(server.port, args)
-            seconds = result["duration_s"]
-            return {
-                "rps": result["acks_per_s"],
-                "cpu_s": cpu_s,
-                "seconds": seconds,
-                "server_cpu": cpu_s / seconds,
-                "client_cpu": client_s / seconds,
-                "other_cpu": max((busy_s - cpu_s - client_s) / seconds, 0.0),
-                "gil": float(gil),
-            }
-        command = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--load",
-            str(server.port),
-            "--connections",
-            str(args.connections),
-            "--client",
-            args.client,
-            "--warmup",
-            str(args.warmup),
-            "--duration",
-            str(args.duration),
-        ]
-        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if line.strip() != "go":
-                raise RuntimeError(f"load generator failed: {line!r}")
-            cpu0, busy0, t0 = _cpu_seconds(), _machine_busy_seconds(), time.perf_counter()
-            line = proc.stdout.readline()
-            cpu1, busy1, t1 = _cpu_seconds(), _machine_busy_seconds(), time.perf_counter()
-            proc.wait(timeout=30)
-        result = json.loads(line)
-    server_cpu = (cpu1 - cpu0) / (t1 - t0)
-    return {
-        "rps": result["replies"] / result["seconds"],
-        "cpu_s": cpu1 - cpu0,
-        "seconds": t1 - t0,
-        "server_cpu": server_cpu,
-        "client_cpu": result["client_cpu"],
-        # CPU that other processes took meanwhile: a shared machine makes the numbers noisy
-        "other_cpu": max((busy1 - busy0) / (t1 - t0) - server_cpu - result["client_cpu"], 0.0),
-        "gil": float(gil),
-    }
+            run = _run_bench(server.port, args)
+        else:
+            run = _run_python_client(server.port, args)
+    run["gil"] = float(gil)
+    return run
 
 
 def _burn_for(seconds: float, iterations: int = 1000) -> int:
@@ -451,6 +494,8 @@ def main() -> None:
         worker = os.path.join(tmp, "parallel_cpu_worker.py")
         with open(worker, "w") as f:
             f.write(textwrap.dedent(WORKER_SOURCE))
+        with open(os.path.join(tmp, "parallel_cpu_shared.py"), "w") as f:
+            f.write(SHARED_SOURCE)
         # Repeats go round the worker counts (1, 2, 4, 1, 2, 4, ...) so that a busy spell on
         # a shared machine does not hit one row only.
         rows: list[tuple[int, list[dict[str, float]]]] = [(t, []) for t in thread_counts]
@@ -479,11 +524,17 @@ def main() -> None:
     base = statistics.median(r["rps"] for r in rows[0][1])
     control_base = statistics.median(r.get("control", 0.0) for r in rows[0][1])
     cores = os.cpu_count() or 1
+
+    def per_request(runs: list[dict[str, float]], key: str) -> float:
+        """Median over the runs of ``key`` (CPU seconds in the window) per request, in µs."""
+        return statistics.median(r[key] / (r["rps"] * r["seconds"]) * 1e6 for r in runs)
+
     print()
+    print(f"{'':>31} {'':>8} {'':>7} {'':>10}   {'µs of CPU per request':-^47}")
     print(
-        f"{'threads':>7} {'req/s':>9} {'speedup':>8} {'ceiling':>8} {'CPU bound':>9} {'cpu_s':>7} "
-        f"{'server CPU':>11} {'µs CPU/req':>11} {'non-handler':>11} {'client µs/req':>13} "
-        f"{'others CPU':>11} {'runs (req/s)':>24}"
+        f"{'threads':>7} {'req/s':>7} {'speedup':>7} {'ceiling':>7} {'CPU bound':>9} {'cpu_s':>7} "
+        f"{'server CPU':>10}   {'server':>7} {'handler':>7} {'non-h.':>7} {'worker':>7} {'I/O':>7} "
+        f"{'client':>7} {'others CPU':>10} {'runs (req/s)':>20}"
     )
     summary = []
     for threads, runs in rows:
@@ -492,19 +543,28 @@ def main() -> None:
         cpu_s = statistics.median(r["cpu_s"] for r in runs)
         server_cpu = statistics.median(r["server_cpu"] for r in runs)
         other_cpu = statistics.median(r["other_cpu"] for r in runs)
-        cpu_per_request = statistics.median(r["server_cpu"] / r["rps"] * 1e6 for r in runs)
-        client_per_request = statistics.median(r["client_cpu"] / r["rps"] * 1e6 for r in runs)
-        # The most req/s the cores left by other processes allow at this CPU per request.
+        server_us = per_request(runs, "cpu_s")
+        handler_us = per_request(runs, "handler_s")
+        for r in runs:
+            r["non_handler_s"] = r["cpu_s"] - r["handler_s"]
+            r["worker_rest_s"] = r["worker_s"] - r["handler_s"]
+            r["client_s"] = r["client_cpu"] * r["seconds"]
+        non_handler_us = per_request(runs, "non_handler_s")
+        worker_rest_us = per_request(runs, "worker_rest_s")
+        io_us = per_request(runs, "io_s")
+        client_us = per_request(runs, "client_s")
+        # The most req/s the cores left by other processes allow at this CPU per request
+        # (server's and client's), as a multiple of the 1-row's req/s.
         bound = statistics.median(
-            max(cores - r["other_cpu"], 0.0) * 1e6 / ((r["server_cpu"] + r["client_cpu"]) / r["rps"] * 1e6)
+            max(cores - r["other_cpu"], 0.0) / ((r["cpu_s"] + r["client_s"]) / (r["rps"] * r["seconds"]))
             for r in runs
         )
         spread = " ".join(f"{r['rps']:.0f}" for r in runs)
         print(
-            f"{threads:>7} {rps:>9.0f} {rps / base:>7.2f}x {f'{ceiling:.2f}x' if ceiling else '-':>8} "
-            f"{bound / base:>8.2f}x {cpu_s:>7.2f} {server_cpu * 100:>10.0f}% {cpu_per_request:>11.0f} "
-            f"{cpu_per_request - args.cost_us:>11.0f} {client_per_request:>13.0f} "
-            f"{other_cpu * 100:>10.0f}% {spread:>24}"
+            f"{threads:>7} {rps:>7.0f} {rps / base:>6.2f}x {f'{ceiling:.2f}x' if ceiling else '-':>7} "
+            f"{bound / base:>8.2f}x {cpu_s:>7.2f} {server_cpu * 100:>9.0f}%   {server_us:>7.0f} "
+            f"{handler_us:>7.0f} {non_handler_us:>7.0f} {worker_rest_us:>7.0f} {io_us:>7.0f} "
+            f"{client_us:>7.0f} {other_cpu * 100:>9.0f}% {spread:>20}"
         )
         summary.append(
             {
@@ -515,20 +575,26 @@ def main() -> None:
                 "cpu_bound": bound / base,
                 "cpu_s": cpu_s,
                 "server_cpu": server_cpu,
-                "us_cpu_per_request": cpu_per_request,
-                "non_handler_us_per_request": cpu_per_request - args.cost_us,
-                "client_us_per_request": client_per_request,
+                "us_per_request": {
+                    "server": server_us,
+                    "handler": handler_us,
+                    "non_handler": non_handler_us,
+                    "worker_rest": worker_rest_us,
+                    "io_threads": io_us,
+                    "client": client_us,
+                },
                 "other_cpu": other_cpu,
                 "runs": runs,
             }
         )
     print(
-        f"(speedup: req/s over the 1-row's; ceiling: the same for N processes running the handler's "
-        f"loop,\n the most the cores allowed at the time; CPU bound: the most req/s the cores left by "
-        f"others allow\n at this row's server + client CPU per request, over the 1-row's req/s; cpu_s: "
-        f"server CPU seconds in the window;\n CPU: share of one core, {cores} cores; µs CPU/req: server "
-        f"process CPU per request, handler included;\n non-handler: that minus the {args.cost_us:.0f} µs "
-        f"handler; others: other processes)"
+        f"""(speedup: req/s over the 1-row's; ceiling: the same for N processes running the handler's loop,
+ the most the cores allowed at the time; CPU bound: the most req/s the {cores} cores, less what others
+ took, allow at this row's server + client CPU per request, over the 1-row's req/s; cpu_s: server
+ CPU seconds in the window; server CPU: share of one core. Per request: server = the whole server
+ process, handler = measured inside the handler, non-h. = server - handler, of which worker = the
+ worker threads' own part (drain, dispatch, send) and I/O = the tokio threads; client = the load
+ generator; others: other processes)"""
     )
     if args.json:
         args.json.write_text(
