@@ -3,9 +3,10 @@
 Each message costs real CPU in the handler: a pure-Python arithmetic loop calibrated at
 startup to take about ``--cost-us`` microseconds (200 by default) on this interpreter.
 The server runs in this process; a light load generator runs in a separate process:
-``--connections`` WebSocket clients on one asyncio loop, each keeping one request in flight
-(send, wait for the reply, send again). For every worker count it measures requests/s over
-``--duration`` seconds (after a warm-up) and the server process's CPU use, and prints a table.
+``--connections`` WebSocket clients, each keeping one request in flight (send, wait for the
+reply, send again). For every worker count it measures requests/s over ``--duration``
+seconds (after a warm-up) and the server process's CPU use, and prints a table (``--json
+FILE`` also writes every run's figures).
 
 On a free-threaded interpreter (3.13t, GIL disabled) the handlers of different workers run
 at the same time, so requests/s should grow with the worker count up to the number of
@@ -17,15 +18,21 @@ drops below N). The server's I/O threads and the load generator need CPU too: on
 with 200 µs handlers they take about a third of the machine, so 2 workers cannot reach 2x
 there; ``--cost-us 1000`` shows the scaling of the handlers themselves. "µs CPU/req"
 staying flat as workers are added means the workers do not slow each other down.
+"non-handler" is that minus the calibrated handler cost: the server's own work per request
+(I/O threads, dispatch, the worker's Python-side overhead). "CPU bound" is the most req/s
+the cores could give at that CPU per request (server's plus client's), the cores other
+processes took left out, as a multiple of the 1-row's req/s: no worker count can beat it.
 
     python benchmarks/parallel_cpu.py                         # threads 1,2,4; 10 s each
     .venv-ft/bin/python benchmarks/parallel_cpu.py --repeat 3 --threads 1,2
 
-The default client is a minimal WebSocket client on asyncio's protocol layer
-(``--client raw``: precomputed masked frames, some tens of µs of CPU per request) so
-that the load generator takes little of the cores the server needs; ``--client
-websockets`` uses the ``websockets`` library's asyncio client instead (more CPU per
-request).
+The default client is the Rust load generator (``--client bench``:
+``warpsocket-bench --mode echo``, built with ``cargo build --release -p warpsocket-bench``
+if missing or stale; a few µs of CPU per request) so that the load generator takes as
+little as possible of the cores the server needs. ``--client raw`` is a minimal Python
+client on asyncio's protocol layer (precomputed masked frames, some tens of µs per
+request) and ``--client websockets`` the ``websockets`` library's asyncio client (more
+CPU per request still).
 """
 
 from __future__ import annotations
@@ -43,12 +50,27 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
+import threading
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_BIN = ROOT / "target" / "release" / "warpsocket-bench"
+MESSAGE = b"x" * 16
+# A module next to the worker file that all worker instances share (one per process).
+SHARED_SOURCE = "HANDLER_CPU = []  # one [seconds] list per worker\n"
 
 WORKER_SOURCE = """
+import time
+
+import parallel_cpu_shared
 import warpsocket
 
 ITERATIONS = 0
+# This worker's handler CPU seconds, read by the benchmark (measured, not assumed: on a
+# shared or virtualised machine a loop iteration does not always cost what it did at
+# calibration).
+SPENT = [0.0]
 
 
 def burn(n):
@@ -61,10 +83,13 @@ def burn(n):
 def handle_start(arg):
     global ITERATIONS
     ITERATIONS = arg["iterations"]
+    parallel_cpu_shared.HANDLER_CPU.append(SPENT)
 
 
 def handle_text_message(text, socket_id):
+    t0 = time.thread_time()
     burn(ITERATIONS)
+    SPENT[0] += time.thread_time() - t0
     warpsocket.send(socket_id, text)
 """
 
@@ -201,20 +226,17 @@ async def _websockets_clients(port: int, connections: int, message: bytes, stats
 async def load(port: int, connections: int, client: str, warmup: float, duration: float) -> None:
     """Keep ``connections`` requests in flight; report the replies in the measured window."""
     stats = {"replies": 0}
-    message = b"x" * 16
+    message = MESSAGE
     if client == "raw":
         handles = await _raw_clients(port, connections, message, stats)
     else:
         handles = await _websockets_clients(port, connections, message, stats)
     await asyncio.sleep(warmup)
-    before, t0, cpu0 = stats["replies"], time.perf_counter(), time.process_time()
+    before, t0 = stats["replies"], time.perf_counter()
     print("go", flush=True)
     await asyncio.sleep(duration)
-    after, t1, cpu1 = stats["replies"], time.perf_counter(), time.process_time()
-    print(
-        json.dumps({"replies": after - before, "seconds": t1 - t0, "client_cpu": (cpu1 - cpu0) / (t1 - t0)}),
-        flush=True,
-    )
+    after, t1 = stats["replies"], time.perf_counter()
+    print(json.dumps({"replies": after - before, "seconds": t1 - t0}), flush=True)
     for handle in handles:
         (handle.cancel if isinstance(handle, asyncio.Task) else handle.close)()
 
@@ -240,6 +262,129 @@ def _machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def _process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far (Linux /proc), else 0."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds so far of this process's worker threads and of its I/O threads."""
+    workers = {t.native_id for t in threading.enumerate() if t.name.startswith("warpsocket-worker")}
+    worker_s = io_s = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if int(tid) in workers:
+            worker_s += seconds
+        elif comm.startswith("warpsocket-io"):
+            io_s += seconds
+    return worker_s, io_s
+
+
+def _snapshot(client_pid: int) -> dict[str, float]:
+    """Clocks at one end of the measurement window."""
+    import parallel_cpu_shared  # next to the worker file, on sys.path once a server started
+
+    worker_s, io_s = _thread_cpu_seconds()
+    return {
+        "t": time.perf_counter(),
+        "cpu": _cpu_seconds(),
+        "busy": _machine_busy_seconds(),
+        "client": _process_cpu_seconds(client_pid),
+        "handler": sum(spent[0] for spent in parallel_cpu_shared.HANDLER_CPU),
+        "worker": worker_s,
+        "io": io_s,
+    }
+
+
+def _figures(
+    replies: float, seconds: float, start: dict[str, float], end: dict[str, float]
+) -> dict[str, float]:
+    """One run's figures from the replies in the window and the clocks at its ends."""
+    d = {k: end[k] - start[k] for k in start}
+    return {
+        "rps": replies / seconds,
+        "seconds": seconds,
+        "cpu_s": d["cpu"],
+        "server_cpu": d["cpu"] / seconds,
+        "client_cpu": d["client"] / seconds,
+        # CPU that other processes took meanwhile: a shared machine makes the numbers noisy
+        "other_cpu": max((d["busy"] - d["cpu"] - d["client"]) / seconds, 0.0),
+        "handler_s": d["handler"],
+        "worker_s": d["worker"],
+        "io_s": d["io"],
+    }
+
+
+def ensure_bench(path: Path) -> None:
+    """Builds warpsocket-bench when it is the default one (cargo does nothing if it is fresh)."""
+    if path == BENCH_BIN:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "warpsocket-bench"], cwd=ROOT, check=True)
+    if not path.exists():
+        raise SystemExit(f"no load generator at {path}")
+
+
+def _run_bench(port: int, args: argparse.Namespace) -> dict[str, float]:
+    """The Rust load generator in echo mode; the figures of its measurement window."""
+    command = [
+        str(args.bench), "--port", str(port), "--connections", str(args.connections),
+        "--source-ips", "1", "--mode", "echo", "--message", MESSAGE.decode(),
+        "--warmup", str(args.warmup), "--duration", str(args.duration),
+    ]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        marks: dict[str, dict[str, float]] = {}
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            mark = line.strip()
+            if mark in ("WINDOW_START", "WINDOW_END"):
+                marks[mark] = _snapshot(proc.pid)
+                if mark == "WINDOW_END":
+                    break
+        out = proc.stdout.read()
+        proc.wait(timeout=30)
+    if len(marks) != 2 or not out.strip():
+        raise RuntimeError(f"load generator failed: {''.join(lines[-5:])}{out}")
+    result = json.loads(out)
+    run = _figures(result["acks"], result["duration_s"], marks["WINDOW_START"], marks["WINDOW_END"])
+    # Connections that broke (e.g. closed with 1011 when a worker was retired as hung).
+    run["errors"] = result["errors"]
+    return run
+
+
+def _run_python_client(port: int, args: argparse.Namespace) -> dict[str, float]:
+    """A Python load generator (``--load``) in a child process; the figures of its window."""
+    command = [
+        sys.executable, os.path.abspath(__file__), "--load", str(port),
+        "--connections", str(args.connections), "--client", args.client,
+        "--warmup", str(args.warmup), "--duration", str(args.duration),
+    ]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != "go":
+            raise RuntimeError(f"load generator failed: {line!r}")
+        start = _snapshot(proc.pid)
+        line = proc.stdout.readline()
+        end = _snapshot(proc.pid)
+        proc.wait(timeout=30)
+    result = json.loads(line)
+    return _figures(result["replies"], end["t"] - start["t"], start, end)
+
+
 def measure(worker: str, threads: int, iterations: int, args: argparse.Namespace) -> dict[str, float]:
     """One run: a server with ``threads`` workers under the load generator."""
     import warpsocket
@@ -248,39 +393,12 @@ def measure(worker: str, threads: int, iterations: int, args: argparse.Namespace
         "127.0.0.1:0", worker, threads=threads, worker_arg={"iterations": iterations}, ping_interval=300.0
     ) as server:
         gil = sys._is_gil_enabled() if hasattr(sys, "_is_gil_enabled") else True
-        command = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--load",
-            str(server.port),
-            "--connections",
-            str(args.connections),
-            "--client",
-            args.client,
-            "--warmup",
-            str(args.warmup),
-            "--duration",
-            str(args.duration),
-        ]
-        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if line.strip() != "go":
-                raise RuntimeError(f"load generator failed: {line!r}")
-            cpu0, busy0, t0 = _cpu_seconds(), _machine_busy_seconds(), time.perf_counter()
-            line = proc.stdout.readline()
-            cpu1, busy1, t1 = _cpu_seconds(), _machine_busy_seconds(), time.perf_counter()
-            proc.wait(timeout=30)
-        result = json.loads(line)
-    server_cpu = (cpu1 - cpu0) / (t1 - t0)
-    return {
-        "rps": result["replies"] / result["seconds"],
-        "server_cpu": server_cpu,
-        "client_cpu": result["client_cpu"],
-        # CPU that other processes took meanwhile: a shared machine makes the numbers noisy
-        "other_cpu": max((busy1 - busy0) / (t1 - t0) - server_cpu - result["client_cpu"], 0.0),
-        "gil": float(gil),
-    }
+        if args.client == "bench":
+            run = _run_bench(server.port, args)
+        else:
+            run = _run_python_client(server.port, args)
+    run["gil"] = float(gil)
+    return run
 
 
 def _burn_for(seconds: float, iterations: int = 1000) -> int:
@@ -325,8 +443,16 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per worker count; the median is shown")
     parser.add_argument(
-        "--client", choices=("raw", "websockets"), default="raw", help="load generator client"
+        "--client",
+        choices=("bench", "raw", "websockets"),
+        default="bench",
+        help="load generator: bench (warpsocket-bench --mode echo, the default), raw or websockets "
+        "(Python clients on asyncio)",
     )
+    parser.add_argument(
+        "--bench", type=Path, default=BENCH_BIN, help=f"warpsocket-bench binary (default {BENCH_BIN})"
+    )
+    parser.add_argument("--json", type=Path, help="also write every run's figures to this file")
     parser.add_argument(
         "--control",
         type=float,
@@ -350,6 +476,8 @@ def main() -> None:
     import warpsocket
 
     thread_counts = [int(t) for t in args.threads.split(",")]
+    if args.client == "bench":
+        ensure_bench(args.bench)
     iterations, ns_per_iteration = calibrate(args.cost_us)
     print(describe_interpreter())
     print(
@@ -367,6 +495,8 @@ def main() -> None:
         worker = os.path.join(tmp, "parallel_cpu_worker.py")
         with open(worker, "w") as f:
             f.write(textwrap.dedent(WORKER_SOURCE))
+        with open(os.path.join(tmp, "parallel_cpu_shared.py"), "w") as f:
+            f.write(SHARED_SOURCE)
         # Repeats go round the worker counts (1, 2, 4, 1, 2, 4, ...) so that a busy spell on
         # a shared machine does not hit one row only.
         rows: list[tuple[int, list[dict[str, float]]]] = [(t, []) for t in thread_counts]
@@ -374,6 +504,13 @@ def main() -> None:
             for threads, runs in rows:
                 for attempt in range(args.retries + 1):
                     run = measure(worker, threads, iterations, args)
+                    if run.get("errors"):
+                        print(
+                            f"  threads={threads}: {run['errors']} client connections broke during the "
+                            f"run (see the log above): measuring again",
+                            flush=True,
+                        )
+                        continue
                     if run["other_cpu"] <= args.max_others or attempt == args.retries:
                         break
                     print(
@@ -394,29 +531,96 @@ def main() -> None:
 
     base = statistics.median(r["rps"] for r in rows[0][1])
     control_base = statistics.median(r.get("control", 0.0) for r in rows[0][1])
+    cores = os.cpu_count() or 1
+
+    def per_request(runs: list[dict[str, float]], key: str) -> float:
+        """Median over the runs of ``key`` (CPU seconds in the window) per request, in µs."""
+        return statistics.median(r[key] / (r["rps"] * r["seconds"]) * 1e6 for r in runs)
+
     print()
+    print(f"{'':>31} {'':>8} {'':>7} {'':>10}   {'µs of CPU per request':-^47}")
     print(
-        f"{'threads':>7} {'req/s':>9} {'speedup':>8} {'ceiling':>8} {'server CPU':>11} {'µs CPU/req':>11} "
-        f"{'client CPU':>11} {'others CPU':>11} {'runs (req/s)':>24}"
+        f"{'threads':>7} {'req/s':>7} {'speedup':>7} {'ceiling':>7} {'CPU bound':>9} {'cpu_s':>7} "
+        f"{'server CPU':>10}   {'server':>7} {'handler':>7} {'non-h.':>7} {'worker':>7} {'I/O':>7} "
+        f"{'client':>7} {'others CPU':>10} {'runs (req/s)':>20}"
     )
+    summary = []
     for threads, runs in rows:
         rps = statistics.median(r["rps"] for r in runs)
         ceiling = statistics.median(r.get("control", 0.0) for r in runs) / control_base if control_base else 0
+        cpu_s = statistics.median(r["cpu_s"] for r in runs)
         server_cpu = statistics.median(r["server_cpu"] for r in runs)
-        client_cpu = statistics.median(r["client_cpu"] for r in runs)
         other_cpu = statistics.median(r["other_cpu"] for r in runs)
-        cpu_per_request = statistics.median(r["server_cpu"] / r["rps"] * 1e6 for r in runs)
+        server_us = per_request(runs, "cpu_s")
+        handler_us = per_request(runs, "handler_s")
+        for r in runs:
+            r["non_handler_s"] = r["cpu_s"] - r["handler_s"]
+            r["worker_rest_s"] = r["worker_s"] - r["handler_s"]
+            r["client_s"] = r["client_cpu"] * r["seconds"]
+        non_handler_us = per_request(runs, "non_handler_s")
+        worker_rest_us = per_request(runs, "worker_rest_s")
+        io_us = per_request(runs, "io_s")
+        client_us = per_request(runs, "client_s")
+        # The most req/s the cores left by other processes allow at this CPU per request
+        # (server's and client's), as a multiple of the 1-row's req/s.
+        bound = statistics.median(
+            max(cores - r["other_cpu"], 0.0) / ((r["cpu_s"] + r["client_s"]) / (r["rps"] * r["seconds"]))
+            for r in runs
+        )
         spread = " ".join(f"{r['rps']:.0f}" for r in runs)
         print(
-            f"{threads:>7} {rps:>9.0f} {rps / base:>7.2f}x {f'{ceiling:.2f}x' if ceiling else '-':>8} "
-            f"{server_cpu * 100:>10.0f}% {cpu_per_request:>11.0f} "
-            f"{client_cpu * 100:>10.0f}% {other_cpu * 100:>10.0f}% {spread:>24}"
+            f"{threads:>7} {rps:>7.0f} {rps / base:>6.2f}x {f'{ceiling:.2f}x' if ceiling else '-':>7} "
+            f"{bound / base:>8.2f}x {cpu_s:>7.2f} {server_cpu * 100:>9.0f}%   {server_us:>7.0f} "
+            f"{handler_us:>7.0f} {non_handler_us:>7.0f} {worker_rest_us:>7.0f} {io_us:>7.0f} "
+            f"{client_us:>7.0f} {other_cpu * 100:>9.0f}% {spread:>20}"
+        )
+        summary.append(
+            {
+                "threads": threads,
+                "rps": rps,
+                "speedup": rps / base,
+                "ceiling": ceiling or None,
+                "cpu_bound": bound / base,
+                "cpu_s": cpu_s,
+                "server_cpu": server_cpu,
+                "us_per_request": {
+                    "server": server_us,
+                    "handler": handler_us,
+                    "non_handler": non_handler_us,
+                    "worker_rest": worker_rest_us,
+                    "io_threads": io_us,
+                    "client": client_us,
+                },
+                "other_cpu": other_cpu,
+                "runs": runs,
+            }
         )
     print(
-        f"(speedup: req/s over the 1-row's; ceiling: the same for N processes running the handler's "
-        f"loop,\n the most the cores allowed at the time; CPU: share of one core, {os.cpu_count()} cores; "
-        f"others: other processes;\n µs CPU/req: server process CPU per request, handler included)"
+        f"""(speedup: req/s over the 1-row's; ceiling: the same for N processes running the handler's loop,
+ the most the cores allowed at the time; CPU bound: the most req/s the {cores} cores, less what others
+ took, allow at this row's server + client CPU per request, over the 1-row's req/s; cpu_s: server
+ CPU seconds in the window; server CPU: share of one core. Per request: server = the whole server
+ process, handler = measured inside the handler, non-h. = server - handler, of which worker = the
+ worker threads' own part (drain, dispatch, send) and I/O = the tokio threads; client = the load
+ generator; others: other processes)"""
     )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "interpreter": describe_interpreter(),
+                    "cost_us": args.cost_us,
+                    "iterations": iterations,
+                    "client": args.client,
+                    "connections": args.connections,
+                    "duration": args.duration,
+                    "cores": cores,
+                    "load_average": os.getloadavg(),
+                    "rows": summary,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

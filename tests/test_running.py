@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sys
 import threading
 import time
 
@@ -290,6 +291,26 @@ def test_worker_as_dotted_module_name(start_server, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     server = start_server(worker="wsapp_pkg.ws_worker", threads=2)
     echo_roundtrip(server)
+
+
+class _SlowContainsList(list):
+    """A ``sys.path`` whose membership test takes a while, to widen check-then-insert races."""
+
+    def __contains__(self, item):
+        found = super().__contains__(item)
+        time.sleep(0.02)
+        return found
+
+
+def test_worker_folder_goes_on_sys_path_once_when_workers_load_together(write_worker, monkeypatch):
+    # Every worker thread loads the module at the same time (in parallel without the
+    # GIL): its folder must still be added to sys.path once, not once per worker.
+    worker = write_worker(ECHO_WORKER)
+    folder = str(worker.parent)
+    monkeypatch.setattr("sys.path", _SlowContainsList(p for p in sys.path if p != folder))
+    with warpsocket.start("127.0.0.1:0", str(worker), threads=8) as server:
+        echo_roundtrip(server)
+        assert sys.path.count(folder) == 1, sys.path[:10]
 
 
 # ---------------------------------------------------------------- start errors

@@ -45,7 +45,8 @@ HANDLER_NAMES = (
     "handle_close",
 )
 
-# Module execution temporarily registers the module in sys.modules; one at a time.
+# Module execution temporarily registers the module in sys.modules, and a worker file's
+# folder goes on sys.path: one thread at a time.
 _import_lock = threading.Lock()
 
 if sys.version_info >= (3, 11):
@@ -72,10 +73,13 @@ def load_worker_module(worker: str, index: int) -> ModuleType:
             path = os.path.abspath(worker)
             if not os.path.isfile(path):
                 raise ImportError(f"worker file {worker!r} not found")
-            # Like running a script: siblings of the worker file are importable.
+            # Like running a script: siblings of the worker file are importable. Checked
+            # and added under the lock: workers load at the same time (in parallel on a
+            # free-threaded build), and each would otherwise add it again.
             directory = os.path.dirname(path)
-            if directory not in sys.path:
-                sys.path.insert(0, directory)
+            with _import_lock:
+                if directory not in sys.path:
+                    sys.path.insert(0, directory)
             name = os.path.splitext(os.path.basename(path))[0]
             spec = importlib.util.spec_from_file_location(name, path)
         else:

@@ -1,13 +1,20 @@
 //! `warpsocket-bench`: the load generator for the performance workload.
 //!
-//! Each of `--connections` clients opens a WebSocket, sends `{"type":"sub"}`, waits for
+//! `--mode sub` (the default, the workload of `examples/performance`): each of
+//! `--connections` clients opens a WebSocket, sends `{"type":"sub"}`, waits for
 //! `{"type":"sub-ack","ch":NAME}`, and then, once every client is connected, loops:
 //! send `{"type":"req","channel":NAME}`, read frames (the channel's `evt` broadcasts)
-//! until `{"type":"ack"}` arrives, send the next request. After `--warmup` seconds a
-//! measurement window of `--duration` seconds counts acks, received frames and the
-//! request→ack latency. One JSON line with the figures goes to stdout; progress and the
-//! `WINDOW_START` / `WINDOW_END` markers (for a runner that samples the server) go to
-//! stderr.
+//! until `{"type":"ack"}` arrives, send the next request.
+//!
+//! `--mode echo` (for servers that answer every message with one message, e.g.
+//! `benchmarks/parallel_cpu.py`): each client keeps `--in-flight` copies of `--message`
+//! outstanding; every message received counts as the reply ("ack") to the oldest one
+//! outstanding and sends the next.
+//!
+//! After `--warmup` seconds a measurement window of `--duration` seconds counts acks,
+//! received frames and the request→ack latency. One JSON line with the figures goes to
+//! stdout; progress and the `WINDOW_START` / `WINDOW_END` markers (for a runner that
+//! samples the server) go to stderr.
 //!
 //! Everything runs on one single-threaded tokio runtime (the benchmark pins the generator
 //! to one core), so shared counters are plain `Cell`s. Client frames are encoded and
@@ -15,6 +22,7 @@
 //! frame on the hot path.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
@@ -37,7 +45,20 @@ usage: warpsocket-bench [options]
   --warmup S            seconds of load before the window (default 3)
   --duration S          measurement window in seconds (default 10)
   --connect-timeout S   per-connection limit for connect + upgrade + sub-ack (default 20)
-  --path PATH           request target of the upgrade (default /)";
+  --path PATH           request target of the upgrade (default /)
+  --mode sub|echo       sub: the performance workload (default); echo: every message
+                        received answers the oldest one outstanding
+  --message TEXT        echo mode: the text message sent (default 16 x's)
+  --in-flight N         echo mode: messages outstanding per connection (default 1)";
+
+/// Which workload the clients run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Subscribe, then request/broadcast/ack (the performance workload).
+    Sub,
+    /// Send a message, wait for one back.
+    Echo,
+}
 
 /// Command line options.
 #[derive(Clone, Debug)]
@@ -51,6 +72,9 @@ struct Config {
     duration: Duration,
     connect_timeout: Duration,
     path: String,
+    mode: Mode,
+    message: String,
+    in_flight: usize,
 }
 
 fn parse_args() -> Result<Config> {
@@ -64,6 +88,9 @@ fn parse_args() -> Result<Config> {
         duration: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(20),
         path: "/".to_string(),
+        mode: Mode::Sub,
+        message: "x".repeat(16),
+        in_flight: 1,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -110,6 +137,20 @@ fn parse_args() -> Result<Config> {
                 cfg.connect_timeout = parse_secs(&value).ok_or_else(|| bad("expected seconds"))?
             }
             "--path" => cfg.path = value,
+            "--mode" => {
+                cfg.mode = match value.as_str() {
+                    "sub" => Mode::Sub,
+                    "echo" => Mode::Echo,
+                    _ => return Err(bad("expected sub or echo")),
+                }
+            }
+            "--message" => cfg.message = value,
+            "--in-flight" => {
+                cfg.in_flight = value.parse().map_err(|_| bad("expected a count"))?;
+                if cfg.in_flight == 0 {
+                    return Err(bad("expected at least 1"));
+                }
+            }
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -428,8 +469,8 @@ impl Conn {
     }
 }
 
-/// Opens connection `idx`: TCP connect from its source address, upgrade, subscribe.
-/// Returns the connection and its channel name.
+/// Opens connection `idx`: TCP connect from its source address, upgrade, and in sub
+/// mode subscribe. Returns the connection and its channel name (empty in echo mode).
 async fn open(cfg: &Config, idx: usize) -> Result<(Conn, String)> {
     let port = cfg.ports[idx % cfg.ports.len()];
     let server = SocketAddr::V4(SocketAddrV4::new(cfg.host, port));
@@ -471,6 +512,9 @@ async fn open(cfg: &Config, idx: usize) -> Result<(Conn, String)> {
         .await
         .map_err(|e| format!("write upgrade: {e}"))?;
     conn.read_upgrade_response().await?;
+    if cfg.mode == Mode::Echo {
+        return Ok((conn, String::new()));
+    }
     conn.send(0x1, br#"{"type":"sub"}"#).await?;
     loop {
         match conn.next_message().await? {
@@ -510,6 +554,36 @@ async fn run(
             let us = sent.elapsed().as_micros().min(u64::MAX as u128) as u64;
             shared.latency_us.borrow_mut().saturating_record(us.max(1));
         }
+    }
+}
+
+/// Echo mode: `in_flight` messages outstanding; each reply answers the oldest.
+async fn run_echo(
+    mut conn: Conn,
+    cfg: Rc<Config>,
+    shared: Rc<Shared>,
+    mut go: watch::Receiver<bool>,
+) -> Result<()> {
+    if go.wait_for(|started| *started).await.is_err() {
+        return Ok(());
+    }
+    let message = cfg.message.as_bytes();
+    let mut sent: VecDeque<Instant> = VecDeque::with_capacity(cfg.in_flight);
+    for _ in 0..cfg.in_flight {
+        conn.send(0x1, message).await?;
+        sent.push_back(Instant::now());
+    }
+    loop {
+        conn.next_message().await?;
+        let oldest = sent.pop_front().ok_or("a reply nothing was sent for")?;
+        if shared.measuring.get() {
+            shared.frames.set(shared.frames.get() + 1);
+            shared.acks.set(shared.acks.get() + 1);
+            let us = oldest.elapsed().as_micros().min(u64::MAX as u128) as u64;
+            shared.latency_us.borrow_mut().saturating_record(us.max(1));
+        }
+        conn.send(0x1, message).await?;
+        sent.push_back(Instant::now());
     }
 }
 
@@ -554,8 +628,13 @@ async fn bench(cfg: Config) -> ExitCode {
                     connected += 1;
                     let shared2 = shared.clone();
                     let go = go_rx.clone();
+                    let cfg = cfg.clone();
                     tokio::task::spawn_local(async move {
-                        if let Err(e) = run(conn, channel, shared2.clone(), go).await {
+                        let ran = match cfg.mode {
+                            Mode::Sub => run(conn, channel, shared2.clone(), go).await,
+                            Mode::Echo => run_echo(conn, cfg, shared2.clone(), go).await,
+                        };
+                        if let Err(e) = ran {
                             shared2.error(e);
                         }
                     });
@@ -668,6 +747,85 @@ mod tests {
         );
         assert_eq!(classify(b"garbage"), Kind::Other);
         assert_eq!(classify(br#"{"type":5}"#), Kind::Other);
+    }
+
+    /// A one-connection echo server on std threads: answers the upgrade with 101, then
+    /// sends every client text frame back unmasked.
+    fn echo_server() -> u16 {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).unwrap();
+                request.push(byte[0]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                .unwrap();
+            let mut header = [0u8; 6];
+            while stream.read_exact(&mut header).is_ok() {
+                let len = (header[1] & 0x7f) as usize;
+                let mut payload = vec![0u8; len];
+                stream.read_exact(&mut payload).unwrap();
+                for (i, b) in payload.iter_mut().enumerate() {
+                    *b ^= header[2 + (i & 3)];
+                }
+                let mut reply = vec![0x81, len as u8];
+                reply.extend_from_slice(&payload);
+                stream.write_all(&reply).unwrap();
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn echo_mode_keeps_messages_in_flight_and_counts_replies() {
+        let port = echo_server();
+        let cfg = Rc::new(Config {
+            host: Ipv4Addr::LOCALHOST,
+            ports: vec![port],
+            connections: 1,
+            source_ips: 1,
+            batch: 1,
+            warmup: Duration::ZERO,
+            duration: Duration::ZERO,
+            connect_timeout: Duration::from_secs(5),
+            path: "/".into(),
+            mode: Mode::Echo,
+            message: "hello".into(),
+            in_flight: 3,
+        });
+        let shared = Rc::new(Shared {
+            measuring: Cell::new(true),
+            acks: Cell::new(0),
+            frames: Cell::new(0),
+            errors: Cell::new(0),
+            error_samples: RefCell::new(Vec::new()),
+            latency_us: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()),
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        let counted = shared.clone();
+        local.block_on(&runtime, async move {
+            let (conn, channel) = open(&cfg, 0).await.unwrap();
+            assert_eq!(channel, "");
+            let (_go_tx, go) = watch::channel(true);
+            let ran =
+                tokio::time::timeout(Duration::from_millis(300), run_echo(conn, cfg, counted, go))
+                    .await;
+            assert!(ran.is_err(), "runs until stopped: {ran:?}");
+        });
+        assert!(shared.acks.get() > 10, "{} replies", shared.acks.get());
+        assert_eq!(shared.acks.get(), shared.frames.get());
+        assert_eq!(shared.latency_us.borrow().len(), shared.acks.get());
+        assert_eq!(shared.errors.get(), 0);
     }
 
     #[test]
