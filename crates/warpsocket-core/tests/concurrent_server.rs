@@ -80,10 +80,10 @@ fn channel(name: &str) -> Bytes {
 /// that matters to the engine (verdicts, replies, subscriptions, closes).
 fn handle(engine: &Engine, seen: &Seen, id: u64, payload: Payload) {
     match payload {
-        Payload::Open { path, .. } => {
+        Payload::Open(request) => {
             let mut sockets = seen.sockets.lock().unwrap();
             assert!(sockets.get(&id).is_none(), "socket {id}: second open event");
-            if path == "/refuse" {
+            if request.path == "/refuse" {
                 drop(sockets);
                 seen.refused.fetch_add(1, Ordering::Relaxed);
                 engine.resolve_open(id, Verdict::Refuse(403));
