@@ -223,6 +223,8 @@ def run_one(setup: str, conns: int, run: int, ports: list[int], args: argparse.N
         killer.start()
         text = gen.stdout.read()
         gen.wait()
+        if not killer.is_alive():
+            out.note = out.note or "load generator timed out"
         killer.cancel()
         reader.join(5)
         loop.run_until_complete(loaded_probe.close())
