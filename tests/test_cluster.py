@@ -444,14 +444,21 @@ def test_redis_restart_local_traffic_continues_and_broadcasts_resume(cluster, re
     redis.start()
     # Both nodes reconnect and listen on "news" again, without being restarted.
     wait_listeners(redis, "news", 2)
+    # Redis shows the subscriptions before the node has finished reconnecting
+    # (it then fixes the node counter): publishing starts once it has, which
+    # has_subscriptions of a channel only the other node listens on shows.
+    wait_for(
+        lambda: sender.call("has_subscriptions", "remote only") is True,
+        timeout=30,
+        message="the sending node to be connected to Redis again",
+    )
     assert sender.call("send", "news", "after") == 2
     assert remote.received() == "after"
     while (message := local.received()) != "after":
         assert message == "during"
     assert sender.call("set_key", "k", "v") is None
     assert remote.call("get_key", "k") == "v"
-    assert sender.call("has_subscriptions", "remote only") is True
-    assert "reconnected to Redis" in a.output()
+    wait_for(lambda: "reconnected to Redis" in a.output(), message="the reconnect warning")
 
 
 @pytest.mark.timeout(240)
