@@ -7,6 +7,7 @@ mod channels;
 pub mod cluster;
 pub mod config;
 mod connection;
+mod context;
 pub mod dispatch;
 pub mod engine;
 pub mod frame;
@@ -18,6 +19,8 @@ pub mod server;
 pub mod socket;
 pub mod static_files;
 pub mod stats;
+mod sweep;
+mod upgrade;
 mod wakeup;
 
 pub use config::{Config, Handlers};
