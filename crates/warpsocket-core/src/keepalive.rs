@@ -1,6 +1,6 @@
 //! Keepalive state: the three small atomics each connection keeps so that
-//! one sweep per server ([`crate::sweep`]) can ping it, and the rule of when a
-//! ping is due or the connection has failed.
+//! one sweep task per server can ping it, and the rule of when a ping is due
+//! or the connection has failed.
 //!
 //! A per-connection timer would cost every connection a timer entry in its
 //! task for its whole life; the atomics cost 16 bytes. A leaf: uses nothing

@@ -5,7 +5,7 @@
 //! Owns the handshake I/O and [`SocketGuard`], the registration every
 //! upgraded connection keeps until it ends. May use the server context, the
 //! engine side (engine, dispatch, socket), handshake and static_files; the
-//! open connection ([`crate::connection`]) builds on it.
+//! open connection builds on it.
 
 use std::io;
 use std::net::SocketAddr;
