@@ -86,6 +86,15 @@ impl Server {
         &self.workers
     }
 
+    /// Takes a hung worker out of the rotation and ends its connections at
+    /// once: closed with 1011, or refused with 500 while still upgrading.
+    /// Returns the number of connections ended.
+    pub fn retire_worker(&self, worker_id: u32) -> usize {
+        self.workers.retire(worker_id);
+        self.engine
+            .end_worker_connections(worker_id, close_code::INTERNAL, "worker hung")
+    }
+
     /// Starts accepting connections. `handlers` says which handlers the
     /// worker module has, known only once the workers have loaded it.
     pub fn serve(&mut self, handlers: Handlers) -> io::Result<()> {

@@ -4,7 +4,7 @@
 //! so such calls keep it. A call releases it when it may wait (for Redis or
 //! another node in a cluster, for a server's threads) or walk many sockets,
 //! so that other Python threads run meanwhile. Calls that do not go through
-//! [`run`] are short and local.
+//! [`run`] are short: local work, or a hand-off to the cluster's sender.
 //!
 //! May use the engine's types and the process-wide engine; used by the
 //! module functions and the server object.

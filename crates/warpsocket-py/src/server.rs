@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use warpsocket_core::{frame, Config, Handlers};
+use warpsocket_core::{Config, Handlers};
 
 use crate::errors;
 use crate::gil::{self, Work};
@@ -92,8 +92,7 @@ impl Server {
     /// closed with 1011, or refused with 500 while still upgrading. Returns
     /// the number of connections ended.
     fn retire_worker(&self, worker_id: u32) -> PyResult<usize> {
-        self.lock()?.workers().retire(worker_id);
-        Ok(ENGINE.end_worker_connections(worker_id, frame::close_code::INTERNAL, "worker hung"))
+        Ok(self.lock()?.retire_worker(worker_id))
     }
 
     /// Starts accepting connections; the flags say which handlers the
