@@ -6,12 +6,14 @@ The server's stats come from a plain function returning a dict shaped like
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY, Counter
@@ -353,3 +355,11 @@ def test_a_real_prometheus_scrapes_it(metrics, fake_stats, tmp_path):
             'histogram_quantile(0.99, warpsocket_handler_duration_seconds_bucket{handler="text"})'
         )
         assert 0.0001 < float(quantile[0]["value"][1]) <= 0.00025
+
+        # Every query of the Grafana dashboard in docs/ is valid and finds its series.
+        dashboard = json.loads((Path(__file__).parents[1] / "docs" / "grafana-dashboard.json").read_text())
+        exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+        assert len(exprs) >= 6
+        for expr in exprs:
+            expr = expr.replace("$__rate_interval", "10s").replace("$job", ".*").replace("$instance", ".*")
+            prometheus.wait_for_series(expr)
