@@ -596,8 +596,7 @@ uf05Uks7CCIf6DtD1mfMNuYriFapw6SBug==
             .client(&rustls::version::TLS13)
             .connect(name, tcp)
             .await
-            .err()
-            .expect("the client must refuse the certificate");
+            .expect_err("the client must refuse the certificate");
         // The client's alert fails the server's side too.
         assert!(matches!(
             server.await.unwrap(),
