@@ -125,12 +125,11 @@ impl Tls {
 /// Reads the request head, so the close after the 400 leaves nothing unread,
 /// then answers. Best effort: errors just end the connection.
 async fn answer_plain_http(mut tcp: TcpStream) {
-    let mut head = Vec::new();
-    let mut chunk = [0u8; 2048];
+    let mut head = Vec::with_capacity(2048);
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_PLAIN_REQUEST_BYTES {
-        match tcp.read(&mut chunk).await {
+        match tcp.read_buf(&mut head).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
         }
     }
     if tcp
