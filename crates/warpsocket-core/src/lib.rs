@@ -18,6 +18,7 @@ pub mod server;
 pub mod socket;
 pub mod static_files;
 pub mod stats;
+pub mod tls;
 mod wakeup;
 
 pub use config::{Config, Handlers};
