@@ -15,10 +15,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::wire::{Broadcast, Op};
 use super::{
-    channel_key, node_key, node_number, Cluster, ALL_NODES, CHANNEL_PREFIX, NODE_COUNTER,
-    REDIS_TIMEOUT,
+    channel_key, node_key, Cluster, ALL_NODES, CHANNEL_PREFIX, NODE_COUNTER, REDIS_TIMEOUT,
 };
-use crate::engine::{Engine, Target};
+use crate::hub::{Hub, Target};
+use crate::ids::node_number;
 use crate::stats::Counters;
 
 /// `set_key`: returns the previous value, stores ARGV[3] when ARGV[2] is 1,
@@ -79,7 +79,7 @@ pub(super) async fn connect(client: &redis::Client) -> RedisResult<(ConnectionMa
 /// Sends queued messages to Redis, many per round trip, in queue order (so
 /// one thread's messages to one socket stay in order across nodes).
 pub(super) async fn publish(
-    engine: Arc<Engine>,
+    hub: Arc<Hub>,
     mut commands: ConnectionManager,
     mut queue: mpsc::Receiver<(Bytes, Bytes)>,
     mut stop: watch::Receiver<bool>,
@@ -99,7 +99,7 @@ pub(super) async fn publish(
         }
         let sent = tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<()>(&mut commands)).await;
         if !matches!(sent, Ok(Ok(()))) {
-            Counters::add(&engine.stats.cluster_send_failures, batch.len() as u64);
+            Counters::add(&hub.stats.cluster_send_failures, batch.len() as u64);
             log::debug!(target: "warpsocket", "cluster: {} messages not published: Redis unreachable", batch.len());
         }
         batch.clear();
@@ -110,7 +110,7 @@ pub(super) async fn publish(
 /// channel and every channel it has local subscribers for. Reconnects with
 /// backoff and re-subscribes everything after a loss.
 pub(super) async fn listen(
-    engine: Arc<Engine>,
+    hub: Arc<Hub>,
     cluster: Arc<Cluster>,
     client: redis::Client,
     mut interest: mpsc::UnboundedReceiver<Bytes>,
@@ -122,7 +122,7 @@ pub(super) async fn listen(
     let mut was_up = false;
     loop {
         let connected = tokio::select! {
-            c = tokio::time::timeout(REDIS_TIMEOUT, listen_once(&engine, &cluster, &client)) => c,
+            c = tokio::time::timeout(REDIS_TIMEOUT, listen_once(&hub, &cluster, &client)) => c,
             _ = stopped(&mut stop) => return,
         };
         if let Ok(Ok((mut sink, mut stream, mut listening))) = connected {
@@ -138,11 +138,11 @@ pub(super) async fn listen(
             loop {
                 tokio::select! {
                     msg = stream.next() => match msg {
-                        Some(msg) => receive(&engine, &cluster, &msg),
+                        Some(msg) => receive(&hub, &cluster, &msg),
                         None => break,
                     },
                     Some(channel) = interest.recv() => {
-                        if update_interest(&engine, &mut sink, &mut listening, channel).await.is_err() {
+                        if update_interest(&hub, &mut sink, &mut listening, channel).await.is_err() {
                             break;
                         }
                     }
@@ -153,7 +153,7 @@ pub(super) async fn listen(
             log::warn!(target: "warpsocket", "cluster: lost the connection to Redis; cross-node messages fail until it is back");
         }
         // While away, changes of interest need no action: the next
-        // connection subscribes from the engine's current channels.
+        // connection subscribes to the hub's current channels.
         let pause = tokio::time::sleep(backoff);
         tokio::pin!(pause);
         loop {
@@ -170,7 +170,7 @@ pub(super) async fn listen(
 type Listening = (PubSubSink, redis::aio::PubSubStream, HashSet<Bytes>);
 
 async fn listen_once(
-    engine: &Engine,
+    hub: &Hub,
     cluster: &Cluster,
     client: &redis::Client,
 ) -> RedisResult<Listening> {
@@ -178,7 +178,7 @@ async fn listen_once(
     sink.subscribe(&node_key(cluster.node)[..]).await?;
     sink.subscribe(ALL_NODES).await?;
     let mut listening = HashSet::new();
-    for name in engine.local_channels() {
+    for name in hub.channel_names() {
         sink.subscribe(&channel_key(&name)[..]).await?;
         listening.insert(name);
     }
@@ -194,12 +194,12 @@ async fn listen_once(
 /// Subscribes to or unsubscribes from `channel` on Redis to match whether it
 /// has local subscribers now (first in, last out).
 async fn update_interest(
-    engine: &Engine,
+    hub: &Hub,
     sink: &mut PubSubSink,
     listening: &mut HashSet<Bytes>,
     channel: Bytes,
 ) -> RedisResult<()> {
-    let wanted = engine.listens_to(&channel);
+    let wanted = hub.has_channel(&channel);
     if wanted && !listening.contains(&channel) {
         sink.subscribe(&channel_key(&channel)[..]).await?;
         listening.insert(channel);
@@ -209,7 +209,7 @@ async fn update_interest(
     Ok(())
 }
 
-fn receive(engine: &Engine, cluster: &Cluster, msg: &Msg) {
+fn receive(hub: &Hub, cluster: &Cluster, msg: &Msg) {
     let Ok(channel) = msg.get_channel::<Vec<u8>>() else {
         return;
     };
@@ -219,9 +219,9 @@ fn receive(engine: &Engine, cluster: &Cluster, msg: &Msg) {
             // Its own broadcasts were delivered locally already.
             Some(b) if b.origin == cluster.node => {}
             Some(b) => {
-                Counters::add(&engine.stats.cluster_messages_in, 1);
+                Counters::add(&hub.stats.cluster_messages_in, 1);
                 let target = [Target::Channel(Bytes::copy_from_slice(name))];
-                engine.send_local(&target, b.kind, b.payload);
+                hub.send(&target, b.kind, b.payload);
             }
             None => log::warn!(target: "warpsocket", "cluster: undecodable broadcast dropped"),
         }
@@ -229,8 +229,8 @@ fn receive(engine: &Engine, cluster: &Cluster, msg: &Msg) {
     }
     match Op::decode(payload) {
         Some(op) => {
-            Counters::add(&engine.stats.cluster_messages_in, 1);
-            cluster.apply(engine, op);
+            Counters::add(&hub.stats.cluster_messages_in, 1);
+            cluster.apply(hub, op);
         }
         None => log::warn!(target: "warpsocket", "cluster: undecodable request dropped"),
     }
