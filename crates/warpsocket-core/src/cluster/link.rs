@@ -1,9 +1,12 @@
 //! The node's Redis I/O: joining, the publisher task, and the listener task
 //! that keeps the pub/sub connection (reconnecting and re-subscribing with
-//! backoff) and applies what other nodes send.
+//! backoff) and hands on what other nodes send.
+//!
+//! Uses `wire` and the hub; it knows its node only through [`Listener`] and
+//! the `apply` callback, so that it sits below `cluster/mod.rs`.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -13,10 +16,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::{Msg, RedisResult, Script};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::wire::{Broadcast, Op};
-use super::{
-    channel_key, node_key, Cluster, ALL_NODES, CHANNEL_PREFIX, NODE_COUNTER, REDIS_TIMEOUT,
-};
+use super::wire::{channel_key, node_key, Broadcast, Op, ALL_NODES, CHANNEL_PREFIX, NODE_COUNTER};
 use crate::hub::{Hub, Target};
 use crate::ids::node_number;
 use crate::stats::Counters;
@@ -56,6 +56,8 @@ return 1",
     )
 });
 
+/// How long a call that waits for Redis waits before it gives up.
+pub(super) const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// PUBLISH commands sent to Redis in one pipeline.
@@ -106,12 +108,22 @@ pub(super) async fn publish(
     }
 }
 
+/// What the listener needs of its node.
+pub(super) struct Listener {
+    pub(super) node: u16,
+    pub(super) commands: ConnectionManager,
+    /// Set while the pub/sub connection is up.
+    pub(super) up: Arc<AtomicBool>,
+}
+
 /// Keeps this node listening on Redis: its own channel, the all-nodes
 /// channel and every channel it has local subscribers for. Reconnects with
-/// backoff and re-subscribes everything after a loss.
+/// backoff and re-subscribes everything after a loss. Broadcasts from other
+/// nodes go to the hub; requests go to `apply`.
 pub(super) async fn listen(
     hub: Arc<Hub>,
-    cluster: Arc<Cluster>,
+    node: Listener,
+    apply: impl Fn(&Hub, Op<'_>) + Send + 'static,
     client: redis::Client,
     mut interest: mpsc::UnboundedReceiver<Bytes>,
     mut stop: watch::Receiver<bool>,
@@ -122,11 +134,11 @@ pub(super) async fn listen(
     let mut was_up = false;
     loop {
         let connected = tokio::select! {
-            c = tokio::time::timeout(REDIS_TIMEOUT, listen_once(&hub, &cluster, &client)) => c,
+            c = tokio::time::timeout(REDIS_TIMEOUT, listen_once(&hub, &node, &client)) => c,
             _ = stopped(&mut stop) => return,
         };
         if let Ok(Ok((mut sink, mut stream, mut listening))) = connected {
-            cluster.up.store(true, Ordering::Release);
+            node.up.store(true, Ordering::Release);
             if was_up {
                 log::warn!(target: "warpsocket", "cluster: reconnected to Redis, listening on {} channels again", listening.len());
             }
@@ -138,7 +150,7 @@ pub(super) async fn listen(
             loop {
                 tokio::select! {
                     msg = stream.next() => match msg {
-                        Some(msg) => receive(&hub, &cluster, &msg),
+                        Some(msg) => receive(&hub, node.node, &apply, &msg),
                         None => break,
                     },
                     Some(channel) = interest.recv() => {
@@ -149,7 +161,7 @@ pub(super) async fn listen(
                     _ = stopped(&mut stop) => return,
                 }
             }
-            cluster.up.store(false, Ordering::Release);
+            node.up.store(false, Ordering::Release);
             log::warn!(target: "warpsocket", "cluster: lost the connection to Redis; cross-node messages fail until it is back");
         }
         // While away, changes of interest need no action: the next
@@ -169,23 +181,19 @@ pub(super) async fn listen(
 
 type Listening = (PubSubSink, redis::aio::PubSubStream, HashSet<Bytes>);
 
-async fn listen_once(
-    hub: &Hub,
-    cluster: &Cluster,
-    client: &redis::Client,
-) -> RedisResult<Listening> {
+async fn listen_once(hub: &Hub, node: &Listener, client: &redis::Client) -> RedisResult<Listening> {
     let (mut sink, stream) = client.get_async_pubsub().await?.split();
-    sink.subscribe(&node_key(cluster.node)[..]).await?;
+    sink.subscribe(&node_key(node.node)[..]).await?;
     sink.subscribe(ALL_NODES).await?;
     let mut listening = HashSet::new();
     for name in hub.channel_names() {
         sink.subscribe(&channel_key(&name)[..]).await?;
         listening.insert(name);
     }
-    let mut commands = cluster.commands.clone();
+    let mut commands = node.commands.clone();
     KEEP_COUNTER_PAST
         .key(NODE_COUNTER)
-        .arg(cluster.node)
+        .arg(node.node)
         .invoke_async::<()>(&mut commands)
         .await?;
     Ok((sink, stream, listening))
@@ -209,7 +217,7 @@ async fn update_interest(
     Ok(())
 }
 
-fn receive(hub: &Hub, cluster: &Cluster, msg: &Msg) {
+fn receive(hub: &Hub, node: u16, apply: &impl Fn(&Hub, Op<'_>), msg: &Msg) {
     let Ok(channel) = msg.get_channel::<Vec<u8>>() else {
         return;
     };
@@ -217,7 +225,7 @@ fn receive(hub: &Hub, cluster: &Cluster, msg: &Msg) {
     if let Some(name) = channel.strip_prefix(CHANNEL_PREFIX) {
         match Broadcast::decode(payload) {
             // Its own broadcasts were delivered locally already.
-            Some(b) if b.origin == cluster.node => {}
+            Some(b) if b.origin == node => {}
             Some(b) => {
                 Counters::add(&hub.stats.cluster_messages_in, 1);
                 let target = [Target::Channel(Bytes::copy_from_slice(name))];
@@ -230,7 +238,7 @@ fn receive(hub: &Hub, cluster: &Cluster, msg: &Msg) {
     match Op::decode(payload) {
         Some(op) => {
             Counters::add(&hub.stats.cluster_messages_in, 1);
-            cluster.apply(hub, op);
+            apply(hub, op);
         }
         None => log::warn!(target: "warpsocket", "cluster: undecodable request dropped"),
     }

@@ -41,25 +41,11 @@ use crate::frame::Kind;
 use crate::hub::{ChannelWatcher, Hub, Target};
 use crate::ids::owner;
 use crate::stats::Counters;
-use wire::{Broadcast, Op};
+use link::REDIS_TIMEOUT;
+use wire::{channel_key, node_key, Broadcast, Op, ALL_NODES, KV_HASH};
 
-/// How long a call that waits for Redis waits before it gives up.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Publishes waiting for the Redis connection; more count as failed sends.
 const OUTGOING_CAPACITY: usize = 65_536;
-
-const NODE_COUNTER: &str = "warpsocket:nodes";
-const KV_HASH: &str = "warpsocket:kv";
-const ALL_NODES: &[u8] = b"warpsocket:all";
-const CHANNEL_PREFIX: &[u8] = b"warpsocket:c:";
-
-pub(crate) fn channel_key(name: &[u8]) -> Bytes {
-    [CHANNEL_PREFIX, name].concat().into()
-}
-
-fn node_key(node: u16) -> Bytes {
-    format!("warpsocket:n:{node}").into_bytes().into()
-}
 
 pub struct Cluster {
     node: u16,
@@ -139,9 +125,16 @@ impl Cluster {
             stop_rx.clone(),
         ));
         let (ready, subscribed) = oneshot::channel();
+        let listener = link::Listener {
+            node,
+            commands: cluster.commands.clone(),
+            up: cluster.up.clone(),
+        };
+        let applier = cluster.clone();
         handle.spawn(link::listen(
             hub.clone(),
-            cluster.clone(),
+            listener,
+            move |hub: &Hub, op: Op<'_>| applier.apply(hub, op),
             client,
             interest_rx,
             stop_rx,
