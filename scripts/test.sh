@@ -14,5 +14,6 @@ fi
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test -p warpsocket-core
+.venv/bin/python scripts/check_layers.py
 .venv/bin/ruff check python tests examples benchmarks scripts
 .venv/bin/python -m pytest "$@"

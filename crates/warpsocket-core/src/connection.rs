@@ -19,7 +19,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
 use crate::dispatch::{OpenRequest, Payload};
-use crate::engine::{Verdict, PAUSE_READING_AT};
+use crate::dispatch::{Verdict, PAUSE_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
 use crate::handshake::{self, Refusal, Request};
 use crate::server::{LiveGuard, Shared};
@@ -546,7 +546,7 @@ impl Connection {
             self.fail(close_code::UNSUPPORTED, "no handler for this message type");
             return;
         }
-        let stats = &self.guard.shared().engine.stats;
+        let stats = self.guard.shared().engine.stats();
         Counters::add(&stats.messages_in, 1);
         Counters::add(&stats.bytes_in, data.len() as u64);
         let socket = &self.guard.socket;

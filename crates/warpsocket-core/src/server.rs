@@ -14,10 +14,10 @@ use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::{Config, Handlers};
 use crate::connection;
-use crate::dispatch::Workers;
 use crate::engine::Engine;
 use crate::frame::close_code;
 use crate::keepalive::{self, Clock};
+use crate::socket::Workers;
 use crate::static_files::StaticFiles;
 
 /// Pending connections the kernel keeps per listener.

@@ -11,9 +11,9 @@ use pyo3::prelude::*;
 use pyo3::types::{
     PyBool, PyByteArray, PyBytes, PyDict, PyInt, PyList, PyMemoryView, PyString, PyTuple,
 };
-use warpsocket_core::cluster::Unreachable;
 use warpsocket_core::{
-    Config, Engine, Handlers, Kind, OpenRequest, Payload, Target, Verdict, VirtualError, MAX_PREFIX,
+    Config, Engine, Handlers, JoinError, Kind, OpenRequest, Payload, Target, Unreachable, Verdict,
+    VirtualError, MAX_PREFIX,
 };
 
 /// The process-wide engine: sockets and counters outlive any one server.
@@ -376,11 +376,10 @@ fn resolve_open(socket_id: u64, accept: bool, status: u16) -> bool {
 /// Joins the cluster whose Redis server is at `url`; returns this node's id.
 #[pyfunction]
 fn join_cluster(py: Python<'_>, url: &str) -> PyResult<u16> {
-    py.detach(|| ENGINE.join_cluster(url))
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
-            _ => PyConnectionError::new_err(e.to_string()),
-        })
+    py.detach(|| ENGINE.join_cluster(url)).map_err(|e| match e {
+        JoinError::BadUrl { .. } => PyValueError::new_err(e.to_string()),
+        _ => PyConnectionError::new_err(e.to_string()),
+    })
 }
 
 /// Leaves the cluster (if in one); kv and sends are local again.
@@ -392,7 +391,7 @@ fn leave_cluster(py: Python<'_>) {
 /// Engine counters (the Python layer adds the per-worker list).
 #[pyfunction]
 fn counters(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let stats = &ENGINE.stats;
+    let stats = ENGINE.stats();
     let get = warpsocket_core::stats::Counters::get;
     let dict = PyDict::new(py);
     dict.set_item("connections", ENGINE.connection_count())?;
