@@ -18,7 +18,7 @@ every hold is released exactly once.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._core import EVENT_CLOSE
@@ -42,12 +42,18 @@ class Sequencer:
     event, the worker calls its handler, then :meth:`ran`. When the worker has
     awaited a handler, it calls :meth:`finished`, then runs what :meth:`next`
     returns (calling :meth:`ran` for each) until it returns None.
+
+    :attr:`tracked` is empty while no connection is awaited, waiting or failed:
+    then every event runs at once and :meth:`ran` of a handler that returned no
+    awaitable has nothing to do, so the worker's hot loop may skip both calls.
     """
 
-    __slots__ = ("_conns", "_hold", "_release")
+    __slots__ = ("_conns", "_hold", "_release", "tracked")
 
     def __init__(self, hold: Callable[[int], None], release: Callable[[int], None]) -> None:
         self._conns: dict[int, _Connection] = {}
+        #: The connections with state (read it, never change it); empty in the common case.
+        self.tracked: Mapping[int, object] = self._conns
         self._hold = hold
         self._release = release
 
@@ -57,9 +63,7 @@ class Sequencer:
         False if it waits behind an awaited handler (it is held, and :meth:`next`
         returns it later) or is dropped (a message after a failure).
         """
-        conns = self._conns
-        # Most apps have no connection waiting on an async handler: skip the lookup.
-        conn = conns.get(sid) if conns else None
+        conn = self._conns.get(sid)
         if conn is None:
             return True
         if conn.busy:
@@ -74,11 +78,12 @@ class Sequencer:
         ``awaiting``: it returned an awaitable, which the worker now awaits before
         it calls :meth:`finished`.
         """
-        conn = self._conns.get(sid)
+        conns = self._conns
+        conn = conns.get(sid)
         from_backlog = conn is not None and conn.busy
         if awaiting:
             if conn is None:
-                conn = self._conns[sid] = _Connection()
+                conn = conns[sid] = _Connection()
             if not from_backlog:
                 conn.busy = True
                 self._hold(sid)
@@ -86,7 +91,7 @@ class Sequencer:
         if from_backlog:
             self._release(sid)
         if kind == EVENT_CLOSE:
-            self._conns.pop(sid, None)
+            conns.pop(sid, None)
 
     def finished(self, kind: int, sid: int) -> None:
         """The awaited handler of ``sid`` ended (returned, raised or timed out)."""

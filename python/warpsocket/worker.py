@@ -238,16 +238,19 @@ class Worker(threading.Thread):
         """
         if self.retired:
             return
-        arrive = self._sequencer.arrive
-        ran = self._sequencer.ran
+        sequencer = self._sequencer
+        tracked, arrive, ran = sequencer.tracked, sequencer.arrive, sequencer.ran
         run = self._run
         for kind, sid, payload in self.queue.drain(batch):
-            if not arrive(kind, sid, payload):
+            # Most apps have no connection waiting on an async handler: skip the calls.
+            if tracked and not arrive(kind, sid, payload):
                 continue
             pending = run(kind, sid, payload)
-            ran(kind, sid, pending is not None)
             if pending is not None:
+                ran(kind, sid, True)
                 self._spawn(self._drive(sid, kind, pending))
+            elif tracked:
+                ran(kind, sid, False)
 
     def _on_inherited_events(self, orphaned: _core.WorkerQueue) -> None:
         """Run ``handle_close`` for the connections of a retired worker; drop the rest.
