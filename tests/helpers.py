@@ -536,19 +536,11 @@ class LogCollector(logging.Handler):
 # An echo worker that also answers "sid?" and logs open/close to the file in worker_arg.
 LOGGING_ECHO_WORKER = (
     LOGGING_PRELUDE
+    + ECHO_WORKER
     + """
 def handle_open(socket_id, ip, headers):
     log("open", socket_id)
     return True
-
-def handle_text_message(text, socket_id):
-    if text == "sid?":
-        warpsocket.send(socket_id, str(socket_id))
-    else:
-        warpsocket.send(socket_id, text)
-
-def handle_binary_message(data, socket_id):
-    warpsocket.send(socket_id, data)
 
 def handle_close(socket_id):
     log("close", socket_id)
