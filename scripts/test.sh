@@ -4,8 +4,9 @@
 # package, and stubtest: python/warpsocket/_core.pyi against the built extension),
 # and the pytest suite. Extra arguments go to pytest.
 #
-# Two test files need system tools: tests/test_chat_browser.py (Chromium and its
-# driver) and tests/test_cluster.py (redis-server). Run as root with apt-get at hand,
+# Some tests need system tools: tests/test_chat_browser.py (Chromium and its driver),
+# tests/test_cluster.py (redis-server) and the metrics tests that use a real Prometheus
+# (tests/prometheus_helper.py: prometheus, promtool). Run as root with apt-get at hand,
 # this installs the missing ones (Debian packages; nothing is downloaded at test
 # time); otherwise those tests skip, and the last lines of the output name them.
 set -euo pipefail
@@ -19,6 +20,7 @@ missing_packages() {
     [ -x "$CHROMEDRIVER" ] || echo chromium-driver
     command -v redis-server >/dev/null || echo redis-server
     command -v redis-cli >/dev/null || echo redis-tools
+    { command -v prometheus && command -v promtool; } >/dev/null || echo prometheus
 }
 
 packages=$(missing_packages)
@@ -37,12 +39,15 @@ report_not_run() {
         echo
         echo "################################################################################"
         echo "# NOT RUN: these tests need system packages that are missing (they skip, or fail under CI):"
-        if echo "$packages" | grep -q chromium; then
+        if [[ $packages == *chromium* ]]; then
             echo "#   tests/test_chat_browser.py: Chromium and its driver"
             echo "#     ($CHROMIUM, $CHROMEDRIVER)"
         fi
-        if echo "$packages" | grep -q redis; then
+        if [[ $packages == *redis* ]]; then
             echo "#   tests/test_cluster.py: redis-server and redis-cli"
+        fi
+        if [[ $packages == *prometheus* ]]; then
+            echo "#   the metrics tests using tests/prometheus_helper.py: prometheus and promtool"
         fi
         echo "# Install them (run this script as root to do it: apt-get install" $packages")"
         echo "################################################################################"
