@@ -173,9 +173,8 @@ def start(options: Options) -> Server:
     files answer plain HTTP GET/HEAD requests on the same port (else they get 426).
     ``cluster``: a Redis URL (``"redis://host:6379/0"``) to join a cluster of WarpSocket
     processes sharing that Redis server (see the README, "Running on many machines").
-    Tunables (keyword-only): ``handler_timeout``, ``hang_timeout``, ``max_message_size``,
-    ``max_backpressure``, ``ping_interval``, ``ping_timeout``, ``max_pending_upgrades``
-    (see the README).
+    The tunables are keyword-only; the signature shows them with their defaults, and
+    the README explains them.
 
     Raises ``OSError`` when an address cannot be bound, ``ConnectionError`` when the
     cluster's Redis server cannot be reached, ``ImportError`` when the worker cannot be
