@@ -22,7 +22,7 @@ import sys
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import REGISTRY, make_wsgi_app
@@ -65,7 +65,7 @@ BUCKETS: tuple[float, ...] = (
     5.0,
     10.0,
 )
-_BUCKET_LABELS = tuple(floatToGoString(b) for b in BUCKETS) + ("+Inf",)
+_BUCKET_LABELS = tuple(floatToGoString(b) for b in BUCKETS) + ("+Inf",)  # type: ignore[no-untyped-call]
 
 # stats() ints that only ever grow: exposed as counters ``warpsocket_<key>_total``.
 # Every other int of stats() is a gauge ``warpsocket_<key>``.
@@ -274,7 +274,8 @@ class _HTTPServer(WSGIServer):
         self.address_family = family
         self._requests: set[threading.Thread] = set()
         self._requests_lock = threading.Lock()
-        super().__init__(sockaddr, _RequestHandler)
+        # getaddrinfo's type allows AF_UNIX addresses; a TCP lookup gives (host, port[, ...]).
+        super().__init__(cast("tuple[str, int] | tuple[str, int, int, int]", sockaddr), _RequestHandler)
         self.set_app(app)
 
     def server_bind(self) -> None:
@@ -377,7 +378,7 @@ class MetricsServer:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
             try:
-                return self._metrics_app(environ, start_response)
+                return cast(Iterable[bytes], self._metrics_app(environ, start_response))
             except Exception:
                 logger.exception("metrics scrape failed")
                 start_response("500 Internal Server Error", _TEXT, sys.exc_info())
