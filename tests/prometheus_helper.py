@@ -4,7 +4,7 @@
 config that scrapes ``targets`` every second, and stops it afterwards;
 ``promtool_check_metrics(page)`` lints an exposition page. Without the binaries a
 test is skipped loudly, or fails when ``CI`` is set (.ci/run installs them with
-``scripts/install-test-deps-metrics.sh``).
+``scripts/test.sh``, run as root).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-INSTALL_HINT = "scripts/install-test-deps-metrics.sh installs Debian's prometheus package"
+INSTALL_HINT = "scripts/test.sh run as root installs Debian's prometheus package"
 
 
 def require_binary(name: str) -> str:
