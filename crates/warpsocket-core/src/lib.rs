@@ -17,6 +17,7 @@ mod channels;
 pub mod cluster;
 pub mod config;
 mod connection;
+pub mod deflate;
 pub mod dispatch;
 pub mod engine;
 pub mod errors;
