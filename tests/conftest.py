@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 import warpsocket
-from helpers import ECHO_WORKER, IdClient, LogCollector, wait_no_warpsocket_threads
+from helpers import ECHO_WORKER, IdClient, LogCollector, forget_chat_rooms, wait_no_warpsocket_threads
 
 DEFAULT_TEST_TIMEOUT = 120
 
@@ -40,6 +40,14 @@ def pytest_collection_modifyitems(config, items):
 # --------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _forget_chat_rooms():
+    # Autouse, so set up before (and torn down after) the test's servers: their
+    # handle_close calls are done when the rooms' keys are deleted.
+    yield
+    forget_chat_rooms()
 
 
 @pytest.fixture

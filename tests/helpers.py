@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import inspect
 import itertools
 import logging
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import warpsocket
@@ -339,6 +344,109 @@ class RawConn:
 
 
 # --------------------------------------------------------------------------
+# chat example rooms
+# --------------------------------------------------------------------------
+
+_chat_rooms = []
+
+
+def new_chat_room():
+    """A room name of its own for the chat example (examples/chat/worker.py).
+
+    The kv store lives as long as the process: every test gets rooms of its own, and
+    :func:`forget_chat_rooms` (run by conftest after each test) deletes their keys.
+    """
+    room = "r" + uuid.uuid4().hex[:8]
+    _chat_rooms.append(room)
+    return room
+
+
+def forget_chat_rooms():
+    while _chat_rooms:
+        room = _chat_rooms.pop()
+        warpsocket.set_key(f"chat:history:{room}")
+        warpsocket.set_key(f"chat:presence:{room}")
+
+
+# --------------------------------------------------------------------------
+# server processes (the CLI, or a script calling run())
+# --------------------------------------------------------------------------
+
+
+def warpsocket_command(*args):
+    """``python -m warpsocket ARGS...`` as an argv list."""
+    return [sys.executable, "-m", "warpsocket", *(str(a) for a in args)]
+
+
+class ServerProcess:
+    """A server in a subprocess (``argv``, e.g. :func:`warpsocket_command`), its output read into memory."""
+
+    def __init__(self, argv, cwd=None, port=None):
+        self.port = port
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.stdout = []
+        self.stderr = []
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _pump(stream, sink):
+        for line in stream:
+            sink.append(line)
+
+    def output(self):
+        return "".join(self.stdout) + "".join(self.stderr)
+
+    def wait_listening(self, port=None, timeout=60):
+        """Wait until ``port`` (default: the one given at start) accepts TCP connections."""
+        port = self.port if port is None else port
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited early with {self.proc.returncode}:\n{self.output()}")
+            return tcp_connectable("127.0.0.1", port, timeout=0.5)
+
+        wait_for(ready, timeout=timeout, interval=0.1, message=f"server to listen on port {port}")
+
+    def wait(self, timeout):
+        """Wait for the process to exit; return its exit code once its output is read."""
+        rc = self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(5)
+        return rc
+
+    def stop(self, timeout=30):
+        """SIGTERM (graceful), then kill if it does not exit within ``timeout``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        for t in self._threads:
+            t.join(5)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(Exception):
+                self.proc.wait(10)
+        for t in self._threads:
+            t.join(5)
+
+
+# --------------------------------------------------------------------------
 # worker sources used by many tests
 # --------------------------------------------------------------------------
 
@@ -356,12 +464,17 @@ def handle_binary_message(data, socket_id):
 """
 
 # handle_start(worker_arg) receives the path of a log file; helper `log` appends a line.
+# A worker that does more in handle_start defines its own, setting LOG first.
 LOGGING_PRELUDE = """
 import os, threading
 import warpsocket
 
 LOG = None
 _LOG_LOCK = threading.Lock()
+
+def handle_start(worker_arg):
+    global LOG
+    LOG = worker_arg
 
 def log(*parts):
     line = " ".join(str(p) for p in parts)
@@ -423,23 +536,11 @@ class LogCollector(logging.Handler):
 # An echo worker that also answers "sid?" and logs open/close to the file in worker_arg.
 LOGGING_ECHO_WORKER = (
     LOGGING_PRELUDE
+    + ECHO_WORKER
     + """
-def handle_start(worker_arg):
-    global LOG
-    LOG = worker_arg
-
 def handle_open(socket_id, ip, headers):
     log("open", socket_id)
     return True
-
-def handle_text_message(text, socket_id):
-    if text == "sid?":
-        warpsocket.send(socket_id, str(socket_id))
-    else:
-        warpsocket.send(socket_id, text)
-
-def handle_binary_message(data, socket_id):
-    warpsocket.send(socket_id, data)
 
 def handle_close(socket_id):
     log("close", socket_id)

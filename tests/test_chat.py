@@ -11,36 +11,15 @@ import importlib.util
 import json
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import warpsocket
-from helpers import connect, wait_for
+from helpers import connect, new_chat_room, wait_for
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_WORKER = ROOT / "examples" / "chat" / "worker.py"
-
-
-_rooms_made = []
-
-
-def new_room():
-    # The kv store lives as long as the process: every test gets rooms of its own.
-    room = "t" + uuid.uuid4().hex[:8]
-    _rooms_made.append(room)
-    return room
-
-
-@pytest.fixture(autouse=True)
-def _forget_rooms():
-    # Set up before (so torn down after) the servers: their handle_close calls are done.
-    yield
-    while _rooms_made:
-        room = _rooms_made.pop()
-        warpsocket.set_key(f"chat:history:{room}")
-        warpsocket.set_key(f"chat:presence:{room}")
 
 
 class Chat:
@@ -162,7 +141,7 @@ def test_hello_then_join(clients):
     welcome = alice.hello("  Alice   Liddell ")
     assert welcome["name"] == "Alice Liddell"
     assert isinstance(welcome["id"], int) and welcome["id"] > 0
-    room = new_room()
+    room = new_chat_room()
     joined = alice.join(room)
     assert joined["members"] == [{"id": alice.id, "name": "Alice Liddell"}]
     assert joined["history"] == []
@@ -170,7 +149,7 @@ def test_hello_then_join(clients):
 
 
 def test_broadcast_reaches_every_member_across_workers(clients):
-    room = new_room()
+    room = new_chat_room()
     alice, bob = clients("alice"), clients("bob")
     alice.join(room)
     joined = bob.join(room)
@@ -188,7 +167,7 @@ def test_broadcast_reaches_every_member_across_workers(clients):
 
 
 def test_presence_is_kept_live_on_join_and_leave(clients):
-    room = new_room()
+    room = new_chat_room()
     alice, bob, carol = clients("alice"), clients("bob"), clients("carol")
     alice.join(room)
     bob.join(room)
@@ -208,7 +187,7 @@ def test_presence_is_kept_live_on_join_and_leave(clients):
 
 
 def test_versions_order_member_lists(clients):
-    room = new_room()
+    room = new_chat_room()
     alice, bob = clients("alice"), clients("bob")
     first = alice.join(room)
     second = bob.join(room)
@@ -218,7 +197,7 @@ def test_versions_order_member_lists(clients):
 
 
 def test_leaving_stops_the_room_but_not_the_others(clients):
-    room, other = new_room(), new_room()
+    room, other = new_chat_room(), new_chat_room()
     alice, bob = clients("alice"), clients("bob")
     for client in (alice, bob):
         client.join(room)
@@ -239,7 +218,7 @@ def test_leaving_stops_the_room_but_not_the_others(clients):
 
 
 def test_one_connection_in_several_rooms_gets_prefixed_messages(clients):
-    rooms = [new_room() for _ in range(3)]
+    rooms = [new_chat_room() for _ in range(3)]
     alice, bob = clients("alice"), clients("bob")
     for room in rooms:
         alice.join(room)
@@ -251,7 +230,7 @@ def test_one_connection_in_several_rooms_gets_prefixed_messages(clients):
 
 
 def test_history_keeps_the_last_50_messages(clients):
-    room = new_room()
+    room = new_chat_room()
     alice = clients("alice")
     alice.join(room)
     for i in range(60):
@@ -266,7 +245,7 @@ def test_history_keeps_the_last_50_messages(clients):
 
 
 def test_concurrent_senders_on_different_workers_lose_no_message(clients):
-    room = new_room()
+    room = new_chat_room()
     senders = [clients(f"s{i}") for i in range(4)]
     for client in senders:
         client.join(room)
@@ -298,7 +277,7 @@ def test_concurrent_senders_on_different_workers_lose_no_message(clients):
 
 
 def test_closing_the_connection_leaves_every_room(clients):
-    room, other = new_room(), new_room()
+    room, other = new_chat_room(), new_chat_room()
     alice, bob = clients("alice"), clients("bob")
     for client in (alice, bob):
         client.join(room)
@@ -313,7 +292,7 @@ def test_closing_the_connection_leaves_every_room(clients):
 
 
 def test_typing_indicator(clients):
-    room = new_room()
+    room = new_chat_room()
     alice, bob = clients("alice"), clients("bob")
     alice.join(room)
     bob.join(room)
@@ -335,12 +314,12 @@ def test_bad_requests_get_an_error_and_keep_the_connection(clients):
     client.expect("error")
     client.send(type="join", room=["a list"])
     client.expect("error")
-    client.send(type="say", room=new_room(), text="not a member")
+    client.send(type="say", room=new_chat_room(), text="not a member")
     client.expect("error")
     client.send(type="say", room={"x": 1}, text="bad room")
     client.expect("error")
     # still alive
-    room = new_room()
+    room = new_chat_room()
     assert client.join(room)["members"] == [{"id": client.id, "name": "dave"}]
 
 
@@ -371,7 +350,7 @@ def test_matching_origin_and_no_origin_are_accepted(chat_server):
 
 
 def test_refused_connection_never_reaches_the_chat(chat_server, clients):
-    room = new_room()
+    room = new_chat_room()
     alice = clients("alice")
     alice.join(room)
     for _ in range(3):
@@ -431,7 +410,7 @@ def test_extra_origins_from_worker_arg(start_server):
 
 def test_server_shutdown_closes_chat_clients(chat_server, clients):
     alice = clients("alice")
-    alice.join(new_room())
+    alice.join(new_chat_room())
     chat_server.stop(timeout=10)
     with pytest.raises(ConnectionClosed):
         while True:

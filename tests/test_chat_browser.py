@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import pytest
-import warpsocket
+from helpers import new_chat_room
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_WORKER = ROOT / "examples" / "chat" / "worker.py"
@@ -184,28 +183,8 @@ class Page:
         self.driver.quit()
 
 
-_rooms_made = []
-
-
-def new_room():
-    # The kv store lives as long as the process: every test gets rooms of its own.
-    room = "r" + uuid.uuid4().hex[:8]
-    _rooms_made.append(room)
-    return room
-
-
-@pytest.fixture(autouse=True)
-def _forget_rooms():
-    # Set up before (so torn down after) the servers: their handle_close calls are done.
-    yield
-    while _rooms_made:
-        room = _rooms_made.pop()
-        warpsocket.set_key(f"chat:history:{room}")
-        warpsocket.set_key(f"chat:presence:{room}")
-
-
 def test_two_browsers_chat_with_live_presence(open_page):
-    room = new_room()
+    room = new_chat_room()
     alice, bob = open_page("alice"), open_page("bob")
     alice.login("alice")
     bob.login("bob")
@@ -239,7 +218,7 @@ def test_two_browsers_chat_with_live_presence(open_page):
 
 
 def test_late_joiner_sees_history_and_leaving_updates_presence(open_page):
-    room, other = new_room(), new_room()
+    room, other = new_chat_room(), new_chat_room()
     alice, bob = open_page("alice"), open_page("bob")
     alice.login("alice")
     alice.join(room)

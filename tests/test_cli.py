@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from helpers import (
     ECHO_WORKER,
+    ServerProcess,
     ask,
     connect,
     expect_close,
@@ -23,6 +22,7 @@ from helpers import (
     read_lines,
     tcp_connectable,
     wait_for,
+    warpsocket_command,
 )
 
 ALL_OPTIONS = [
@@ -73,55 +73,6 @@ def cli_commands():
     return commands
 
 
-class CliProcess:
-    def __init__(self, argv, cwd):
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.stdout = []
-        self.stderr = []
-        self._threads = [
-            threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout), daemon=True),
-            threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
-
-    @staticmethod
-    def _pump(stream, sink):
-        for line in stream:
-            sink.append(line)
-
-    def output(self):
-        return "".join(self.stdout) + "".join(self.stderr)
-
-    def wait(self, timeout):
-        rc = self.proc.wait(timeout)
-        for t in self._threads:
-            t.join(5)
-        return rc
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            with contextlib.suppress(Exception):
-                self.proc.wait(10)
-
-
-def wait_listening(cli, port, timeout=60):
-    def ready():
-        if cli.proc.poll() is not None:
-            raise AssertionError(f"CLI exited early with {cli.proc.returncode}:\n{cli.output()}")
-        return tcp_connectable("127.0.0.1", port, timeout=0.5)
-
-    wait_for(ready, timeout=timeout, interval=0.1, message=f"CLI to listen on port {port}")
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("command", cli_commands())
 def test_cli_help_lists_every_option(command, tmp_path):
@@ -166,10 +117,10 @@ def test_cli_runs_echo_and_stops_on_signal(command, sig, tmp_path):
         "--max-message-size",
         "1048576",
     ]
-    cli = CliProcess(argv, cwd=tmp_path)
+    cli = ServerProcess(argv, cwd=tmp_path)
     try:
-        wait_listening(cli, port1)
-        wait_listening(cli, port2)
+        cli.wait_listening(port1)
+        cli.wait_listening(port2)
         with connect(f"ws://127.0.0.1:{port1}/") as ws:
             assert ask(ws, "one") == "hey:one"
             assert ask(ws, b"\x01bin") == b"\x01bin"
@@ -207,20 +158,13 @@ def test_cli_runs_echo_and_stops_on_signal(command, sig, tmp_path):
 def test_cli_default_options_and_module_worker(tmp_path):
     (tmp_path / "cli_mod_worker.py").write_text(ECHO_WORKER)
     port = free_port()
-    cli = CliProcess(
-        [
-            sys.executable,
-            "-m",
-            "warpsocket",
-            "cli_mod_worker",
-            "--bind",
-            f"127.0.0.1:{port}",
-        ],
+    cli = ServerProcess(
+        warpsocket_command("cli_mod_worker", "--bind", f"127.0.0.1:{port}"),
         cwd=tmp_path,
     )
     # the module is importable because `python -m` puts the working directory (tmp_path) on sys.path
     try:
-        wait_listening(cli, port)
+        cli.wait_listening(port)
         with connect(f"ws://127.0.0.1:{port}/") as ws:
             assert ask(ws, "echo") == "echo"
         cli.proc.send_signal(signal.SIGINT)
@@ -232,15 +176,8 @@ def test_cli_default_options_and_module_worker(tmp_path):
 @pytest.mark.timeout(60)
 def test_cli_bad_worker_exits_nonzero(tmp_path):
     port = free_port()
-    cli = CliProcess(
-        [
-            sys.executable,
-            "-m",
-            "warpsocket",
-            str(Path(tmp_path) / "missing_worker.py"),
-            "--bind",
-            f"127.0.0.1:{port}",
-        ],
+    cli = ServerProcess(
+        warpsocket_command(str(Path(tmp_path) / "missing_worker.py"), "--bind", f"127.0.0.1:{port}"),
         cwd=tmp_path,
     )
     try:
@@ -256,21 +193,12 @@ def test_cli_exits_promptly_after_sigint_with_no_clients(tmp_path):
     worker = tmp_path / "w.py"
     worker.write_text(ECHO_WORKER)
     port = free_port()
-    cli = CliProcess(
-        [
-            sys.executable,
-            "-m",
-            "warpsocket",
-            str(worker),
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--threads",
-            "2",
-        ],
+    cli = ServerProcess(
+        warpsocket_command(str(worker), "--bind", f"127.0.0.1:{port}", "--threads", "2"),
         cwd=tmp_path,
     )
     try:
-        wait_listening(cli, port)
+        cli.wait_listening(port)
         t0 = time.monotonic()
         cli.proc.send_signal(signal.SIGINT)
         assert cli.wait(45) == 0, cli.output()

@@ -15,16 +15,21 @@ import os
 import queue
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import warpsocket
-from helpers import connect, free_port, wait_for, wait_no_warpsocket_threads
+from helpers import (
+    ServerProcess,
+    connect,
+    free_port,
+    wait_for,
+    wait_no_warpsocket_threads,
+    warpsocket_command,
+)
 from websockets.exceptions import ConnectionClosed
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -119,28 +124,14 @@ class Redis:
         return int(out[1]) if len(out) == 2 else -1
 
 
-class Node:
+class Node(ServerProcess):
     """One ``python -m warpsocket`` process in the cluster."""
 
     def __init__(self, worker, url, *options):
-        argv = [sys.executable, "-m", "warpsocket", str(worker), "--bind", "127.0.0.1:0",
-                "--cluster", url, "--threads", "2", "--hang-timeout", "60", *options]  # fmt: skip
-        self.proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.lines = []
-        self._pump = threading.Thread(target=self._read, daemon=True)
-        self._pump.start()
+        options = ("--cluster", url, "--threads", "2", "--hang-timeout", "60", *options)
+        super().__init__(warpsocket_command(worker, "--bind", "127.0.0.1:0", *options))
         found = wait_for(self._started, timeout=60, message="node to listen")
         self.node_id, self.port = found
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
 
     def _started(self):
         text = self.output()
@@ -149,24 +140,6 @@ class Node:
         node = re.search(r"as node (\d+)", text)
         port = re.search(r"listening on 127\.0\.0\.1:(\d+)", text)
         return node and port and (int(node.group(1)), int(port.group(1)))
-
-    def output(self):
-        return "".join(self.lines)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._pump.join(5)
-
-    def kill(self):
-        self.proc.kill()
-        self.proc.wait(10)
-        self._pump.join(5)
 
 
 class Client:

@@ -214,11 +214,6 @@ SEQ = {}
 ACTIVE = {}
 
 
-def handle_start(worker_arg):
-    global LOG
-    LOG = worker_arg
-
-
 async def handle_open(socket_id, ip, headers):
     await asyncio.sleep(random.random() * 0.005)
     SEQ[socket_id] = ["open"]
@@ -405,10 +400,6 @@ REFUSING_TEMPLATE = (
     + """
 import asyncio
 
-def handle_start(worker_arg):
-    global LOG
-    LOG = worker_arg
-
 __A__def handle_open(socket_id, ip, headers):
     path = headers[":path"]
     log("open", socket_id, path)
@@ -477,10 +468,6 @@ FAILING_WORKER = (
     LOGGING_PRELUDE
     + """
 import asyncio
-
-def handle_start(worker_arg):
-    global LOG
-    LOG = worker_arg
 
 def handle_text_message(text, socket_id):
     log("msg", socket_id, text)

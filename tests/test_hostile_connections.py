@@ -29,10 +29,6 @@ HANDSHAKE_TIMEOUT_MAX = 16.0  # what the tests accept
 WATCH_WORKER = (
     LOGGING_PRELUDE
     + """
-def handle_start(worker_arg):
-    global LOG
-    LOG = worker_arg
-
 def handle_open(socket_id, ip, headers):
     log("open", socket_id, headers.get(":path", "?"))
     return True

@@ -467,10 +467,6 @@ def test_stop_closes_with_1001_and_runs_pending_handlers_and_handle_close(start_
         + """
 import asyncio
 
-def handle_start(worker_arg):
-    global LOG
-    LOG = worker_arg
-
 def handle_open(socket_id, ip, headers):
     log("open", socket_id)
     return True

@@ -23,10 +23,6 @@ LOGGING_SID_WORKER = (
     + """
 import threading
 
-def handle_start(worker_arg):
-    global LOG
-    LOG = worker_arg
-
 def handle_text_message(text, socket_id):
     if text == "sid?":
         warpsocket.send(socket_id, str(socket_id))

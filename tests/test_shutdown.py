@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -15,6 +13,7 @@ import pytest
 import warpsocket
 from helpers import (
     LOGGING_PRELUDE,
+    ServerProcess,
     ask,
     connect,
     expect_close,
@@ -23,6 +22,7 @@ from helpers import (
     tcp_connectable,
     wait_for,
     wait_no_warpsocket_threads,
+    warpsocket_command,
     warpsocket_threads,
 )
 from websockets.exceptions import ConnectionClosed
@@ -31,10 +31,6 @@ SHUTDOWN_WORKER = (
     LOGGING_PRELUDE
     + """
 import asyncio
-
-def handle_start(worker_arg):
-    global LOG
-    LOG = worker_arg
 
 async def handle_text_message(text, socket_id):
     if text == "sid?":
@@ -203,59 +199,25 @@ CLI = "cli"
 RUN = "run"
 
 
-class ServerProcess:
-    """``warpsocket.run()`` (or the CLI) in a subprocess, with its output in files."""
-
-    def __init__(self, how, worker, log_path, tmp_path, extra_args=()):
-        self.port = free_port()
-        self.out_path = tmp_path / f"server-{self.port}.out"
-        if how == RUN:
-            script = tmp_path / "run_server.py"
-            script.write_text(RUN_SCRIPT)
-            argv = [sys.executable, str(script), str(self.port), str(worker), str(log_path), *extra_args]
-        else:
-            argv = [
-                sys.executable,
-                "-m",
-                "warpsocket",
-                str(worker),
-                "--bind",
-                f"127.0.0.1:{self.port}",
-                "--threads",
-                "2",
-                "--worker-arg",
-                f'"{log_path}"',
-                *extra_args,
-            ]
-        self._out = open(self.out_path, "w")  # noqa: SIM115 - closed in kill()
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=tmp_path,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+def server_process(how, worker, log_path, tmp_path, extra_args=()):
+    """``warpsocket.run()`` (or the CLI) in a subprocess, on a free port."""
+    port = free_port()
+    if how == RUN:
+        script = tmp_path / "run_server.py"
+        script.write_text(RUN_SCRIPT)
+        argv = [sys.executable, str(script), str(port), str(worker), str(log_path), *extra_args]
+    else:
+        argv = warpsocket_command(
+            worker,
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--threads",
+            "2",
+            "--worker-arg",
+            f'"{log_path}"',
+            *extra_args,
         )
-
-    def output(self):
-        return self.out_path.read_text() if self.out_path.exists() else ""
-
-    def wait_listening(self, timeout=60):
-        def ready():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited early with {self.proc.returncode}:\n{self.output()}")
-            return tcp_connectable("127.0.0.1", self.port, timeout=0.5)
-
-        wait_for(ready, timeout=timeout, interval=0.1, message=f"server to listen on {self.port}")
-
-    def url(self):
-        return f"ws://127.0.0.1:{self.port}/"
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            with contextlib.suppress(Exception):
-                self.proc.wait(10)
-        self._out.close()
+    return ServerProcess(argv, cwd=tmp_path, port=port)
 
 
 @pytest.mark.timeout(120)
@@ -263,12 +225,12 @@ class ServerProcess:
 @pytest.mark.parametrize("how", [RUN, CLI])
 def test_signal_stops_run_gracefully(how, sig, write_worker, log_path, tmp_path):
     worker = write_worker(SHUTDOWN_WORKER)
-    server = ServerProcess(how, worker, log_path, tmp_path)
+    server = server_process(how, worker, log_path, tmp_path)
     clients = []
     chatters = []
     try:
         server.wait_listening()
-        clients = [connect(server.url()) for _ in range(3)]
+        clients = [connect(f"ws://127.0.0.1:{server.port}/") for _ in range(3)]
         sids = [int(ask(ws, "sid?")) for ws in clients]
         clients[0].send("slow 1.0")
         wait_for(lambda: f"begin {sids[0]}" in read_lines(log_path), message="slow handler to begin")
@@ -308,10 +270,6 @@ SLOW_CLOSE_WORKER = (
     + """
 import asyncio
 
-def handle_start(worker_arg):
-    global LOG
-    LOG = worker_arg
-
 def handle_text_message(text, socket_id):
     warpsocket.send(socket_id, text)
 
@@ -327,11 +285,11 @@ async def handle_close(socket_id):
 @pytest.mark.parametrize("how", [RUN, CLI])
 def test_second_signal_during_slow_shutdown_exits_at_once(how, write_worker, log_path, tmp_path):
     worker = write_worker(SLOW_CLOSE_WORKER)
-    server = ServerProcess(how, worker, log_path, tmp_path, extra_args=("--handler-timeout", "60"))
+    server = server_process(how, worker, log_path, tmp_path, extra_args=("--handler-timeout", "60"))
     ws = None
     try:
         server.wait_listening()
-        ws = connect(server.url())
+        ws = connect(f"ws://127.0.0.1:{server.port}/")
         assert ask(ws, "hi") == "hi"
         server.proc.send_signal(signal.SIGTERM)
         assert expect_close(ws, timeout=30)[0] == 1001

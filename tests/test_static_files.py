@@ -5,14 +5,13 @@ from __future__ import annotations
 import http.client
 import os
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from email.utils import parsedate_to_datetime
 
 import pytest
 import warpsocket
-from helpers import ECHO_WORKER, RawConn, ask, connect, free_port, tcp_connectable, wait_for
+from helpers import ECHO_WORKER, RawConn, ServerProcess, ask, connect, free_port, warpsocket_command
 
 SECRET = b"TOP-SECRET-do-not-serve-7f3a"
 INDEX = b"<!doctype html><title>home</title><h1>hello from static</h1>\n"
@@ -316,30 +315,12 @@ def test_missing_static_dir_raises_value_error(write_worker, tmp_path):
 def test_cli_static_flag(write_worker, site, tmp_path):
     worker = write_worker(ECHO_WORKER)
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "warpsocket",
-            str(worker),
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--threads",
-            "1",
-            "--static",
-            str(site),
-        ],
+    cli = ServerProcess(
+        warpsocket_command(worker, "--bind", f"127.0.0.1:{port}", "--threads", "1", "--static", site),
         cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
     )
     try:
-        wait_for(
-            lambda: proc.poll() is not None or tcp_connectable("127.0.0.1", port),
-            timeout=60,
-            message="the CLI server to listen",
-        )
-        assert proc.poll() is None, proc.stderr.read().decode(errors="replace")
+        cli.wait_listening(port)
 
         def fetch(path):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=20) as resp:
@@ -355,28 +336,13 @@ def test_cli_static_flag(write_worker, site, tmp_path):
         with connect(f"ws://127.0.0.1:{port}/") as ws:
             assert ask(ws, "cli") == "cli"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+        cli.stop()
 
 
 def test_cli_static_flag_with_missing_folder_fails(write_worker, tmp_path):
     worker = write_worker(ECHO_WORKER)
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "warpsocket",
-            str(worker),
-            "--bind",
-            f"127.0.0.1:{free_port()}",
-            "--static",
-            str(tmp_path / "nope"),
-        ],
+        warpsocket_command(worker, "--bind", f"127.0.0.1:{free_port()}", "--static", tmp_path / "nope"),
         cwd=tmp_path,
         capture_output=True,
         timeout=60,

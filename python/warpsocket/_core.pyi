@@ -1,43 +1,66 @@
 """Type stubs for the native module built from crates/warpsocket-py."""
 
-from typing import Any
+from typing import Any, TypeAlias, final
+
+__all__ = [
+    "Server",
+    "WorkerQueue",
+    "send",
+    "close",
+    "subscribe",
+    "unsubscribe",
+    "has_subscriptions",
+    "create_virtual_socket",
+    "delete_virtual_socket",
+    "get_key",
+    "set_key",
+    "set_key_if",
+    "resolve_open",
+    "counters",
+    "join_cluster",
+    "leave_cluster",
+    "EVENT_OPEN",
+    "EVENT_TEXT",
+    "EVENT_BINARY",
+    "EVENT_CLOSE",
+]
 
 EVENT_OPEN: int
 EVENT_TEXT: int
 EVENT_BINARY: int
 EVENT_CLOSE: int
 
-Name = str | bytes | bytearray | memoryview
-Target = int | Name | list[int | Name]
+_Name: TypeAlias = str | bytes | bytearray | memoryview
+_Target: TypeAlias = int | _Name | list[int | _Name]
 
-def send(target: Target, data: Name) -> int:
+def send(target: _Target, data: _Name) -> int:
     """Queue ``data`` (str: text, bytes-like: binary) for ``target``; return the recipient count."""
 
-def close(socket_id: int, code: int = 1000, reason: str = "") -> bool:
-    """Start closing a connection (or the one a virtual socket resolves to)."""
+def close(socket_id: int, code: int | None = None, reason: str | None = None) -> bool:
+    """Start closing a connection (or the one a virtual socket resolves to); None: 1000, ""."""
 
-def subscribe(target: Target, channel: Name, delta: int = 1) -> list[int]:
-    """Add ``delta`` to the subscription counts; return the ids that became subscribed."""
+def subscribe(target: _Target, channel: _Name, delta: int | None = None) -> list[int]:
+    """Add ``delta`` (None: 1) to the subscription counts; return the ids that became subscribed."""
 
-def unsubscribe(target: Target, channel: Name, delta: int = 1) -> list[int]:
-    """Subtract ``delta``; return the ids whose count reached 0."""
+def unsubscribe(target: _Target, channel: _Name, delta: int | None = None) -> list[int]:
+    """Subtract ``delta`` (None: 1); return the ids whose count reached 0."""
 
-def has_subscriptions(channel: Name) -> bool:
+def has_subscriptions(channel: _Name) -> bool:
     """Return True if any subscriber of ``channel`` resolves to an open connection."""
 
-def create_virtual_socket(socket_id: int, user_prefix: Name | None = None) -> int:
+def create_virtual_socket(socket_id: int, user_prefix: _Name | None = None) -> int:
     """Create a virtual socket pointing at ``socket_id``; return its id."""
 
 def delete_virtual_socket(virtual_socket_id: int, expected_target: int | None = None) -> bool:
     """Delete a virtual socket (only if it points at ``expected_target``, when given)."""
 
-def get_key(key: Name) -> bytes | None:
+def get_key(key: _Name) -> bytes | None:
     """Return the value stored under ``key``, or None."""
 
-def set_key(key: Name, value: Name | None = None) -> bytes | None:
+def set_key(key: _Name, value: _Name | None = None) -> bytes | None:
     """Store ``value`` (None deletes); return the previous value."""
 
-def set_key_if(key: Name, new_value: Name | None = None, check_value: Name | None = None) -> bool:
+def set_key_if(key: _Name, new_value: _Name | None = None, check_value: _Name | None = None) -> bool:
     """Compare-and-set: store ``new_value`` if the current value equals ``check_value``."""
 
 def resolve_open(socket_id: int, accept: bool, status: int) -> bool:
@@ -52,6 +75,7 @@ def leave_cluster() -> None:
 def counters() -> dict[str, int]:
     """The engine's counters (``stats()`` without the worker list)."""
 
+@final
 class WorkerQueue:
     """One worker thread's queue of events."""
 
@@ -77,11 +101,12 @@ class WorkerQueue:
     def stalled_for(self) -> float:
         """Seconds the oldest waiting event has waited."""
 
+@final
 class Server:
     """A bound server; ``serve()`` starts accepting."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         bind: list[str],
         *,
         max_message_size: int,
@@ -92,7 +117,7 @@ class Server:
         max_pending_upgrades: int = 1024,
         io_threads: int | None = None,
         static_dir: str | None = None,
-    ) -> None: ...
+    ) -> Server: ...
     def addresses(self) -> list[tuple[str, int]]: ...
     def add_worker(self) -> WorkerQueue: ...
     def retire_worker(self, worker_id: int) -> int: ...

@@ -52,12 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="join the cluster of WarpSocket processes sharing this Redis server, "
         "e.g. redis://127.0.0.1:6379/0",
     )
-    for spec in TUNABLES:
+    for tunable in TUNABLES:
         parser.add_argument(
-            "--" + spec.name.replace("_", "-"),
-            type=int if spec.type == "int" else float,
-            default=spec.default,
-            help=f"{spec.metadata['help']} (default: {spec.default})",
+            "--" + tunable.name.replace("_", "-"),
+            type=tunable.type,
+            default=tunable.default,
+            help=f"{tunable.help} (default: {tunable.default})",
         )
     parser.add_argument(
         "--log-level",
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    tunables = {spec.name: getattr(args, spec.name) for spec in TUNABLES}
+    tunables = {tunable.name: getattr(args, tunable.name) for tunable in TUNABLES}
     try:
         run(
             bind=args.bind or ["127.0.0.1:3000"],

@@ -1,12 +1,27 @@
-"""Server options: one definition feeds ``start()``, ``run()`` and the CLI."""
+"""Server options, defined once.
+
+The signature of :meth:`Options.build` is the one list of options: their names, types,
+defaults and (for the tunables) help texts. ``start()`` and ``run()`` take exactly these
+parameters (see :func:`takes_options`), and the CLI makes a ``--flag`` of every tunable
+(:data:`TUNABLES`). :class:`Options` holds the checked values.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 MiB = 1024 * 1024
+#: Default of the two size limits.
+SIZE_LIMIT = 16 * MiB
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def default_threads() -> int:
@@ -16,54 +31,46 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class Options:
-    """Validated server options (API.md §1)."""
+    """Validated server options (API.md §1); made by :meth:`build`."""
 
     bind: tuple[str, ...]
     worker: str
-    threads: int = field(default_factory=default_threads)
-    worker_arg: Any = None
-    static_dir: str | None = None
-    cluster: str | None = None
-    handler_timeout: float = field(default=5.0, metadata={"help": "seconds an async handler may run"})
-    hang_timeout: float = field(
-        default=3.0, metadata={"help": "seconds a worker may leave its events waiting"}
-    )
-    max_message_size: int = field(
-        default=16 * MiB, metadata={"help": "largest incoming message in bytes (else 1009)"}
-    )
-    max_backpressure: int = field(
-        default=16 * MiB,
-        metadata={"help": "queued outgoing bytes per connection before closing with 1008"},
-    )
-    ping_interval: float = field(default=20.0, metadata={"help": "seconds between keepalive pings"})
-    ping_timeout: float = field(
-        default=20.0, metadata={"help": "seconds to wait for a keepalive answer (else 1011)"}
-    )
-    max_pending_upgrades: int = field(
-        default=1024,
-        metadata={"help": "connections allowed in their handshake at once; more are dropped"},
-    )
+    threads: int
+    worker_arg: Any
+    static_dir: str | None
+    cluster: str | None
+    handler_timeout: float
+    hang_timeout: float
+    max_message_size: int
+    max_backpressure: int
+    ping_interval: float
+    ping_timeout: float
+    max_pending_upgrades: int
 
     @classmethod
     def build(
         cls,
-        bind: str | list[str] | tuple[str, ...],
+        bind: str | list[str],
         worker: str | os.PathLike[str],
         threads: int | None = None,
         worker_arg: Any = None,
         static_dir: str | os.PathLike[str] | None = None,
         cluster: str | None = None,
-        **tunables: Any,
+        *,
+        handler_timeout: Annotated[float, "seconds an async handler may run"] = 5.0,
+        hang_timeout: Annotated[float, "seconds a worker may leave its events waiting"] = 3.0,
+        max_message_size: Annotated[int, "largest incoming message in bytes (else 1009)"] = SIZE_LIMIT,
+        max_backpressure: Annotated[
+            int, "queued outgoing bytes per connection before closing with 1008"
+        ] = SIZE_LIMIT,
+        ping_interval: Annotated[float, "seconds between keepalive pings"] = 20.0,
+        ping_timeout: Annotated[float, "seconds to wait for a keepalive answer (else 1011)"] = 20.0,
+        max_pending_upgrades: Annotated[
+            int, "connections allowed in their handshake at once; more are dropped"
+        ] = 1024,
     ) -> Options:
         """Check every argument and return the options, raising TypeError/ValueError."""
-        if isinstance(bind, str):
-            binds: tuple[str, ...] = (bind,)
-        elif isinstance(bind, (list, tuple)) and all(isinstance(b, str) for b in bind):
-            binds = tuple(bind)
-        else:
-            raise TypeError("bind must be an address string or a list of them")
-        if not binds:
-            raise ValueError("bind must name at least one address")
+        binds = _check_bind(bind)
         if isinstance(worker, os.PathLike):
             worker = os.fspath(worker)
         if not isinstance(worker, str):
@@ -71,13 +78,7 @@ class Options:
         if not worker:
             raise ValueError("worker must not be empty")
         if static_dir is not None:
-            if isinstance(static_dir, os.PathLike):
-                static_dir = os.fspath(static_dir)
-            if not isinstance(static_dir, str):
-                raise TypeError("static_dir must be a folder path (str) or None")
-            if not os.path.isdir(static_dir):
-                raise ValueError(f"static_dir {static_dir!r} is not an existing folder")
-            static_dir = os.path.abspath(static_dir)
+            static_dir = _check_static_dir(static_dir)
         if cluster is not None:
             if not isinstance(cluster, str):
                 raise TypeError(f"cluster must be a Redis URL (str) or None, not {type(cluster).__name__}")
@@ -86,17 +87,6 @@ class Options:
         if threads is None:
             threads = default_threads()
         _check_int("threads", threads)
-        unknown = set(tunables) - {f.name for f in TUNABLES}
-        if unknown:
-            raise TypeError(f"unexpected keyword argument {sorted(unknown)[0]!r}")
-        for spec in TUNABLES:
-            if spec.name in tunables:
-                value = tunables[spec.name]
-                if spec.type == "int":
-                    _check_int(spec.name, value)
-                else:
-                    _check_seconds(spec.name, value)
-                    tunables[spec.name] = float(value)
         return cls(
             bind=binds,
             worker=worker,
@@ -104,23 +94,99 @@ class Options:
             worker_arg=worker_arg,
             static_dir=static_dir,
             cluster=cluster,
-            **tunables,
+            handler_timeout=_check_seconds("handler_timeout", handler_timeout),
+            hang_timeout=_check_seconds("hang_timeout", hang_timeout),
+            max_message_size=_check_int("max_message_size", max_message_size),
+            max_backpressure=_check_int("max_backpressure", max_backpressure),
+            ping_interval=_check_seconds("ping_interval", ping_interval),
+            ping_timeout=_check_seconds("ping_timeout", ping_timeout),
+            max_pending_upgrades=_check_int("max_pending_upgrades", max_pending_upgrades),
         )
 
 
-def _check_int(name: str, value: Any) -> None:
+def _check_bind(bind: object) -> tuple[str, ...]:
+    if isinstance(bind, str):
+        binds: tuple[str, ...] = (bind,)
+    elif isinstance(bind, (list, tuple)) and all(isinstance(b, str) for b in bind):
+        binds = tuple(bind)
+    else:
+        raise TypeError("bind must be an address string or a list of them")
+    if not binds:
+        raise ValueError("bind must name at least one address")
+    return binds
+
+
+def _check_static_dir(static_dir: object) -> str:
+    if isinstance(static_dir, os.PathLike):
+        static_dir = os.fspath(static_dir)
+    if not isinstance(static_dir, str):
+        raise TypeError("static_dir must be a folder path (str) or None")
+    if not os.path.isdir(static_dir):
+        raise ValueError(f"static_dir {static_dir!r} is not an existing folder")
+    return os.path.abspath(static_dir)
+
+
+def _check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
+    return value
 
 
-def _check_seconds(name: str, value: Any) -> None:
+def _check_seconds(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
     if not value > 0:
         raise ValueError(f"{name} must be positive, got {value}")
+    return float(value)
 
 
-#: The tunable options, with their defaults and help texts (CLI flags come from these).
-TUNABLES = tuple(f for f in fields(Options) if "help" in f.metadata)
+@dataclass(frozen=True)
+class Tunable:
+    """One keyword-only option of :meth:`Options.build` (a CLI ``--flag``)."""
+
+    name: str
+    type: type[int] | type[float]
+    default: int | float
+    help: str
+
+
+def _tunables() -> tuple[Tunable, ...]:
+    hints = typing.get_type_hints(Options.build, include_extras=True)
+    tunables = []
+    for param in inspect.signature(Options.build).parameters.values():
+        if param.kind is inspect.Parameter.KEYWORD_ONLY:
+            kind, help_text = typing.get_args(hints[param.name])
+            tunables.append(Tunable(param.name, kind, param.default, help_text))
+    return tuple(tunables)
+
+
+#: The tunable options, with their types, defaults and help texts (CLI flags come from these).
+TUNABLES = _tunables()
+
+
+def _accepts(build: Callable[P, Options]) -> Callable[[Callable[[Options], R]], Callable[P, R]]:
+    signature = inspect.signature(build)
+
+    def decorate(body: Callable[[Options], R]) -> Callable[P, R]:
+        @functools.wraps(body)
+        def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                # Name the public function, as Python does for its own arity errors.
+                raise TypeError(f"{body.__name__}() {exc}") from None
+            return body(build(*args, **kwargs))
+
+        returns = inspect.signature(body).return_annotation
+        call.__signature__ = signature.replace(return_annotation=returns)  # type: ignore[attr-defined]
+        return call
+
+    return decorate
+
+
+#: Decorator: gives ``body(options)`` the parameters of :meth:`Options.build`, typed. The
+#: result checks its arguments with ``Options.build`` and calls ``body`` with the options;
+#: it keeps ``body``'s name and docstring and shows the options in ``help()``.
+takes_options = _accepts(Options.build)

@@ -8,12 +8,15 @@ import signal
 import threading
 import time
 from types import FrameType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _core
-from .config import Options
+from .config import Options, takes_options
 from .supervisor import Supervisor
 from .worker import Worker
+
+if TYPE_CHECKING:
+    from .stats import WorkerStats
 
 logger = logging.getLogger("warpsocket")
 
@@ -125,7 +128,7 @@ class Server:
         """Block until the server has stopped; returns False if ``timeout`` passed first."""
         return self._stopped.wait(timeout)
 
-    def stats_workers(self) -> list[dict[str, int]]:
+    def stats_workers(self) -> list[WorkerStats]:
         """Per live worker: ``id``, ``connections``, ``queue_depth``."""
         return [
             {"id": w.queue.id, "connections": w.queue.connections, "queue_depth": w.queue.queue_depth}
@@ -161,15 +164,8 @@ def running_server() -> Server | None:
     return _running
 
 
-def start(
-    bind: str | list[str],
-    worker: str | os.PathLike[str],
-    threads: int | None = None,
-    worker_arg: Any = None,
-    static_dir: str | os.PathLike[str] | None = None,
-    cluster: str | None = None,
-    **tunables: Any,
-) -> Server:
+@takes_options
+def start(options: Options) -> Server:
     """Start a server and return it once every address is bound and every worker is ready.
 
     ``bind`` is an address (``"127.0.0.1:3000"``, ``"[::1]:3000"``) or a list of them;
@@ -177,17 +173,20 @@ def start(
     files answer plain HTTP GET/HEAD requests on the same port (else they get 426).
     ``cluster``: a Redis URL (``"redis://host:6379/0"``) to join a cluster of WarpSocket
     processes sharing that Redis server (see the README, "Running on many machines").
-    Tunables: ``handler_timeout``, ``hang_timeout``, ``max_message_size``,
-    ``max_backpressure``, ``ping_interval``, ``ping_timeout``, ``max_pending_upgrades``
-    (see the README).
+    The tunables are keyword-only; the signature shows them with their defaults, and
+    the README explains them.
 
     Raises ``OSError`` when an address cannot be bound, ``ConnectionError`` when the
     cluster's Redis server cannot be reached, ``ImportError`` when the worker cannot be
     imported, ``RuntimeError`` when ``handle_start`` raises or a server already
     runs; nothing is left running then.
     """
+    return _start(options)
+
+
+def _start(options: Options) -> Server:
+    """Join the cluster if asked, bind and start the workers: ``start()`` after its checks."""
     global _running
-    options = Options.build(bind, worker, threads, worker_arg, static_dir, cluster, **tunables)
     with _state_lock:
         if _running is not None:
             raise RuntimeError("a WarpSocket server is already running in this process")
@@ -250,22 +249,15 @@ def _format_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def run(
-    bind: str | list[str],
-    worker: str | os.PathLike[str],
-    threads: int | None = None,
-    worker_arg: Any = None,
-    static_dir: str | os.PathLike[str] | None = None,
-    cluster: str | None = None,
-    **tunables: Any,
-) -> None:
+@takes_options
+def run(options: Options) -> None:
     """Start a server and block until SIGINT or SIGTERM, then stop gracefully.
 
     Takes the same arguments as :func:`start`. A second signal during shutdown exits
     the process at once.
     """
     stop_requested = threading.Event()
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if stop_requested.is_set():
@@ -280,7 +272,7 @@ def run(
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
     try:
-        server = start(bind, worker, threads, worker_arg, static_dir, cluster, **tunables)
+        server = _start(options)
         # Short waits so the main thread gets to run signal handlers.
         while not stop_requested.is_set() and server.running:
             stop_requested.wait(0.2)

@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict, cast
 
 from . import _core
 from .server import running_server
 
 
-def stats() -> dict[str, Any]:
+class WorkerStats(TypedDict):
+    """One live worker in :func:`stats`."""
+
+    id: int
+    connections: int
+    queue_depth: int
+
+
+class Stats(TypedDict):
+    """What :func:`stats` returns (API.md §3)."""
+
+    connections: int
+    virtual_sockets: int
+    channels: int
+    subscriptions: int
+    keys: int
+    messages_in: int
+    messages_out: int
+    bytes_in: int
+    bytes_out: int
+    backpressure_closes: int
+    node_id: int
+    cluster_messages_out: int
+    cluster_messages_in: int
+    cluster_send_failures: int
+    workers: list[WorkerStats]
+
+
+def stats() -> Stats:
     """Return a snapshot of the server's counters (API.md §3).
 
     Keys: ``connections`` (open connections), ``virtual_sockets``, ``channels`` (with
@@ -22,7 +50,7 @@ def stats() -> dict[str, Any]:
     them) and ``cluster_send_failures`` (cross-node sends lost because Redis was
     unreachable); ``keys`` then counts the keys in Redis, -1 while Redis cannot be asked.
     """
-    result: dict[str, Any] = _core.counters()
     server = running_server()
-    result["workers"] = server.stats_workers() if server is not None else []
-    return result
+    workers = server.stats_workers() if server is not None else []
+    # The core's dict has every key of Stats but "workers" (crates/warpsocket-py, counters()).
+    return cast(Stats, {**_core.counters(), "workers": workers})

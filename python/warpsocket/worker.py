@@ -20,13 +20,13 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import ModuleType
 from typing import Any
 
 from . import _core
 from .config import Options
+from .sequencer import Sequencer
 
 logger = logging.getLogger("warpsocket")
 
@@ -61,7 +61,7 @@ else:  # pragma: no cover - Python 3.10
         return await asyncio.wait_for(awaitable, seconds)
 
 
-def load_worker_module(worker: str, index: int) -> ModuleType:
+def load_worker_module(worker: str) -> ModuleType:
     """Execute a fresh instance of the worker module (a file path or a module name).
 
     Each worker thread gets its own module object with its own globals. Raises
@@ -97,7 +97,6 @@ def load_worker_module(worker: str, index: int) -> ModuleType:
                     sys.modules.pop(spec.name, None)
                 else:
                     sys.modules[spec.name] = previous
-        module.__dict__.setdefault("__warpsocket_worker_index__", index)
         return module
     except ImportError as exc:
         if worker in str(exc):
@@ -114,17 +113,6 @@ class WorkerRetired(BaseException):
     """
 
 
-class _Connection:
-    """Per-connection state, kept only while a handler awaits or after a failure."""
-
-    __slots__ = ("backlog", "busy", "failed")
-
-    def __init__(self) -> None:
-        self.backlog: deque[tuple[int, Any]] = deque()
-        self.busy = False
-        self.failed = False
-
-
 class Worker(threading.Thread):
     """One worker thread with its module instance and event loop."""
 
@@ -136,7 +124,6 @@ class Worker(threading.Thread):
         inherited: tuple[_core.WorkerQueue, ...] = (),
     ) -> None:
         super().__init__(name=f"warpsocket-worker-{index}", daemon=True)
-        self.index = index
         self.options = options
         self.queue = queue
         # Queues of retired workers whose connections' handle_close runs here.
@@ -146,7 +133,7 @@ class Worker(threading.Thread):
         self.startup_error: BaseException | None = None
         self.handlers: dict[str, Callable[..., Any] | None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._conns: dict[int, _Connection] = {}
+        self._sequencer = Sequencer(queue.hold, queue.release)
         self._tasks: set[asyncio.Task[None]] = set()
         self._timeout = options.handler_timeout
 
@@ -158,7 +145,7 @@ class Worker(threading.Thread):
         asyncio.set_event_loop(loop)
         self._loop = loop
         try:
-            module = load_worker_module(self.options.worker, self.index)
+            module = load_worker_module(self.options.worker)
             self.handlers = {name: _handler(module, name) for name in HANDLER_NAMES}
             start = self.handlers["handle_start"]
             if start is not None:
@@ -245,35 +232,25 @@ class Worker(threading.Thread):
     def _on_events(self, batch: int | None = DRAIN_BATCH) -> None:
         """Run the waiting events (up to ``batch``): sync handlers now, async ones as tasks.
 
-        Drained events count as handled in the core; one that has to wait behind
-        an awaiting handler, or that starts an awaiting one, is held until done,
-        so a connection's backlog stays bounded (the core stops reading it).
+        Drained events count as handled in the core; the sequencer holds one that
+        has to wait behind an awaited handler, or that starts one, until done, so a
+        connection's backlog stays bounded (the core stops reading it).
         """
         if self.retired:
             return
-        conns = self._conns
-        hold = self.queue.hold
+        sequencer = self._sequencer
+        tracked, arrive, ran = sequencer.tracked, sequencer.arrive, sequencer.ran
         run = self._run
         for kind, sid, payload in self.queue.drain(batch):
-            # Most apps have no connection waiting on an async handler: skip the lookup.
-            conn = conns.get(sid) if conns else None
-            if conn is not None:
-                if conn.busy:
-                    conn.backlog.append((kind, payload))
-                    hold(sid)
-                    continue
-                if conn.failed and kind != CLOSE:
-                    continue
-            pending = run(kind, sid, payload)
-            if pending is None:
-                if kind == CLOSE and conn is not None:
-                    del conns[sid]
+            # Most apps have no connection waiting on an async handler: skip the calls.
+            if tracked and not arrive(kind, sid, payload):
                 continue
-            if conn is None:
-                conn = conns[sid] = _Connection()
-            conn.busy = True
-            hold(sid)
-            self._spawn(self._drive(sid, conn, kind, pending))
+            pending = run(kind, sid, payload)
+            if pending is not None:
+                ran(kind, sid, True)
+                self._spawn(self._drive(sid, kind, pending))
+            elif tracked:
+                ran(kind, sid, False)
 
     def _on_inherited_events(self, orphaned: _core.WorkerQueue) -> None:
         """Run ``handle_close`` for the connections of a retired worker; drop the rest.
@@ -284,10 +261,9 @@ class Worker(threading.Thread):
         done = orphaned.connections == 0
         for kind, sid, _payload in orphaned.drain():
             if kind == CLOSE:
-                self._conns.pop(sid, None)
                 pending = self._run(CLOSE, sid, None)
                 if pending is not None:
-                    self._spawn(self._await(sid, _Connection(), CLOSE, pending))
+                    self._spawn(self._await(sid, CLOSE, pending))
         # Every close event was queued before the count reached 0 (see the core),
         # so once it was 0 before this drain, nothing more can come.
         if done and self._loop is not None:
@@ -308,7 +284,7 @@ class Worker(threading.Thread):
             else:
                 return self._open(sid, payload)
         except Exception:
-            self._failed(sid, kind, "raised")
+            self._failed(sid, kind)
             return None
         if result is not None and inspect.isawaitable(result):
             return result
@@ -330,52 +306,39 @@ class Worker(threading.Thread):
     def _verdict(self, sid: int, accepted: Any) -> None:
         if not accepted:
             _core.resolve_open(sid, False, 403)
-            self._conns.pop(sid, None)
-
+            self._sequencer.forget(sid)
         elif not _core.resolve_open(sid, True, 0):
             # The client left while handle_open ran: there will be no close event.
-            self._conns.pop(sid, None)
+            self._sequencer.forget(sid)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None
-        task = self._loop.create_task(coro)  # type: ignore[arg-type]
+        task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _drive(self, sid: int, conn: _Connection, kind: int, pending: Awaitable[Any]) -> None:
-        """Await one connection's handler, then run its backlog in order."""
-        release = self.queue.release
+    async def _drive(self, sid: int, kind: int, pending: Awaitable[Any]) -> None:
+        """Await one connection's handler, then run what waited behind it, in order."""
+        sequencer = self._sequencer
         while True:
-            await self._await(sid, conn, kind, pending)
-            release(sid)
-            if kind == CLOSE:
-                self._conns.pop(sid, None)
-                return
-            next_pending = None
-            while conn.backlog and next_pending is None:
-                kind, payload = conn.backlog.popleft()
-                if conn.failed and kind != CLOSE:
-                    release(sid)
-                    continue
+            await self._await(sid, kind, pending)
+            sequencer.finished(kind, sid)
+            while True:
+                event = sequencer.next(sid)
+                if event is None:
+                    return
+                kind, payload = event
                 next_pending = self._run(kind, sid, payload)
-                if next_pending is None:
-                    release(sid)
-                    if kind == CLOSE:
-                        self._conns.pop(sid, None)
-                        return
-            if next_pending is None:
-                conn.busy = False
-                if not conn.failed:
-                    self._conns.pop(sid, None)
-                return
-            # Still held from the backlog: released once awaited.
-            pending = next_pending
+                sequencer.ran(kind, sid, next_pending is not None)
+                if next_pending is not None:
+                    pending = next_pending
+                    break
 
-    async def _await(self, sid: int, conn: _Connection, kind: int, pending: Awaitable[Any]) -> None:
+    async def _await(self, sid: int, kind: int, pending: Awaitable[Any]) -> None:
         try:
             result = await _with_timeout(pending, self._timeout)
         except TimeoutError:
-            self._timed_out(sid, conn, kind)
+            self._timed_out(sid, kind)
             return
         except asyncio.CancelledError:
             raise
@@ -383,14 +346,14 @@ class Worker(threading.Thread):
             if kind == OPEN:
                 logger.exception("handle_open for socket %d raised; refusing with 500", sid)
                 _core.resolve_open(sid, False, 500)
-                self._conns.pop(sid, None)
+                self._sequencer.forget(sid)
             else:
-                self._failed(sid, kind, "raised")
+                self._failed(sid, kind)
             return
         if kind == OPEN:
             self._verdict(sid, result)
 
-    def _timed_out(self, sid: int, conn: _Connection, kind: int) -> None:
+    def _timed_out(self, sid: int, kind: int) -> None:
         what = _EVENT_HANDLER[kind]
         if kind == OPEN:
             logger.error(
@@ -400,24 +363,21 @@ class Worker(threading.Thread):
                 self._timeout,
             )
             _core.resolve_open(sid, False, 500)
-            self._conns.pop(sid, None)
+            self._sequencer.forget(sid)
             return
         logger.error("%s for socket %d timed out after %.1f s; closing with 1011", what, sid, self._timeout)
-        conn.failed = True
         if kind != CLOSE:
+            self._sequencer.fail(sid)
             _core.close(sid, 1011, "handler timed out")
 
-    def _failed(self, sid: int, kind: int, how: str) -> None:
+    def _failed(self, sid: int, kind: int) -> None:
         """A handler raised: log the traceback, close with 1011, drop later messages."""
         what = _EVENT_HANDLER[kind]
         if kind == CLOSE:
-            logger.exception("%s for socket %d %s", what, sid, how)
+            logger.exception("%s for socket %d raised", what, sid)
             return
-        logger.exception("%s for socket %d %s; closing with 1011", what, sid, how)
-        conn = self._conns.get(sid)
-        if conn is None:
-            conn = self._conns[sid] = _Connection()
-        conn.failed = True
+        logger.exception("%s for socket %d raised; closing with 1011", what, sid)
+        self._sequencer.fail(sid)
         _core.close(sid, 1011, "handler error")
 
 
@@ -430,7 +390,7 @@ _EVENT_HANDLER = {
 
 
 def _handler(module: ModuleType, name: str) -> Callable[..., Any] | None:
-    value = getattr(module, name, None)
+    value: object = getattr(module, name, None)
     if value is None:
         return None
     if not callable(value):

@@ -1,5 +1,7 @@
 //! Channels: for each name, the socket ids subscribed and their reference
 //! counts. Sharded by name so unrelated channels never share a lock.
+//!
+//! Knows ids only as numbers; uses `ids` for the id-keyed map.
 
 use std::collections::hash_map::Entry;
 use std::collections::hash_map::RandomState;
@@ -10,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::Bytes;
 use parking_lot::{RwLock, RwLockReadGuard};
 
-use crate::registry::IdMap;
+use crate::ids::IdMap;
 
 const SHARDS: usize = 64;
 
@@ -18,10 +20,12 @@ const SHARDS: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Change {
     /// The count went from 0 to positive. Carries the channel's name as
-    /// stored here, for the subscriber to keep without a copy of its own.
-    Added(Bytes),
-    /// The count reached 0: the subscription is gone.
-    Removed,
+    /// stored here, for the subscriber to keep without a copy of its own;
+    /// `first` when the channel had no subscription before.
+    Added { name: Bytes, first: bool },
+    /// The count reached 0: the subscription is gone; `last` when it was
+    /// the channel's last.
+    Removed { last: bool },
     /// The count changed but the subscription stayed (or stayed absent).
     Kept,
 }
@@ -58,11 +62,12 @@ impl Channels {
     pub(crate) fn update(&self, name: &Bytes, id: u64, delta: i64) -> Change {
         let mut shard = self.shard(name).write();
         if delta > 0 {
-            let (stored, subscribers) = match shard.entry(name.clone()) {
-                Entry::Occupied(entry) => (entry.key().clone(), entry.into_mut()),
+            let (stored, subscribers, first) = match shard.entry(name.clone()) {
+                Entry::Occupied(entry) => (entry.key().clone(), entry.into_mut(), false),
                 Entry::Vacant(entry) => {
                     self.live.fetch_add(1, Ordering::Relaxed);
-                    (entry.key().clone(), entry.insert(Subscribers::default()))
+                    let key = entry.key().clone();
+                    (key, entry.insert(Subscribers::default()), true)
                 }
             };
             let count = subscribers.entry(id).or_insert(0);
@@ -70,7 +75,10 @@ impl Channels {
             *count = count.saturating_add(delta as u64);
             if added {
                 self.pairs.fetch_add(1, Ordering::Relaxed);
-                return Change::Added(stored);
+                return Change::Added {
+                    name: stored,
+                    first,
+                };
             }
             return Change::Kept;
         }
@@ -86,11 +94,12 @@ impl Channels {
         }
         subscribers.remove(&id);
         self.pairs.fetch_sub(1, Ordering::Relaxed);
-        if subscribers.is_empty() {
+        let last = subscribers.is_empty();
+        if last {
             shard.remove(name.as_ref());
             self.live.fetch_sub(1, Ordering::Relaxed);
         }
-        Change::Removed
+        Change::Removed { last }
     }
 
     /// The ids subscribed to `name`, read under the channel's shard lock.
@@ -146,19 +155,27 @@ mod tests {
     fn counts_are_reference_counted() {
         let ch = Channels::default();
         let name = Bytes::from_static(b"room");
-        assert_eq!(ch.update(&name, 1, 1), Change::Added(name.clone()));
+        let added = Change::Added {
+            name: name.clone(),
+            first: true,
+        };
+        assert_eq!(ch.update(&name, 1, 1), added);
         assert_eq!(ch.update(&name, 1, 2), Change::Kept);
         let copy = Bytes::copy_from_slice(b"room");
-        let Change::Added(stored) = ch.update(&copy, 2, 1) else {
+        let Change::Added {
+            name: stored,
+            first: false,
+        } = ch.update(&copy, 2, 1)
+        else {
             panic!("not added");
         };
         assert_eq!(stored.as_ptr(), name.as_ptr(), "the stored name is shared");
         assert_eq!((ch.channel_count(), ch.pair_count()), (1, 2));
         assert_eq!(ch.update(&name, 1, -2), Change::Kept);
-        assert_eq!(ch.update(&name, 1, -5), Change::Removed);
+        assert_eq!(ch.update(&name, 1, -5), Change::Removed { last: false });
         assert_eq!(ch.update(&name, 1, -1), Change::Kept);
         assert_eq!(ch.subscribers(b"room").ids().collect::<Vec<_>>(), vec![2]);
-        assert_eq!(ch.update(&name, 2, -1), Change::Removed);
+        assert_eq!(ch.update(&name, 2, -1), Change::Removed { last: true });
         assert_eq!((ch.channel_count(), ch.pair_count()), (0, 0));
         assert_eq!(ch.subscribers(b"room").ids().count(), 0);
     }

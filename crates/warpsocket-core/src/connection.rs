@@ -22,7 +22,7 @@ use tokio::time::Sleep;
 
 use crate::context::LiveGuard;
 use crate::dispatch::Payload;
-use crate::engine::PAUSE_READING_AT;
+use crate::dispatch::PAUSE_READING_AT;
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
 use crate::socket::CloseTaken;
 use crate::stats::Counters;
@@ -383,7 +383,7 @@ impl Connection {
             self.fail(close_code::UNSUPPORTED, "no handler for this message type");
             return;
         }
-        let stats = &self.guard.shared().engine.stats;
+        let stats = self.guard.shared().engine.stats();
         Counters::add(&stats.messages_in, 1);
         Counters::add(&stats.bytes_in, data.len() as u64);
         let socket = &self.guard.socket;

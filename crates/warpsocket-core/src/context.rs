@@ -12,9 +12,9 @@ use std::sync::Arc;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
-use crate::dispatch::Workers;
 use crate::engine::Engine;
 use crate::keepalive::Clock;
+use crate::socket::Workers;
 use crate::static_files::StaticFiles;
 
 /// Numbers the servers of this process, so that a keepalive sweep skips

@@ -4,6 +4,14 @@
 //! first event into an empty queue signals the worker's wakeup descriptor, and
 //! the worker drains everything queued in one go. A busy worker therefore pays
 //! one wakeup for a whole batch.
+//!
+//! Also the flow control between a connection's reader and its worker (the
+//! thresholds below, and [`Backlog`], which a connection implements) and the
+//! answer to an upgrade event ([`Verdict`]).
+//!
+//! Uses `wakeup` only: the connections it queues events for are seen
+//! through [`Backlog`], and the types here are generic over them (`socket`
+//! names the instances the crate uses, for its `Socket`).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -12,9 +20,31 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::engine::RESUME_READING_BELOW;
-use crate::socket::Socket;
 use crate::wakeup::Wakeup;
+
+/// Below this many outstanding events a paused connection resumes reading.
+pub(crate) const RESUME_READING_BELOW: u32 = 32;
+/// At this many outstanding events a connection stops being read.
+pub(crate) const PAUSE_READING_AT: u32 = 64;
+
+/// `handle_open`'s answer: accept, or the HTTP status to refuse with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    Refuse(u16),
+}
+
+/// The connection an event belongs to, as its worker queue sees it: an id,
+/// and a count of its events not yet handled that paces its reader (see
+/// [`PAUSE_READING_AT`]).
+pub trait Backlog: Send + Sync {
+    fn id(&self) -> u64;
+    /// One more event outstanding.
+    fn event_queued(&self);
+    /// One event finished; the connection resumes reading once fewer than
+    /// [`RESUME_READING_BELOW`] are outstanding.
+    fn event_finished(&self);
+}
 
 /// What happened to a connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,14 +69,14 @@ pub struct OpenRequest {
 }
 
 /// Something a worker's handlers must see, in the order it happened.
-pub struct Event {
-    socket: Arc<Socket>,
+pub struct Event<S> {
+    socket: Arc<S>,
     pub payload: Payload,
 }
 
-impl Event {
+impl<S: Backlog> Event<S> {
     pub fn socket_id(&self) -> u64 {
-        self.socket.id
+        self.socket.id()
     }
 }
 
@@ -57,11 +87,11 @@ fn now_ms() -> u64 {
 }
 
 /// The queue of one worker thread.
-pub struct WorkerQueue {
+pub struct WorkerQueue<S> {
     id: u32,
     /// Plain mutex around a Vec: pushes and drains are a few instructions
     /// each, and a drain swaps the whole Vec out, so contention stays short.
-    events: Mutex<Vec<Event>>,
+    events: Mutex<Vec<Event<S>>>,
     wakeup: Wakeup,
     /// Events handed to this worker whose handlers have not finished yet.
     depth: AtomicUsize,
@@ -73,7 +103,7 @@ pub struct WorkerQueue {
     retired: AtomicBool,
 }
 
-impl WorkerQueue {
+impl<S: Backlog> WorkerQueue<S> {
     fn new(id: u32) -> io::Result<Self> {
         Ok(WorkerQueue {
             id,
@@ -96,7 +126,7 @@ impl WorkerQueue {
     }
 
     /// Queues an event for `socket`, which must be pinned to this worker.
-    pub(crate) fn push(&self, socket: &Arc<Socket>, payload: Payload) {
+    pub(crate) fn push(&self, socket: &Arc<S>, payload: Payload) {
         socket.event_queued();
         self.depth.fetch_add(1, Ordering::Relaxed);
         let mut events = self.events.lock();
@@ -128,7 +158,7 @@ impl WorkerQueue {
     /// Takes every waiting event, oldest first. They count as handled from
     /// here on: the worker runs synchronous handlers at once and reports
     /// the events it keeps waiting or awaiting with [`hold`](Self::hold).
-    pub fn drain(&self) -> Vec<Event> {
+    pub fn drain(&self) -> Vec<Event<S>> {
         self.drain_at_most(usize::MAX)
     }
 
@@ -136,7 +166,7 @@ impl WorkerQueue {
     /// wait, the wakeup stays signalled for the rest. A worker that drains
     /// in bounded batches keeps its own memory bounded when thousands of
     /// connections send at once.
-    pub fn drain_at_most(&self, max: usize) -> Vec<Event> {
+    pub fn drain_at_most(&self, max: usize) -> Vec<Event<S>> {
         self.wakeup.clear();
         let (events, more) = {
             let mut events = self.events.lock();
@@ -154,7 +184,7 @@ impl WorkerQueue {
             self.wakeup.signal();
         }
         for event in &events {
-            event.socket.event_finished(RESUME_READING_BELOW);
+            event.socket.event_finished();
         }
         self.depth.fetch_sub(events.len(), Ordering::Relaxed);
         events
@@ -163,17 +193,17 @@ impl WorkerQueue {
     /// An event of `socket` (if still open) is waiting behind another or
     /// being awaited: it counts against the connection's backlog and the
     /// queue depth until [`release`](Self::release).
-    pub fn hold(&self, socket: Option<&Socket>) {
+    pub fn hold(&self, socket: Option<&S>) {
         self.depth.fetch_add(1, Ordering::Relaxed);
         if let Some(socket) = socket {
             socket.event_queued();
         }
     }
 
-    pub fn release(&self, socket: Option<&Socket>) {
+    pub fn release(&self, socket: Option<&S>) {
         self.depth.fetch_sub(1, Ordering::Relaxed);
         if let Some(socket) = socket {
-            socket.event_finished(RESUME_READING_BELOW);
+            socket.event_finished();
         }
     }
 
@@ -207,16 +237,26 @@ impl WorkerQueue {
 }
 
 /// The live workers of a server and the round-robin cursor over them.
-#[derive(Default)]
-pub struct Workers {
-    list: RwLock<Vec<Arc<WorkerQueue>>>,
+pub struct Workers<S> {
+    list: RwLock<Vec<Arc<WorkerQueue<S>>>>,
     next: AtomicUsize,
     next_id: AtomicU32,
 }
 
-impl Workers {
+// Not derived: that would ask for `S: Default`.
+impl<S> Default for Workers<S> {
+    fn default() -> Self {
+        Workers {
+            list: RwLock::default(),
+            next: AtomicUsize::new(0),
+            next_id: AtomicU32::new(0),
+        }
+    }
+}
+
+impl<S: Backlog> Workers<S> {
     /// Creates and registers a new worker queue.
-    pub fn add(&self) -> io::Result<Arc<WorkerQueue>> {
+    pub fn add(&self) -> io::Result<Arc<WorkerQueue<S>>> {
         let queue = Arc::new(WorkerQueue::new(
             self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
         )?);
@@ -225,7 +265,7 @@ impl Workers {
     }
 
     /// Takes a worker out of the rotation; it gets no new connections.
-    pub fn retire(&self, id: u32) -> Option<Arc<WorkerQueue>> {
+    pub fn retire(&self, id: u32) -> Option<Arc<WorkerQueue<S>>> {
         let mut list = self.list.write();
         let index = list.iter().position(|w| w.id == id)?;
         let queue = list.remove(index);
@@ -234,7 +274,7 @@ impl Workers {
     }
 
     /// The next worker in round-robin order, if any is live.
-    pub fn pick(&self) -> Option<Arc<WorkerQueue>> {
+    pub fn pick(&self) -> Option<Arc<WorkerQueue<S>>> {
         let list = self.list.read();
         if list.is_empty() {
             return None;
@@ -243,7 +283,7 @@ impl Workers {
         Some(list[n % list.len()].clone())
     }
 
-    pub fn live(&self) -> Vec<Arc<WorkerQueue>> {
+    pub fn live(&self) -> Vec<Arc<WorkerQueue<S>>> {
         self.list.read().clone()
     }
 }
@@ -252,9 +292,40 @@ impl Workers {
 mod tests {
     use super::*;
 
+    /// A connection as its queue sees it.
+    struct Conn {
+        id: u64,
+        inflight: AtomicU32,
+    }
+
+    impl Conn {
+        fn new(id: u64) -> Arc<Self> {
+            Arc::new(Conn {
+                id,
+                inflight: AtomicU32::new(0),
+            })
+        }
+
+        fn inflight(&self) -> u32 {
+            self.inflight.load(Ordering::Relaxed)
+        }
+    }
+
+    impl Backlog for Conn {
+        fn id(&self) -> u64 {
+            self.id
+        }
+        fn event_queued(&self) {
+            self.inflight.fetch_add(1, Ordering::Relaxed);
+        }
+        fn event_finished(&self) {
+            self.inflight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     #[test]
     fn round_robin_skips_retired_workers() {
-        let workers = Workers::default();
+        let workers = Workers::<Conn>::default();
         let a = workers.add().unwrap();
         let b = workers.add().unwrap();
         let picks: Vec<u32> = (0..4).map(|_| workers.pick().unwrap().id()).collect();
@@ -268,9 +339,9 @@ mod tests {
 
     #[test]
     fn drain_returns_events_in_order_and_clears_the_wakeup() {
-        let workers = Workers::default();
+        let workers = Workers::<Conn>::default();
         let q = workers.add().unwrap();
-        let socket = Arc::new(Socket::new(1, q.clone(), 1 << 20));
+        let socket = Conn::new(1);
         q.push(&socket, Payload::Text(b"a".to_vec()));
         q.push(&socket, Payload::Close);
         assert_eq!((q.queue_depth(), socket.inflight()), (2, 2));
@@ -291,9 +362,9 @@ mod tests {
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 0);
         assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
-        q.hold(Some(&socket));
+        q.hold(Some(&*socket));
         assert_eq!((q.queue_depth(), socket.inflight()), (1, 1));
-        q.release(Some(&socket));
+        q.release(Some(&*socket));
         assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
         assert_eq!(q.stalled_for(), Duration::ZERO);
     }
@@ -301,14 +372,14 @@ mod tests {
     /// Events wait in the queue by the thousand under load: keep them small.
     #[test]
     fn events_stay_small() {
-        assert!(std::mem::size_of::<Event>() <= 40);
+        assert!(std::mem::size_of::<Event<Conn>>() <= 40);
     }
 
     #[test]
     fn a_bounded_drain_leaves_the_rest_signalled() {
-        let workers = Workers::default();
+        let workers = Workers::<Conn>::default();
         let q = workers.add().unwrap();
-        let socket = Arc::new(Socket::new(1, q.clone(), 1 << 20));
+        let socket = Conn::new(1);
         for i in 0..5u8 {
             q.push(&socket, Payload::Text(vec![i]));
         }
@@ -317,7 +388,7 @@ mod tests {
             events: libc::POLLIN,
             revents: 0,
         };
-        let texts = |events: Vec<Event>| -> Vec<Payload> {
+        let texts = |events: Vec<Event<Conn>>| -> Vec<Payload> {
             events.into_iter().map(|e| e.payload).collect()
         };
         let first = texts(q.drain_at_most(3));
@@ -341,7 +412,7 @@ mod tests {
 
     #[test]
     fn a_probe_makes_an_idle_queue_look_waiting() {
-        let workers = Workers::default();
+        let workers = Workers::<Conn>::default();
         let q = workers.add().unwrap();
         q.probe();
         std::thread::sleep(Duration::from_millis(20));

@@ -1,5 +1,8 @@
 //! The process-wide key/value store: sharded maps, each key linearizable
 //! because every operation on it runs under its shard's lock.
+//!
+//! A leaf: it uses no other module of the crate. Only the engine holds one,
+//! behind its kv backend, so that a cluster node never reaches it.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;

@@ -17,9 +17,9 @@ use tokio::runtime::Runtime;
 use crate::config::{Config, Handlers};
 use crate::connection;
 use crate::context::{LiveGuard, Shared};
-use crate::dispatch::Workers;
 use crate::engine::Engine;
 use crate::frame::close_code;
+use crate::socket::Workers;
 use crate::static_files::StaticFiles;
 use crate::sweep;
 

@@ -1,6 +1,10 @@
 //! The part of a connection that every thread may touch: its id, its worker
 //! and its outbox. The connection's own I/O task holds the TCP stream; other
 //! threads only queue frames here and wake that task.
+//!
+//! Uses the leaves (`frame`, `links`, keepalive's per-connection state) and
+//! `dispatch`, whose [`Backlog`] it implements so that a busy worker pauses
+//! the connection's reader.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -10,10 +14,15 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::dispatch::WorkerQueue;
+use crate::dispatch::{self, Backlog, RESUME_READING_BELOW};
 use crate::frame::{self, close_code};
 use crate::keepalive::Keepalive;
-use crate::registry::Links;
+use crate::links::Links;
+
+/// The worker queues of this crate: they carry sockets' events.
+pub type WorkerQueue = dispatch::WorkerQueue<Socket>;
+pub type Workers = dispatch::Workers<Socket>;
+pub type Event = dispatch::Event<Socket>;
 
 /// Where a connection is in its life, as far as senders are concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,18 +240,6 @@ impl Socket {
         Poll::Pending
     }
 
-    pub(crate) fn event_queued(&self) -> u32 {
-        self.inflight.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    /// One event finished; wakes the reader when it may resume.
-    pub(crate) fn event_finished(&self, resume_below: u32) {
-        let before = self.inflight.fetch_sub(1, Ordering::Relaxed);
-        if before == resume_below {
-            wake(self.outbox.lock());
-        }
-    }
-
     pub(crate) fn inflight(&self) -> u32 {
         self.inflight.load(Ordering::Relaxed)
     }
@@ -255,6 +252,24 @@ impl Socket {
 
     pub(crate) fn is_accepted(&self) -> bool {
         self.accepted.load(Ordering::Acquire)
+    }
+}
+
+impl Backlog for Socket {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn event_queued(&self) {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Wakes the reader when it may resume.
+    fn event_finished(&self) {
+        let before = self.inflight.fetch_sub(1, Ordering::Relaxed);
+        if before == RESUME_READING_BELOW {
+            wake(self.outbox.lock());
+        }
     }
 }
 

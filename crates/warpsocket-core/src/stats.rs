@@ -1,4 +1,6 @@
 //! Process-wide counters behind `stats()`.
+//!
+//! A leaf: it uses no other module of the crate.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

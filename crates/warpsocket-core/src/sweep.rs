@@ -41,7 +41,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             _ = shared.stopping() => return,
         }
         let now = shared.clock.now();
-        shared.engine.sockets.for_each_connection(|socket| {
+        shared.engine.for_each_connection(|socket| {
             if let Some(action) = socket.keepalive.check(shared.id, now, interval, timeout) {
                 due.push((socket.clone(), action));
             }

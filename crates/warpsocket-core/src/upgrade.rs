@@ -17,8 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::context::{LiveGuard, Shared};
-use crate::dispatch::{OpenRequest, Payload};
-use crate::engine::Verdict;
+use crate::dispatch::{OpenRequest, Payload, Verdict};
 use crate::handshake::{self, Refusal, Request};
 use crate::socket::Socket;
 

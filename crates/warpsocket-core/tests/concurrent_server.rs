@@ -506,7 +506,7 @@ fn many_threads_use_the_engine_while_connections_come_and_go() {
         "{accepted} connections accepted, {refused} refused, {} closed by a meddler while \
          waiting, {wins} counter increments, {} messages in, {} frames out",
         meddler_closes.load(Ordering::Relaxed),
-        warpsocket_core::stats::Counters::get(&engine.stats.messages_in),
-        warpsocket_core::stats::Counters::get(&engine.stats.messages_out),
+        warpsocket_core::stats::Counters::get(&engine.stats().messages_in),
+        warpsocket_core::stats::Counters::get(&engine.stats().messages_out),
     );
 }

@@ -8,9 +8,8 @@ use std::io;
 
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyValueError};
 use pyo3::PyErr;
-use warpsocket_core::cluster::Unreachable;
 use warpsocket_core::frame::BadClose;
-use warpsocket_core::{VirtualError, MAX_PREFIX};
+use warpsocket_core::{JoinError, Unreachable, VirtualError, MAX_PREFIX};
 
 /// Redis (in a cluster) could not be asked.
 pub(crate) fn unreachable(e: Unreachable) -> PyErr {
@@ -43,9 +42,9 @@ pub(crate) fn virtual_socket(e: VirtualError, id: u64, prefix_len: usize) -> PyE
 }
 
 /// Joining a cluster failed: a bad URL, or Redis could not be reached.
-pub(crate) fn join_cluster(e: io::Error) -> PyErr {
-    match e.kind() {
-        io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
+pub(crate) fn join_cluster(e: JoinError) -> PyErr {
+    match e {
+        JoinError::BadUrl { .. } => PyValueError::new_err(e.to_string()),
         _ => PyConnectionError::new_err(e.to_string()),
     }
 }

@@ -193,7 +193,7 @@ fn leave_cluster(py: Python<'_>) {
 /// Engine counters (the Python layer adds the per-worker list).
 #[pyfunction]
 fn counters(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let stats = &ENGINE.stats;
+    let stats = ENGINE.stats();
     let get = Counters::get;
     let dict = PyDict::new(py);
     dict.set_item("connections", ENGINE.connection_count())?;

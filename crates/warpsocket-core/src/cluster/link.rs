@@ -1,9 +1,12 @@
 //! The node's Redis I/O: joining, the publisher task, and the listener task
 //! that keeps the pub/sub connection (reconnecting and re-subscribing with
-//! backoff) and applies what other nodes send.
+//! backoff) and hands on what other nodes send.
+//!
+//! Uses `wire` and the hub; it knows its node only through [`Listener`] and
+//! the `apply` callback, so that it sits below `cluster/mod.rs`.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -13,12 +16,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::{Msg, RedisResult, Script};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::wire::{Broadcast, Op};
-use super::{
-    channel_key, node_key, node_number, Cluster, ALL_NODES, CHANNEL_PREFIX, NODE_COUNTER,
-    REDIS_TIMEOUT,
-};
-use crate::engine::{Engine, Target};
+use super::wire::{channel_key, node_key, Broadcast, Op, ALL_NODES, CHANNEL_PREFIX, NODE_COUNTER};
+use crate::hub::{Hub, Target};
+use crate::ids::node_number;
 use crate::stats::Counters;
 
 /// `set_key`: returns the previous value, stores ARGV[3] when ARGV[2] is 1,
@@ -56,6 +56,8 @@ return 1",
     )
 });
 
+/// How long a call that waits for Redis waits before it gives up.
+pub(super) const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// PUBLISH commands sent to Redis in one pipeline.
@@ -79,7 +81,7 @@ pub(super) async fn connect(client: &redis::Client) -> RedisResult<(ConnectionMa
 /// Sends queued messages to Redis, many per round trip, in queue order (so
 /// one thread's messages to one socket stay in order across nodes).
 pub(super) async fn publish(
-    engine: Arc<Engine>,
+    hub: Arc<Hub>,
     mut commands: ConnectionManager,
     mut queue: mpsc::Receiver<(Bytes, Bytes)>,
     mut stop: watch::Receiver<bool>,
@@ -99,19 +101,29 @@ pub(super) async fn publish(
         }
         let sent = tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<()>(&mut commands)).await;
         if !matches!(sent, Ok(Ok(()))) {
-            Counters::add(&engine.stats.cluster_send_failures, batch.len() as u64);
+            Counters::add(&hub.stats.cluster_send_failures, batch.len() as u64);
             log::debug!(target: "warpsocket", "cluster: {} messages not published: Redis unreachable", batch.len());
         }
         batch.clear();
     }
 }
 
+/// What the listener needs of its node.
+pub(super) struct Listener {
+    pub(super) node: u16,
+    pub(super) commands: ConnectionManager,
+    /// Set while the pub/sub connection is up.
+    pub(super) up: Arc<AtomicBool>,
+}
+
 /// Keeps this node listening on Redis: its own channel, the all-nodes
 /// channel and every channel it has local subscribers for. Reconnects with
-/// backoff and re-subscribes everything after a loss.
+/// backoff and re-subscribes everything after a loss. Broadcasts from other
+/// nodes go to the hub; requests go to `apply`.
 pub(super) async fn listen(
-    engine: Arc<Engine>,
-    cluster: Arc<Cluster>,
+    hub: Arc<Hub>,
+    node: Listener,
+    apply: impl Fn(&Hub, Op<'_>) + Send + 'static,
     client: redis::Client,
     mut interest: mpsc::UnboundedReceiver<Bytes>,
     mut stop: watch::Receiver<bool>,
@@ -122,11 +134,11 @@ pub(super) async fn listen(
     let mut was_up = false;
     loop {
         let connected = tokio::select! {
-            c = tokio::time::timeout(REDIS_TIMEOUT, listen_once(&engine, &cluster, &client)) => c,
+            c = tokio::time::timeout(REDIS_TIMEOUT, listen_once(&hub, &node, &client)) => c,
             _ = stopped(&mut stop) => return,
         };
         if let Ok(Ok((mut sink, mut stream, mut listening))) = connected {
-            cluster.up.store(true, Ordering::Release);
+            node.up.store(true, Ordering::Release);
             if was_up {
                 log::warn!(target: "warpsocket", "cluster: reconnected to Redis, listening on {} channels again", listening.len());
             }
@@ -138,22 +150,22 @@ pub(super) async fn listen(
             loop {
                 tokio::select! {
                     msg = stream.next() => match msg {
-                        Some(msg) => receive(&engine, &cluster, &msg),
+                        Some(msg) => receive(&hub, node.node, &apply, &msg),
                         None => break,
                     },
                     Some(channel) = interest.recv() => {
-                        if update_interest(&engine, &mut sink, &mut listening, channel).await.is_err() {
+                        if update_interest(&hub, &mut sink, &mut listening, channel).await.is_err() {
                             break;
                         }
                     }
                     _ = stopped(&mut stop) => return,
                 }
             }
-            cluster.up.store(false, Ordering::Release);
+            node.up.store(false, Ordering::Release);
             log::warn!(target: "warpsocket", "cluster: lost the connection to Redis; cross-node messages fail until it is back");
         }
         // While away, changes of interest need no action: the next
-        // connection subscribes from the engine's current channels.
+        // connection subscribes to the hub's current channels.
         let pause = tokio::time::sleep(backoff);
         tokio::pin!(pause);
         loop {
@@ -169,23 +181,19 @@ pub(super) async fn listen(
 
 type Listening = (PubSubSink, redis::aio::PubSubStream, HashSet<Bytes>);
 
-async fn listen_once(
-    engine: &Engine,
-    cluster: &Cluster,
-    client: &redis::Client,
-) -> RedisResult<Listening> {
+async fn listen_once(hub: &Hub, node: &Listener, client: &redis::Client) -> RedisResult<Listening> {
     let (mut sink, stream) = client.get_async_pubsub().await?.split();
-    sink.subscribe(&node_key(cluster.node)[..]).await?;
+    sink.subscribe(&node_key(node.node)[..]).await?;
     sink.subscribe(ALL_NODES).await?;
     let mut listening = HashSet::new();
-    for name in engine.local_channels() {
+    for name in hub.channel_names() {
         sink.subscribe(&channel_key(&name)[..]).await?;
         listening.insert(name);
     }
-    let mut commands = cluster.commands.clone();
+    let mut commands = node.commands.clone();
     KEEP_COUNTER_PAST
         .key(NODE_COUNTER)
-        .arg(cluster.node)
+        .arg(node.node)
         .invoke_async::<()>(&mut commands)
         .await?;
     Ok((sink, stream, listening))
@@ -194,12 +202,12 @@ async fn listen_once(
 /// Subscribes to or unsubscribes from `channel` on Redis to match whether it
 /// has local subscribers now (first in, last out).
 async fn update_interest(
-    engine: &Engine,
+    hub: &Hub,
     sink: &mut PubSubSink,
     listening: &mut HashSet<Bytes>,
     channel: Bytes,
 ) -> RedisResult<()> {
-    let wanted = engine.listens_to(&channel);
+    let wanted = hub.has_channel(&channel);
     if wanted && !listening.contains(&channel) {
         sink.subscribe(&channel_key(&channel)[..]).await?;
         listening.insert(channel);
@@ -209,7 +217,7 @@ async fn update_interest(
     Ok(())
 }
 
-fn receive(engine: &Engine, cluster: &Cluster, msg: &Msg) {
+fn receive(hub: &Hub, node: u16, apply: &impl Fn(&Hub, Op<'_>), msg: &Msg) {
     let Ok(channel) = msg.get_channel::<Vec<u8>>() else {
         return;
     };
@@ -217,11 +225,11 @@ fn receive(engine: &Engine, cluster: &Cluster, msg: &Msg) {
     if let Some(name) = channel.strip_prefix(CHANNEL_PREFIX) {
         match Broadcast::decode(payload) {
             // Its own broadcasts were delivered locally already.
-            Some(b) if b.origin == cluster.node => {}
+            Some(b) if b.origin == node => {}
             Some(b) => {
-                Counters::add(&engine.stats.cluster_messages_in, 1);
+                Counters::add(&hub.stats.cluster_messages_in, 1);
                 let target = [Target::Channel(Bytes::copy_from_slice(name))];
-                engine.send_local(&target, b.kind, b.payload);
+                hub.send(&target, b.kind, b.payload);
             }
             None => log::warn!(target: "warpsocket", "cluster: undecodable broadcast dropped"),
         }
@@ -229,8 +237,8 @@ fn receive(engine: &Engine, cluster: &Cluster, msg: &Msg) {
     }
     match Op::decode(payload) {
         Some(op) => {
-            Counters::add(&engine.stats.cluster_messages_in, 1);
-            cluster.apply(engine, op);
+            Counters::add(&hub.stats.cluster_messages_in, 1);
+            apply(hub, op);
         }
         None => log::warn!(target: "warpsocket", "cluster: undecodable request dropped"),
     }

@@ -15,6 +15,10 @@
 //! (`link.rs`); the calls here never wait for Redis except where the API
 //! returns what only Redis knows (kv, `has_subscriptions`, a virtual socket
 //! created for another node's socket).
+//!
+//! Uses the hub (for the local part of every call, and to learn which
+//! channels appear or vanish here) and the leaves; never the engine, which
+//! sits above it and decides when a call goes through here.
 
 mod link;
 mod wire;
@@ -32,57 +36,22 @@ use redis::aio::ConnectionManager;
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::engine::{Engine, Target, VirtualError};
+use crate::errors::{JoinError, Unreachable, VirtualError};
 use crate::frame::Kind;
+use crate::hub::{ChannelWatcher, Hub, Target};
+use crate::ids::owner;
 use crate::stats::Counters;
-use wire::{Broadcast, Op};
+use link::REDIS_TIMEOUT;
+use wire::{channel_key, node_key, Broadcast, Op, ALL_NODES, KV_HASH};
 
-/// Node numbers live above this bit of a socket id; below it, the node's own
-/// sequence. 13 bits of node keep every id below 2^53, exact in JSON numbers.
-pub const NODE_SHIFT: u32 = 40;
-const MAX_NODE: u64 = (1 << 13) - 1;
-
-/// How long a call that waits for Redis waits before it gives up.
-const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Publishes waiting for the Redis connection; more count as failed sends.
 const OUTGOING_CAPACITY: usize = 65_536;
-
-const NODE_COUNTER: &str = "warpsocket:nodes";
-const KV_HASH: &str = "warpsocket:kv";
-const ALL_NODES: &[u8] = b"warpsocket:all";
-const CHANNEL_PREFIX: &[u8] = b"warpsocket:c:";
-
-/// Why a call that needed Redis could not be answered.
-#[derive(Debug)]
-pub struct Unreachable(pub String);
-
-impl std::fmt::Display for Unreachable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Redis is unreachable: {}", self.0)
-    }
-}
-
-/// The node that handed out `id` (0: a process not in a cluster).
-pub fn owner(id: u64) -> u16 {
-    (id >> NODE_SHIFT) as u16
-}
-
-pub(crate) fn channel_key(name: &[u8]) -> Bytes {
-    [CHANNEL_PREFIX, name].concat().into()
-}
-
-fn node_key(node: u16) -> Bytes {
-    format!("warpsocket:n:{node}").into_bytes().into()
-}
 
 pub struct Cluster {
     node: u16,
     /// Commands (kv, PUBLISH, PUBSUB NUMSUB); reconnects by itself.
     commands: ConnectionManager,
     outgoing: mpsc::Sender<(Bytes, Bytes)>,
-    /// Channels whose local subscriptions changed: the subscriber task
-    /// checks whether this node should (still) listen to them on Redis.
-    interest: mpsc::UnboundedSender<Bytes>,
     /// True while the pub/sub connection is up; sends made while it is down
     /// fail at once instead of queueing.
     up: Arc<AtomicBool>,
@@ -93,27 +62,39 @@ pub struct Cluster {
     handle: tokio::runtime::Handle,
 }
 
+/// Channels that appeared or vanished locally go to the listener task,
+/// which checks whether this node should (still) listen to them on Redis.
+struct Interest(mpsc::UnboundedSender<Bytes>);
+
+impl ChannelWatcher for Interest {
+    fn channel_appeared(&self, name: &Bytes) {
+        let _ = self.0.send(name.clone());
+    }
+
+    fn channel_vanished(&self, name: &Bytes) {
+        let _ = self.0.send(name.clone());
+    }
+}
+
 impl Cluster {
-    /// Connects to Redis at `url`, takes a node number and starts listening.
-    /// Fails when Redis cannot be reached now.
-    pub(crate) fn join(engine: &Arc<Engine>, url: &str) -> io::Result<Arc<Cluster>> {
-        let client = redis::Client::open(url).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("bad Redis URL {url:?}: {e}"),
-            )
+    /// Connects to Redis at `url`, takes a node number and starts listening;
+    /// from then on the hub's new ids carry the node number. Fails when
+    /// Redis cannot be reached now.
+    pub(crate) fn join(hub: &Arc<Hub>, url: &str) -> Result<Arc<Cluster>, JoinError> {
+        let client = redis::Client::open(url).map_err(|e| JoinError::BadUrl {
+            url: url.to_owned(),
+            why: e.to_string(),
         })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("warpsocket-redis")
             .enable_all()
-            .build()?;
+            .build()
+            .map_err(JoinError::Runtime)?;
         let handle = runtime.handle().clone();
-        let unreachable = |e: String| {
-            io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                format!("cannot reach Redis at {url}: {e}"),
-            )
+        let unreachable = |why: String| JoinError::Unreachable {
+            url: url.to_owned(),
+            why,
         };
         let (commands, node) = handle
             .block_on(async { tokio::time::timeout(REDIS_TIMEOUT, link::connect(&client)).await })
@@ -126,7 +107,6 @@ impl Cluster {
             node,
             commands: commands.clone(),
             outgoing,
-            interest,
             up: Arc::new(AtomicBool::new(false)),
             requests: Mutex::default(),
             next_request: AtomicU64::new(1),
@@ -134,16 +114,27 @@ impl Cluster {
             runtime: Mutex::new(None),
             handle: handle.clone(),
         });
+        // Watched before the listener takes its first snapshot of the
+        // channels, so that no change falls between the two.
+        hub.set_watcher(Some(Box::new(Interest(interest))));
+        hub.set_node(node);
         handle.spawn(link::publish(
-            engine.clone(),
+            hub.clone(),
             commands,
             outgoing_rx,
             stop_rx.clone(),
         ));
         let (ready, subscribed) = oneshot::channel();
+        let listener = link::Listener {
+            node,
+            commands: cluster.commands.clone(),
+            up: cluster.up.clone(),
+        };
+        let applier = cluster.clone();
         handle.spawn(link::listen(
-            engine.clone(),
-            cluster.clone(),
+            hub.clone(),
+            listener,
+            move |hub: &Hub, op: Op<'_>| applier.apply(hub, op),
             client,
             interest_rx,
             stop_rx,
@@ -155,21 +146,19 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Stops the Redis tasks and closes their connections.
-    pub(crate) fn leave(&self) {
+    /// Stops the Redis tasks and closes their connections; the hub's ids no
+    /// longer carry the node number.
+    pub(crate) fn leave(&self, hub: &Hub) {
         self.stop.send_replace(true);
         if let Some(runtime) = self.runtime.lock().take() {
             runtime.shutdown_timeout(Duration::from_secs(1));
         }
+        hub.set_watcher(None);
+        hub.set_node(0);
     }
 
     pub fn node(&self) -> u16 {
         self.node
-    }
-
-    /// The first id this node hands out has these bits set.
-    pub(crate) fn id_base(&self) -> u64 {
-        u64::from(self.node) << NODE_SHIFT
     }
 
     fn is_remote(&self, id: u64) -> bool {
@@ -179,29 +168,23 @@ impl Cluster {
 
     /// Hands one message to the publisher; 1 when it was, 0 (and a failure
     /// counted) when Redis is down or the queue is full.
-    fn publish(&self, engine: &Engine, channel: Bytes, message: Bytes) -> usize {
+    fn publish(&self, hub: &Hub, channel: Bytes, message: Bytes) -> usize {
         if self.up.load(Ordering::Acquire) && self.outgoing.try_send((channel, message)).is_ok() {
-            Counters::add(&engine.stats.cluster_messages_out, 1);
+            Counters::add(&hub.stats.cluster_messages_out, 1);
             1
         } else {
-            Counters::add(&engine.stats.cluster_send_failures, 1);
+            Counters::add(&hub.stats.cluster_send_failures, 1);
             0
         }
     }
 
-    fn forward(&self, engine: &Engine, id: u64, op: &Op<'_>) -> bool {
-        self.publish(engine, node_key(owner(id)), op.encode()) == 1
+    fn forward(&self, hub: &Hub, id: u64, op: &Op<'_>) -> bool {
+        self.publish(hub, node_key(owner(id)), op.encode()) == 1
     }
 
-    // -- the engine's calls, routed ----------------------------------------
+    // -- the engine's calls, routed: the local part on the hub --------------
 
-    pub(crate) fn send(
-        &self,
-        engine: &Engine,
-        targets: &[Target],
-        kind: Kind,
-        payload: &[u8],
-    ) -> usize {
+    pub(crate) fn send(&self, hub: &Hub, targets: &[Target], kind: Kind, payload: &[u8]) -> usize {
         let mut sent = 0;
         let mut local = Vec::with_capacity(targets.len());
         for target in targets {
@@ -212,22 +195,22 @@ impl Cluster {
                         kind,
                         payload,
                     };
-                    sent += usize::from(self.forward(engine, *id, &op));
+                    sent += usize::from(self.forward(hub, *id, &op));
                 }
                 Target::Channel(name) => {
                     let message = Broadcast::encode(self.node, kind, payload);
-                    sent += self.publish(engine, channel_key(name), message);
+                    sent += self.publish(hub, channel_key(name), message);
                     local.push(target.clone());
                 }
                 Target::Socket(_) => local.push(target.clone()),
             }
         }
-        sent + engine.send_local(&local, kind, payload)
+        sent + hub.send(&local, kind, payload)
     }
 
     pub(crate) fn subscribe(
         &self,
-        engine: &Engine,
+        hub: &Hub,
         targets: &[Target],
         channel: &Bytes,
         delta: i64,
@@ -246,7 +229,7 @@ impl Cluster {
                         source,
                         channel,
                     };
-                    self.publish(engine, Bytes::from_static(ALL_NODES), op.encode());
+                    self.publish(hub, Bytes::from_static(ALL_NODES), op.encode());
                     local.push(target.clone());
                 }
                 Target::Socket(_) => local.push(target.clone()),
@@ -259,23 +242,20 @@ impl Cluster {
                 ids,
                 channel,
             };
-            self.forward(engine, first, &op);
+            self.forward(hub, first, &op);
         }
-        engine.subscribe_local(&local, channel, delta)
+        hub.subscribe(&local, channel, delta)
     }
 
-    /// Called after a local subscription appeared or went away.
-    pub(crate) fn subscriptions_changed(&self, channel: &Bytes) {
-        let _ = self.interest.send(channel.clone());
+    /// Local subscribers first; another node's answer needs Redis, and when
+    /// it is unreachable only this node's subscribers count.
+    pub(crate) fn has_subscriptions(&self, hub: &Hub, channel: &[u8]) -> bool {
+        hub.has_subscriptions(channel) || self.others_subscribed(hub, channel).unwrap_or(false)
     }
 
     /// Whether another node has subscribers for `channel`: the number of
     /// nodes listening on it, less this one.
-    pub(crate) fn others_subscribed(
-        &self,
-        engine: &Engine,
-        channel: &[u8],
-    ) -> Result<bool, Unreachable> {
+    fn others_subscribed(&self, hub: &Hub, channel: &[u8]) -> Result<bool, Unreachable> {
         // Without the pub/sub connection the answer could only come after a
         // timeout, and it would be stale by the time the node listens again.
         if !self.up.load(Ordering::Acquire) {
@@ -291,41 +271,39 @@ impl Cluster {
                 .await
         })?;
         let nodes = listening.first().map_or(0, |(_, n)| *n);
-        let me = u64::from(engine.listens_to(channel));
+        let me = u64::from(hub.has_channel(channel));
         Ok(nodes > me)
     }
 
-    pub(crate) fn close(&self, engine: &Engine, id: u64, code: u16, reason: &str) -> Option<bool> {
-        self.is_remote(id).then(|| {
-            let op = Op::Close {
-                id,
-                code,
-                reason: reason.as_bytes(),
-            };
-            self.forward(engine, id, &op)
-        })
+    pub(crate) fn close(&self, hub: &Hub, id: u64, code: u16, reason: &str) -> bool {
+        if !self.is_remote(id) {
+            return hub.close(id, code, reason);
+        }
+        let op = Op::Close {
+            id,
+            code,
+            reason: reason.as_bytes(),
+        };
+        self.forward(hub, id, &op)
     }
 
-    pub(crate) fn delete_virtual_socket(
-        &self,
-        engine: &Engine,
-        id: u64,
-        expected: Option<u64>,
-    ) -> Option<bool> {
-        self.is_remote(id)
-            .then(|| self.forward(engine, id, &Op::DeleteVirtual { id, expected }))
+    pub(crate) fn delete_virtual_socket(&self, hub: &Hub, id: u64, expected: Option<u64>) -> bool {
+        if !self.is_remote(id) {
+            return hub.delete_virtual_socket(id, expected);
+        }
+        self.forward(hub, id, &Op::DeleteVirtual { id, expected })
     }
 
     /// A virtual socket for another node's socket is made by that node (it
     /// lives where its connection does); this waits for its answer.
     pub(crate) fn create_virtual_socket(
         &self,
-        engine: &Engine,
+        hub: &Hub,
         target: u64,
-        prefix: &[u8],
-    ) -> Option<Result<u64, VirtualError>> {
+        prefix: Option<&[u8]>,
+    ) -> Result<u64, VirtualError> {
         if !self.is_remote(target) {
-            return None;
+            return hub.create_virtual_socket(target, prefix);
         }
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -334,9 +312,9 @@ impl Cluster {
             reply_to: self.node,
             request,
             target,
-            prefix,
+            prefix: prefix.unwrap_or_default(),
         };
-        let answer = if self.forward(engine, target, &op) {
+        let answer = if self.forward(hub, target, &op) {
             self.wait(async move {
                 rx.await
                     .map_err(|_| redis::RedisError::from(io::Error::other("no answer")))
@@ -345,11 +323,11 @@ impl Cluster {
             Err(Unreachable("not connected".into()))
         };
         self.requests.lock().remove(&request);
-        Some(match answer {
+        match answer {
             Ok(Some(id)) => Ok(id),
             Ok(None) => Err(VirtualError::NoSuchSocket),
             Err(e) => Err(VirtualError::Unreachable(e.0)),
-        })
+        }
     }
 
     fn answer(&self, request: u64, id: Option<u64>) {
@@ -359,10 +337,10 @@ impl Cluster {
     }
 
     /// Applies a request from another node. Runs on the Redis task.
-    fn apply(&self, engine: &Engine, op: Op<'_>) {
+    fn apply(&self, hub: &Hub, op: Op<'_>) {
         match op {
             Op::Send { id, kind, payload } => {
-                engine.send_local(&[Target::Socket(id)], kind, payload);
+                hub.send(&[Target::Socket(id)], kind, payload);
             }
             Op::Subscribe {
                 delta,
@@ -370,7 +348,7 @@ impl Cluster {
                 channel,
             } => {
                 let targets: Vec<Target> = ids.into_iter().map(Target::Socket).collect();
-                engine.subscribe_local(&targets, &Bytes::copy_from_slice(channel), delta);
+                hub.subscribe(&targets, &Bytes::copy_from_slice(channel), delta);
             }
             Op::SubscribeChannel {
                 origin,
@@ -380,15 +358,15 @@ impl Cluster {
             } => {
                 if origin != self.node {
                     let source = Target::Channel(Bytes::copy_from_slice(source));
-                    engine.subscribe_local(&[source], &Bytes::copy_from_slice(channel), delta);
+                    hub.subscribe(&[source], &Bytes::copy_from_slice(channel), delta);
                 }
             }
             Op::Close { id, code, reason } => {
                 let reason = String::from_utf8_lossy(reason);
-                engine.close_local(id, code, &reason);
+                hub.close(id, code, &reason);
             }
             Op::DeleteVirtual { id, expected } => {
-                engine.delete_virtual_socket_local(id, expected);
+                hub.delete_virtual_socket(id, expected);
             }
             Op::CreateVirtual {
                 reply_to,
@@ -396,11 +374,9 @@ impl Cluster {
                 target,
                 prefix,
             } => {
-                let id = engine
-                    .create_virtual_socket_local(target, Some(prefix))
-                    .ok();
+                let id = hub.create_virtual_socket(target, Some(prefix)).ok();
                 let answer = Op::Created { request, id };
-                self.publish(engine, node_key(reply_to), answer.encode());
+                self.publish(hub, node_key(reply_to), answer.encode());
             }
             Op::Created { request, id } => self.answer(request, id),
         }
@@ -483,26 +459,5 @@ impl Cluster {
                 REDIS_TIMEOUT.as_secs()
             ))),
         }
-    }
-}
-
-/// The node number for the `n`th node to join: 1..=MAX_NODE, wrapping.
-fn node_number(n: u64) -> u16 {
-    ((n.saturating_sub(1) % MAX_NODE) + 1) as u16
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_numbers_stay_in_range_and_ids_stay_exact_in_json() {
-        assert_eq!(node_number(1), 1);
-        assert_eq!(node_number(MAX_NODE), MAX_NODE as u16);
-        assert_eq!(node_number(MAX_NODE + 1), 1);
-        let last = (MAX_NODE << NODE_SHIFT) | ((1 << NODE_SHIFT) - 1);
-        assert!(last < 1 << 53);
-        assert_eq!(owner(last), MAX_NODE as u16);
-        assert_eq!(owner(12345), 0);
     }
 }

@@ -1,12 +1,33 @@
-//! What nodes say to each other through Redis pub/sub, as bytes.
+//! What nodes say to each other through Redis, as bytes: the names of the
+//! Redis keys and pub/sub channels, and the messages.
 //!
 //! Every message is one Redis payload; integers are big-endian, variable
 //! parts (payloads, names, reasons) run to the end or carry a length.
 //! Decoding never trusts the input: anything short or unknown is `None`.
+//!
+//! Uses `frame` (the message kinds) only.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::frame::Kind;
+
+/// The counter that hands out node numbers.
+pub(super) const NODE_COUNTER: &str = "warpsocket:nodes";
+/// The hash that holds the cluster's key/value store.
+pub(super) const KV_HASH: &str = "warpsocket:kv";
+/// The pub/sub channel every node listens to.
+pub(super) const ALL_NODES: &[u8] = b"warpsocket:all";
+pub(super) const CHANNEL_PREFIX: &[u8] = b"warpsocket:c:";
+
+/// The pub/sub channel of a WarpSocket channel.
+pub(super) fn channel_key(name: &[u8]) -> Bytes {
+    [CHANNEL_PREFIX, name].concat().into()
+}
+
+/// The pub/sub channel of one node, for requests to it.
+pub(super) fn node_key(node: u16) -> Bytes {
+    format!("warpsocket:n:{node}").into_bytes().into()
+}
 
 /// A channel broadcast: the node it came from (so it can skip its own echo)
 /// and the message, encoded once for every node.

@@ -1,0 +1,711 @@
+//! The hub: this process's sockets, virtual sockets, channels, pending
+//! upgrades and counters, with the operations of API.md §3 on them (all but
+//! the key/value store, which the engine routes). It knows nothing of
+//! clusters: the channels that appear or vanish here are reported through a
+//! [`ChannelWatcher`], which a cluster node installs.
+//!
+//! It outlives servers: ids are never reused within a process.
+//!
+//! Lock order, to stay deadlock-free: a socket's links, then a channel shard,
+//! then registry shards, then an outbox. Nothing is held while calling out
+//! (to the log, or to the watcher).
+//!
+//! Uses `registry`, `channels`, `socket`, `dispatch` (the upgrade verdict)
+//! and the leaves (`ids`, `links`, `frame`, `stats`, `errors`).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use crate::channels::{Change, Channels};
+use crate::dispatch::Verdict;
+use crate::errors::VirtualError;
+use crate::frame::{self, Kind};
+use crate::ids::{IdGenerator, IdMap};
+use crate::links::Links;
+use crate::registry::{Entry, Prefix, Registry, VirtualSocket, MAX_PREFIX};
+use crate::socket::{Queued, Socket};
+use crate::stats::Counters;
+
+/// One element of a send or subscribe target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Socket(u64),
+    Channel(Bytes),
+}
+
+/// Told when a channel gets its first local subscription or loses its
+/// last one (not on every subscription change). Called with no lock held.
+pub(crate) trait ChannelWatcher: Send + Sync {
+    fn channel_appeared(&self, name: &Bytes);
+    fn channel_vanished(&self, name: &Bytes);
+}
+
+#[derive(Default)]
+pub(crate) struct Hub {
+    sockets: Registry,
+    channels: Channels,
+    /// Upgrades waiting for `handle_open`. Touched twice per connection, never
+    /// per message, so one mutex is enough.
+    opens: Mutex<IdMap<oneshot::Sender<Verdict>>>,
+    pub(crate) stats: Counters,
+    ids: IdGenerator,
+    connections: AtomicUsize,
+    virtual_sockets: AtomicUsize,
+    /// Boxed because `ArcSwapOption` holds sized types only.
+    watcher: ArcSwapOption<Box<dyn ChannelWatcher>>,
+}
+
+impl Hub {
+    // -- what a cluster node sets -------------------------------------------
+
+    /// Ids handed out from now on carry `node` (0: a process on its own).
+    pub(crate) fn set_node(&self, node: u16) {
+        self.ids.set_node(node);
+    }
+
+    pub(crate) fn set_watcher(&self, watcher: Option<Box<dyn ChannelWatcher>>) {
+        self.watcher.store(watcher.map(Arc::new));
+    }
+
+    fn channel_appeared(&self, name: &Bytes) {
+        if let Some(watcher) = self.watcher.load().as_ref() {
+            watcher.channel_appeared(name);
+        }
+    }
+
+    fn channel_vanished(&self, name: &Bytes) {
+        if let Some(watcher) = self.watcher.load().as_ref() {
+            watcher.channel_vanished(name);
+        }
+    }
+
+    /// Channels with local subscriptions.
+    pub(crate) fn channel_names(&self) -> Vec<Bytes> {
+        self.channels.names()
+    }
+
+    /// Whether `channel` has a local subscription.
+    pub(crate) fn has_channel(&self, channel: &[u8]) -> bool {
+        self.channels.contains(channel)
+    }
+
+    // -- connections -----------------------------------------------------
+
+    /// Registers a new connection under a fresh id.
+    pub(crate) fn add_socket(&self, make: impl FnOnce(u64) -> Socket) -> Arc<Socket> {
+        let socket = Arc::new(make(self.ids.next()));
+        self.sockets.insert(socket.id, Entry::Real(socket.clone()));
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        socket
+    }
+
+    /// Forgets a connection: out of every channel, its virtual sockets
+    /// deleted, its pending upgrade dropped. O(its subscriptions).
+    pub(crate) fn remove_socket(&self, id: u64) {
+        self.opens.lock().remove(&id);
+        if self.delete(id) {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Deletes `id` and, transitively, the virtual sockets pointing at it.
+    fn delete(&self, id: u64) -> bool {
+        let Some(entry) = self.sockets.remove(id) else {
+            return false;
+        };
+        let mut pending = vec![(id, entry)];
+        while let Some((id, entry)) = pending.pop() {
+            let (channels, children) = entry.links().lock().kill();
+            for channel in &channels {
+                if self.channels.update(channel, id, i64::MIN) == (Change::Removed { last: true }) {
+                    self.channel_vanished(channel);
+                }
+            }
+            if let Entry::Virtual(_) = entry {
+                self.virtual_sockets.fetch_sub(1, Ordering::Relaxed);
+            }
+            pending.extend(
+                children
+                    .into_iter()
+                    .filter_map(|child| Some((child, self.sockets.remove(child)?))),
+            );
+        }
+        true
+    }
+
+    /// Open connections (accepted or upgrading).
+    pub(crate) fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn virtual_socket_count(&self) -> usize {
+        self.virtual_sockets.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn channel_count(&self) -> usize {
+        self.channels.channel_count()
+    }
+
+    pub(crate) fn subscription_count(&self) -> usize {
+        self.channels.pair_count()
+    }
+
+    /// A snapshot of every connection.
+    pub(crate) fn all_connections(&self) -> Vec<Arc<Socket>> {
+        self.sockets.connections()
+    }
+
+    /// Calls `f` for every connection, one registry shard locked (for
+    /// reading) at a time; `f` must not call back into the hub.
+    pub(crate) fn for_each_connection(&self, f: impl FnMut(&Arc<Socket>)) {
+        self.sockets.for_each_connection(f);
+    }
+
+    /// The open connection with this id.
+    pub(crate) fn connection(&self, id: u64) -> Option<Arc<Socket>> {
+        match self.sockets.get(id) {
+            Some(Entry::Real(socket)) => Some(socket),
+            _ => None,
+        }
+    }
+
+    // -- sending -----------------------------------------------------------
+
+    /// Sends one message to every target (repeats count again); returns the
+    /// number of recipients it was queued for. The frame is encoded once and
+    /// shared, except for prefixed virtual sockets.
+    pub(crate) fn send(&self, targets: &[Target], kind: Kind, payload: &[u8]) -> usize {
+        let frame = frame::encode_message(kind, payload);
+        let mut sent = 0;
+        let mut overflowed = Vec::new();
+        let mut deliver = |id: u64| match self.deliver(id, &frame, kind, payload) {
+            (_, Queued::Yes) => true,
+            (socket, Queued::Overflow) => {
+                overflowed.push(socket);
+                false
+            }
+            (_, Queued::No) => false,
+        };
+        for target in targets {
+            match target {
+                Target::Socket(id) => sent += usize::from(deliver(*id)),
+                Target::Channel(name) => {
+                    let view = self.channels.subscribers(name);
+                    sent += view.ids().filter(|&id| deliver(id)).count();
+                }
+            }
+        }
+        Counters::add(&self.stats.messages_out, sent as u64);
+        Counters::add(&self.stats.bytes_out, (sent * payload.len()) as u64);
+        // Logged after every lock is released: the log may call into Python.
+        for socket in overflowed {
+            Counters::add(&self.stats.backpressure_closes, 1);
+            log::warn!(target: "warpsocket", "socket {socket}: closed with 1008, outgoing backpressure limit exceeded");
+        }
+        sent
+    }
+
+    /// Queues the message for the connection `id` resolves to; returns that
+    /// connection's id and the outcome.
+    fn deliver(&self, id: u64, frame: &Bytes, kind: Kind, payload: &[u8]) -> (u64, Queued) {
+        let Some((socket, prefix)) = self.sockets.resolve(id) else {
+            return (id, Queued::No);
+        };
+        let queued = match prefix {
+            None => socket.send(frame),
+            Some(prefix) => socket.send(&prefixed_frame(kind, &prefix, payload)),
+        };
+        (socket.id, queued)
+    }
+
+    /// Starts the close handshake of the connection `id` resolves to; false
+    /// when there is none or it is already closing.
+    pub(crate) fn close(&self, id: u64, code: u16, reason: &str) -> bool {
+        self.sockets
+            .resolve(id)
+            .is_some_and(|(socket, _)| socket.close(code, reason))
+    }
+
+    // -- channels ------------------------------------------------------------
+
+    /// Adds `delta` to the subscription count of every socket `targets` names
+    /// (a channel target names its current subscribers) on `channel`. Returns
+    /// the ids that became subscribed (`delta > 0`) or unsubscribed (`delta < 0`).
+    pub(crate) fn subscribe(&self, targets: &[Target], channel: &Bytes, delta: i64) -> Vec<u64> {
+        let mut changed = Vec::new();
+        if delta == 0 {
+            return changed;
+        }
+        for target in targets {
+            match target {
+                Target::Socket(id) => {
+                    if self.subscribe_one(*id, channel, delta) {
+                        changed.push(*id);
+                    }
+                }
+                Target::Channel(source) => {
+                    let ids: Vec<u64> = self.channels.subscribers(source).ids().collect();
+                    changed.extend(
+                        ids.into_iter()
+                            .filter(|&id| self.subscribe_one(id, channel, delta)),
+                    );
+                }
+            }
+        }
+        changed
+    }
+
+    /// True when `id` became subscribed (`delta > 0`) or unsubscribed
+    /// (`delta < 0`): a count change in one direction can only do that.
+    fn subscribe_one(&self, id: u64, channel: &Bytes, delta: i64) -> bool {
+        let Some(entry) = self.sockets.get(id) else {
+            return false;
+        };
+        if !self.resolves_open(id) {
+            return false;
+        }
+        // Holding the links while the channel changes keeps the two indexes in
+        // step with a concurrent delete, which marks the links dead first.
+        let mut links = entry.links().lock();
+        if links.dead {
+            return false;
+        }
+        match self.channels.update(channel, id, delta) {
+            // The name as the channel stores it: every subscriber's links
+            // share one allocation of it.
+            Change::Added { name, first } => {
+                links.add_channel(name);
+                drop(links);
+                if first {
+                    self.channel_appeared(channel);
+                }
+            }
+            Change::Removed { last } => {
+                links.remove_channel(channel);
+                drop(links);
+                if last {
+                    self.channel_vanished(channel);
+                }
+            }
+            Change::Kept => return false,
+        }
+        true
+    }
+
+    /// True if a local subscriber of `channel` resolves to an open connection.
+    pub(crate) fn has_subscriptions(&self, channel: &[u8]) -> bool {
+        let view = self.channels.subscribers(channel);
+        let live = view.ids().any(|id| self.resolves_open(id));
+        live
+    }
+
+    /// `id` resolves to a connection that is not closing: a closing
+    /// connection counts as gone for subscriptions and new virtual sockets.
+    fn resolves_open(&self, id: u64) -> bool {
+        self.sockets
+            .resolve(id)
+            .is_some_and(|(socket, _)| socket.is_open())
+    }
+
+    // -- virtual sockets -----------------------------------------------------
+
+    /// Creates a virtual socket pointing at `target` (a connection or another
+    /// virtual socket).
+    pub(crate) fn create_virtual_socket(
+        &self,
+        target: u64,
+        prefix: Option<&[u8]>,
+    ) -> Result<u64, VirtualError> {
+        let prefix: Option<Prefix> = match prefix {
+            Some(p) if p.len() > MAX_PREFIX => return Err(VirtualError::PrefixTooLong),
+            Some(p) if !p.is_empty() => Some(Bytes::copy_from_slice(p)),
+            _ => None,
+        };
+        let Some(parent) = self.sockets.get(target) else {
+            return Err(VirtualError::NoSuchSocket);
+        };
+        if !self.resolves_open(target) {
+            return Err(VirtualError::NoSuchSocket);
+        }
+        let id = self.ids.next();
+        let virtual_socket = Arc::new(VirtualSocket {
+            target,
+            prefix,
+            links: Links::default(),
+        });
+        // Registered before it is linked: a delete of the parent that runs in
+        // between then finds and removes it.
+        self.sockets.insert(id, Entry::Virtual(virtual_socket));
+        self.virtual_sockets.fetch_add(1, Ordering::Relaxed);
+        let mut links = parent.links().lock();
+        if links.dead {
+            drop(links);
+            self.delete(id);
+            return Err(VirtualError::NoSuchSocket);
+        }
+        links.add_child(id);
+        Ok(id)
+    }
+
+    /// Deletes a virtual socket (and those pointing at it), removing it from
+    /// every channel. With `expected_target`, only if it points there.
+    pub(crate) fn delete_virtual_socket(&self, id: u64, expected_target: Option<u64>) -> bool {
+        let Some(Entry::Virtual(v)) = self.sockets.get(id) else {
+            return false;
+        };
+        if expected_target.is_some_and(|t| t != v.target) {
+            return false;
+        }
+        if !self.delete(id) {
+            return false;
+        }
+        if let Some(parent) = self.sockets.get(v.target) {
+            parent.links().lock().remove_child(id);
+        }
+        true
+    }
+
+    // -- upgrades and worker bookkeeping -------------------------------------
+
+    /// Ends every connection pinned to a retired worker at once: accepted ones
+    /// are closed with `code`, upgrades still waiting for `handle_open` are
+    /// refused with 500. Returns how many were found. Scans all connections;
+    /// it runs only when a worker is retired.
+    pub(crate) fn end_worker_connections(&self, worker_id: u32, code: u16, reason: &str) -> usize {
+        let mine: Vec<Arc<Socket>> = self
+            .sockets
+            .connections()
+            .into_iter()
+            .filter(|s| s.worker.id() == worker_id)
+            .collect();
+        for socket in &mine {
+            if socket.is_accepted() {
+                socket.close(code, reason);
+            } else if let Some(waiting) = self.opens.lock().remove(&socket.id) {
+                let _ = waiting.send(Verdict::Refuse(500));
+            }
+        }
+        mine.len()
+    }
+
+    /// Delivers `handle_open`'s verdict. False when the upgrade is no longer
+    /// waiting (the client left, or the server is stopping).
+    pub(crate) fn resolve_open(&self, id: u64, verdict: Verdict) -> bool {
+        let Some(waiting) = self.opens.lock().remove(&id) else {
+            return false;
+        };
+        if verdict == Verdict::Accept {
+            match self.sockets.get(id) {
+                Some(Entry::Real(socket)) => socket.accept(),
+                _ => return false,
+            }
+        }
+        waiting.send(verdict).is_ok()
+    }
+
+    pub(crate) fn wait_for_verdict(&self, id: u64) -> oneshot::Receiver<Verdict> {
+        let (tx, rx) = oneshot::channel();
+        self.opens.lock().insert(id, tx);
+        rx
+    }
+}
+
+/// A prefixed copy of a message. Text stays text only when the prefix is
+/// valid UTF-8, so no client ever receives invalid text.
+fn prefixed_frame(kind: Kind, prefix: &[u8], payload: &[u8]) -> Bytes {
+    let kind = match kind {
+        Kind::Text if std::str::from_utf8(prefix).is_err() => Kind::Binary,
+        kind => kind,
+    };
+    frame::encode_prefixed(kind, prefix, payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::socket::Workers;
+
+    struct Fixture {
+        hub: Hub,
+        workers: Workers,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let workers = Workers::default();
+            workers.add().unwrap();
+            Fixture {
+                hub: Hub::default(),
+                workers,
+            }
+        }
+
+        fn connect(&self) -> Arc<Socket> {
+            let worker = self.workers.pick().unwrap();
+            self.hub.add_socket(|id| Socket::new(id, worker, 1 << 20))
+        }
+    }
+
+    /// Frames queued for a socket, as (opcode, payload).
+    fn received(socket: &Socket) -> Vec<(u8, Vec<u8>)> {
+        let mut frames = VecDeque::new();
+        socket.take(&mut frames, false);
+        frames
+            .iter()
+            .map(|f| {
+                let len = f[1] as usize & 0x7f;
+                assert!(len < 126, "test frames are small");
+                (f[0] & 0x0f, f[2..2 + len].to_vec())
+            })
+            .collect()
+    }
+
+    fn ch(name: &str) -> Bytes {
+        Bytes::copy_from_slice(name.as_bytes())
+    }
+
+    #[test]
+    fn send_counts_recipients_and_shares_the_frame() {
+        let f = Fixture::new();
+        let (a, b) = (f.connect(), f.connect());
+        let targets = [
+            Target::Socket(a.id),
+            Target::Socket(b.id),
+            Target::Socket(a.id),
+            Target::Socket(999),
+        ];
+        assert_eq!(f.hub.send(&targets, Kind::Text, b"hi"), 3);
+        assert_eq!(received(&a), vec![(1, b"hi".to_vec()), (1, b"hi".to_vec())]);
+        assert_eq!(received(&b), vec![(1, b"hi".to_vec())]);
+    }
+
+    #[test]
+    fn backpressure_counts_what_waits_not_one_large_message() {
+        let f = Fixture::new();
+        let worker = f.workers.pick().unwrap();
+        let small = f.hub.add_socket(|id| Socket::new(id, worker, 100));
+        let target = [Target::Socket(small.id)];
+        assert_eq!(
+            f.hub.send(&target, Kind::Binary, &[0; 150]),
+            1,
+            "alone in the queue: sent"
+        );
+        assert_eq!(
+            f.hub.send(&target, Kind::Binary, &[0; 1]),
+            0,
+            "behind it: over the limit"
+        );
+        assert_eq!(Counters::get(&f.hub.stats.backpressure_closes), 1);
+        assert!(
+            !f.hub.close(small.id, 1000, ""),
+            "already closing with 1008"
+        );
+    }
+
+    #[test]
+    fn channel_subscriptions_are_reference_counted() {
+        let f = Fixture::new();
+        let (a, b) = (f.connect(), f.connect());
+        let room = ch("room");
+        let both = [Target::Socket(a.id), Target::Socket(b.id)];
+        assert_eq!(f.hub.subscribe(&both, &room, 1), vec![a.id, b.id]);
+        assert_eq!(f.hub.subscribe(&[Target::Socket(a.id)], &room, 1), vec![]);
+        assert_eq!(
+            f.hub
+                .send(&[Target::Channel(room.clone())], Kind::Binary, b"x"),
+            2
+        );
+        assert_eq!(f.hub.subscribe(&both, &room, -1), vec![b.id]);
+        assert!(f.hub.has_subscriptions(&room));
+        assert_eq!(f.hub.subscribe(&both, &room, -1), vec![a.id]);
+        assert!(!f.hub.has_subscriptions(&room));
+        assert_eq!((f.hub.channel_count(), f.hub.subscription_count()), (0, 0));
+        assert_eq!(f.hub.subscribe(&both, &room, 0), vec![]);
+        assert_eq!(f.hub.subscribe(&[Target::Socket(12345)], &room, 1), vec![]);
+    }
+
+    #[test]
+    fn channel_to_channel_subscribe_applies_delta_to_each_subscriber() {
+        let f = Fixture::new();
+        let (a, b) = (f.connect(), f.connect());
+        let (src, dst) = (ch("src"), ch("dst"));
+        f.hub
+            .subscribe(&[Target::Socket(a.id), Target::Socket(b.id)], &src, 1);
+        f.hub.subscribe(&[Target::Socket(a.id)], &dst, 1);
+        assert_eq!(
+            f.hub.subscribe(&[Target::Channel(src.clone())], &dst, 1),
+            vec![b.id]
+        );
+        assert_eq!(
+            f.hub.subscribe(&[Target::Channel(src.clone())], &dst, -1),
+            vec![b.id]
+        );
+        assert_eq!(
+            f.hub.subscribe(&[Target::Channel(src)], &dst, -1),
+            vec![a.id]
+        );
+    }
+
+    #[test]
+    fn virtual_sockets_prefix_and_chain() {
+        let f = Fixture::new();
+        let a = f.connect();
+        let v1 = f.hub.create_virtual_socket(a.id, Some(b"r1:")).unwrap();
+        let v2 = f.hub.create_virtual_socket(v1, None).unwrap();
+        let v3 = f.hub.create_virtual_socket(v2, Some(b"r3:")).unwrap();
+        let bad = f.hub.create_virtual_socket(a.id, Some(&[0xff])).unwrap();
+        assert_eq!(
+            f.hub.create_virtual_socket(a.id, Some(&[b'x'; 16])),
+            Err(VirtualError::PrefixTooLong)
+        );
+        assert_eq!(
+            f.hub.create_virtual_socket(9999, None),
+            Err(VirtualError::NoSuchSocket)
+        );
+        for id in [v1, v2, v3, bad] {
+            assert_eq!(f.hub.send(&[Target::Socket(id)], Kind::Text, b"m"), 1);
+        }
+        assert_eq!(
+            received(&a),
+            vec![
+                (1, b"r1:m".to_vec()),
+                (1, b"r1:m".to_vec()),
+                (1, b"r3:m".to_vec()),
+                (2, b"\xffm".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn direct_and_virtual_subscriptions_each_get_a_copy() {
+        let f = Fixture::new();
+        let a = f.connect();
+        let v = f.hub.create_virtual_socket(a.id, Some(b"v:")).unwrap();
+        let room = ch("room");
+        f.hub
+            .subscribe(&[Target::Socket(a.id), Target::Socket(v)], &room, 1);
+        assert_eq!(
+            f.hub
+                .send(&[Target::Channel(room.clone())], Kind::Text, b"x"),
+            2
+        );
+        let mut got = received(&a);
+        got.sort();
+        assert_eq!(got, vec![(1, b"v:x".to_vec()), (1, b"x".to_vec())]);
+        assert_eq!(f.hub.subscription_count(), 2);
+    }
+
+    #[test]
+    fn deleting_a_virtual_socket_cascades_and_leaves_channels() {
+        let f = Fixture::new();
+        let a = f.connect();
+        let v1 = f.hub.create_virtual_socket(a.id, None).unwrap();
+        let v2 = f.hub.create_virtual_socket(v1, None).unwrap();
+        let room = ch("room");
+        f.hub
+            .subscribe(&[Target::Socket(v1), Target::Socket(v2)], &room, 1);
+        assert!(!f.hub.delete_virtual_socket(v1, Some(a.id + 1000)));
+        assert!(f.hub.delete_virtual_socket(v1, Some(a.id)));
+        assert!(!f.hub.delete_virtual_socket(v1, None));
+        assert_eq!(f.hub.send(&[Target::Socket(v2)], Kind::Text, b"x"), 0);
+        assert_eq!(
+            (f.hub.virtual_socket_count(), f.hub.subscription_count()),
+            (0, 0)
+        );
+        assert!(
+            !f.hub.delete_virtual_socket(a.id, None),
+            "not a virtual socket"
+        );
+    }
+
+    #[test]
+    fn closing_a_connection_cleans_up_everything_it_had() {
+        let f = Fixture::new();
+        let (a, b) = (f.connect(), f.connect());
+        let v = f.hub.create_virtual_socket(a.id, Some(b"p")).unwrap();
+        for name in ["x", "y", "z"] {
+            f.hub.subscribe(
+                &[
+                    Target::Socket(a.id),
+                    Target::Socket(v),
+                    Target::Socket(b.id),
+                ],
+                &ch(name),
+                1,
+            );
+        }
+        f.hub.remove_socket(a.id);
+        assert_eq!(f.hub.connection_count(), 1);
+        assert_eq!(f.hub.virtual_socket_count(), 0);
+        assert_eq!(f.hub.subscription_count(), 3);
+        assert_eq!(
+            f.hub.send(
+                &[Target::Socket(v), Target::Channel(ch("x"))],
+                Kind::Text,
+                b"m"
+            ),
+            1
+        );
+        assert!(!f.hub.close(a.id, 1000, ""));
+        assert!(f.hub.close(b.id, 1000, ""));
+        assert!(!f.hub.close(b.id, 1000, ""), "already closing");
+        assert!(
+            !f.hub.has_subscriptions(b"x"),
+            "a closing connection counts as gone"
+        );
+        assert_eq!(
+            f.hub.create_virtual_socket(b.id, None),
+            Err(VirtualError::NoSuchSocket)
+        );
+        assert_eq!(
+            f.hub.subscribe(&[Target::Socket(b.id)], &ch("w"), 1),
+            vec![]
+        );
+    }
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<String>>);
+
+    impl ChannelWatcher for Arc<Seen> {
+        fn channel_appeared(&self, name: &Bytes) {
+            self.0
+                .lock()
+                .push(format!("+{}", String::from_utf8_lossy(name)));
+        }
+        fn channel_vanished(&self, name: &Bytes) {
+            self.0
+                .lock()
+                .push(format!("-{}", String::from_utf8_lossy(name)));
+        }
+    }
+
+    #[test]
+    fn the_watcher_hears_of_channels_appearing_and_vanishing_only() {
+        let f = Fixture::new();
+        let seen = Arc::new(Seen::default());
+        f.hub.set_watcher(Some(Box::new(seen.clone())));
+        let (a, b) = (f.connect(), f.connect());
+        let v = f.hub.create_virtual_socket(a.id, None).unwrap();
+        let both = [Target::Socket(a.id), Target::Socket(b.id)];
+        f.hub.subscribe(&both, &ch("x"), 1);
+        f.hub.subscribe(&both, &ch("x"), 1);
+        f.hub.subscribe(&[Target::Socket(v)], &ch("y"), 1);
+        f.hub.subscribe(&[Target::Socket(a.id)], &ch("x"), -2);
+        f.hub.subscribe(&[Target::Socket(b.id)], &ch("x"), -2);
+        f.hub.subscribe(&[Target::Socket(b.id)], &ch("y"), 1);
+        f.hub.remove_socket(a.id);
+        assert_eq!(*seen.0.lock(), ["+x", "+y", "-x"]);
+        f.hub.remove_socket(b.id);
+        f.hub.set_watcher(None);
+        f.hub
+            .subscribe(&[Target::Socket(f.connect().id)], &ch("z"), 1);
+        assert_eq!(*seen.0.lock(), ["+x", "+y", "-x", "-y"]);
+    }
+}

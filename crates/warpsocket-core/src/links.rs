@@ -1,0 +1,202 @@
+//! Per-id cleanup indexes: the channels a socket id is subscribed to and
+//! the virtual sockets that point at it, so that deleting an id costs
+//! O(its own subscriptions).
+//!
+//! A leaf: it uses no other module of the crate. The registry and the hub
+//! keep one per id; their lock order is in `hub`.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+/// The indexes that make cleanup O(own subscriptions): the channels a socket
+/// id is subscribed to and the virtual sockets that point at it.
+///
+/// Every connection has one, and most have no virtual socket and no or a
+/// few channels: the sets live in their own allocation, made on the first
+/// subscription or child and freed when both are empty again.
+#[derive(Default)]
+pub(crate) struct Links(Mutex<LinkState>);
+
+#[derive(Default)]
+pub(crate) struct LinkState {
+    /// Set once the id is deleted; no subscription or child may be added.
+    pub(crate) dead: bool,
+    sets: Option<Box<LinkSets>>,
+}
+
+#[derive(Default)]
+struct LinkSets {
+    channels: ChannelSet,
+    children: Vec<u64>,
+}
+
+/// Above this many channels a socket's channel names go into a hash set.
+const FEW_CHANNELS: usize = 16;
+
+/// The channels of one id: a short list, or a set once it is long.
+enum ChannelSet {
+    Few(Vec<Bytes>),
+    // Boxed so that the enum, and every socket's link sets, stay small.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashSet<Bytes>>),
+}
+
+impl Default for ChannelSet {
+    fn default() -> Self {
+        ChannelSet::Few(Vec::new())
+    }
+}
+
+impl ChannelSet {
+    fn is_empty(&self) -> bool {
+        match self {
+            ChannelSet::Few(list) => list.is_empty(),
+            ChannelSet::Many(set) => set.is_empty(),
+        }
+    }
+
+    /// Adds a name known not to be in the set.
+    fn add(&mut self, name: Bytes) {
+        match self {
+            ChannelSet::Few(list) if list.len() < FEW_CHANNELS => {
+                // Grow one at a time while short: most sockets have one channel.
+                if list.len() == list.capacity() && list.len() < 4 {
+                    list.reserve_exact(1);
+                }
+                list.push(name);
+            }
+            ChannelSet::Few(list) => {
+                let mut set: HashSet<Bytes> = std::mem::take(list).into_iter().collect();
+                set.insert(name);
+                *self = ChannelSet::Many(Box::new(set));
+            }
+            ChannelSet::Many(set) => {
+                set.insert(name);
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        match self {
+            ChannelSet::Few(list) => {
+                if let Some(i) = list.iter().position(|n| n.as_ref() == name) {
+                    list.swap_remove(i);
+                }
+            }
+            ChannelSet::Many(set) => {
+                set.remove(name);
+            }
+        }
+    }
+
+    fn into_vec(self) -> Vec<Bytes> {
+        match self {
+            ChannelSet::Few(list) => list,
+            ChannelSet::Many(set) => set.into_iter().collect(),
+        }
+    }
+}
+
+impl LinkState {
+    fn sets(&mut self) -> &mut LinkSets {
+        self.sets.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the sets once both are empty.
+    fn shrink(&mut self) {
+        if self
+            .sets
+            .as_ref()
+            .is_some_and(|s| s.channels.is_empty() && s.children.is_empty())
+        {
+            self.sets = None;
+        }
+    }
+
+    /// Records a channel the id was just subscribed to (it was not before).
+    pub(crate) fn add_channel(&mut self, name: Bytes) {
+        self.sets().channels.add(name);
+    }
+
+    pub(crate) fn remove_channel(&mut self, name: &[u8]) {
+        if let Some(sets) = &mut self.sets {
+            sets.channels.remove(name);
+        }
+        self.shrink();
+    }
+
+    pub(crate) fn add_child(&mut self, id: u64) {
+        self.sets().children.push(id);
+    }
+
+    pub(crate) fn remove_child(&mut self, id: u64) {
+        if let Some(sets) = &mut self.sets {
+            sets.children.retain(|&child| child != id);
+        }
+        self.shrink();
+    }
+
+    /// Marks the id deleted and hands over its channels and children.
+    pub(crate) fn kill(&mut self) -> (Vec<Bytes>, Vec<u64>) {
+        self.dead = true;
+        match self.sets.take() {
+            Some(sets) => {
+                let LinkSets { channels, children } = *sets;
+                (channels.into_vec(), children)
+            }
+            None => (Vec::new(), Vec::new()),
+        }
+    }
+}
+
+impl Links {
+    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, LinkState> {
+        self.0.lock()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(i: usize) -> Bytes {
+        Bytes::from(format!("ch{i}"))
+    }
+
+    #[test]
+    fn links_allocate_on_first_use_and_free_when_empty() {
+        let links = Links::default();
+        let mut state = links.lock();
+        assert!(state.sets.is_none());
+        state.add_channel(name(1));
+        state.add_child(7);
+        state.remove_channel(b"ch1");
+        assert!(state.sets.is_some(), "a child is left");
+        state.remove_child(7);
+        assert!(state.sets.is_none());
+        state.remove_channel(b"nothing");
+        state.remove_child(8);
+        assert_eq!(state.kill(), (vec![], vec![]));
+        assert!(state.dead);
+    }
+
+    #[test]
+    fn many_channels_move_to_a_set_and_all_come_back_on_kill() {
+        let links = Links::default();
+        let mut state = links.lock();
+        for i in 0..40 {
+            state.add_channel(name(i));
+        }
+        for i in (0..40).step_by(2) {
+            state.remove_channel(&name(i));
+        }
+        state.add_child(3);
+        let (mut channels, children) = state.kill();
+        channels.sort();
+        let mut expected: Vec<Bytes> = (1..40).step_by(2).map(name).collect();
+        expected.sort();
+        assert_eq!((channels, children), (expected, vec![3]));
+    }
+}

@@ -1,0 +1,404 @@
+"""Prometheus metrics and the health check on their own listener (API.md §11).
+
+``MetricsServer(bind, stats)`` serves ``GET /metrics`` (prometheus_client's default
+registry, so application metrics registered there appear on the same page) and
+``GET /healthz`` (200 until ``set_stopping()``, then 503) on a thread of its own.
+
+The server's counters are read from ``stats()`` at scrape time by ``StatsCollector``;
+nothing is updated per message except the handler timings, which each worker thread
+records into its own ``HandlerTimings`` (plain lists, one writer, no lock) and which the
+collector sums at scrape time.
+
+This module does not import ``warpsocket._core``: the caller passes the ``stats``
+callable, which keeps it testable on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import sys
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from prometheus_client import REGISTRY, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+logger = logging.getLogger("warpsocket")
+
+#: Handler kinds, in the order of the ``kind`` index that ``HandlerTimings.record`` takes.
+HANDLER_KINDS: tuple[str, ...] = ("open", "text", "binary", "close")
+OPEN, TEXT, BINARY, CLOSE = range(len(HANDLER_KINDS))
+
+#: Upper bounds (seconds) of the histogram buckets. Python handlers of a fast server
+#: take tens of microseconds, a slow one (database, network) up to seconds; the
+#: Prometheus default buckets start at 5 ms and would put every fast handler in one.
+BUCKETS: tuple[float, ...] = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_BUCKET_LABELS = tuple(floatToGoString(b) for b in BUCKETS) + ("+Inf",)  # type: ignore[no-untyped-call]
+
+# stats() ints that only ever grow: exposed as counters ``warpsocket_<key>_total``.
+# Every other int of stats() is a gauge ``warpsocket_<key>``.
+_COUNTER_KEYS = frozenset(
+    {
+        "messages_in",
+        "messages_out",
+        "bytes_in",
+        "bytes_out",
+        "backpressure_closes",
+        "worker_retirements",
+        "cluster_messages_in",
+        "cluster_messages_out",
+        "cluster_send_failures",
+    }
+)
+# stats() dicts of counters by one label: key -> label name.
+_LABELLED_COUNTERS = {"handshakes_refused": "status", "closes": "code"}
+
+_HELP = {
+    "connections": "Open WebSocket connections.",
+    "virtual_sockets": "Live virtual sockets.",
+    "channels": "Channels with at least one subscription.",
+    "subscriptions": "Socket/channel subscription pairs.",
+    "keys": "Keys in the key/value store (absent while Redis cannot be asked).",
+    "messages_in": "Messages received from clients.",
+    "messages_out": "Frames queued to clients.",
+    "bytes_in": "Payload bytes received from clients.",
+    "bytes_out": "Payload bytes queued to clients.",
+    "backpressure_closes": "Connections closed with 1008 for exceeding max_backpressure.",
+    "worker_retirements": "Hung workers retired and replaced.",
+    "node_id": "This node's cluster id (0 outside a cluster).",
+    "redis_connected": "1 while the cluster's Redis connection is up, else 0.",
+    "cluster_messages_in": "Messages received from other cluster nodes through Redis.",
+    "cluster_messages_out": "Messages handed to Redis for other cluster nodes.",
+    "cluster_send_failures": "Cross-node sends lost because Redis was unreachable.",
+    "handshakes_refused": "Upgrade requests answered with a status other than 101.",
+    "closes": "Close frames the server sent, by close code.",
+}
+_GAUGES_ALWAYS = ("connections", "virtual_sockets", "channels", "subscriptions", "keys")
+
+
+class HandlerTimings:
+    """One worker thread's two histograms by handler kind: queue wait and handler duration.
+
+    Only the owning worker thread calls ``record``; the collector reads the lists at
+    scrape time. One writer per list means no lost increments and no lock, also
+    without the GIL; a scrape may see a ``sum`` one observation ahead of the buckets.
+    Both histograms are recorded by one call because the call is most of the cost.
+    """
+
+    __slots__ = ("wait_counts", "wait_sums", "run_counts", "run_sums")
+
+    def __init__(self) -> None:
+        # *_counts[kind][i]: observations in bucket i (not cumulative; the last is +Inf).
+        self.wait_counts: list[list[int]] = [[0] * (len(BUCKETS) + 1) for _ in HANDLER_KINDS]
+        self.wait_sums: list[float] = [0.0] * len(HANDLER_KINDS)
+        self.run_counts: list[list[int]] = [[0] * (len(BUCKETS) + 1) for _ in HANDLER_KINDS]
+        self.run_sums: list[float] = [0.0] * len(HANDLER_KINDS)
+
+    def record(self, kind: int, waited: float, ran: float) -> None:
+        """Count one handler call of ``kind`` (``OPEN`` ... ``CLOSE``).
+
+        ``waited``: seconds from reading the frame to the handler's start;
+        ``ran``: seconds the handler ran.
+        """
+        self.wait_counts[kind][bisect_left(BUCKETS, waited)] += 1
+        self.wait_sums[kind] += waited
+        self.run_counts[kind][bisect_left(BUCKETS, ran)] += 1
+        self.run_sums[kind] += ran
+
+
+class StatsCollector(Collector):
+    """Turns a ``stats()`` snapshot and the workers' timings into metric families.
+
+    ``stats`` returns a mapping with the keys of API.md §3 and optionally
+    ``worker_retirements`` (int), ``handshakes_refused`` ({status: n}), ``closes``
+    ({code: n}) and the cluster keys ``node_id``, ``redis_connected``,
+    ``cluster_messages_in``, ``cluster_messages_out``, ``cluster_send_failures``.
+    Ints become gauges, or counters for the keys that only grow; unknown int keys
+    become gauges too, so a key added to ``stats()`` shows up without a change here.
+    """
+
+    def __init__(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        self._stats = stats
+        self._timings: list[HandlerTimings] = []
+        # Guards the list only: taken when a worker starts and once per scrape.
+        self._timings_lock = threading.Lock()
+
+    def worker_timings(self) -> HandlerTimings:
+        """Return new timings for one worker thread to record into.
+
+        They stay summed into the histograms after the worker ends (or is retired),
+        so the histograms never go down while this collector lives.
+        """
+        timings = HandlerTimings()
+        with self._timings_lock:
+            self._timings.append(timings)
+        return timings
+
+    def describe(self) -> Iterable[Metric]:
+        """The families this collector always or usually yields (for duplicate checks)."""
+        families: list[Metric] = [GaugeMetricFamily(f"warpsocket_{k}", _HELP[k]) for k in _GAUGES_ALWAYS]
+        families += [
+            CounterMetricFamily(f"warpsocket_{k}", _HELP[k])
+            for k in ("messages_in", "messages_out", "bytes_in", "bytes_out", "backpressure_closes")
+        ]
+        families += self._worker_families()
+        families += self._histograms([])
+        return families
+
+    def collect(self) -> Iterator[Metric]:
+        """Read ``stats()`` and the timings; yield one family per metric."""
+        stats = self._stats()
+        for key, value in stats.items():
+            if key == "workers":
+                yield from self._worker_families(value)
+            elif key in _LABELLED_COUNTERS:
+                family = CounterMetricFamily(
+                    f"warpsocket_{key}", _HELP[key], labels=[_LABELLED_COUNTERS[key]]
+                )
+                for label, count in sorted(value.items()):
+                    family.add_metric([str(label)], count)
+                yield family
+            elif isinstance(value, int):
+                if key == "keys" and value < 0:
+                    continue  # Redis cannot be asked: unknown, which is not 0
+                name, help_text = f"warpsocket_{key}", _HELP.get(key, f"stats()[{key!r}]")
+                if key in _COUNTER_KEYS:
+                    yield CounterMetricFamily(name, help_text, value=value)
+                else:
+                    yield GaugeMetricFamily(name, help_text, value=int(value))
+        with self._timings_lock:
+            timings = list(self._timings)
+        yield from self._histograms(timings)
+
+    @staticmethod
+    def _worker_families(workers: Iterable[Mapping[str, int]] = ()) -> list[Metric]:
+        connections = GaugeMetricFamily(
+            "warpsocket_worker_connections", "Open connections per worker.", labels=["worker"]
+        )
+        depth = GaugeMetricFamily(
+            "warpsocket_worker_queue_depth", "Events waiting for each worker.", labels=["worker"]
+        )
+        for worker in workers:
+            connections.add_metric([str(worker["id"])], worker["connections"])
+            depth.add_metric([str(worker["id"])], worker["queue_depth"])
+        return [connections, depth]
+
+    @staticmethod
+    def _histograms(timings: list[HandlerTimings]) -> list[Metric]:
+        duration = HistogramMetricFamily(
+            "warpsocket_handler_duration_seconds",
+            "Time a handler ran, by handler kind.",
+            labels=["handler"],
+        )
+        wait = HistogramMetricFamily(
+            "warpsocket_queue_wait_seconds",
+            "Time from reading a frame (or accepting the upgrade) to its handler's start.",
+            labels=["handler"],
+        )
+        for family, counts, sums in (
+            (duration, [t.run_counts for t in timings], [t.run_sums for t in timings]),
+            (wait, [t.wait_counts for t in timings], [t.wait_sums for t in timings]),
+        ):
+            for kind, name in enumerate(HANDLER_KINDS):
+                cumulative, buckets = 0, []
+                for i, label in enumerate(_BUCKET_LABELS):
+                    cumulative += sum(worker[kind][i] for worker in counts)
+                    buckets.append((label, cumulative))
+                family.add_metric([name], buckets, sum(worker[kind] for worker in sums))
+        return [duration, wait]
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """Split ``"host:port"`` or ``"[v6]:port"`` into host and port; ``ValueError`` if malformed."""
+    if not isinstance(bind, str):
+        raise TypeError(f"metrics_bind must be a str like '127.0.0.1:9100', not {type(bind).__name__}")
+    host, sep, port = bind.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address needs brackets: "[::1]:9100"
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"metrics_bind must look like '127.0.0.1:9100' or '[::1]:9100', got {bind!r}")
+    return host, int(port)
+
+
+class _RequestHandler(WSGIRequestHandler):
+    # A client that connects and stalls costs a thread for this long at most.
+    timeout = 5.0
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("metrics %s: " + format, self.address_string(), *args)
+
+
+class _HTTPServer(WSGIServer):
+    """wsgiref's server with a named thread per request, joined on close."""
+
+    def __init__(self, host: str, port: int, app: Callable[..., Iterable[bytes]]) -> None:
+        # socket.create_server would do the same lookup; the family must be known
+        # before TCPServer creates the socket.
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        self.address_family = family
+        self._requests: set[threading.Thread] = set()
+        self._requests_lock = threading.Lock()
+        # getaddrinfo's type allows AF_UNIX addresses; a TCP lookup gives (host, port[, ...]).
+        super().__init__(cast("tuple[str, int] | tuple[str, int, int, int]", sockaddr), _RequestHandler)
+        self.set_app(app)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind calls socket.getfqdn(), a reverse DNS lookup that can
+        # hang on a machine without DNS; the name is only used for SERVER_NAME.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+        self.setup_environ()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self._serve_one,
+            args=(request, client_address),
+            name="warpsocket-metrics-http",
+            daemon=True,
+        )
+        with self._requests_lock:
+            self._requests.add(thread)
+        thread.start()
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            with self._requests_lock:
+                self._requests.discard(threading.current_thread())
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("metrics request from %s failed", client_address, exc_info=True)
+
+    def join_requests(self) -> None:
+        with self._requests_lock:
+            threads = list(self._requests)
+        for thread in threads:
+            thread.join(_RequestHandler.timeout + 1.0)
+
+
+class MetricsServer:
+    """``/metrics`` and ``/healthz`` over plain HTTP on ``bind``, served by a thread.
+
+    Binding raises ``OSError`` (address in use ...) and a malformed ``bind``
+    ``ValueError``. The ``StatsCollector`` is registered on prometheus_client's
+    default registry until ``close()``.
+    """
+
+    def __init__(self, bind: str, stats: Callable[[], Mapping[str, Any]]) -> None:
+        host, port = parse_bind(bind)
+        self.collector = StatsCollector(stats)
+        self._stopping = threading.Event()
+        # prometheus_client's own app: content negotiation (text or OpenMetrics),
+        # gzip and ?name[]= filtering come with it.
+        self._metrics_app = make_wsgi_app(REGISTRY)
+        self._httpd = _HTTPServer(host, port, self._app)
+        try:
+            REGISTRY.register(self.collector)
+        except BaseException:
+            self._httpd.server_close()
+            raise
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="warpsocket-metrics"
+        )
+        self._thread.start()
+        logger.info("metrics on http://%s/metrics", _format_address(self.address))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound ``(host, port)``; the real port when ``bind`` asked for port 0."""
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    def worker_timings(self) -> HandlerTimings:
+        """New timings for one worker thread (see ``StatsCollector.worker_timings``)."""
+        return self.collector.worker_timings()
+
+    def set_stopping(self) -> None:
+        """From now on ``/healthz`` answers 503."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        """Stop serving, free the address and unregister the collector; idempotent."""
+        if not self._thread.is_alive():
+            return
+        self._httpd.shutdown()
+        self._thread.join()
+        self._httpd.server_close()
+        self._httpd.join_requests()
+        REGISTRY.unregister(self.collector)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            try:
+                return cast(Iterable[bytes], self._metrics_app(environ, start_response))
+            except Exception:
+                logger.exception("metrics scrape failed")
+                start_response("500 Internal Server Error", _TEXT, sys.exc_info())
+                return [b"scrape failed\n"]
+        if path == "/healthz":
+            if environ["REQUEST_METHOD"] != "GET":
+                start_response("405 Method Not Allowed", [*_TEXT, ("Allow", "GET")])
+                return [b"method not allowed\n"]
+            if self._stopping.is_set():
+                start_response("503 Service Unavailable", _TEXT)
+                return [b"stopping"]
+            start_response("200 OK", _TEXT)
+            return [b"ok"]
+        start_response("404 Not Found", _TEXT)
+        return [b"not found\n"]
+
+
+_TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+
+
+def _format_address(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
