@@ -39,6 +39,8 @@ class Options:
     worker_arg: Any
     static_dir: str | None
     cluster: str | None
+    tls_cert: str | None
+    tls_key: str | None
     handler_timeout: float
     hang_timeout: float
     max_message_size: int
@@ -56,6 +58,8 @@ class Options:
         worker_arg: Any = None,
         static_dir: str | os.PathLike[str] | None = None,
         cluster: str | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
         *,
         handler_timeout: Annotated[float, "seconds an async handler may run"] = 5.0,
         hang_timeout: Annotated[float, "seconds a worker may leave its events waiting"] = 3.0,
@@ -94,6 +98,8 @@ class Options:
             worker_arg=worker_arg,
             static_dir=static_dir,
             cluster=cluster,
+            tls_cert=_check_path("tls_cert", tls_cert),
+            tls_key=_check_path("tls_key", tls_key),
             handler_timeout=_check_seconds("handler_timeout", handler_timeout),
             hang_timeout=_check_seconds("hang_timeout", hang_timeout),
             max_message_size=_check_int("max_message_size", max_message_size),
@@ -124,6 +130,18 @@ def _check_static_dir(static_dir: object) -> str:
     if not os.path.isdir(static_dir):
         raise ValueError(f"static_dir {static_dir!r} is not an existing folder")
     return os.path.abspath(static_dir)
+
+
+def _check_path(name: str, value: object) -> str | None:
+    # Whether the files exist, are PEM and match is checked when the server loads
+    # them (ValueError naming the argument), before anything is bound.
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a file path (str) or None, not {type(value).__name__}")
+    return value
 
 
 def _check_int(name: str, value: object) -> int:

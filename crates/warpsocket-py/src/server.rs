@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+use warpsocket_core::tls::Tls;
 use warpsocket_core::{Config, Handlers};
 
 use crate::errors;
@@ -34,7 +35,7 @@ impl Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades, io_threads=None, static_dir=None))]
+    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades, io_threads=None, static_dir=None, tls_cert=None, tls_key=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -47,6 +48,8 @@ impl Server {
         max_pending_upgrades: usize,
         io_threads: Option<usize>,
         static_dir: Option<PathBuf>,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
     ) -> PyResult<Self> {
         let mut config = Config {
             bind,
@@ -64,9 +67,10 @@ impl Server {
         }
         let engine = ENGINE.clone();
         let server = gil::run(py, Work::Long, || {
-            warpsocket_core::Server::bind(engine, config)
-        })
-        .map_err(errors::bind)?;
+            // Before binding: a bad certificate leaves no port taken.
+            let tls = Tls::load(tls_cert.as_deref(), tls_key.as_deref()).map_err(errors::tls)?;
+            warpsocket_core::Server::bind(engine, config, tls).map_err(errors::bind)
+        })?;
         Ok(Server {
             inner: Mutex::new(server),
         })
