@@ -125,7 +125,8 @@ impl Writer {
                 slices[i] = IoSlice::new(&frame[start..]);
                 count += 1;
             }
-            let mut written = match Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..count]) {
+            let mut written = match Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..count])
+            {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Poll::Ready(Ok(n)) => n,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
