@@ -114,7 +114,7 @@ class Server:
         ping_interval: float,
         ping_timeout: float,
         open_timeout: float,
-        max_pending_upgrades: int = 1024,
+        max_pending_upgrades: int,
         io_threads: int | None = None,
         static_dir: str | None = None,
     ) -> Server: ...

@@ -1,5 +1,9 @@
 //! Server settings, validated by the caller (the Python layer turns bad
-//! options into TypeError/ValueError before they get here).
+//! options into TypeError/ValueError before they get here). The defaults are
+//! for Rust callers; Python's are in `warpsocket.config`, which always passes
+//! every setting the binding takes.
+//!
+//! A leaf: uses nothing of the crate.
 
 use std::path::PathBuf;
 use std::time::Duration;

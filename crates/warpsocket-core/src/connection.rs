@@ -1,6 +1,10 @@
-//! One connection's I/O task: the upgrade, then reading frames into worker
-//! events and writing the outbox, in a single task so an idle connection
-//! costs one small future and no buffers.
+//! One connection's task: the upgrade, then the open connection — reading
+//! frames into worker events, writing the outbox, the close handshake — in a
+//! single task so an idle connection costs one small future and no buffers.
+//!
+//! Owns [`Task`] (the connection's state machine) and [`Connection`]. May use
+//! the upgrade, the server context, the engine side (engine, dispatch,
+//! socket, stats), frame and keepalive; only the server builds on it.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -8,29 +12,22 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
-use crate::dispatch::{OpenRequest, Payload};
-use crate::dispatch::{Verdict, PAUSE_READING_AT};
+use crate::context::LiveGuard;
+use crate::dispatch::Payload;
+use crate::dispatch::PAUSE_READING_AT;
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
-use crate::handshake::{self, Refusal, Request};
-use crate::server::{LiveGuard, Shared};
-use crate::socket::{CloseTaken, Socket};
+use crate::socket::CloseTaken;
 use crate::stats::Counters;
+use crate::upgrade::{self, SocketGuard, Upgraded, CLOSE_TIMEOUT};
 
-/// Most bytes an upgrade request may have.
-const MAX_REQUEST_BYTES: usize = 16 * 1024;
-/// How long to wait for the peer's close frame (or for ours to be written)
-/// before dropping the TCP connection.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bytes taken by one read; frames that do not fit carry over in the decoder.
 const READ_CHUNK: usize = 16 * 1024;
 /// Most frames handed to one vectored write.
@@ -45,7 +42,7 @@ pub(crate) fn serve(
     live: LiveGuard,
     upgrading: OwnedSemaphorePermit,
 ) -> Task {
-    Task::Upgrading(Box::pin(upgrade(stream, peer, live, upgrading)))
+    Task::Upgrading(Box::pin(upgrade::upgrade(stream, peer, live, upgrading)))
 }
 
 /// One connection's task: every open connection keeps it for its whole life,
@@ -56,7 +53,7 @@ pub(crate) fn serve(
 /// task takes 256.
 pub(crate) enum Task {
     /// The handshake, in its own allocation, freed once the connection is up.
-    Upgrading(Pin<Box<dyn Future<Output = Option<Connection>> + Send>>),
+    Upgrading(Pin<Box<dyn Future<Output = Option<Upgraded>> + Send>>),
     Open(Connection),
     Done,
 }
@@ -70,7 +67,7 @@ impl Future for Task {
             match task {
                 Task::Upgrading(upgrade) => match upgrade.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Some(conn)) => *task = Task::Open(conn),
+                    Poll::Ready(Some(upgraded)) => *task = Task::Open(Connection::open(upgraded)),
                     Poll::Ready(None) => break,
                 },
                 Task::Open(conn) => {
@@ -85,176 +82,6 @@ impl Future for Task {
         // Drops the connection (unregistering its socket) as soon as it ends.
         *task = Task::Done;
         Poll::Ready(())
-    }
-}
-
-/// Reads the request, asks `handle_open`, and answers 101 or an error.
-/// Returns the open connection, fed with any bytes that came after the request.
-async fn upgrade(
-    stream: TcpStream,
-    peer: SocketAddr,
-    live: LiveGuard,
-    upgrading: OwnedSemaphorePermit,
-) -> Option<Connection> {
-    let shared = &live.shared().clone();
-    let _ = stream.set_nodelay(true);
-    let mut buf = Vec::new();
-    let read = tokio::select! {
-        r = tokio::time::timeout(shared.config.handshake_timeout, read_request(&stream, &mut buf)) => r,
-        _ = shared.stopping() => return None,
-    };
-    let (request, used) = match read {
-        Ok(Ok(Ok(Some(parsed)))) => parsed,
-        Ok(Ok(Err(refusal))) => {
-            refuse(stream, refusal).await;
-            return None;
-        }
-        // The peer left, broke the connection, or was too slow.
-        Ok(Ok(Ok(None))) | Ok(Err(_)) | Err(_) => return None,
-    };
-    let upgrade = match request {
-        Request::Upgrade(upgrade) => upgrade,
-        Request::Plain {
-            method,
-            path,
-            headers,
-        } => {
-            plain_http(stream, shared, method, path, headers).await;
-            return None;
-        }
-    };
-    let Some(worker) = shared.workers.pick() else {
-        refuse(stream, Refusal::new(503, "no worker is available")).await;
-        return None;
-    };
-    let max_backpressure = shared.config.max_backpressure;
-    let socket = shared
-        .engine
-        .add_socket(|id| Socket::new(id, worker, max_backpressure));
-    socket.worker.connection_opened();
-    let guard = SocketGuard { socket, live };
-    let socket = &guard.socket;
-
-    if shared.config.handlers.open {
-        let verdict = shared.engine.wait_for_verdict(socket.id);
-        socket.worker.push(
-            socket,
-            Payload::Open(Box::new(OpenRequest {
-                ip: peer.ip().to_canonical().to_string(),
-                path: upgrade.path.clone(),
-                headers: upgrade.headers.clone(),
-            })),
-        );
-        let verdict = tokio::select! {
-            v = verdict => v.unwrap_or(Verdict::Refuse(500)),
-            _ = tokio::time::sleep(shared.config.open_timeout) => Verdict::Refuse(500),
-            _ = shared.stopping() => return None,
-        };
-        if let Verdict::Refuse(status) = verdict {
-            refuse(
-                stream,
-                Refusal::new(status, "connection refused by the application"),
-            )
-            .await;
-            return None;
-        }
-    } else {
-        socket.accept();
-    }
-    let mut conn = Connection::new(stream, guard);
-    conn.stream
-        .write_all(&handshake::accept_response(&upgrade))
-        .await
-        .ok()?;
-    drop(upgrading);
-    if buf.len() > used {
-        conn.on_bytes(&buf[used..]);
-    }
-    Some(conn)
-}
-
-/// Answers a request that is not an upgrade: a static file when a folder is
-/// configured, else 426.
-async fn plain_http(
-    mut stream: TcpStream,
-    shared: &Shared,
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
-) {
-    let Some(files) = shared.static_files.clone() else {
-        return refuse(stream, handshake::WEBSOCKET_ONLY).await;
-    };
-    let Ok(response) =
-        tokio::task::spawn_blocking(move || files.respond(&method, &path, &headers)).await
-    else {
-        return;
-    };
-    let _ = tokio::time::timeout(shared.config.handshake_timeout, async {
-        stream.write_all(&response).await?;
-        stream.shutdown().await
-    })
-    .await;
-}
-
-/// Reads until a whole request is buffered. `Ok(None)`: the peer closed.
-async fn read_request(
-    stream: &TcpStream,
-    buf: &mut Vec<u8>,
-) -> io::Result<Result<Option<(Request, usize)>, Refusal>> {
-    loop {
-        stream.readable().await?;
-        // Declared after the await so it is not part of the task's state.
-        let mut chunk = [0u8; 2048];
-        match stream.try_read(&mut chunk) {
-            Ok(0) => return Ok(Ok(None)),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-        match handshake::parse(buf) {
-            Ok(Some(parsed)) => return Ok(Ok(Some(parsed))),
-            Ok(None) if buf.len() > MAX_REQUEST_BYTES => return Ok(Err(handshake::TOO_LARGE)),
-            Ok(None) => {}
-            Err(refusal) => return Ok(Err(refusal)),
-        }
-    }
-}
-
-async fn refuse(mut stream: TcpStream, refusal: Refusal) {
-    let response = handshake::refusal_response(refusal);
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        stream.write_all(&response).await?;
-        stream.shutdown().await
-    })
-    .await;
-}
-
-/// Unregisters the socket however the task ends (also when the runtime drops
-/// it at shutdown), and owes the worker exactly one close event.
-struct SocketGuard {
-    socket: Arc<Socket>,
-    /// Dropped after the cleanup below: the task counts as live until then.
-    live: LiveGuard,
-}
-
-impl SocketGuard {
-    fn shared(&self) -> &Shared {
-        self.live.shared()
-    }
-}
-
-impl Drop for SocketGuard {
-    fn drop(&mut self) {
-        let id = self.socket.id;
-        self.shared().engine.remove_socket(id);
-        self.socket.mark_closed();
-        if self.socket.is_accepted() {
-            self.socket.worker.push(&self.socket, Payload::Close);
-        }
-        // Last: a retired worker's successor stops watching its queue once
-        // the count is 0, so every close event must already be queued.
-        self.socket.worker.connection_closed();
     }
 }
 
@@ -355,12 +182,18 @@ enum Wake {
 }
 
 impl Connection {
-    fn new(stream: TcpStream, guard: SocketGuard) -> Self {
+    /// The connection is open: fed with what came after the request.
+    fn open(upgraded: Upgraded) -> Self {
+        let Upgraded {
+            stream,
+            guard,
+            early,
+        } = upgraded;
         let shared = guard.shared();
         let max = shared.config.max_message_size;
         // From now on the server's keepalive sweep pings it.
         guard.socket.keepalive.start(shared.id, shared.clock.now());
-        Connection {
+        let mut conn = Connection {
             stream,
             guard,
             decoder: Decoder::new(max),
@@ -370,7 +203,11 @@ impl Connection {
             close_queued: false,
             close_written: false,
             broken: false,
+        };
+        if !early.is_empty() {
+            conn.on_bytes(&early);
         }
+        conn
     }
 
     /// Serves the open connection until it ends: reads frames into events,
@@ -568,6 +405,8 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     /// Every open connection keeps its task's state for its whole life; this
@@ -582,11 +421,11 @@ mod tests {
             .await
             .unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
-        let shared = crate::server::test_shared();
+        let shared = crate::context::test_shared();
         let permit = Arc::new(tokio::sync::Semaphore::new(1))
             .try_acquire_owned()
             .unwrap();
-        let task = serve(stream, peer, crate::server::LiveGuard::new(&shared), permit);
+        let task = serve(stream, peer, LiveGuard::new(&shared), permit);
         assert!(
             std::mem::size_of_val(&task) <= 152,
             "{} bytes",

@@ -5,9 +5,14 @@
 //! Client frames go through [`Decoder`], a sans-I/O state machine: it is fed
 //! whatever the socket produced and emits whole messages and control frames,
 //! or the close code the connection must be failed with. Header parsing is
-//! tungstenite's; the rules of what a server must accept are ours.
+//! tungstenite's; the rules of what a server must accept are ours, and so
+//! are the rules of what an application may put in a close frame.
+//!
+//! A leaf: uses nothing of the crate.
 
+use std::fmt;
 use std::io::Cursor;
+use std::ops::RangeInclusive;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
@@ -27,6 +32,66 @@ pub mod close_code {
 
 /// Largest payload of a control frame (RFC 6455 §5.5).
 const MAX_CONTROL_PAYLOAD: u64 = 125;
+
+/// Most bytes of UTF-8 a close reason may have: the rest of a close frame's
+/// payload after the 2-byte code.
+pub const MAX_CLOSE_REASON: usize = MAX_CONTROL_PAYLOAD as usize - 2;
+
+/// Codes a close frame may carry (RFC 6455 §7.4): those defined for use on
+/// the wire, and the ranges for libraries and applications.
+const VALID_CLOSE_CODES: [RangeInclusive<u16>; 3] = [1000..=1003, 1007..=1014, 3000..=4999];
+
+/// Why an application's close code or reason cannot go in a close frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadClose {
+    /// The code is not one of [`VALID_CLOSE_CODES`].
+    Code(i64),
+    /// The reason has more than [`MAX_CLOSE_REASON`] bytes.
+    ReasonTooLong,
+}
+
+impl fmt::Display for BadClose {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadClose::Code(code) => {
+                f.write_str("code must be ")?;
+                for (i, range) in VALID_CLOSE_CODES.iter().enumerate() {
+                    let separator = match i {
+                        0 => "",
+                        _ if i + 1 == VALID_CLOSE_CODES.len() => " or ",
+                        _ => ", ",
+                    };
+                    write!(f, "{separator}{}-{}", range.start(), range.end())?;
+                }
+                write!(f, ", got {code}")
+            }
+            BadClose::ReasonTooLong => {
+                write!(
+                    f,
+                    "reason must be at most {MAX_CLOSE_REASON} bytes in UTF-8"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for BadClose {}
+
+/// An application's close code, if a close frame may carry it.
+pub fn check_close_code(code: i64) -> Result<u16, BadClose> {
+    match u16::try_from(code) {
+        Ok(code) if is_valid_close_code(code) => Ok(code),
+        _ => Err(BadClose::Code(code)),
+    }
+}
+
+/// Checks that an application's close reason fits in a close frame.
+pub fn check_close_reason(reason: &str) -> Result<(), BadClose> {
+    if reason.len() > MAX_CLOSE_REASON {
+        return Err(BadClose::ReasonTooLong);
+    }
+    Ok(())
+}
 
 /// Kind of a data message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,10 +136,11 @@ pub fn encode_prefixed(kind: Kind, prefix: &[u8], payload: &[u8]) -> Bytes {
     encode_parts(kind.opcode(), prefix, payload)
 }
 
-/// Encodes a close frame. The reason is cut at a character boundary so the
+/// Encodes a close frame. A reason longer than [`MAX_CLOSE_REASON`] (which
+/// [`check_close_reason`] refuses) is cut at a character boundary so the
 /// payload stays within the 125 bytes a control frame may carry.
 pub fn encode_close(code: u16, reason: &str) -> Bytes {
-    let mut cut = reason.len().min(MAX_CONTROL_PAYLOAD as usize - 2);
+    let mut cut = reason.len().min(MAX_CLOSE_REASON);
     while !reason.is_char_boundary(cut) {
         cut -= 1;
     }
@@ -390,7 +456,7 @@ fn parse_close_payload(payload: &[u8]) -> Result<Option<u16>, Violation> {
 
 /// Codes a peer may send in a close frame.
 pub fn is_valid_close_code(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+    VALID_CLOSE_CODES.iter().any(|range| range.contains(&code))
 }
 
 /// XORs `data` with the client's masking key, eight bytes at a time.
@@ -457,6 +523,29 @@ mod tests {
         let frame = encode_close(1000, &reason);
         assert!(frame.len() - 2 <= 125);
         assert!(std::str::from_utf8(&frame[4..]).is_ok());
+    }
+
+    #[test]
+    fn an_application_close_is_checked_against_the_wire_rules() {
+        for code in [1000, 1003, 1007, 1014, 3000, 4999] {
+            assert_eq!(check_close_code(code), Ok(code as u16));
+        }
+        for code in [-1, 999, 1004, 1006, 1015, 2999, 5000, 65536 + 1000] {
+            assert_eq!(check_close_code(code), Err(BadClose::Code(code)));
+        }
+        assert_eq!(
+            BadClose::Code(5000).to_string(),
+            "code must be 1000-1003, 1007-1014 or 3000-4999, got 5000"
+        );
+        assert_eq!(check_close_reason(&"x".repeat(123)), Ok(()));
+        assert_eq!(
+            check_close_reason(&"é".repeat(62)),
+            Err(BadClose::ReasonTooLong)
+        );
+        assert_eq!(
+            BadClose::ReasonTooLong.to_string(),
+            "reason must be at most 123 bytes in UTF-8"
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The HTTP/1.1 upgrade (RFC 6455 §4.2), sans-I/O: bytes in, a request or the
 //! HTTP error to answer with out. Parsing is httparse's; the accept key is
 //! tungstenite's.
+//!
+//! A leaf: uses nothing of the crate; the upgrade does the I/O around it.
 
 use tungstenite::handshake::derive_accept_key;
 

@@ -1,31 +1,14 @@
-//! Keepalive pings for every connection of a server, driven by one sweep.
+//! Keepalive state: the three small atomics each connection keeps so that
+//! one sweep task per server can ping it, and the rule of when a ping is due
+//! or the connection has failed.
 //!
 //! A per-connection timer would cost every connection a timer entry in its
-//! task for its whole life. Instead each connection keeps three small atomics
-//! here, and one task per server wakes every [`tick`] and walks the
-//! connections: it queues a ping to those due for one and fails with 1011
-//! those silent for `ping_timeout` after their ping. A ping or a timeout
-//! therefore fires up to one tick late (never early).
+//! task for its whole life; the atomics cost 16 bytes. A leaf: uses nothing
+//! of the crate.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::time::{Instant, MissedTickBehavior};
-
-use crate::frame::{self, close_code};
-use crate::server::Shared;
-use crate::socket::Socket;
-
-/// Shortest and longest sweep period.
-const MIN_TICK: Duration = Duration::from_millis(10);
-const MAX_TICK: Duration = Duration::from_secs(1);
-
-/// How often the sweep runs: an eighth of the shorter of the two settings,
-/// between 10 ms and 1 s (1 s with the defaults of 20 s).
-pub(crate) fn tick(interval: Duration, timeout: Duration) -> Duration {
-    (interval.min(timeout) / 8).clamp(MIN_TICK, MAX_TICK)
-}
+use tokio::time::Instant;
 
 /// One connection's keepalive state. Times are milliseconds on the server's
 /// clock ([`Clock`]); 0 means the connection is not open yet.
@@ -74,7 +57,13 @@ impl Keepalive {
         }
     }
 
-    fn check(&self, server: u32, now: u64, interval: u64, timeout: u64) -> Option<Action> {
+    pub(crate) fn check(
+        &self,
+        server: u32,
+        now: u64,
+        interval: u64,
+        timeout: u64,
+    ) -> Option<Action> {
         let last = self.last_ping.load(Ordering::Acquire);
         if last == 0 || self.server.load(Ordering::Relaxed) != server {
             return None;
@@ -90,7 +79,7 @@ impl Keepalive {
 
     /// Called before the ping is queued, so that whatever the peer sends
     /// after it counts as heard.
-    fn pinged(&self, now: u64) {
+    pub(crate) fn pinged(&self, now: u64) {
         self.heard.store(false, Ordering::Relaxed);
         self.last_ping.store(now, Ordering::Release);
     }
@@ -106,49 +95,6 @@ impl Clock {
 
     pub(crate) fn now(&self) -> u64 {
         self.0.elapsed().as_millis() as u64 + 1
-    }
-}
-
-/// Runs the keepalive of every connection of the server until it stops.
-pub(crate) async fn sweep(shared: Arc<Shared>) {
-    let config = &shared.config;
-    let (interval, timeout) = (config.ping_interval, config.ping_timeout);
-    let mut ticker = tokio::time::interval(tick(interval, timeout));
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let interval = interval.as_millis() as u64;
-    let timeout = timeout.as_millis() as u64;
-    let mut due: Vec<(Arc<Socket>, Action)> = Vec::new();
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shared.stopping() => return,
-        }
-        let now = shared.clock.now();
-        shared.engine.for_each_connection(|socket| {
-            if let Some(action) = socket.keepalive.check(shared.id, now, interval, timeout) {
-                due.push((socket.clone(), action));
-            }
-        });
-        if due.is_empty() {
-            continue;
-        }
-        // Acted on outside the registry's locks.
-        let ping = frame::encode_ping(b"");
-        for (socket, action) in due.drain(..) {
-            match action {
-                Action::Ping => {
-                    socket.keepalive.pinged(now);
-                    socket.send(&ping);
-                }
-                Action::Fail => {
-                    socket.fail(close_code::INTERNAL, "keepalive ping timeout");
-                }
-            }
-        }
-        // Pings fall due together: keep the list's buffer only while small.
-        if due.capacity() > 1024 {
-            due = Vec::new();
-        }
     }
 }
 
@@ -172,17 +118,6 @@ mod tests {
         assert_eq!(due(2001, 1001, false, 500, 1000), Some(Action::Fail));
         // huge settings do not overflow
         assert_eq!(due(5, 1, true, u64::MAX, u64::MAX), None);
-    }
-
-    #[test]
-    fn tick_is_an_eighth_of_the_shorter_setting_within_bounds() {
-        let s = Duration::from_secs;
-        assert_eq!(tick(s(20), s(20)), s(1));
-        assert_eq!(
-            tick(s(1), Duration::from_millis(400)),
-            Duration::from_millis(50)
-        );
-        assert_eq!(tick(Duration::ZERO, s(1)), MIN_TICK);
     }
 
     #[test]

@@ -6,17 +6,21 @@
 //! The modules form layers, each using only those below it (checked by
 //! `scripts/check_layers.py`):
 //! 1. leaves: `frame`, `handshake`, `config`, `ids`, `links`, `kv`, `stats`,
-//!    `wakeup`, `errors`;
+//!    `wakeup`, `errors`, `keepalive` (per-connection state), `static_files`;
 //! 2. `dispatch`, then `socket`, then `registry` and `channels`;
 //! 3. `hub`: this process's sockets and channels, and the operations on them;
 //! 4. `cluster`: the same operations across the nodes of a cluster;
 //! 5. `engine`: the façade that routes each call to the hub or the cluster;
-//! 6. the server side, which serves connections into the engine.
+//! 6. the server side, which serves connections into the engine: `context`
+//!    (what a server's tasks share), then `upgrade`, then `connection` (one
+//!    connection's task), and `sweep` (keepalive); `server` on top.
 
 mod channels;
 pub mod cluster;
 pub mod config;
 mod connection;
+mod context;
+pub mod deflate;
 pub mod dispatch;
 pub mod engine;
 pub mod errors;
@@ -32,7 +36,9 @@ pub mod server;
 pub mod socket;
 pub mod static_files;
 pub mod stats;
+mod sweep;
 pub mod tls;
+mod upgrade;
 mod wakeup;
 
 pub use config::{Config, Handlers};

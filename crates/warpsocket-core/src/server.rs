@@ -1,82 +1,30 @@
-//! A running server: the tokio runtime, its listeners, its workers, and the
-//! shutdown plumbing (one watch channel every task can wait on).
+//! A running server: the tokio runtime, its listeners, its workers; it
+//! starts the accept loops and the keepalive sweep, and shuts them down.
+//!
+//! The top of the server side: may use the connection task, the sweep, the
+//! server context, the engine side (engine, dispatch), config, frame and
+//! static_files. Nothing in the crate uses it.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Socket as RawSocket, Type};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
-use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::config::{Config, Handlers};
 use crate::connection;
+use crate::context::{LiveGuard, Shared};
 use crate::engine::Engine;
 use crate::frame::close_code;
-use crate::keepalive::{self, Clock};
 use crate::socket::Workers;
 use crate::static_files::StaticFiles;
+use crate::sweep;
 
 /// Pending connections the kernel keeps per listener.
 const BACKLOG: i32 = 1024;
-
-/// Numbers the servers of this process, so that a keepalive sweep skips
-/// the connections of another server sharing the engine.
-static SERVER_IDS: AtomicU32 = AtomicU32::new(0);
-
-/// State shared by the server's tasks.
-pub(crate) struct Shared {
-    /// This server's number (from 1).
-    pub(crate) id: u32,
-    /// The keepalive clock of its connections.
-    pub(crate) clock: Clock,
-    pub(crate) engine: Arc<Engine>,
-    pub(crate) config: Config,
-    pub(crate) workers: Arc<Workers>,
-    pub(crate) static_files: Option<Arc<StaticFiles>>,
-    /// Flips to true once when shutdown begins.
-    stop: watch::Sender<bool>,
-    /// One permit per connection still in its handshake (up to the verdict
-    /// of `handle_open`).
-    upgrades: Arc<Semaphore>,
-    /// Connection tasks still running, and a wakeup for when that reaches 0.
-    live: AtomicUsize,
-    all_gone: Notify,
-}
-
-impl Shared {
-    /// Completes once shutdown has begun.
-    pub(crate) async fn stopping(&self) {
-        let mut rx = self.stop.subscribe();
-        let _ = rx.wait_for(|stopping| *stopping).await;
-    }
-}
-
-/// Counts a connection task for the whole of its life, and gives it the
-/// server's shared state.
-pub(crate) struct LiveGuard(Arc<Shared>);
-
-impl LiveGuard {
-    pub(crate) fn new(shared: &Arc<Shared>) -> Self {
-        shared.live.fetch_add(1, Ordering::AcqRel);
-        LiveGuard(shared.clone())
-    }
-
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.0
-    }
-}
-
-impl Drop for LiveGuard {
-    fn drop(&mut self) {
-        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.all_gone.notify_waiters();
-        }
-    }
-}
 
 pub struct Server {
     engine: Arc<Engine>,
@@ -138,6 +86,15 @@ impl Server {
         &self.workers
     }
 
+    /// Takes a hung worker out of the rotation and ends its connections at
+    /// once: closed with 1011, or refused with 500 while still upgrading.
+    /// Returns the number of connections ended.
+    pub fn retire_worker(&self, worker_id: u32) -> usize {
+        self.workers.retire(worker_id);
+        self.engine
+            .end_worker_connections(worker_id, close_code::INTERNAL, "worker hung")
+    }
+
     /// Starts accepting connections. `handlers` says which handlers the
     /// worker module has, known only once the workers have loaded it.
     pub fn serve(&mut self, handlers: Handlers) -> io::Result<()> {
@@ -145,26 +102,18 @@ impl Server {
             return Err(io::Error::other("server already serving or stopped"));
         };
         config.handlers = handlers;
-        let upgrades = Arc::new(Semaphore::new(config.max_pending_upgrades.max(1)));
-        let (stop, _) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            id: SERVER_IDS.fetch_add(1, Ordering::Relaxed) + 1,
-            clock: Clock::new(),
-            engine: self.engine.clone(),
+        let shared = Shared::new(
+            self.engine.clone(),
             config,
-            workers: self.workers.clone(),
-            static_files: self.static_files.clone(),
-            upgrades,
-            stop,
-            live: AtomicUsize::new(0),
-            all_gone: Notify::new(),
-        });
+            self.workers.clone(),
+            self.static_files.clone(),
+        );
         let _context = runtime.enter();
         for std_listener in self.listeners.drain(..) {
             let listener = TcpListener::from_std(std_listener)?;
             runtime.spawn(accept_loop(listener, shared.clone()));
         }
-        runtime.spawn(keepalive::sweep(shared.clone()));
+        runtime.spawn(sweep::run(shared.clone()));
         self.shared = Some(shared);
         Ok(())
     }
@@ -178,21 +127,12 @@ impl Server {
         };
         self.listeners.clear();
         if let Some(shared) = self.shared.clone() {
-            shared.stop.send_replace(true);
+            shared.stop();
             for socket in self.engine.all_connections() {
                 socket.close(close_code::GOING_AWAY, "server shutdown");
             }
             runtime.block_on(async move {
-                let wait = async {
-                    loop {
-                        let notified = shared.all_gone.notified();
-                        if shared.live.load(Ordering::Acquire) == 0 {
-                            return;
-                        }
-                        notified.await;
-                    }
-                };
-                let _ = tokio::time::timeout(timeout, wait).await;
+                let _ = tokio::time::timeout(timeout, shared.all_gone()).await;
             });
         }
         // Tasks still running are dropped here; their guards queue the close events.
@@ -214,7 +154,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Ok(upgrading) = shared.upgrades.clone().try_acquire_owned() else {
+                let Some(upgrading) = shared.try_upgrade() else {
                     // Too many connections are still in their handshake (a flood of
                     // idle or slow clients): refuse this one at once.
                     log::debug!(target: "warpsocket", "{peer}: too many pending upgrades, connection dropped");
@@ -248,21 +188,4 @@ fn bind_one(text: &str) -> io::Result<StdListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
-}
-
-#[cfg(test)]
-pub(crate) fn test_shared() -> Arc<Shared> {
-    let (stop, _) = watch::channel(false);
-    Arc::new(Shared {
-        id: SERVER_IDS.fetch_add(1, Ordering::Relaxed) + 1,
-        clock: Clock::new(),
-        engine: Engine::new(),
-        config: Config::default(),
-        workers: Arc::default(),
-        static_files: None,
-        upgrades: Arc::new(Semaphore::new(1)),
-        stop,
-        live: AtomicUsize::new(0),
-        all_gone: Notify::new(),
-    })
 }

@@ -4,6 +4,9 @@
 //! A request can never reach outside the folder: `..` segments (also
 //! percent-encoded) are refused, and the resolved path — symlinks followed —
 //! must still lie inside the folder's canonical path.
+//!
+//! A leaf: uses nothing of the crate; the upgrade calls it for plain HTTP
+//! requests.
 
 use std::io;
 use std::path::{Path, PathBuf};

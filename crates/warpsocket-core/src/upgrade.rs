@@ -1,0 +1,208 @@
+//! The upgrade of one accepted TCP connection: reads the HTTP request,
+//! answers plain HTTP (static files or 426), registers the socket, waits for
+//! `handle_open`'s verdict, and writes 101 or the refusal.
+//!
+//! Owns the handshake I/O and [`SocketGuard`], the registration every
+//! upgraded connection keeps until it ends. May use the server context, the
+//! engine side (engine, dispatch, socket), handshake and static_files; the
+//! open connection builds on it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::context::{LiveGuard, Shared};
+use crate::dispatch::{OpenRequest, Payload, Verdict};
+use crate::handshake::{self, Refusal, Request};
+use crate::socket::Socket;
+
+/// Most bytes an upgrade request may have.
+const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// How long to wait for the peer's close frame (or for our last bytes to be
+/// written) before dropping the TCP connection.
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A connection that was answered 101: its socket is registered and accepted.
+pub(crate) struct Upgraded {
+    pub(crate) stream: TcpStream,
+    pub(crate) guard: SocketGuard,
+    /// What the client sent after its request (its first frames, if any).
+    pub(crate) early: Vec<u8>,
+}
+
+/// Reads the request, asks `handle_open`, and answers 101 or an error.
+/// `upgrading` is the connection's pending-upgrade permit, released once the
+/// upgrade is done (or refused); `live` counts the connection's task.
+pub(crate) async fn upgrade(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    live: LiveGuard,
+    upgrading: OwnedSemaphorePermit,
+) -> Option<Upgraded> {
+    let shared = &live.shared().clone();
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::new();
+    let read = tokio::select! {
+        r = tokio::time::timeout(shared.config.handshake_timeout, read_request(&stream, &mut buf)) => r,
+        _ = shared.stopping() => return None,
+    };
+    let (request, used) = match read {
+        Ok(Ok(Ok(Some(parsed)))) => parsed,
+        Ok(Ok(Err(refusal))) => {
+            refuse(stream, refusal).await;
+            return None;
+        }
+        // The peer left, broke the connection, or was too slow.
+        Ok(Ok(Ok(None))) | Ok(Err(_)) | Err(_) => return None,
+    };
+    let upgrade = match request {
+        Request::Upgrade(upgrade) => upgrade,
+        Request::Plain {
+            method,
+            path,
+            headers,
+        } => {
+            plain_http(stream, shared, method, path, headers).await;
+            return None;
+        }
+    };
+    let Some(worker) = shared.workers.pick() else {
+        refuse(stream, Refusal::new(503, "no worker is available")).await;
+        return None;
+    };
+    let max_backpressure = shared.config.max_backpressure;
+    let socket = shared
+        .engine
+        .add_socket(|id| Socket::new(id, worker, max_backpressure));
+    socket.worker.connection_opened();
+    let guard = SocketGuard { socket, live };
+    let socket = &guard.socket;
+
+    if shared.config.handlers.open {
+        let verdict = shared.engine.wait_for_verdict(socket.id);
+        socket.worker.push(
+            socket,
+            Payload::Open(Box::new(OpenRequest {
+                ip: peer.ip().to_canonical().to_string(),
+                path: upgrade.path.clone(),
+                headers: upgrade.headers.clone(),
+            })),
+        );
+        let verdict = tokio::select! {
+            v = verdict => v.unwrap_or(Verdict::Refuse(500)),
+            _ = tokio::time::sleep(shared.config.open_timeout) => Verdict::Refuse(500),
+            _ = shared.stopping() => return None,
+        };
+        if let Verdict::Refuse(status) = verdict {
+            refuse(
+                stream,
+                Refusal::new(status, "connection refused by the application"),
+            )
+            .await;
+            return None;
+        }
+    } else {
+        socket.accept();
+    }
+    stream
+        .write_all(&handshake::accept_response(&upgrade))
+        .await
+        .ok()?;
+    drop(upgrading);
+    buf.drain(..used);
+    Some(Upgraded {
+        stream,
+        guard,
+        early: buf,
+    })
+}
+
+/// Answers a request that is not an upgrade: a static file when a folder is
+/// configured, else 426.
+async fn plain_http(
+    mut stream: TcpStream,
+    shared: &Shared,
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+) {
+    let Some(files) = shared.static_files.clone() else {
+        return refuse(stream, handshake::WEBSOCKET_ONLY).await;
+    };
+    let Ok(response) =
+        tokio::task::spawn_blocking(move || files.respond(&method, &path, &headers)).await
+    else {
+        return;
+    };
+    let _ = tokio::time::timeout(shared.config.handshake_timeout, async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// Reads until a whole request is buffered. `Ok(None)`: the peer closed.
+async fn read_request(
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+) -> io::Result<Result<Option<(Request, usize)>, Refusal>> {
+    loop {
+        stream.readable().await?;
+        // Declared after the await so it is not part of the task's state.
+        let mut chunk = [0u8; 2048];
+        match stream.try_read(&mut chunk) {
+            Ok(0) => return Ok(Ok(None)),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+        match handshake::parse(buf) {
+            Ok(Some(parsed)) => return Ok(Ok(Some(parsed))),
+            Ok(None) if buf.len() > MAX_REQUEST_BYTES => return Ok(Err(handshake::TOO_LARGE)),
+            Ok(None) => {}
+            Err(refusal) => return Ok(Err(refusal)),
+        }
+    }
+}
+
+async fn refuse(mut stream: TcpStream, refusal: Refusal) {
+    let response = handshake::refusal_response(refusal);
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// Unregisters the socket however the task ends (also when the runtime drops
+/// it at shutdown), and owes the worker exactly one close event.
+pub(crate) struct SocketGuard {
+    pub(crate) socket: Arc<Socket>,
+    /// Dropped after the cleanup below: the task counts as live until then.
+    live: LiveGuard,
+}
+
+impl SocketGuard {
+    pub(crate) fn shared(&self) -> &Shared {
+        self.live.shared()
+    }
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let id = self.socket.id;
+        self.shared().engine.remove_socket(id);
+        self.socket.mark_closed();
+        if self.socket.is_accepted() {
+            self.socket.worker.push(&self.socket, Payload::Close);
+        }
+        // Last: a retired worker's successor stops watching its queue once
+        // the count is 0, so every close event must already be queued.
+        self.socket.worker.connection_closed();
+    }
+}

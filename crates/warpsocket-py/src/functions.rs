@@ -1,0 +1,235 @@
+//! The module functions of API.md §3 (and the few the Python layer needs):
+//! each converts its arguments, calls the engine under the GIL policy, and
+//! converts the result or the error back.
+//!
+//! May use the conversions, the GIL policy, the error mapping and the
+//! process-wide engine.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+use warpsocket_core::stats::Counters;
+use warpsocket_core::{frame, Verdict};
+
+use crate::convert::{self, Data};
+use crate::errors;
+use crate::gil::{self, Work};
+use crate::ENGINE;
+
+/// Sends `data` to `target`; returns the number of recipients.
+#[pyfunction]
+fn send(py: Python<'_>, target: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let targets = convert::targets(target, "target")?;
+    let data = Data::extract(data, "data")?;
+    let kind = data.kind();
+    let payload = data.bytes()?;
+    Ok(gil::run(py, Work::Send(&targets), || {
+        ENGINE.send(&targets, kind, payload)
+    }))
+}
+
+fn change_subscriptions(
+    py: Python<'_>,
+    target: &Bound<'_, PyAny>,
+    channel: &Bound<'_, PyAny>,
+    delta: i64,
+) -> PyResult<Vec<u64>> {
+    let targets = convert::targets(target, "target")?;
+    let channel = convert::name_bytes(channel, "channel")?;
+    Ok(gil::run(py, Work::Long, || {
+        ENGINE.subscribe(&targets, &channel, delta)
+    }))
+}
+
+/// Adds `delta` to the subscription counts; returns the ids newly subscribed
+/// (or, for a negative delta, unsubscribed).
+#[pyfunction]
+#[pyo3(signature = (target, channel, delta=None))]
+fn subscribe(
+    py: Python<'_>,
+    target: &Bound<'_, PyAny>,
+    channel: &Bound<'_, PyAny>,
+    delta: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<u64>> {
+    let delta = delta.map(convert::delta).transpose()?.unwrap_or(1);
+    change_subscriptions(py, target, channel, delta)
+}
+
+/// `subscribe(target, channel, -delta)`.
+#[pyfunction]
+#[pyo3(signature = (target, channel, delta=None))]
+fn unsubscribe(
+    py: Python<'_>,
+    target: &Bound<'_, PyAny>,
+    channel: &Bound<'_, PyAny>,
+    delta: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<u64>> {
+    let delta = delta.map(convert::delta).transpose()?.unwrap_or(1);
+    change_subscriptions(py, target, channel, -delta)
+}
+
+/// True if any subscriber of `channel` resolves to an open connection (in a
+/// cluster, on any node: that asks Redis).
+#[pyfunction]
+fn has_subscriptions(py: Python<'_>, channel: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let channel = convert::name_bytes(channel, "channel")?;
+    Ok(gil::run(py, Work::Long, || {
+        ENGINE.has_subscriptions(&channel)
+    }))
+}
+
+/// Creates a virtual socket pointing at `socket_id`; returns its id.
+#[pyfunction]
+#[pyo3(signature = (socket_id, user_prefix=None))]
+fn create_virtual_socket(
+    py: Python<'_>,
+    socket_id: &Bound<'_, PyAny>,
+    user_prefix: Option<&Bound<'_, PyAny>>,
+) -> PyResult<u64> {
+    let id = convert::socket_id(socket_id, "socket_id")?;
+    let prefix = convert::optional_bytes(user_prefix, "user_prefix")?;
+    // Another node's socket: waits for that node's answer.
+    gil::run(py, Work::Long, || {
+        ENGINE.create_virtual_socket(id, prefix.as_deref())
+    })
+    .map_err(|e| errors::virtual_socket(e, id, prefix.as_ref().map_or(0, |p| p.len())))
+}
+
+/// Deletes a virtual socket; with `expected_target`, only if it points there.
+#[pyfunction]
+#[pyo3(signature = (virtual_socket_id, expected_target=None))]
+fn delete_virtual_socket(
+    virtual_socket_id: &Bound<'_, PyAny>,
+    expected_target: Option<&Bound<'_, PyAny>>,
+) -> PyResult<bool> {
+    let id = convert::socket_id(virtual_socket_id, "virtual_socket_id")?;
+    let expected = convert::optional_socket_id(expected_target, "expected_target")?;
+    Ok(ENGINE.delete_virtual_socket(id, expected))
+}
+
+/// The value stored under `key`, or None.
+#[pyfunction]
+fn get_key<'py>(py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let key = convert::name_bytes(key, "key")?;
+    let value = gil::run(py, Work::Kv, || ENGINE.get_key(&key)).map_err(errors::unreachable)?;
+    Ok(value.map(|v| PyBytes::new(py, &v)))
+}
+
+/// Stores `value` under `key` (None deletes); returns the previous value.
+#[pyfunction]
+#[pyo3(signature = (key, value=None))]
+fn set_key<'py>(
+    py: Python<'py>,
+    key: &Bound<'py, PyAny>,
+    value: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let key = convert::name_bytes(key, "key")?;
+    let value = convert::optional_bytes(value, "value")?;
+    let previous = gil::run(py, Work::Kv, || ENGINE.set_key(&key, value.as_deref()))
+        .map_err(errors::unreachable)?;
+    Ok(previous.map(|v| PyBytes::new(py, &v)))
+}
+
+/// Compare-and-set; see API.md §3.
+#[pyfunction]
+#[pyo3(signature = (key, new_value=None, check_value=None))]
+fn set_key_if(
+    py: Python<'_>,
+    key: &Bound<'_, PyAny>,
+    new_value: Option<&Bound<'_, PyAny>>,
+    check_value: Option<&Bound<'_, PyAny>>,
+) -> PyResult<bool> {
+    let key = convert::name_bytes(key, "key")?;
+    let new_value = convert::optional_bytes(new_value, "new_value")?;
+    let check_value = convert::optional_bytes(check_value, "check_value")?;
+    gil::run(py, Work::Kv, || {
+        ENGINE.set_key_if(&key, new_value.as_deref(), check_value.as_deref())
+    })
+    .map_err(errors::unreachable)
+}
+
+/// Starts closing a connection; True if one was found open.
+#[pyfunction]
+#[pyo3(signature = (socket_id, code=None, reason=None))]
+fn close(
+    socket_id: &Bound<'_, PyAny>,
+    code: Option<&Bound<'_, PyAny>>,
+    reason: Option<&Bound<'_, PyAny>>,
+) -> PyResult<bool> {
+    let id = convert::socket_id(socket_id, "socket_id")?;
+    let code = match code {
+        None => frame::close_code::NORMAL,
+        Some(code) => convert::close_code(code)?,
+    };
+    let reason = match reason {
+        None => String::new(),
+        Some(reason) => convert::close_reason(reason)?,
+    };
+    Ok(ENGINE.close(id, code, &reason))
+}
+
+/// Delivers `handle_open`'s verdict: accept, or refuse with an HTTP status.
+#[pyfunction]
+fn resolve_open(socket_id: u64, accept: bool, status: u16) -> bool {
+    let verdict = if accept {
+        Verdict::Accept
+    } else {
+        Verdict::Refuse(status)
+    };
+    ENGINE.resolve_open(socket_id, verdict)
+}
+
+/// Joins the cluster whose Redis server is at `url`; returns this node's id.
+#[pyfunction]
+fn join_cluster(py: Python<'_>, url: &str) -> PyResult<u16> {
+    gil::run(py, Work::Long, || ENGINE.join_cluster(url)).map_err(errors::join_cluster)
+}
+
+/// Leaves the cluster (if in one); kv and sends are local again.
+#[pyfunction]
+fn leave_cluster(py: Python<'_>) {
+    gil::run(py, Work::Long, || ENGINE.leave_cluster());
+}
+
+/// Engine counters (the Python layer adds the per-worker list).
+#[pyfunction]
+fn counters(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let stats = ENGINE.stats();
+    let get = Counters::get;
+    let dict = PyDict::new(py);
+    dict.set_item("connections", ENGINE.connection_count())?;
+    dict.set_item("virtual_sockets", ENGINE.virtual_socket_count())?;
+    dict.set_item("channels", ENGINE.channel_count())?;
+    dict.set_item("subscriptions", ENGINE.subscription_count())?;
+    // In a cluster the count comes from Redis.
+    let keys = gil::run(py, Work::Kv, || ENGINE.key_count());
+    dict.set_item("keys", errors::count_or_unknown(keys))?;
+    dict.set_item("messages_in", get(&stats.messages_in))?;
+    dict.set_item("messages_out", get(&stats.messages_out))?;
+    dict.set_item("bytes_in", get(&stats.bytes_in))?;
+    dict.set_item("bytes_out", get(&stats.bytes_out))?;
+    dict.set_item("backpressure_closes", get(&stats.backpressure_closes))?;
+    dict.set_item("node_id", ENGINE.node_id())?;
+    dict.set_item("cluster_messages_out", get(&stats.cluster_messages_out))?;
+    dict.set_item("cluster_messages_in", get(&stats.cluster_messages_in))?;
+    dict.set_item("cluster_send_failures", get(&stats.cluster_send_failures))?;
+    Ok(dict)
+}
+
+/// Adds the module functions to `_core`.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(send, m)?)?;
+    m.add_function(wrap_pyfunction!(close, m)?)?;
+    m.add_function(wrap_pyfunction!(subscribe, m)?)?;
+    m.add_function(wrap_pyfunction!(unsubscribe, m)?)?;
+    m.add_function(wrap_pyfunction!(has_subscriptions, m)?)?;
+    m.add_function(wrap_pyfunction!(create_virtual_socket, m)?)?;
+    m.add_function(wrap_pyfunction!(delete_virtual_socket, m)?)?;
+    m.add_function(wrap_pyfunction!(get_key, m)?)?;
+    m.add_function(wrap_pyfunction!(set_key, m)?)?;
+    m.add_function(wrap_pyfunction!(set_key_if, m)?)?;
+    m.add_function(wrap_pyfunction!(resolve_open, m)?)?;
+    m.add_function(wrap_pyfunction!(counters, m)?)?;
+    m.add_function(wrap_pyfunction!(join_cluster, m)?)?;
+    m.add_function(wrap_pyfunction!(leave_cluster, m)?)?;
+    Ok(())
+}

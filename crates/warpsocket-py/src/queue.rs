@@ -1,0 +1,112 @@
+//! The worker queue: what a worker thread drains its events from, each turned
+//! into the `(kind, socket_id, payload)` tuple `warpsocket.worker` reads,
+//! and the hold/release bookkeeping of its events.
+//!
+//! May use the core's queue and events and the process-wide engine.
+
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use warpsocket_core::{OpenRequest, Payload};
+
+use crate::ENGINE;
+
+/// Event kinds as seen by `warpsocket.worker`.
+const EVENT_OPEN: u8 = 0;
+const EVENT_TEXT: u8 = 1;
+const EVENT_BINARY: u8 = 2;
+const EVENT_CLOSE: u8 = 3;
+
+/// One worker thread's queue of events.
+#[pyclass(frozen, module = "warpsocket._core")]
+pub(crate) struct WorkerQueue {
+    pub(crate) inner: Arc<warpsocket_core::WorkerQueue>,
+}
+
+#[pymethods]
+impl WorkerQueue {
+    #[getter]
+    fn id(&self) -> u32 {
+        self.inner.id()
+    }
+
+    /// The descriptor that becomes readable when events wait.
+    fn fileno(&self) -> i32 {
+        self.inner.fd()
+    }
+
+    /// Takes the waiting events (at most `max`) as `(kind, socket_id, payload)`
+    /// tuples. Drained events count as handled unless held (see `hold`).
+    #[pyo3(signature = (max=None))]
+    fn drain<'py>(&self, py: Python<'py>, max: Option<usize>) -> PyResult<Bound<'py, PyList>> {
+        let events = self.inner.drain_at_most(max.unwrap_or(usize::MAX));
+        let list = PyList::empty(py);
+        for event in events {
+            let id = event.socket_id();
+            let item = match event.payload {
+                Payload::Open(open) => {
+                    let OpenRequest { ip, path, headers } = *open;
+                    let dict = PyDict::new(py);
+                    for (name, value) in headers {
+                        dict.set_item(name, value)?;
+                    }
+                    dict.set_item(":path", path)?;
+                    let args =
+                        PyTuple::new(py, [ip.into_pyobject(py)?.into_any(), dict.into_any()])?;
+                    (EVENT_OPEN, id, args.into_any())
+                }
+                Payload::Text(data) => {
+                    // SAFETY: the decoder only emits text that passed UTF-8 validation.
+                    let text = unsafe { std::str::from_utf8_unchecked(&data) };
+                    (EVENT_TEXT, id, PyString::new(py, text).into_any())
+                }
+                Payload::Binary(data) => (EVENT_BINARY, id, PyBytes::new(py, &data).into_any()),
+                Payload::Close => (EVENT_CLOSE, id, py.None().into_bound(py)),
+            };
+            list.append(item)?;
+        }
+        Ok(list)
+    }
+
+    /// An event of `socket_id` waits behind another or is being awaited:
+    /// it counts against the connection's backlog until `release`.
+    fn hold(&self, socket_id: u64) {
+        self.inner.hold(ENGINE.connection(socket_id).as_deref());
+    }
+
+    /// A held event's handler finished.
+    fn release(&self, socket_id: u64) {
+        self.inner.release(ENGINE.connection(socket_id).as_deref());
+    }
+
+    /// Wakes an idle worker as if an event waited, so a stuck one shows as stalled.
+    fn probe(&self) {
+        self.inner.probe();
+    }
+
+    /// Seconds the oldest waiting event has waited (0.0 when none waits).
+    fn stalled_for(&self) -> f64 {
+        self.inner.stalled_for().as_secs_f64()
+    }
+
+    #[getter]
+    fn connections(&self) -> usize {
+        self.inner.connections()
+    }
+
+    #[getter]
+    fn queue_depth(&self) -> usize {
+        self.inner.queue_depth()
+    }
+}
+
+/// Adds the queue class and the event kinds to `_core`.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<WorkerQueue>()?;
+    m.add("EVENT_OPEN", EVENT_OPEN)?;
+    m.add("EVENT_TEXT", EVENT_TEXT)?;
+    m.add("EVENT_BINARY", EVENT_BINARY)?;
+    m.add("EVENT_CLOSE", EVENT_CLOSE)?;
+    Ok(())
+}

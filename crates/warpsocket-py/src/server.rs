@@ -1,0 +1,121 @@
+//! The server object: binds, starts and stops a core server, and hands out
+//! its worker queues.
+//!
+//! May use the core's server and config, the worker queue, the GIL policy,
+//! the error mapping and the process-wide engine.
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use warpsocket_core::{Config, Handlers};
+
+use crate::errors;
+use crate::gil::{self, Work};
+use crate::queue::WorkerQueue;
+use crate::ENGINE;
+
+/// A bound (and, after `serve()`, accepting) server.
+#[pyclass(frozen, module = "warpsocket._core")]
+pub(crate) struct Server {
+    inner: Mutex<warpsocket_core::Server>,
+}
+
+impl Server {
+    fn lock(&self) -> PyResult<MutexGuard<'_, warpsocket_core::Server>> {
+        self.inner
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("server state poisoned"))
+    }
+}
+
+#[pymethods]
+impl Server {
+    #[new]
+    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades, io_threads=None, static_dir=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        bind: Vec<String>,
+        max_message_size: usize,
+        max_backpressure: usize,
+        ping_interval: f64,
+        ping_timeout: f64,
+        open_timeout: f64,
+        max_pending_upgrades: usize,
+        io_threads: Option<usize>,
+        static_dir: Option<PathBuf>,
+    ) -> PyResult<Self> {
+        let mut config = Config {
+            bind,
+            max_message_size,
+            max_backpressure,
+            ping_interval: Duration::from_secs_f64(ping_interval),
+            ping_timeout: Duration::from_secs_f64(ping_timeout),
+            open_timeout: Duration::from_secs_f64(open_timeout),
+            static_dir,
+            max_pending_upgrades,
+            ..Config::default()
+        };
+        if let Some(n) = io_threads {
+            config.io_threads = n;
+        }
+        let engine = ENGINE.clone();
+        let server = gil::run(py, Work::Long, || {
+            warpsocket_core::Server::bind(engine, config)
+        })
+        .map_err(errors::bind)?;
+        Ok(Server {
+            inner: Mutex::new(server),
+        })
+    }
+
+    /// `(host, port)` of every bound address, in the order given.
+    fn addresses(&self) -> PyResult<Vec<(String, u16)>> {
+        Ok(self
+            .lock()?
+            .local_addrs()
+            .iter()
+            .map(|a| (a.ip().to_string(), a.port()))
+            .collect())
+    }
+
+    /// Registers a new worker queue; connections are assigned to it from now on.
+    fn add_worker(&self) -> PyResult<WorkerQueue> {
+        let inner = self.lock()?.workers().add().map_err(errors::os)?;
+        Ok(WorkerQueue { inner })
+    }
+
+    /// Takes a worker out of the rotation and ends its connections at once:
+    /// closed with 1011, or refused with 500 while still upgrading. Returns
+    /// the number of connections ended.
+    fn retire_worker(&self, worker_id: u32) -> PyResult<usize> {
+        Ok(self.lock()?.retire_worker(worker_id))
+    }
+
+    /// Starts accepting connections; the flags say which handlers the
+    /// worker module defines.
+    #[pyo3(signature = (*, handle_open, handle_text, handle_binary))]
+    fn serve(&self, handle_open: bool, handle_text: bool, handle_binary: bool) -> PyResult<()> {
+        let handlers = Handlers {
+            open: handle_open,
+            text: handle_text,
+            binary: handle_binary,
+        };
+        self.lock()?.serve(handlers).map_err(errors::os)
+    }
+
+    /// Stops accepting, closes every connection with 1001 and waits up to
+    /// `timeout` seconds for them to finish.
+    fn shutdown(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        gil::run(py, Work::Long, || {
+            if let Ok(mut server) = self.inner.lock() {
+                server.shutdown(timeout);
+            }
+        });
+        Ok(())
+    }
+}
