@@ -230,6 +230,12 @@ class Client:
         self.ws = ws
         self.label = label
         self.streams: dict[str, Stream] = {}
+        self.opened = time.monotonic()
+        self.doing = "opening"  # for the report when something unexpected happens
+
+    def where(self) -> str:
+        """How long the connection has been open and what it was doing, for a violation."""
+        return f"{time.monotonic() - self.opened:.1f} s after opening, {self.doing}"
 
     def take(self, message: str | bytes) -> str | None:
         """Check a broadcast; return an answer of the worker (``!...``) for the caller."""
@@ -250,6 +256,7 @@ class Client:
 
     async def answer(self, command: str) -> list[str]:
         """Send a command and read (checking broadcasts) until the worker answers it."""
+        self.doing = f"waiting for the answer to {command!r} sent at {time.monotonic() - self.opened:.1f} s"
         await self.ws.send(command)
         while True:
             reply = self.take(await asyncio.wait_for(self.ws.recv(), 30))
@@ -261,6 +268,7 @@ class Client:
 
     async def read_for(self, seconds: float) -> None:
         """Read and check broadcasts for ``seconds``."""
+        self.doing = f"reading for {seconds:.1f} s from {time.monotonic() - self.opened:.1f} s"
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -324,6 +332,7 @@ class Soak:
         self.report = Report(settings)
         self.rng = random.Random(settings.seed)
         self.cas_values: list[int] = []
+        self.clients: dict[str, Client] = {}  # by label, while their scenario runs
         self.port = 0
         self.deadline = 0.0
         self.process: asyncio.subprocess.Process | None = None
@@ -421,7 +430,11 @@ class Soak:
             try:
                 await runs[name](label)
             except Exception as exc:  # anything a scenario did not expect is a finding
-                self.report.violation(f"{label}: {type(exc).__name__}: {exc}")
+                client = self.clients.get(label)
+                where = "" if client is None else f" ({client.where()})"
+                self.report.violation(f"{label}: {type(exc).__name__}: {exc}{where}")
+            finally:
+                self.clients.pop(label, None)
 
     async def open(self, label: str, sock: socket.socket | None = None, **kwargs: Any) -> Client | None:
         try:
@@ -442,7 +455,8 @@ class Soak:
             self.report.violation(f"{label}: handshake failed: {type(exc).__name__}: {exc}")
             return None
         self.report.connections += 1
-        return Client(self, ws, label)
+        client = self.clients[label] = Client(self, ws, label)
+        return client
 
     async def normal(self, label: str) -> None:
         client = await self.open(label)
