@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BufMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -181,7 +182,12 @@ async fn read_request(
 ) -> io::Result<Result<Option<(Request, usize)>, Refusal>> {
     loop {
         buf.reserve(REQUEST_READ);
-        if stream.read_buf(buf).await? == 0 {
+        // At most a chunk at a time (the Vec may have grown by more), so an
+        // oversized request is seen as such before it is complete.
+        let read = stream
+            .read_buf(&mut (&mut *buf).limit(REQUEST_READ))
+            .await?;
+        if read == 0 {
             return Ok(Ok(None));
         }
         match handshake::parse(buf) {
