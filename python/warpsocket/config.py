@@ -46,6 +46,7 @@ class Options:
     ping_interval: float
     ping_timeout: float
     max_pending_upgrades: int
+    compression: bool
 
     @classmethod
     def build(
@@ -68,6 +69,9 @@ class Options:
         max_pending_upgrades: Annotated[
             int, "connections allowed in their handshake at once; more are dropped"
         ] = 1024,
+        compression: Annotated[
+            bool, "negotiate permessage-deflate with clients that offer it (see the README)"
+        ] = False,
     ) -> Options:
         """Check every argument and return the options, raising TypeError/ValueError."""
         binds = _check_bind(bind)
@@ -101,6 +105,7 @@ class Options:
             ping_interval=_check_seconds("ping_interval", ping_interval),
             ping_timeout=_check_seconds("ping_timeout", ping_timeout),
             max_pending_upgrades=_check_int("max_pending_upgrades", max_pending_upgrades),
+            compression=_check_bool("compression", compression),
         )
 
 
@@ -134,6 +139,12 @@ def _check_int(name: str, value: object) -> int:
     return value
 
 
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+    return value
+
+
 def _check_seconds(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
@@ -147,8 +158,8 @@ class Tunable:
     """One keyword-only option of :meth:`Options.build` (a CLI ``--flag``)."""
 
     name: str
-    type: type[int] | type[float]
-    default: int | float
+    type: type[int] | type[float] | type[bool]
+    default: int | float | bool
     help: str
 
 
