@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs the Autobahn WebSocket conformance cases (fuzzing client: kosoku) against the
 # echo example served by WarpSocket, prints a per-group summary and exits non-zero
-# when any case FAILED. Two runs, each against its own server: the protocol groups
-# with the default options, then the permessage-deflate groups (12, 13) with
-# --compression. See docs/conformance.md.
+# when any case FAILED. Up to two runs, each against its own server: the protocol
+# groups with the default options, then (when AUTOBAHN_DEFLATE_CASES is set) the
+# permessage-deflate groups (12, 13) with --compression. See docs/conformance.md.
 #
 #   scripts/autobahn.sh [OUTDIR]          (default OUTDIR: target/autobahn; the runs'
 #                                         reports go to OUTDIR/default and OUTDIR/compression)
@@ -13,8 +13,10 @@
 #                     pip-installed into it
 #   AUTOBAHN_CASES    space-separated case globs of the first run (default: groups 1-7, 9
 #                     and 10); empty skips it
-#   AUTOBAHN_DEFLATE_CASES  case globs of the --compression run (default: groups 12 and
-#                     13); empty skips it
+#   AUTOBAHN_DEFLATE_CASES  case globs of the --compression run, e.g. "12.* 13.*"
+#                     (default: empty, skipped: kosoku 0.1.0 mishandles the uncompressed
+#                     messages RFC 7692 allows on a compressed connection, see
+#                     docs/conformance.md)
 #   AUTOBAHN_TIMEOUT  seconds each kosoku run may take (default 480)
 #   AUTOBAHN_SERVER_ARGS  extra `warpsocket` flags for both runs, e.g. "--max-backpressure 33554432"
 set -euo pipefail
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUTDIR=${1:-target/autobahn}
 CASES=${AUTOBAHN_CASES-"1.* 2.* 3.* 4.* 5.* 6.* 7.* 9.* 10.*"}
-DEFLATE_CASES=${AUTOBAHN_DEFLATE_CASES-"12.* 13.*"}
+DEFLATE_CASES=${AUTOBAHN_DEFLATE_CASES-}
 RUN_TIMEOUT=${AUTOBAHN_TIMEOUT:-480}
 # shellcheck disable=SC2206
 SERVER_ARGS=(${AUTOBAHN_SERVER_ARGS:-})
