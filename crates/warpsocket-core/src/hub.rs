@@ -184,14 +184,19 @@ impl Hub {
     pub(crate) fn send(&self, targets: &[Target], kind: Kind, payload: &[u8]) -> usize {
         let mut frames = Frames::new(kind, payload);
         let mut sent = 0;
+        // Payload bytes as delivered: a virtual socket's prefix is part of them.
+        let mut bytes = 0;
         let mut overflowed = Vec::new();
         let mut deliver = |id: u64| match self.deliver(id, &mut frames) {
-            (_, Queued::Yes) => true,
-            (socket, Queued::Overflow) => {
+            (_, Queued::Yes, prefix_len) => {
+                bytes += prefix_len + payload.len();
+                true
+            }
+            (socket, Queued::Overflow, _) => {
                 overflowed.push(socket);
                 false
             }
-            (_, Queued::No) => false,
+            (_, Queued::No, _) => false,
         };
         for target in targets {
             match target {
@@ -203,7 +208,7 @@ impl Hub {
             }
         }
         Counters::add(&self.stats.messages_out, sent as u64);
-        Counters::add(&self.stats.bytes_out, (sent * payload.len()) as u64);
+        Counters::add(&self.stats.bytes_out, bytes as u64);
         Counters::add(&self.stats.messages_compressed, frames.compressions);
         // Logged after every lock is released: the log may call into Python.
         for socket in overflowed {
@@ -214,13 +219,14 @@ impl Hub {
     }
 
     /// Queues the message for the connection `id` resolves to; returns that
-    /// connection's id and the outcome.
-    fn deliver(&self, id: u64, frames: &mut Frames<'_>) -> (u64, Queued) {
+    /// connection's id, the outcome and the length of the prefix it got.
+    fn deliver(&self, id: u64, frames: &mut Frames<'_>) -> (u64, Queued, usize) {
         let Some((socket, prefix)) = self.sockets.resolve(id) else {
-            return (id, Queued::No);
+            return (id, Queued::No, 0);
         };
+        let prefix_len = prefix.as_ref().map_or(0, |p| p.len());
         let queued = socket.send(frames.for_socket(&socket, prefix));
-        (socket.id, queued)
+        (socket.id, queued, prefix_len)
     }
 
     /// Starts the close handshake of the connection `id` resolves to; false
@@ -657,8 +663,8 @@ mod tests {
         }
         assert_eq!(
             Counters::get(&f.hub.stats.bytes_out),
-            8 * payload.len() as u64,
-            "byte counts are uncompressed"
+            8 * payload.len() as u64 + 3 * 2,
+            "byte counts are uncompressed (with the prefixes)"
         );
     }
 
@@ -770,6 +776,8 @@ mod tests {
         for id in [v1, v2, v3, bad] {
             assert_eq!(f.hub.send(&[Target::Socket(id)], Kind::Text, b"m"), 1);
         }
+        // Payload bytes as delivered, prefixes included.
+        assert_eq!(Counters::get(&f.hub.stats.bytes_out), 4 + 4 + 4 + 2);
         assert_eq!(
             received(&a),
             vec![

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::deflate::Negotiated;
-use crate::dispatch::{self, Backlog, RESUME_READING_BELOW};
+use crate::dispatch::{self, Backlog, RESUME_READING_AT};
 use crate::frame::{self, close_code};
 use crate::keepalive::Keepalive;
 use crate::links::Links;
@@ -282,7 +282,7 @@ impl Backlog for Socket {
     /// Wakes the reader when it may resume.
     fn event_finished(&self) {
         let before = self.inflight.fetch_sub(1, Ordering::Relaxed);
-        if before == RESUME_READING_BELOW {
+        if before == RESUME_READING_AT + 1 {
             wake(self.outbox.lock());
         }
     }
