@@ -53,8 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. redis://127.0.0.1:6379/0",
     )
     for tunable in TUNABLES:
+        flag = "--" + tunable.name.replace("_", "-")
+        if tunable.type is bool:
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=tunable.default,
+                help=f"{tunable.help} (default: {'on' if tunable.default else 'off'})",
+            )
+            continue
         parser.add_argument(
-            "--" + tunable.name.replace("_", "-"),
+            flag,
             type=tunable.type,
             default=tunable.default,
             help=f"{tunable.help} (default: {tunable.default})",

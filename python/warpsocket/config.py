@@ -52,6 +52,7 @@ class Options:
     ping_interval: float
     ping_timeout: float
     max_pending_upgrades: int
+    compression: bool
 
     @classmethod
     def build(
@@ -74,6 +75,9 @@ class Options:
         max_pending_upgrades: Annotated[
             int, "connections allowed in their handshake at once; more are dropped"
         ] = 1024,
+        compression: Annotated[
+            bool, "negotiate permessage-deflate with clients that offer it (see the README)"
+        ] = False,
     ) -> Options:
         """Check every argument and return the options, raising TypeError/ValueError."""
         binds = _check_bind(bind)
@@ -109,6 +113,7 @@ class Options:
             ping_interval=check_seconds("ping_interval", ping_interval),
             ping_timeout=check_seconds("ping_timeout", ping_timeout),
             max_pending_upgrades=_check_int("max_pending_upgrades", max_pending_upgrades, sys.maxsize),
+            compression=_check_bool("compression", compression),
         )
 
 
@@ -161,6 +166,12 @@ def _check_int(name: str, value: object, maximum: int) -> int:
     return value
 
 
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+    return value
+
+
 def check_seconds(name: str, value: object, *, positive: bool = True) -> float:
     """``value`` as seconds: a finite number up to :data:`MAX_SECONDS` (and > 0 if ``positive``).
 
@@ -193,8 +204,8 @@ class Tunable:
     """One keyword-only option of :meth:`Options.build` (a CLI ``--flag``)."""
 
     name: str
-    type: type[int] | type[float]
-    default: int | float
+    type: type[int] | type[float] | type[bool]
+    default: int | float | bool
     help: str
 
 

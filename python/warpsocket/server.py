@@ -221,6 +221,7 @@ def _start_joined(options: Options) -> Server:
         ping_timeout=options.ping_timeout,
         open_timeout=options.handler_timeout + options.hang_timeout + 1.0,
         max_pending_upgrades=options.max_pending_upgrades,
+        compression=options.compression,
         static_dir=options.static_dir,
     )
     workers: list[Worker] = []

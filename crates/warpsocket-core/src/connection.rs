@@ -193,13 +193,16 @@ impl Connection {
             early,
         } = upgraded;
         let shared = guard.shared();
-        let max = shared.config.max_message_size;
+        let decoder = Decoder::new(
+            shared.config.max_message_size,
+            guard.socket.deflate().is_some(),
+        );
         // From now on the server's keepalive sweep pings it.
         guard.socket.keepalive.start(shared.id, shared.clock.now());
         let mut conn = Connection {
             stream,
             guard,
-            decoder: Decoder::new(max),
+            decoder,
             writer: Writer::default(),
             close_deadline: None,
             state: State::Open,
@@ -354,7 +357,7 @@ impl Connection {
     fn decode(&mut self, bytes: &[u8]) {
         let socket = self.guard.socket.clone();
         let mut full = false;
-        let mut decoder = std::mem::replace(&mut self.decoder, Decoder::new(0));
+        let mut decoder = std::mem::replace(&mut self.decoder, Decoder::new(0, false));
         let result = decoder.feed_while(
             bytes,
             &mut || {
