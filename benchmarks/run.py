@@ -156,7 +156,13 @@ def make_certs(folder: Path) -> Certs:
 
 
 def server_command(
-    server: str, ports: list[int], cpu: str, threads: int = 1, *, certs: Certs | None = None
+    server: str,
+    ports: list[int],
+    cpu: str,
+    threads: int = 1,
+    compression: bool = False,
+    *,
+    certs: Certs | None = None,
 ) -> list[str]:
     pin = ["taskset", "-c", cpu]
     tls = ["--tls-cert", str(certs.chain), "--tls-key", str(certs.key)] if certs else []
@@ -165,7 +171,10 @@ def server_command(
         return [
             *pin, sys.executable, "-m", "warpsocket", str(WORKER), *binds,
             "--threads", str(threads), "--log-level", "WARNING", *tls,
+            *(["--compression"] if compression else []),
         ]  # fmt: skip
+    if compression:
+        raise ValueError(f"--compression is only wired for warpsocket, not {server}")
     port_args = [arg for p in ports for arg in ("--port", str(p))]
     return [*pin, sys.executable, str(PEERS / f"{server}_server.py"), *port_args, *tls]
 
@@ -224,7 +233,7 @@ def run_one(
     base = server.removesuffix(TLS_SUFFIX)
     tls = certs if server.endswith(TLS_SUFFIX) else None
     proc = subprocess.Popen(
-        server_command(base, ports, args.server_cpu, certs=tls),
+        server_command(base, ports, args.server_cpu, compression=args.compression, certs=tls),
         cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -235,6 +244,7 @@ def run_one(
             "--connections", str(conns), "--warmup", str(args.warmup),
             "--duration", str(args.duration), "--source-ips", str(args.source_ips),
             *(["--tls-ca", str(tls.ca)] if tls else []),
+            *(["--compression"] if args.compression else []),
         ]  # fmt: skip
         gen = subprocess.Popen(gen_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         marks: dict[str, tuple[float | None, float | None]] = {}
@@ -392,6 +402,11 @@ def main() -> int:
     parser.add_argument("--no-install", action="store_true", help="do not pip/apt install peers")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/warpsocket-bench-logs"))
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--compression",
+        action="store_true",
+        help="warpsocket with --compression, clients offering permessage-deflate",
+    )
     args = parser.parse_args()
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]

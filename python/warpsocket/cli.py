@@ -63,8 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-key", metavar="PATH", default=None, help="PEM private key of --tls-cert's certificate"
     )
     for tunable in TUNABLES:
+        flag = "--" + tunable.name.replace("_", "-")
+        if tunable.type is bool:
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=tunable.default,
+                help=f"{tunable.help} (default: {'on' if tunable.default else 'off'})",
+            )
+            continue
         parser.add_argument(
-            "--" + tunable.name.replace("_", "-"),
+            flag,
             type=tunable.type,
             default=tunable.default,
             help=f"{tunable.help} (default: {tunable.default})",

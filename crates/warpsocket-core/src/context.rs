@@ -52,7 +52,9 @@ impl Shared {
         static_files: Option<Arc<StaticFiles>>,
         tls: Option<Tls>,
     ) -> Arc<Shared> {
-        let upgrades = Arc::new(Semaphore::new(config.max_pending_upgrades.max(1)));
+        let upgrades = Arc::new(Semaphore::new(
+            config.max_pending_upgrades.clamp(1, Semaphore::MAX_PERMITS),
+        ));
         let (stop, _) = watch::channel(false);
         Arc::new(Shared {
             id: SERVER_IDS.fetch_add(1, Ordering::Relaxed) + 1,

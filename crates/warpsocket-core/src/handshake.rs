@@ -117,13 +117,20 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, Refusal> {
     Ok(Some((Request::Upgrade(upgrade), used)))
 }
 
-/// The `101 Switching Protocols` response.
-pub fn accept_response(upgrade: &Upgrade) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+/// The `101 Switching Protocols` response, with the agreed
+/// `Sec-WebSocket-Extensions` value if an extension was negotiated.
+pub fn accept_response(upgrade: &Upgrade, extensions: Option<&str>) -> Vec<u8> {
+    let mut response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
         upgrade.accept
-    )
-    .into_bytes()
+    );
+    if let Some(extensions) = extensions {
+        response.push_str("Sec-WebSocket-Extensions: ");
+        response.push_str(extensions);
+        response.push_str("\r\n");
+    }
+    response.push_str("\r\n");
+    response.into_bytes()
 }
 
 /// A complete HTTP error response that closes the connection.

@@ -2,7 +2,7 @@
 //! and its outbox. The connection's own I/O task holds the TCP stream; other
 //! threads only queue frames here and wake that task.
 //!
-//! Uses the leaves (`frame`, `links`, keepalive's per-connection state) and
+//! Uses the leaves (`frame`, `deflate`, `links`, keepalive's per-connection state) and
 //! `dispatch`, whose [`Backlog`] it implements so that a busy worker pauses
 //! the connection's reader.
 
@@ -14,7 +14,8 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::dispatch::{self, Backlog, RESUME_READING_BELOW};
+use crate::deflate::Negotiated;
+use crate::dispatch::{self, Backlog, RESUME_READING_AT};
 use crate::frame::{self, close_code};
 use crate::keepalive::Keepalive;
 use crate::links::Links;
@@ -73,6 +74,9 @@ pub struct Socket {
     /// Looked after by the server's keepalive sweep.
     pub(crate) keepalive: Keepalive,
     max_backpressure: usize,
+    /// What permessage-deflate agreed, if it was negotiated: senders pick
+    /// the compressed frame of a message for this connection.
+    deflate: Option<Negotiated>,
 }
 
 /// What the writer took besides frames.
@@ -115,7 +119,18 @@ impl Socket {
             links: Links::default(),
             keepalive: Keepalive::default(),
             max_backpressure,
+            deflate: None,
         }
+    }
+
+    /// The socket of a connection that negotiated permessage-deflate.
+    pub(crate) fn with_deflate(mut self, deflate: Option<Negotiated>) -> Self {
+        self.deflate = deflate;
+        self
+    }
+
+    pub(crate) fn deflate(&self) -> Option<Negotiated> {
+        self.deflate
     }
 
     /// Queues an encoded frame for this connection.
@@ -267,7 +282,7 @@ impl Backlog for Socket {
     /// Wakes the reader when it may resume.
     fn event_finished(&self) {
         let before = self.inflight.fetch_sub(1, Ordering::Relaxed);
-        if before == RESUME_READING_BELOW {
+        if before == RESUME_READING_AT + 1 {
             wake(self.outbox.lock());
         }
     }

@@ -11,6 +11,9 @@ pub struct Counters {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub backpressure_closes: AtomicU64,
+    /// Outgoing messages deflated (permessage-deflate): one per distinct
+    /// frame, however many recipients get it.
+    pub messages_compressed: AtomicU64,
     /// Cluster mode: messages handed to Redis for other nodes, requests and
     /// broadcasts received from them, and cross-node sends that failed
     /// (Redis unreachable or too slow).

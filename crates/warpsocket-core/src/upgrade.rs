@@ -5,8 +5,8 @@
 //!
 //! Owns the handshake I/O and [`SocketGuard`], the registration every
 //! upgraded connection keeps until it ends. May use the server context, the
-//! engine side (engine, dispatch, socket), handshake, tls and static_files;
-//! the open connection builds on it.
+//! engine side (engine, dispatch, socket), handshake, deflate (negotiation),
+//! tls and static_files; the open connection builds on it.
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,6 +20,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::context::{LiveGuard, Shared};
+use crate::deflate;
 use crate::dispatch::{OpenRequest, Payload, Verdict};
 use crate::handshake::{self, Refusal, Request};
 use crate::socket::Socket;
@@ -104,10 +105,25 @@ pub(crate) async fn upgrade(
         refuse(stream, Refusal::new(503, "no worker is available")).await;
         return None;
     };
+    // The server always asks for client_no_context_takeover: what clients
+    // send is inflated by the I/O thread's shared inflater, and no
+    // connection keeps inflate state (about 48 KiB each otherwise).
+    let (deflate, extensions) = shared
+        .config
+        .compression
+        .then(|| {
+            let (_, offers) = upgrade
+                .headers
+                .iter()
+                .find(|(name, _)| name == "sec-websocket-extensions")?;
+            deflate::negotiate(offers, false)
+        })
+        .flatten()
+        .unzip();
     let max_backpressure = shared.config.max_backpressure;
     let socket = shared
         .engine
-        .add_socket(|id| Socket::new(id, worker, max_backpressure));
+        .add_socket(|id| Socket::new(id, worker, max_backpressure).with_deflate(deflate));
     socket.worker.connection_opened();
     let guard = SocketGuard { socket, live };
     let socket = &guard.socket;
@@ -139,7 +155,7 @@ pub(crate) async fn upgrade(
         socket.accept();
     }
     stream
-        .write_all(&handshake::accept_response(&upgrade))
+        .write_all(&handshake::accept_response(&upgrade, extensions.as_deref()))
         .await
         .ok()?;
     drop(upgrading);

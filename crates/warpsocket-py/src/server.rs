@@ -1,18 +1,18 @@
 //! The server object: binds, starts and stops a core server, and hands out
 //! its worker queues.
 //!
-//! May use the core's server and config, the worker queue, the GIL policy,
-//! the error mapping and the process-wide engine.
+//! May use the core's server and config, the conversions, the worker queue,
+//! the GIL policy, the error mapping and the process-wide engine.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use warpsocket_core::tls::Tls;
 use warpsocket_core::{Config, Handlers};
 
+use crate::convert;
 use crate::errors;
 use crate::gil::{self, Work};
 use crate::queue::WorkerQueue;
@@ -35,7 +35,7 @@ impl Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades, io_threads=None, static_dir=None, tls_cert=None, tls_key=None))]
+    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades, compression, io_threads=None, static_dir=None, tls_cert=None, tls_key=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -46,6 +46,7 @@ impl Server {
         ping_timeout: f64,
         open_timeout: f64,
         max_pending_upgrades: usize,
+        compression: bool,
         io_threads: Option<usize>,
         static_dir: Option<PathBuf>,
         tls_cert: Option<PathBuf>,
@@ -55,11 +56,12 @@ impl Server {
             bind,
             max_message_size,
             max_backpressure,
-            ping_interval: Duration::from_secs_f64(ping_interval),
-            ping_timeout: Duration::from_secs_f64(ping_timeout),
-            open_timeout: Duration::from_secs_f64(open_timeout),
+            ping_interval: convert::seconds(ping_interval, "ping_interval")?,
+            ping_timeout: convert::seconds(ping_timeout, "ping_timeout")?,
+            open_timeout: convert::seconds(open_timeout, "open_timeout")?,
             static_dir,
             max_pending_upgrades,
+            compression,
             ..Config::default()
         };
         if let Some(n) = io_threads {
@@ -114,7 +116,7 @@ impl Server {
     /// Stops accepting, closes every connection with 1001 and waits up to
     /// `timeout` seconds for them to finish.
     fn shutdown(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let timeout = convert::seconds(timeout.max(0.0), "timeout")?;
         gil::run(py, Work::Long, || {
             if let Ok(mut server) = self.inner.lock() {
                 server.shutdown(timeout);
