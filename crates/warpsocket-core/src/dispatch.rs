@@ -14,7 +14,7 @@
 //! names the instances the crate uses, for its `Socket`).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -100,7 +100,6 @@ pub struct WorkerQueue<S> {
     /// When the oldest event still in `events` was queued (0: queue empty).
     /// This is the hang signal: a live worker drains long before it ages.
     waiting_since_ms: AtomicU64,
-    retired: AtomicBool,
 }
 
 impl<S: Backlog> WorkerQueue<S> {
@@ -112,7 +111,6 @@ impl<S: Backlog> WorkerQueue<S> {
             depth: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             waiting_since_ms: AtomicU64::new(0),
-            retired: AtomicBool::new(false),
         })
     }
 
@@ -230,10 +228,6 @@ impl<S: Backlog> WorkerQueue<S> {
             since => Duration::from_millis(now_ms().saturating_sub(since)),
         }
     }
-
-    pub fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Relaxed)
-    }
 }
 
 /// The live workers of a server and the round-robin cursor over them.
@@ -268,9 +262,7 @@ impl<S: Backlog> Workers<S> {
     pub fn retire(&self, id: u32) -> Option<Arc<WorkerQueue<S>>> {
         let mut list = self.list.write();
         let index = list.iter().position(|w| w.id == id)?;
-        let queue = list.remove(index);
-        queue.retired.store(true, Ordering::Relaxed);
-        Some(queue)
+        Some(list.remove(index))
     }
 
     /// The next worker in round-robin order, if any is live.
@@ -281,10 +273,6 @@ impl<S: Backlog> Workers<S> {
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         Some(list[n % list.len()].clone())
-    }
-
-    pub fn live(&self) -> Vec<Arc<WorkerQueue<S>>> {
-        self.list.read().clone()
     }
 }
 
@@ -330,8 +318,8 @@ mod tests {
         let b = workers.add().unwrap();
         let picks: Vec<u32> = (0..4).map(|_| workers.pick().unwrap().id()).collect();
         assert_eq!(picks, vec![a.id(), b.id(), a.id(), b.id()]);
-        workers.retire(a.id());
-        assert!(a.is_retired());
+        assert!(workers.retire(a.id()).is_some());
+        assert!(workers.retire(a.id()).is_none());
         assert!((0..3).all(|_| workers.pick().unwrap().id() == b.id()));
         workers.retire(b.id());
         assert!(workers.pick().is_none());
