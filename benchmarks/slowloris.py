@@ -20,7 +20,7 @@ import argparse
 import contextlib
 import datetime
 import json
-import select
+import selectors
 import socket
 import statistics
 import subprocess
@@ -73,13 +73,14 @@ class Crowd(threading.Thread):
         self.port = port
         self.target = 0
         self.opened = 0
-        self.socks: list[socket.socket] = []
+        self.socks = 0
+        self.selector = selectors.DefaultSelector()
         self.halt = threading.Event()
         self.full = threading.Event()
 
     def run(self) -> None:
         while not self.halt.is_set():
-            while len(self.socks) < self.target and not self.halt.is_set():
+            while self.socks < self.target and not self.halt.is_set():
                 source = SOURCES[self.opened % len(SOURCES)]
                 self.opened += 1
                 try:
@@ -87,15 +88,17 @@ class Crowd(threading.Thread):
                     sock.sendall(HALF_REQUEST)
                 except OSError:
                     continue
-                self.socks.append(sock)
+                self.selector.register(sock, selectors.EVENT_READ)
+                self.socks += 1
             self.full.set()
             if not self.socks:
                 time.sleep(0.05)
                 continue
-            readable, _, _ = select.select(self.socks, [], [], 0.05)
-            for sock in readable:
-                self.socks.remove(sock)
-                sock.close()
+            # Readable means the server answered or dropped it: reopen it.
+            for key, _events in self.selector.select(0.05):
+                self.selector.unregister(key.fileobj)
+                key.fileobj.close()  # type: ignore[union-attr]
+                self.socks -= 1
 
     def grow(self, target: int) -> None:
         self.full.clear()
@@ -105,9 +108,10 @@ class Crowd(threading.Thread):
     def stop(self) -> None:
         self.halt.set()
         self.join(10)
-        for sock in self.socks:
+        for key in list(self.selector.get_map().values()):
             with contextlib.suppress(OSError):
-                sock.close()
+                key.fileobj.close()  # type: ignore[union-attr]
+        self.selector.close()
 
 
 def prompt_delay(port: int) -> float:
