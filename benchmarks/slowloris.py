@@ -200,7 +200,7 @@ def main() -> int:
         median = statistics.median(values)
         shown = f"> {top}" if median > top else f"{median:.0f}"
         low, high = min(values), max(values)
-        span = "-".join(f"> {top}" if v > top else str(v) for v in (low, high))
+        span = "-".join(dict.fromkeys(f"> {top}" if v > top else str(v) for v in (low, high)))
         print(f"| {server} | {shown} | {span} | {', '.join(text)} |")
     return 0
 
