@@ -232,25 +232,30 @@ class Worker(threading.Thread):
     def _on_events(self, batch: int | None = DRAIN_BATCH) -> None:
         """Run the waiting events (up to ``batch``): sync handlers now, async ones as tasks.
 
-        Drained events count as handled in the core; the sequencer holds one that
-        has to wait behind an awaited handler, or that starts one, until done, so a
-        connection's backlog stays bounded (the core stops reading it).
+        Drained events count as handled in the core once settled, after the batch;
+        the sequencer holds one that has to wait behind an awaited handler, or that
+        starts one, until done, so a connection's backlog stays bounded (the core
+        stops reading it).
         """
         if self.retired:
             return
         sequencer = self._sequencer
         tracked, arrive, ran = sequencer.tracked, sequencer.arrive, sequencer.ran
         run = self._run
-        for kind, sid, payload in self.queue.drain(batch):
-            # Most apps have no connection waiting on an async handler: skip the calls.
-            if tracked and not arrive(kind, sid, payload):
-                continue
-            pending = run(kind, sid, payload)
-            if pending is not None:
-                ran(kind, sid, True)
-                self._spawn(self._drive(sid, kind, pending))
-            elif tracked:
-                ran(kind, sid, False)
+        queue = self.queue
+        try:
+            for kind, sid, payload in queue.drain(batch):
+                # Most apps have no connection waiting on an async handler: skip the calls.
+                if tracked and not arrive(kind, sid, payload):
+                    continue
+                pending = run(kind, sid, payload)
+                if pending is not None:
+                    ran(kind, sid, True)
+                    self._spawn(self._drive(sid, kind, pending))
+                elif tracked:
+                    ran(kind, sid, False)
+        finally:
+            queue.settle()
 
     def _on_inherited_events(self, orphaned: _core.WorkerQueue) -> None:
         """Run ``handle_close`` for the connections of a retired worker; drop the rest.
@@ -264,6 +269,7 @@ class Worker(threading.Thread):
                 pending = self._run(CLOSE, sid, None)
                 if pending is not None:
                     self._spawn(self._await(sid, CLOSE, pending))
+        orphaned.settle()
         # Every close event was queued before the count reached 0 (see the core),
         # so once it was 0 before this drain, nothing more can come.
         if done and self._loop is not None:

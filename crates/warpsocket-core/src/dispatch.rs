@@ -22,10 +22,12 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::wakeup::Wakeup;
 
-/// Below this many outstanding events a paused connection resumes reading.
-pub(crate) const RESUME_READING_BELOW: u32 = 32;
-/// At this many outstanding events a connection stops being read.
+/// At this many outstanding events a connection stops being read, and frames
+/// already read but not decoded stay so.
 pub(crate) const PAUSE_READING_AT: u32 = 64;
+/// A paused connection resumes once its outstanding events are down to this
+/// many: it then gets a batch's worth of room, not a wakeup per event.
+pub(crate) const RESUME_READING_AT: u32 = 32;
 
 /// `handle_open`'s answer: accept, or the HTTP status to refuse with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +43,8 @@ pub trait Backlog: Send + Sync {
     fn id(&self) -> u64;
     /// One more event outstanding.
     fn event_queued(&self);
-    /// One event finished; the connection resumes reading once fewer than
-    /// [`RESUME_READING_BELOW`] are outstanding.
+    /// One event finished; a paused connection resumes reading once
+    /// [`RESUME_READING_AT`] are outstanding.
     fn event_finished(&self);
 }
 
@@ -95,6 +97,11 @@ pub struct WorkerQueue<S> {
     wakeup: Wakeup,
     /// Events handed to this worker whose handlers have not finished yet.
     depth: AtomicUsize,
+    /// The sockets of the events last drained: they count as outstanding
+    /// until [`settle`](WorkerQueue::settle), when the worker has run them or
+    /// held the ones it keeps. Otherwise a connection whose events the worker
+    /// is about to hold would look caught up, and be read meanwhile.
+    unsettled: Mutex<Vec<Arc<S>>>,
     /// Open connections pinned to this worker.
     connections: AtomicUsize,
     /// When the oldest event still in `events` was queued (0: queue empty).
@@ -109,6 +116,7 @@ impl<S: Backlog> WorkerQueue<S> {
             events: Mutex::new(Vec::new()),
             wakeup: Wakeup::new()?,
             depth: AtomicUsize::new(0),
+            unsettled: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
             waiting_since_ms: AtomicU64::new(0),
         })
@@ -154,8 +162,9 @@ impl<S: Backlog> WorkerQueue<S> {
     }
 
     /// Takes every waiting event, oldest first. They count as handled from
-    /// here on: the worker runs synchronous handlers at once and reports
-    /// the events it keeps waiting or awaiting with [`hold`](Self::hold).
+    /// the next [`settle`](Self::settle) (or drain) on: the worker runs
+    /// synchronous handlers at once and reports the events it keeps waiting
+    /// or awaiting with [`hold`](Self::hold) before it settles.
     pub fn drain(&self) -> Vec<Event<S>> {
         self.drain_at_most(usize::MAX)
     }
@@ -165,6 +174,7 @@ impl<S: Backlog> WorkerQueue<S> {
     /// in bounded batches keeps its own memory bounded when thousands of
     /// connections send at once.
     pub fn drain_at_most(&self, max: usize) -> Vec<Event<S>> {
+        self.settle();
         self.wakeup.clear();
         let (events, more) = {
             let mut events = self.events.lock();
@@ -181,11 +191,19 @@ impl<S: Backlog> WorkerQueue<S> {
         if more {
             self.wakeup.signal();
         }
-        for event in &events {
-            event.socket.event_finished();
-        }
-        self.depth.fetch_sub(events.len(), Ordering::Relaxed);
+        self.unsettled
+            .lock()
+            .extend(events.iter().map(|e| e.socket.clone()));
         events
+    }
+
+    /// The events last drained are run, or held: they stop counting.
+    pub fn settle(&self) {
+        let batch = std::mem::take(&mut *self.unsettled.lock());
+        for socket in &batch {
+            socket.event_finished();
+        }
+        self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
     }
 
     /// An event of `socket` (if still open) is waiting behind another or
@@ -349,6 +367,12 @@ mod tests {
         assert_eq!(events[0].socket_id(), 1);
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 0);
+        // Drained events count until the worker settles them, after its holds.
+        assert_eq!((q.queue_depth(), socket.inflight()), (2, 2));
+        q.hold(Some(&*socket));
+        q.settle();
+        assert_eq!((q.queue_depth(), socket.inflight()), (1, 1));
+        q.release(Some(&*socket));
         assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
         q.hold(Some(&*socket));
         assert_eq!((q.queue_depth(), socket.inflight()), (1, 1));
@@ -384,9 +408,10 @@ mod tests {
             first,
             (0..3u8).map(|i| Payload::Text(vec![i])).collect::<Vec<_>>()
         );
-        assert_eq!((q.queue_depth(), socket.inflight()), (2, 2));
+        assert_eq!((q.queue_depth(), socket.inflight()), (5, 5));
         // SAFETY: one valid pollfd, zero timeout.
         assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 1, "still signalled");
+        // A drain settles the batch before.
         let rest = texts(q.drain_at_most(3));
         assert_eq!(
             rest,
@@ -394,6 +419,8 @@ mod tests {
         );
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 0);
+        assert_eq!((q.queue_depth(), socket.inflight()), (2, 2));
+        q.settle();
         assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
         assert_eq!(q.stalled_for(), Duration::ZERO);
     }

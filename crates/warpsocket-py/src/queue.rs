@@ -37,7 +37,8 @@ impl WorkerQueue {
     }
 
     /// Takes the waiting events (at most `max`) as `(kind, socket_id, payload)`
-    /// tuples. Drained events count as handled unless held (see `hold`).
+    /// tuples. Drained events count as handled from `settle` (or the next
+    /// drain) on, unless held (see `hold`).
     #[pyo3(signature = (max=None))]
     fn drain<'py>(&self, py: Python<'py>, max: Option<usize>) -> PyResult<Bound<'py, PyList>> {
         let events = self.inner.drain_at_most(max.unwrap_or(usize::MAX));
@@ -67,6 +68,11 @@ impl WorkerQueue {
             list.append(item)?;
         }
         Ok(list)
+    }
+
+    /// The events last drained have run or are held.
+    fn settle(&self) {
+        self.inner.settle();
     }
 
     /// An event of `socket_id` waits behind another or is being awaited:
