@@ -77,7 +77,7 @@ class Options:
         ping_interval: Annotated[float, "seconds between keepalive pings"] = 20.0,
         ping_timeout: Annotated[float, "seconds to wait for a keepalive answer (else 1011)"] = 20.0,
         max_pending_upgrades: Annotated[
-            int, "connections allowed in their handshake at once; more are dropped"
+            int, "connections allowed in their handshake at once; the longest-waiting makes room"
         ] = 1024,
         compression: Annotated[
             bool, "negotiate permessage-deflate with clients that offer it (see the README)"

@@ -18,10 +18,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
-use crate::context::LiveGuard;
+use crate::context::{Handshake, LiveGuard};
 use crate::dispatch::Payload;
 use crate::dispatch::{PAUSE_READING_AT, RESUME_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
@@ -36,13 +35,13 @@ const READ_CHUNK: usize = 16 * 1024;
 const MAX_IOVECS: usize = 64;
 
 /// The task serving one accepted TCP connection until it is closed.
-/// `upgrading` is the connection's pending-upgrade permit, released once the
+/// `upgrading` is the connection's pending-upgrade slot, given back once the
 /// upgrade is done (or refused); `live` counts the task until it ends.
 pub(crate) fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     live: LiveGuard,
-    upgrading: OwnedSemaphorePermit,
+    upgrading: Handshake,
 ) -> Task {
     Task::Upgrading(Box::pin(upgrade::upgrade(stream, peer, live, upgrading)))
 }
@@ -428,8 +427,6 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     /// Every open connection keeps its task's state for its whole life; this
@@ -445,10 +442,8 @@ mod tests {
             .unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
         let shared = crate::context::test_shared();
-        let permit = Arc::new(tokio::sync::Semaphore::new(1))
-            .try_acquire_owned()
-            .unwrap();
-        let task = serve(stream, peer, LiveGuard::new(&shared), permit);
+        let slot = shared.admit(peer.ip()).unwrap();
+        let task = serve(stream, peer, LiveGuard::new(&shared), slot);
         assert!(
             std::mem::size_of_val(&task) <= 152,
             "{} bytes",

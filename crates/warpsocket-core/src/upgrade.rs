@@ -16,10 +16,9 @@ use std::time::Duration;
 use bytes::BufMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::context::{LiveGuard, Shared};
+use crate::context::{Handshake, LiveGuard, Shared};
 use crate::deflate;
 use crate::dispatch::{OpenRequest, Payload, Verdict};
 use crate::handshake::{self, Refusal, Request};
@@ -28,7 +27,7 @@ use crate::tls::Stream;
 
 /// Most bytes an upgrade request may have.
 const MAX_REQUEST_BYTES: usize = 16 * 1024;
-/// Bytes made room for before each read of the request.
+/// Bytes read at most at a time while reading the request.
 const REQUEST_READ: usize = 2048;
 /// How long to wait for the peer's close frame (or for our last bytes to be
 /// written) before dropping the TCP connection.
@@ -43,64 +42,22 @@ pub(crate) struct Upgraded {
 }
 
 /// Reads the request, asks `handle_open`, and answers 101 or an error.
-/// `upgrading` is the connection's pending-upgrade permit, released once the
-/// upgrade is done (or refused); `live` counts the connection's task.
+/// `upgrading` is the connection's slot among the pending upgrades, given
+/// back once the upgrade is done (or refused); while the request is still
+/// being read a newcomer may take it, which ends the connection. `live`
+/// counts the connection's task.
 pub(crate) async fn upgrade(
-    tcp: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     live: LiveGuard,
-    upgrading: OwnedSemaphorePermit,
+    mut upgrading: Handshake,
 ) -> Option<Upgraded> {
     let shared = &live.shared().clone();
-    let _ = tcp.set_nodelay(true);
-    // One time limit for the TLS handshake and the request together, so a
-    // client cannot take it twice.
-    let deadline = Instant::now() + shared.config.handshake_timeout;
-    let mut stream = match &shared.tls {
-        None => Stream::Plain(tcp),
-        Some(tls) => {
-            let accepted = tokio::select! {
-                r = tokio::time::timeout_at(deadline, tls.accept(tcp)) => r,
-                _ = shared.stopping() => return None,
-            };
-            match accepted {
-                Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
-                Ok(Err(e)) => {
-                    log::debug!(target: "warpsocket", "{peer}: {e}");
-                    return None;
-                }
-                Err(_) => {
-                    log::debug!(target: "warpsocket", "{peer}: TLS handshake timed out");
-                    return None;
-                }
-            }
-        }
+    let (mut stream, upgrade, mut buf, used) = tokio::select! {
+        read = read_upgrade(stream, peer, shared) => read?,
+        _ = upgrading.evicted() => return None,
     };
-    let mut buf = Vec::new();
-    let read = tokio::select! {
-        r = tokio::time::timeout_at(deadline, read_request(&mut stream, &mut buf)) => r,
-        _ = shared.stopping() => return None,
-    };
-    let (request, used) = match read {
-        Ok(Ok(Ok(Some(parsed)))) => parsed,
-        Ok(Ok(Err(refusal))) => {
-            refuse(stream, refusal).await;
-            return None;
-        }
-        // The peer left, broke the connection, or was too slow.
-        Ok(Ok(Ok(None))) | Ok(Err(_)) | Err(_) => return None,
-    };
-    let upgrade = match request {
-        Request::Upgrade(upgrade) => upgrade,
-        Request::Plain {
-            method,
-            path,
-            headers,
-        } => {
-            plain_http(stream, shared, method, path, headers).await;
-            return None;
-        }
-    };
+    upgrading.deciding();
     let Some(worker) = shared.workers.pick() else {
         refuse(stream, Refusal::new(503, "no worker is available")).await;
         return None;
@@ -167,6 +124,65 @@ pub(crate) async fn upgrade(
     })
 }
 
+/// Runs the TLS handshake when the server speaks TLS, then reads the
+/// request: an upgrade request comes back with the bytes read and the
+/// request's length in them; anything else is answered here.
+async fn read_upgrade(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Option<(Stream, handshake::Upgrade, Vec<u8>, usize)> {
+    let _ = tcp.set_nodelay(true);
+    // One time limit for the TLS handshake and the request together, so a
+    // client cannot take it twice.
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let mut stream = match &shared.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            let accepted = tokio::select! {
+                r = tokio::time::timeout_at(deadline, tls.accept(tcp)) => r,
+                _ = shared.stopping() => return None,
+            };
+            match accepted {
+                Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                Ok(Err(e)) => {
+                    log::debug!(target: "warpsocket", "{peer}: {e}");
+                    return None;
+                }
+                Err(_) => {
+                    log::debug!(target: "warpsocket", "{peer}: TLS handshake timed out");
+                    return None;
+                }
+            }
+        }
+    };
+    let mut buf = Vec::new();
+    let read = tokio::select! {
+        r = tokio::time::timeout_at(deadline, read_request(&mut stream, &mut buf)) => r,
+        _ = shared.stopping() => return None,
+    };
+    let (request, used) = match read {
+        Ok(Ok(Ok(Some(parsed)))) => parsed,
+        Ok(Ok(Err(refusal))) => {
+            refuse(stream, refusal).await;
+            return None;
+        }
+        // The peer left, broke the connection, or was too slow.
+        Ok(Ok(Ok(None))) | Ok(Err(_)) | Err(_) => return None,
+    };
+    match request {
+        Request::Upgrade(upgrade) => Some((stream, upgrade, buf, used)),
+        Request::Plain {
+            method,
+            path,
+            headers,
+        } => {
+            plain_http(stream, shared, method, path, headers).await;
+            None
+        }
+    }
+}
+
 /// Answers a request that is not an upgrade: a static file when a folder is
 /// configured, else 426.
 async fn plain_http(
@@ -197,6 +213,7 @@ async fn read_request(
     buf: &mut Vec<u8>,
 ) -> io::Result<Result<Option<(Request, usize)>, Refusal>> {
     loop {
+        let before = buf.len();
         buf.reserve(REQUEST_READ);
         // At most a chunk at a time (the Vec may have grown by more), so an
         // oversized request is seen as such before it is complete.
@@ -205,6 +222,15 @@ async fn read_request(
             .await?;
         if read == 0 {
             return Ok(Ok(None));
+        }
+        // A client trickling its request a byte at a time would otherwise
+        // cost a parse of everything so far per packet. The first read is
+        // parsed anyway, so that what is not HTTP at all is refused at once.
+        if before > 0 && !handshake::may_end_head(buf, before) {
+            if buf.len() > MAX_REQUEST_BYTES {
+                return Ok(Err(handshake::TOO_LARGE));
+            }
+            continue;
         }
         match handshake::parse(buf) {
             Ok(Some(parsed)) => return Ok(Ok(Some(parsed))),
