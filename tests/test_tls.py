@@ -270,6 +270,25 @@ def test_stalled_and_garbled_handshakes_are_dropped_and_block_nobody(tls_server,
     assert HANDSHAKE_LIMIT - 1 < waited < HANDSHAKE_LIMIT + 10, waited
 
 
+def test_stalled_tls_handshakes_make_room_for_newcomers(tls_server, client_context):
+    server = tls_server(max_pending_upgrades=2)
+    stalled = []
+    try:
+        for _ in range(6):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            sock.sendall(PARTIAL_CLIENT_HELLO)
+            stalled.append(sock)
+        # Long before the time limit, a prompt client gets a slot of its own.
+        started = time.monotonic()
+        with connect(wss(server), ssl=client_context, open_timeout=HANDSHAKE_LIMIT / 2) as ws:
+            ws.send("room for me")
+            assert ws.recv(timeout=20) == "room for me"
+        assert time.monotonic() - started < HANDSHAKE_LIMIT / 2
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
 def test_cli_serves_wss(cert_files, client_context, write_worker, tmp_path):
     cert, key = cert_files()
     worker = write_worker(ECHO_WORKER)
