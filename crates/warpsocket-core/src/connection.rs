@@ -21,11 +21,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
 use crate::context::LiveGuard;
-use crate::dispatch::Payload;
 use crate::dispatch::PAUSE_READING_AT;
+use crate::dispatch::{Payload, ReadAt};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
 use crate::socket::CloseTaken;
-use crate::stats::Counters;
+use crate::stats::{Counters, NO_CODE};
 use crate::upgrade::{self, SocketGuard, Upgraded, CLOSE_TIMEOUT};
 
 /// Bytes taken by one read; frames that do not fit carry over in the decoder.
@@ -333,18 +333,19 @@ impl Connection {
 
     fn on_bytes(&mut self, bytes: &[u8]) {
         self.guard.socket.keepalive.heard();
+        let read_at = ReadAt::now();
         let mut decoder = std::mem::replace(&mut self.decoder, Decoder::new(0));
-        let result = decoder.feed(bytes, &mut |incoming| self.on_incoming(incoming));
+        let result = decoder.feed(bytes, &mut |incoming| self.on_incoming(incoming, read_at));
         self.decoder = decoder;
         if let Err(violation) = result {
             self.fail(violation.code, violation.reason);
         }
     }
 
-    fn on_incoming(&mut self, incoming: Incoming) {
+    fn on_incoming(&mut self, incoming: Incoming, read_at: ReadAt) {
         match incoming {
-            Incoming::Text(data) => self.on_message(Kind::Text, data),
-            Incoming::Binary(data) => self.on_message(Kind::Binary, data),
+            Incoming::Text(data) => self.on_message(Kind::Text, data, read_at),
+            Incoming::Binary(data) => self.on_message(Kind::Binary, data, read_at),
             Incoming::Ping(payload) => {
                 self.guard.socket.send(&frame::encode_pong(&payload));
             }
@@ -359,13 +360,16 @@ impl Connection {
                     Some(code) => frame::encode_close(code, ""),
                     None => frame::encode_empty_close(),
                 };
-                self.guard.socket.close_with(reply);
+                if self.guard.socket.close_with(reply) {
+                    let stats = self.guard.shared().engine.stats();
+                    stats.closes.count(code.unwrap_or(NO_CODE));
+                }
                 self.state = State::Ending;
             }
         }
     }
 
-    fn on_message(&mut self, kind: Kind, data: Vec<u8>) {
+    fn on_message(&mut self, kind: Kind, data: Vec<u8>, read_at: ReadAt) {
         if self.state != State::Open {
             return;
         }
@@ -393,12 +397,15 @@ impl Connection {
                 Kind::Text => Payload::Text(data),
                 Kind::Binary => Payload::Binary(data),
             },
+            read_at,
         );
     }
 
     /// Fails the connection: close frame with `code`, then the TCP connection.
     fn fail(&mut self, code: u16, reason: &str) {
-        self.guard.socket.close(code, reason);
+        if self.guard.socket.close(code, reason) {
+            self.guard.shared().engine.stats().closes.count(code);
+        }
         self.state = State::Ending;
     }
 }
