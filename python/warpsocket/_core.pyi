@@ -1,6 +1,6 @@
 """Type stubs for the native module built from crates/warpsocket-py."""
 
-from typing import Any, TypeAlias, final
+from typing import Any, Literal, TypeAlias, final, overload
 
 __all__ = [
     "Server",
@@ -72,7 +72,7 @@ def join_cluster(url: str) -> int:
 def leave_cluster() -> None:
     """Leave the cluster, if in one."""
 
-def counters() -> dict[str, int]:
+def counters() -> dict[str, Any]:
     """The engine's counters (``stats()`` without the worker list)."""
 
 @final
@@ -87,11 +87,15 @@ class WorkerQueue:
     def queue_depth(self) -> int: ...
     def fileno(self) -> int:
         """The descriptor that becomes readable when events wait."""
-    def drain(self, max: int | None = None) -> list[tuple[int, int, Any]]:
+    @overload
+    def drain(self, max: int | None = None, timed: Literal[False] = False) -> list[tuple[int, int, Any]]:
         """Take the waiting events (at most ``max``) as ``(kind, socket_id, payload)``.
 
         When more wait, the descriptor stays readable.
         """
+    @overload
+    def drain(self, max: int | None, timed: Literal[True]) -> list[tuple[int, int, Any, float]]:
+        """Like the above, with the seconds since each event was read as a fourth item."""
     def hold(self, socket_id: int) -> None:
         """An event of ``socket_id`` waits or is awaited: it counts until ``release``."""
     def release(self, socket_id: int) -> None:

@@ -54,10 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for tunable in TUNABLES:
         parser.add_argument(
-            "--" + tunable.name.replace("_", "-"),
+            tunable.flag,
+            dest=tunable.name,
             type=tunable.type,
             default=tunable.default,
-            help=f"{tunable.help} (default: {tunable.default})",
+            metavar=tunable.metavar,
+            help=tunable.help if tunable.default is None else f"{tunable.help} (default: {tunable.default})",
         )
     parser.add_argument(
         "--log-level",

@@ -2,7 +2,8 @@
 
 ``MetricsServer(bind, stats)`` serves ``GET /metrics`` (prometheus_client's default
 registry, so application metrics registered there appear on the same page) and
-``GET /healthz`` (200 until ``set_stopping()``, then 503) on a thread of its own.
+``GET /healthz`` (200 while serving: from ``set_serving()``, or from the start, until
+``set_stopping()``; else 503) on a thread of its own.
 
 The server's counters are read from ``stats()`` at scrape time by ``StatsCollector``;
 nothing is updated per message except the handler timings, which each worker thread
@@ -322,12 +323,16 @@ class MetricsServer:
 
     Binding raises ``OSError`` (address in use ...) and a malformed ``bind``
     ``ValueError``. The ``StatsCollector`` is registered on prometheus_client's
-    default registry until ``close()``.
+    default registry until ``close()``. With ``serving=False``, ``/healthz`` answers
+    503 until ``set_serving()``: the listener is up before the server it reports on.
     """
 
-    def __init__(self, bind: str, stats: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(self, bind: str, stats: Callable[[], Mapping[str, Any]], *, serving: bool = True) -> None:
         host, port = parse_bind(bind)
         self.collector = StatsCollector(stats)
+        self._serving = threading.Event()
+        if serving:
+            self._serving.set()
         self._stopping = threading.Event()
         # prometheus_client's own app: content negotiation (text or OpenMetrics),
         # gzip and ?name[]= filtering come with it.
@@ -353,6 +358,10 @@ class MetricsServer:
     def worker_timings(self) -> HandlerTimings:
         """New timings for one worker thread (see ``StatsCollector.worker_timings``)."""
         return self.collector.worker_timings()
+
+    def set_serving(self) -> None:
+        """From now on ``/healthz`` answers 200 (until ``set_stopping()``)."""
+        self._serving.set()
 
     def set_stopping(self) -> None:
         """From now on ``/healthz`` answers 503."""
@@ -381,22 +390,26 @@ class MetricsServer:
                 return cast(Iterable[bytes], self._metrics_app(environ, start_response))
             except Exception:
                 logger.exception("metrics scrape failed")
-                start_response("500 Internal Server Error", _TEXT, sys.exc_info())
+                start_response("500 Internal Server Error", [*_TEXT], sys.exc_info())
                 return [b"scrape failed\n"]
         if path == "/healthz":
             if environ["REQUEST_METHOD"] != "GET":
                 start_response("405 Method Not Allowed", [*_TEXT, ("Allow", "GET")])
                 return [b"method not allowed\n"]
             if self._stopping.is_set():
-                start_response("503 Service Unavailable", _TEXT)
+                start_response("503 Service Unavailable", [*_TEXT])
                 return [b"stopping"]
-            start_response("200 OK", _TEXT)
+            if not self._serving.is_set():
+                start_response("503 Service Unavailable", [*_TEXT])
+                return [b"starting"]
+            start_response("200 OK", [*_TEXT])
             return [b"ok"]
-        start_response("404 Not Found", _TEXT)
+        start_response("404 Not Found", [*_TEXT])
         return [b"not found\n"]
 
 
-_TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+# A tuple, copied into each response's list: wsgiref adds Content-Length to the list it gets.
+_TEXT = (("Content-Type", "text/plain; charset=utf-8"),)
 
 
 def _format_address(address: tuple[str, int]) -> str:
