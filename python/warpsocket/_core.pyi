@@ -5,6 +5,7 @@ from typing import Any, Literal, TypeAlias, final, overload
 __all__ = [
     "Server",
     "WorkerQueue",
+    "HandlerTimings",
     "send",
     "close",
     "subscribe",
@@ -127,3 +128,15 @@ class Server:
     def retire_worker(self, worker_id: int) -> int: ...
     def serve(self, *, handle_open: bool, handle_text: bool, handle_binary: bool) -> None: ...
     def shutdown(self, timeout: float) -> None: ...
+
+_Histogram: TypeAlias = tuple[list[list[int]], list[float]]
+
+@final
+class HandlerTimings:
+    """One worker thread's histograms of its handler calls: queue wait and duration by kind."""
+
+    def __new__(cls, bounds: list[float] | tuple[float, ...]) -> HandlerTimings: ...
+    def record(self, kind: int, waited: float, ran: float) -> None:
+        """Count one call of handler ``kind`` (0-3: open, text, binary, close); one thread only."""
+    def snapshot(self) -> tuple[_Histogram, _Histogram]:
+        """``(wait, ran)``, each ``(counts, sums)`` per kind; counts per bucket, +Inf last."""

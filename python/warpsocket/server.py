@@ -18,7 +18,6 @@ from .supervisor import Supervisor
 from .worker import Worker
 
 if TYPE_CHECKING:
-    from .metrics import HandlerTimings
     from .stats import WorkerStats
 
 logger = logging.getLogger("warpsocket")
@@ -283,7 +282,7 @@ def _start_joined(options: Options, metrics: MetricsServer | None) -> Server:
     return Server(options, core, workers, metrics)
 
 
-def _timings(metrics: MetricsServer | None) -> HandlerTimings | None:
+def _timings(metrics: MetricsServer | None) -> _core.HandlerTimings | None:
     """A new worker's handler timings; None (nothing recorded) without metrics."""
     return metrics.worker_timings() if metrics is not None else None
 

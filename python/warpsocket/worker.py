@@ -9,7 +9,7 @@ run one after another while other connections go on.
 
 With metrics on, each handler call's queue wait (from the read of its frame to
 its start) and duration (for an async handler, until it was awaited) go into
-the worker's own :class:`~warpsocket.metrics.HandlerTimings`; with metrics off,
+the worker's own ``_core.HandlerTimings``; with metrics off,
 the drain loop is the same as without them.
 """
 
@@ -31,7 +31,6 @@ from typing import Any
 
 from . import _core
 from .config import Options
-from .metrics import HandlerTimings
 from .sequencer import Sequencer
 
 logger = logging.getLogger("warpsocket")
@@ -129,7 +128,7 @@ class Worker(threading.Thread):
         queue: _core.WorkerQueue,
         inherited: tuple[_core.WorkerQueue, ...] = (),
         *,
-        timings: HandlerTimings | None = None,
+        timings: _core.HandlerTimings | None = None,
     ) -> None:
         super().__init__(name=f"warpsocket-worker-{index}", daemon=True)
         self.options = options
@@ -265,7 +264,7 @@ class Worker(threading.Thread):
             elif tracked:
                 ran(kind, sid, False)
 
-    def _on_events_timed(self, batch: int | None, timings: HandlerTimings) -> None:
+    def _on_events_timed(self, batch: int | None, timings: _core.HandlerTimings) -> None:
         """``_on_events`` that also records each handler call's queue wait and duration.
 
         An event that waits in the sequencer carries its read time with it, as
@@ -275,19 +274,23 @@ class Worker(threading.Thread):
         tracked, arrive, ran = sequencer.tracked, sequencer.arrive, sequencer.ran
         run, record, clock = self._run, timings.record, time.perf_counter
         drained_at = clock()
-        for kind, sid, payload, age in self.queue.drain(batch, timed=True):
+        events = self.queue.drain(batch, timed=True)
+        # One clock read per event: a handler's end is the next one's start.
+        start = clock()
+        for kind, sid, payload, age in events:
             read_at = drained_at - age
             if tracked and not arrive(kind, sid, (payload, read_at)):
                 continue
-            start = clock()
             pending = run(kind, sid, payload)
+            end = clock()
             if pending is not None:
                 ran(kind, sid, True)
                 self._spawn(self._drive(sid, kind, pending, (read_at, start)))
             else:
-                record(kind, start - read_at, clock() - start)
+                record(kind, start - read_at, end - start)
                 if tracked:
                     ran(kind, sid, False)
+            start = end
 
     def _on_inherited_events(self, orphaned: _core.WorkerQueue) -> None:
         """Run ``handle_close`` for the connections of a retired worker; drop the rest.

@@ -76,6 +76,71 @@ impl<const FIRST: u16, const N: usize> CodeCounts<FIRST, N> {
     }
 }
 
+/// Handler kinds a [`Timings`] tells apart (open, text, binary, close).
+pub const HANDLER_KINDS: usize = 4;
+
+/// Two histograms by handler kind with the same bucket bounds: the queue
+/// wait of handler calls and how long they ran. One worker thread records
+/// into its own; a scrape reads them. Recording is a few relaxed atomic
+/// operations: no lock, and no Python code per message.
+pub struct Timings {
+    /// Upper bounds of the buckets, ascending; a last bucket (+Inf) follows.
+    bounds: Box<[f64]>,
+    /// Per histogram (wait, ran), kind and bucket: observations, not cumulative.
+    counts: Box<[AtomicU64]>,
+    /// Per histogram and kind: the sum of the observations, as `f64` bits.
+    sums: [AtomicU64; 2 * HANDLER_KINDS],
+}
+
+impl Timings {
+    pub fn new(bounds: &[f64]) -> Self {
+        let slots = 2 * HANDLER_KINDS * (bounds.len() + 1);
+        Timings {
+            bounds: bounds.into(),
+            counts: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            sums: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// Counts one handler call of `kind`; false (nothing counted) for an
+    /// unknown kind. Only one thread may record into a `Timings`: the sums
+    /// are read, added to and written back, which is exact with one writer.
+    pub fn record(&self, kind: usize, waited: f64, ran: f64) -> bool {
+        if kind >= HANDLER_KINDS {
+            return false;
+        }
+        for (histogram, value) in [waited, ran].into_iter().enumerate() {
+            // The first bucket whose bound is >= value, as Prometheus' `le`.
+            let bucket = self.bounds.partition_point(|&bound| bound < value);
+            let slot = (histogram * HANDLER_KINDS + kind) * (self.bounds.len() + 1) + bucket;
+            self.counts[slot].fetch_add(1, Ordering::Relaxed);
+            let sum = &self.sums[histogram * HANDLER_KINDS + kind];
+            let total = f64::from_bits(sum.load(Ordering::Relaxed)) + value;
+            sum.store(total.to_bits(), Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Per histogram (wait, ran) and kind: the bucket counts (the last is
+    /// +Inf; not cumulative) and the sum.
+    pub fn snapshot(&self) -> [Vec<(Vec<u64>, f64)>; 2] {
+        let width = self.bounds.len() + 1;
+        std::array::from_fn(|histogram| {
+            (0..HANDLER_KINDS)
+                .map(|kind| {
+                    let start = (histogram * HANDLER_KINDS + kind) * width;
+                    let counts = self.counts[start..start + width]
+                        .iter()
+                        .map(|n| n.load(Ordering::Relaxed))
+                        .collect();
+                    let sum = self.sums[histogram * HANDLER_KINDS + kind].load(Ordering::Relaxed);
+                    (counts, f64::from_bits(sum))
+                })
+                .collect()
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +157,17 @@ mod tests {
         statuses.count(599);
         statuses.count(600);
         assert_eq!(statuses.snapshot(), vec![(100, 1), (599, 1)]);
+    }
+
+    #[test]
+    fn timings_bucket_like_prometheus_le() {
+        let timings = Timings::new(&[0.001, 0.01]);
+        assert!(timings.record(1, 0.001, 0.5));
+        assert!(timings.record(1, 0.002, 0.01));
+        assert!(!timings.record(HANDLER_KINDS, 0.0, 0.0));
+        let [wait, ran] = timings.snapshot();
+        assert_eq!(wait[1], (vec![1, 1, 0], 0.003));
+        assert_eq!(ran[1], (vec![0, 1, 1], 0.51));
+        assert_eq!(wait[0], (vec![0, 0, 0], 0.0));
     }
 }

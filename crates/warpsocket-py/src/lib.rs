@@ -5,7 +5,8 @@
 //! Modules, each using only those listed before it: `errors` (core errors to
 //! Python exceptions), `gil` (when to release the GIL), `convert` (Python
 //! values to core types), `functions` (the module functions), `queue` (the
-//! worker queue), `server` (the server object).
+//! worker queue), `server` (the server object); `timings` (handler-call
+//! histograms) uses only the core.
 
 use std::sync::{Arc, LazyLock};
 
@@ -18,6 +19,7 @@ mod functions;
 mod gil;
 mod queue;
 mod server;
+mod timings;
 
 /// The process-wide engine: sockets and counters outlive any one server.
 static ENGINE: LazyLock<Arc<Engine>> = LazyLock::new(Engine::new);
@@ -29,6 +31,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Another extension may have installed a bridge already: then keep it.
     let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Loggers)?.install();
     m.add_class::<server::Server>()?;
+    m.add_class::<timings::HandlerTimings>()?;
     queue::register(m)?;
     functions::register(m)?;
     Ok(())
