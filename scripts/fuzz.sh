@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Fuzzes warpsocket-core's client-input parsers with cargo-fuzz (libFuzzer + ASan):
+# Fuzzes warpsocket-core's parsers of untrusted bytes with cargo-fuzz (libFuzzer + ASan):
 #   frame_decoder  arbitrary bytes, split at arbitrary points, into frame::Decoder::feed
 #   handshake      arbitrary bytes into handshake::parse
+#   cluster_wire   arbitrary bytes into the cluster wire decoder (cluster::reencode_message)
 # Each target runs for a bounded time; any crash, assertion, leak, slow input (-timeout)
 # or allocation above the RSS limit fails the script. See docs/conformance.md.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]     (default 60)
 #
-# Environment: FUZZ_TARGETS (default "frame_decoder handshake"), FUZZ_RSS_MB (default 512).
+# Environment: FUZZ_TARGETS (default "frame_decoder handshake cluster_wire"), FUZZ_RSS_MB (default 512).
 # Only stable Rust is needed: cargo-fuzz's nightly flags are enabled with RUSTC_BOOTSTRAP=1.
 # New corpus entries go to fuzz/corpus/TARGET (git-ignored), crashes to fuzz/artifacts/TARGET;
 # the committed seeds are fuzz/seeds/TARGET, the dictionaries fuzz/TARGET.dict.
@@ -15,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
 SECONDS_PER_TARGET=${1:-60}
-TARGETS=${FUZZ_TARGETS:-"frame_decoder handshake"}
+TARGETS=${FUZZ_TARGETS:-"frame_decoder handshake cluster_wire"}
 RSS_MB=${FUZZ_RSS_MB:-512}
 export RUSTC_BOOTSTRAP=1
 

@@ -136,3 +136,28 @@ def test_stats_without_server():
     assert stats["connections"] == 0
     for key in INT_KEYS:
         assert key in stats
+
+
+ID_WORKER = """
+import warpsocket
+
+def handle_text_message(text, socket_id):
+    warpsocket.send(socket_id, str(socket_id))
+"""
+
+
+def test_bytes_out_counts_a_virtual_sockets_prefix(start_server):
+    """API.md §8: bytes_out counts payload bytes as delivered, a virtual socket's prefix included."""
+    server = start_server(ID_WORKER, threads=1)
+    with connect(server) as ws:
+        sid = int(ask(ws, "id"))
+        virtual = warpsocket.create_virtual_socket(sid, "pre:")
+        warpsocket.subscribe([sid, virtual], "prefix-room")
+        before = warpsocket.stats()["bytes_out"]
+        assert warpsocket.send(virtual, "hello") == 1
+        assert ws.recv(timeout=20) == "pre:hello"
+        assert warpsocket.stats()["bytes_out"] - before == len("pre:hello")
+        # A channel send: one plain copy, one prefixed.
+        assert warpsocket.send("prefix-room", b"xy") == 2
+        assert sorted([ws.recv(timeout=20), ws.recv(timeout=20)]) == [b"pre:xy", b"xy"]
+        assert warpsocket.stats()["bytes_out"] - before == len("pre:hello") + len("pre:xy") + len("xy")

@@ -20,6 +20,8 @@ __all__ = [
     "counters",
     "join_cluster",
     "leave_cluster",
+    "log_fd",
+    "take_log_records",
     "EVENT_OPEN",
     "EVENT_TEXT",
     "EVENT_BINARY",
@@ -37,14 +39,14 @@ _Target: TypeAlias = int | _Name | list[int | _Name]
 def send(target: _Target, data: _Name) -> int:
     """Queue ``data`` (str: text, bytes-like: binary) for ``target``; return the recipient count."""
 
-def close(socket_id: int, code: int | None = None, reason: str | None = None) -> bool:
-    """Start closing a connection (or the one a virtual socket resolves to); None: 1000, ""."""
+def close(socket_id: int, code: int = 1000, reason: str = "") -> bool:
+    """Start closing a connection (or the one a virtual socket resolves to)."""
 
-def subscribe(target: _Target, channel: _Name, delta: int | None = None) -> list[int]:
-    """Add ``delta`` (None: 1) to the subscription counts; return the ids that became subscribed."""
+def subscribe(target: _Target, channel: _Name, delta: int = 1) -> list[int]:
+    """Add ``delta`` to the subscription counts; return the ids that became subscribed."""
 
-def unsubscribe(target: _Target, channel: _Name, delta: int | None = None) -> list[int]:
-    """Subtract ``delta`` (None: 1); return the ids whose count reached 0."""
+def unsubscribe(target: _Target, channel: _Name, delta: int = 1) -> list[int]:
+    """Subtract ``delta``; return the ids whose count reached 0."""
 
 def has_subscriptions(channel: _Name) -> bool:
     """Return True if any subscriber of ``channel`` resolves to an open connection."""
@@ -73,6 +75,12 @@ def join_cluster(url: str) -> int:
 def leave_cluster() -> None:
     """Leave the cluster, if in one."""
 
+def log_fd() -> int | None:
+    """The descriptor that turns readable when engine log records wait (None: not ours)."""
+
+def take_log_records() -> tuple[list[tuple[str, int, str, str | None, int]], int]:
+    """Take the queued engine log records ``(logger, level, message, file, line)`` and the dropped count."""
+
 def counters() -> dict[str, Any]:
     """The engine's counters (``stats()`` without the worker list)."""
 
@@ -92,11 +100,14 @@ class WorkerQueue:
     def drain(self, max: int | None = None, timed: Literal[False] = False) -> list[tuple[int, int, Any]]:
         """Take the waiting events (at most ``max``) as ``(kind, socket_id, payload)``.
 
-        When more wait, the descriptor stays readable.
+        When more wait, the descriptor stays readable. They count against their
+        connections' backlogs until :meth:`settle` (or the next drain).
         """
     @overload
     def drain(self, max: int | None, timed: Literal[True]) -> list[tuple[int, int, Any, float]]:
         """Like the above, with the seconds since each event was read as a fourth item."""
+    def settle(self) -> None:
+        """The events last drained have run or are held: they stop counting."""
     def hold(self, socket_id: int) -> None:
         """An event of ``socket_id`` waits or is awaited: it counts until ``release``."""
     def release(self, socket_id: int) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -22,6 +24,10 @@ from .metrics import parse_bind
 MiB = 1024 * 1024
 #: Default of the two size limits.
 SIZE_LIMIT = 16 * MiB
+#: Longest duration an option (or ``stop``/``wait``) takes: a year.
+MAX_SECONDS = 365 * 24 * 3600.0
+#: Most worker threads a server may have.
+MAX_THREADS = 1024
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -86,16 +92,18 @@ class Options:
             raise TypeError("worker must be a file path or a module name (str)")
         if not worker:
             raise ValueError("worker must not be empty")
+        _check_path("worker", worker)
         if static_dir is not None:
             static_dir = _check_static_dir(static_dir)
         if cluster is not None:
             if not isinstance(cluster, str):
                 raise TypeError(f"cluster must be a Redis URL (str) or None, not {type(cluster).__name__}")
+            _check_text("cluster", cluster)
             if not cluster.startswith(("redis://", "unix://", "redis+unix://")):
                 raise ValueError(f"cluster must be a redis:// URL, got {cluster!r}")
         if threads is None:
             threads = default_threads()
-        _check_int("threads", threads)
+        _check_int("threads", threads, MAX_THREADS)
         if metrics_bind is not None:
             parse_bind(metrics_bind)
         return cls(
@@ -105,13 +113,13 @@ class Options:
             worker_arg=worker_arg,
             static_dir=static_dir,
             cluster=cluster,
-            handler_timeout=_check_seconds("handler_timeout", handler_timeout),
-            hang_timeout=_check_seconds("hang_timeout", hang_timeout),
-            max_message_size=_check_int("max_message_size", max_message_size),
-            max_backpressure=_check_int("max_backpressure", max_backpressure),
-            ping_interval=_check_seconds("ping_interval", ping_interval),
-            ping_timeout=_check_seconds("ping_timeout", ping_timeout),
-            max_pending_upgrades=_check_int("max_pending_upgrades", max_pending_upgrades),
+            handler_timeout=check_seconds("handler_timeout", handler_timeout),
+            hang_timeout=check_seconds("hang_timeout", hang_timeout),
+            max_message_size=_check_int("max_message_size", max_message_size, sys.maxsize),
+            max_backpressure=_check_int("max_backpressure", max_backpressure, sys.maxsize),
+            ping_interval=check_seconds("ping_interval", ping_interval),
+            ping_timeout=check_seconds("ping_timeout", ping_timeout),
+            max_pending_upgrades=_check_int("max_pending_upgrades", max_pending_upgrades, sys.maxsize),
             metrics_bind=metrics_bind,
         )
 
@@ -125,7 +133,25 @@ def _check_bind(bind: object) -> tuple[str, ...]:
         raise TypeError("bind must be an address string or a list of them")
     if not binds:
         raise ValueError("bind must name at least one address")
+    for address in binds:
+        _check_text("bind", address)
     return binds
+
+
+def _check_text(name: str, value: str) -> None:
+    """A str the engine takes as UTF-8: a lone surrogate has no UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} must be text that UTF-8 can encode, got {value!r}") from None
+
+
+def _check_path(name: str, value: str) -> None:
+    """A path the file system can take (``os.fsencode``: undecodable bytes are fine)."""
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} must be a path the file system can encode, got {value!r}") from None
 
 
 def _check_static_dir(static_dir: object) -> str:
@@ -133,25 +159,45 @@ def _check_static_dir(static_dir: object) -> str:
         static_dir = os.fspath(static_dir)
     if not isinstance(static_dir, str):
         raise TypeError("static_dir must be a folder path (str) or None")
+    _check_path("static_dir", static_dir)
     if not os.path.isdir(static_dir):
         raise ValueError(f"static_dir {static_dir!r} is not an existing folder")
     return os.path.abspath(static_dir)
 
 
-def _check_int(name: str, value: object) -> int:
+def _check_int(name: str, value: object, maximum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+    if not 0 < value <= maximum:
+        raise ValueError(f"{name} must be between 1 and {maximum}, got {_show(value)}")
     return value
 
 
-def _check_seconds(name: str, value: object) -> float:
+def check_seconds(name: str, value: object, *, positive: bool = True) -> float:
+    """``value`` as seconds: a finite number up to :data:`MAX_SECONDS` (and > 0 if ``positive``).
+
+    Raises TypeError for a non-number (bool included), ValueError naming ``name`` otherwise.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds > MAX_SECONDS:
+        raise ValueError(
+            f"{name} must be a finite number of seconds up to {MAX_SECONDS:.0f}, got {_show(value)}"
+        )
+    if positive and not seconds > 0:
+        raise ValueError(f"{name} must be positive, got {_show(value)}")
+    return seconds
+
+
+def _show(value: object) -> str:
+    """``value`` for an error message: ints too long to print whole are described."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an int of {value.bit_length()} bits"
+    return repr(value)
 
 
 @dataclass(frozen=True)

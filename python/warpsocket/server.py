@@ -10,8 +10,8 @@ import time
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _core
-from .config import Options, takes_options
+from . import _core, logbridge
+from .config import Options, check_seconds, takes_options
 from .metrics import MetricsServer
 from .stats import stats
 from .supervisor import Supervisor
@@ -54,6 +54,8 @@ class Server:
         """``(host, port)`` of every bound address, in the order given to ``bind``."""
         self._supervisor = Supervisor(options.hang_timeout, self._live_workers, self._retire)
         self._supervisor.start()
+        self._log_pump = logbridge.LogPump()
+        self._log_pump.start()
 
     def _live_workers(self) -> list[Worker]:
         with self._workers_lock:
@@ -115,17 +117,17 @@ class Server:
 
         Stops accepting, closes every connection with 1001, lets pending handlers and
         every ``handle_close`` run, ends the worker threads and frees the ports.
-        Calling it again (or from several threads) is harmless.
+        Calling it again (or from several threads) is harmless. A ``timeout`` that is
+        not a finite number of seconds raises before anything stops; a negative one is 0.
         """
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+        seconds = max(check_seconds("timeout", timeout, positive=False), 0.0)
         self._draining()
         with self._stop_lock:
             if self._stopped.is_set():
                 return
-            deadline = time.monotonic() + max(float(timeout), 0.0)
+            deadline = time.monotonic() + seconds
             self._supervisor.stop()
-            self._core.shutdown(max(float(timeout), 0.0))
+            self._core.shutdown(seconds)
             # Close events are all queued now; give the workers the rest of the time.
             workers = self._live_workers()
             for worker in workers:
@@ -139,6 +141,7 @@ class Server:
                 _core.leave_cluster()
             if self._metrics is not None:
                 self._metrics.close()
+            self._log_pump.stop()
             _release(self)
             self._stopped.set()
             logger.info("warpsocket stopped")
@@ -150,7 +153,9 @@ class Server:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server has stopped; returns False if ``timeout`` passed first."""
-        return self._stopped.wait(timeout)
+        if timeout is None:
+            return self._stopped.wait()
+        return self._stopped.wait(check_seconds("timeout", timeout, positive=False))
 
     def stats_workers(self) -> list[WorkerStats]:
         """Per live worker: ``id``, ``connections``, ``queue_depth``."""
@@ -278,6 +283,7 @@ def _start_joined(options: Options, metrics: MetricsServer | None) -> Server:
             worker_thread.finish(time.monotonic())
         for worker_thread in workers:
             worker_thread.join(5.0)
+        logbridge.flush()
         raise
     return Server(options, core, workers, metrics)
 

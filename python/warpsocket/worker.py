@@ -241,9 +241,10 @@ class Worker(threading.Thread):
     def _on_events(self, batch: int | None = DRAIN_BATCH) -> None:
         """Run the waiting events (up to ``batch``): sync handlers now, async ones as tasks.
 
-        Drained events count as handled in the core; the sequencer holds one that
-        has to wait behind an awaited handler, or that starts one, until done, so a
-        connection's backlog stays bounded (the core stops reading it).
+        Drained events count as handled in the core once settled, after the batch;
+        the sequencer holds one that has to wait behind an awaited handler, or that
+        starts one, until done, so a connection's backlog stays bounded (the core
+        stops reading it).
         """
         if self.retired:
             return
@@ -253,16 +254,20 @@ class Worker(threading.Thread):
         sequencer = self._sequencer
         tracked, arrive, ran = sequencer.tracked, sequencer.arrive, sequencer.ran
         run = self._run
-        for kind, sid, payload in self.queue.drain(batch):
-            # Most apps have no connection waiting on an async handler: skip the calls.
-            if tracked and not arrive(kind, sid, payload):
-                continue
-            pending = run(kind, sid, payload)
-            if pending is not None:
-                ran(kind, sid, True)
-                self._spawn(self._drive(sid, kind, pending))
-            elif tracked:
-                ran(kind, sid, False)
+        queue = self.queue
+        try:
+            for kind, sid, payload in queue.drain(batch):
+                # Most apps have no connection waiting on an async handler: skip the calls.
+                if tracked and not arrive(kind, sid, payload):
+                    continue
+                pending = run(kind, sid, payload)
+                if pending is not None:
+                    ran(kind, sid, True)
+                    self._spawn(self._drive(sid, kind, pending))
+                elif tracked:
+                    ran(kind, sid, False)
+        finally:
+            queue.settle()
 
     def _on_events_timed(self, batch: int | None, timings: _core.HandlerTimings) -> None:
         """``_on_events`` that also records each handler call's queue wait and duration.
@@ -273,24 +278,28 @@ class Worker(threading.Thread):
         sequencer = self._sequencer
         tracked, arrive, ran = sequencer.tracked, sequencer.arrive, sequencer.ran
         run, record, clock = self._run, timings.record, time.perf_counter
+        queue = self.queue
         drained_at = clock()
-        events = self.queue.drain(batch, timed=True)
-        # One clock read per event: a handler's end is the next one's start.
-        start = clock()
-        for kind, sid, payload, age in events:
-            read_at = drained_at - age
-            if tracked and not arrive(kind, sid, (payload, read_at)):
-                continue
-            pending = run(kind, sid, payload)
-            end = clock()
-            if pending is not None:
-                ran(kind, sid, True)
-                self._spawn(self._drive(sid, kind, pending, (read_at, start)))
-            else:
-                record(kind, start - read_at, end - start)
-                if tracked:
-                    ran(kind, sid, False)
-            start = end
+        try:
+            events = queue.drain(batch, timed=True)
+            # One clock read per event: a handler's end is the next one's start.
+            start = clock()
+            for kind, sid, payload, age in events:
+                read_at = drained_at - age
+                if tracked and not arrive(kind, sid, (payload, read_at)):
+                    continue
+                pending = run(kind, sid, payload)
+                end = clock()
+                if pending is not None:
+                    ran(kind, sid, True)
+                    self._spawn(self._drive(sid, kind, pending, (read_at, start)))
+                else:
+                    record(kind, start - read_at, end - start)
+                    if tracked:
+                        ran(kind, sid, False)
+                start = end
+        finally:
+            queue.settle()
 
     def _on_inherited_events(self, orphaned: _core.WorkerQueue) -> None:
         """Run ``handle_close`` for the connections of a retired worker; drop the rest.
@@ -304,6 +313,7 @@ class Worker(threading.Thread):
                 pending = self._run(CLOSE, sid, None)
                 if pending is not None:
                     self._spawn(self._await(sid, CLOSE, pending))
+        orphaned.settle()
         # Every close event was queued before the count reached 0 (see the core),
         # so once it was 0 before this drain, nothing more can come.
         if done and self._loop is not None:

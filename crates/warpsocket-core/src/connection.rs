@@ -21,8 +21,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
 use crate::context::LiveGuard;
-use crate::dispatch::PAUSE_READING_AT;
-use crate::dispatch::{Payload, ReadAt};
+use crate::dispatch::{Payload, ReadAt, PAUSE_READING_AT, RESUME_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
 use crate::socket::CloseTaken;
 use crate::stats::{Counters, NO_CODE};
@@ -165,6 +164,9 @@ pub(crate) struct Connection {
     close_written: bool,
     /// Reading or writing failed, or the peer hung up.
     broken: bool,
+    /// Its handlers fell [`PAUSE_READING_AT`] events behind: neither read
+    /// nor decoded until they are down to [`RESUME_READING_AT`].
+    paused: bool,
 }
 
 /// What woke the connection's task.
@@ -203,6 +205,7 @@ impl Connection {
             close_queued: false,
             close_written: false,
             broken: false,
+            paused: false,
         };
         if !early.is_empty() {
             conn.on_bytes(&early);
@@ -221,8 +224,16 @@ impl Connection {
                 // Our close frame is out: the peer gets a moment to answer.
                 self.close_deadline = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
             }
-            let reading =
-                self.state != State::Ending && self.guard.socket.inflight() < PAUSE_READING_AT;
+            let inflight = self.guard.socket.inflight();
+            if inflight >= PAUSE_READING_AT {
+                self.paused = true;
+            } else if self.paused && inflight <= RESUME_READING_AT {
+                self.paused = false;
+                // Frames read before the pause come before anything read now.
+                self.decode(&[]);
+                continue;
+            }
+            let reading = self.state != State::Ending && !self.paused;
             let writing = !self.writer.is_empty();
             let Poll::Ready(wake) = self.poll_wake(cx, reading, writing) else {
                 return Poll::Pending;
@@ -333,10 +344,31 @@ impl Connection {
 
     fn on_bytes(&mut self, bytes: &[u8]) {
         self.guard.socket.keepalive.heard();
+        self.decode(bytes);
+    }
+
+    /// Decodes `bytes` after what the decoder holds, stopping at
+    /// [`PAUSE_READING_AT`] outstanding events: one read full of small
+    /// messages queues no more than that, the rest waits in the decoder.
+    /// The events' queue wait starts here (for frames a paused reader held
+    /// back: when it resumes).
+    fn decode(&mut self, bytes: &[u8]) {
         let read_at = ReadAt::now();
+        let socket = self.guard.socket.clone();
+        let mut full = false;
         let mut decoder = std::mem::replace(&mut self.decoder, Decoder::new(0));
-        let result = decoder.feed(bytes, &mut |incoming| self.on_incoming(incoming, read_at));
+        let result = decoder.feed_while(
+            bytes,
+            &mut || {
+                full = socket.inflight() >= PAUSE_READING_AT;
+                !full
+            },
+            &mut |incoming| self.on_incoming(incoming, read_at),
+        );
         self.decoder = decoder;
+        // Paused even if the worker catches up at once: what the decoder
+        // holds is decoded on resuming, before the next read.
+        self.paused |= full;
         if let Err(violation) = result {
             self.fail(violation.code, violation.reason);
         }

@@ -48,7 +48,9 @@ impl Shared {
         workers: Arc<Workers>,
         static_files: Option<Arc<StaticFiles>>,
     ) -> Arc<Shared> {
-        let upgrades = Arc::new(Semaphore::new(config.max_pending_upgrades.max(1)));
+        let upgrades = Arc::new(Semaphore::new(
+            config.max_pending_upgrades.clamp(1, Semaphore::MAX_PERMITS),
+        ));
         let (stop, _) = watch::channel(false);
         Arc::new(Shared {
             id: SERVER_IDS.fetch_add(1, Ordering::Relaxed) + 1,

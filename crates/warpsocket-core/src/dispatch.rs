@@ -14,7 +14,7 @@
 //! names the instances the crate uses, for its `Socket`).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -22,10 +22,12 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::wakeup::Wakeup;
 
-/// Below this many outstanding events a paused connection resumes reading.
-pub(crate) const RESUME_READING_BELOW: u32 = 32;
-/// At this many outstanding events a connection stops being read.
+/// At this many outstanding events a connection stops being read, and frames
+/// already read but not decoded stay so.
 pub(crate) const PAUSE_READING_AT: u32 = 64;
+/// A paused connection resumes once its outstanding events are down to this
+/// many: it then gets a batch's worth of room, not a wakeup per event.
+pub(crate) const RESUME_READING_AT: u32 = 32;
 
 /// `handle_open`'s answer: accept, or the HTTP status to refuse with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +43,8 @@ pub trait Backlog: Send + Sync {
     fn id(&self) -> u64;
     /// One more event outstanding.
     fn event_queued(&self);
-    /// One event finished; the connection resumes reading once fewer than
-    /// [`RESUME_READING_BELOW`] are outstanding.
+    /// One event finished; a paused connection resumes reading once
+    /// [`RESUME_READING_AT`] are outstanding.
     fn event_finished(&self);
 }
 
@@ -122,12 +124,16 @@ pub struct WorkerQueue<S> {
     wakeup: Wakeup,
     /// Events handed to this worker whose handlers have not finished yet.
     depth: AtomicUsize,
+    /// The sockets of the events last drained: they count as outstanding
+    /// until [`settle`](WorkerQueue::settle), when the worker has run them or
+    /// held the ones it keeps. Otherwise a connection whose events the worker
+    /// is about to hold would look caught up, and be read meanwhile.
+    unsettled: Mutex<Vec<Arc<S>>>,
     /// Open connections pinned to this worker.
     connections: AtomicUsize,
     /// When the oldest event still in `events` was queued (0: queue empty).
     /// This is the hang signal: a live worker drains long before it ages.
     waiting_since_ms: AtomicU64,
-    retired: AtomicBool,
 }
 
 impl<S: Backlog> WorkerQueue<S> {
@@ -137,9 +143,9 @@ impl<S: Backlog> WorkerQueue<S> {
             events: Mutex::new(Vec::new()),
             wakeup: Wakeup::new()?,
             depth: AtomicUsize::new(0),
+            unsettled: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
             waiting_since_ms: AtomicU64::new(0),
-            retired: AtomicBool::new(false),
         })
     }
 
@@ -184,8 +190,9 @@ impl<S: Backlog> WorkerQueue<S> {
     }
 
     /// Takes every waiting event, oldest first. They count as handled from
-    /// here on: the worker runs synchronous handlers at once and reports
-    /// the events it keeps waiting or awaiting with [`hold`](Self::hold).
+    /// the next [`settle`](Self::settle) (or drain) on: the worker runs
+    /// synchronous handlers at once and reports the events it keeps waiting
+    /// or awaiting with [`hold`](Self::hold) before it settles.
     pub fn drain(&self) -> Vec<Event<S>> {
         self.drain_at_most(usize::MAX)
     }
@@ -195,6 +202,7 @@ impl<S: Backlog> WorkerQueue<S> {
     /// in bounded batches keeps its own memory bounded when thousands of
     /// connections send at once.
     pub fn drain_at_most(&self, max: usize) -> Vec<Event<S>> {
+        self.settle();
         self.wakeup.clear();
         let (events, more) = {
             let mut events = self.events.lock();
@@ -211,11 +219,19 @@ impl<S: Backlog> WorkerQueue<S> {
         if more {
             self.wakeup.signal();
         }
-        for event in &events {
-            event.socket.event_finished();
-        }
-        self.depth.fetch_sub(events.len(), Ordering::Relaxed);
+        self.unsettled
+            .lock()
+            .extend(events.iter().map(|e| e.socket.clone()));
         events
+    }
+
+    /// The events last drained are run, or held: they stop counting.
+    pub fn settle(&self) {
+        let batch = std::mem::take(&mut *self.unsettled.lock());
+        for socket in &batch {
+            socket.event_finished();
+        }
+        self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
     }
 
     /// An event of `socket` (if still open) is waiting behind another or
@@ -258,10 +274,6 @@ impl<S: Backlog> WorkerQueue<S> {
             since => Duration::from_millis(now_ms().saturating_sub(since)),
         }
     }
-
-    pub fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Relaxed)
-    }
 }
 
 /// The live workers of a server and the round-robin cursor over them.
@@ -296,9 +308,7 @@ impl<S: Backlog> Workers<S> {
     pub fn retire(&self, id: u32) -> Option<Arc<WorkerQueue<S>>> {
         let mut list = self.list.write();
         let index = list.iter().position(|w| w.id == id)?;
-        let queue = list.remove(index);
-        queue.retired.store(true, Ordering::Relaxed);
-        Some(queue)
+        Some(list.remove(index))
     }
 
     /// The next worker in round-robin order, if any is live.
@@ -309,10 +319,6 @@ impl<S: Backlog> Workers<S> {
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         Some(list[n % list.len()].clone())
-    }
-
-    pub fn live(&self) -> Vec<Arc<WorkerQueue<S>>> {
-        self.list.read().clone()
     }
 }
 
@@ -358,8 +364,8 @@ mod tests {
         let b = workers.add().unwrap();
         let picks: Vec<u32> = (0..4).map(|_| workers.pick().unwrap().id()).collect();
         assert_eq!(picks, vec![a.id(), b.id(), a.id(), b.id()]);
-        workers.retire(a.id());
-        assert!(a.is_retired());
+        assert!(workers.retire(a.id()).is_some());
+        assert!(workers.retire(a.id()).is_none());
         assert!((0..3).all(|_| workers.pick().unwrap().id() == b.id()));
         workers.retire(b.id());
         assert!(workers.pick().is_none());
@@ -389,6 +395,12 @@ mod tests {
         assert_eq!(events[0].socket_id(), 1);
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 0);
+        // Drained events count until the worker settles them, after its holds.
+        assert_eq!((q.queue_depth(), socket.inflight()), (2, 2));
+        q.hold(Some(&*socket));
+        q.settle();
+        assert_eq!((q.queue_depth(), socket.inflight()), (1, 1));
+        q.release(Some(&*socket));
         assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
         q.hold(Some(&*socket));
         assert_eq!((q.queue_depth(), socket.inflight()), (1, 1));
@@ -434,9 +446,10 @@ mod tests {
             first,
             (0..3u8).map(|i| Payload::Text(vec![i])).collect::<Vec<_>>()
         );
-        assert_eq!((q.queue_depth(), socket.inflight()), (2, 2));
+        assert_eq!((q.queue_depth(), socket.inflight()), (5, 5));
         // SAFETY: one valid pollfd, zero timeout.
         assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 1, "still signalled");
+        // A drain settles the batch before.
         let rest = texts(q.drain_at_most(3));
         assert_eq!(
             rest,
@@ -444,6 +457,8 @@ mod tests {
         );
         // SAFETY: as above.
         assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 0);
+        assert_eq!((q.queue_depth(), socket.inflight()), (2, 2));
+        q.settle();
         assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
         assert_eq!(q.stalled_for(), Duration::ZERO);
     }

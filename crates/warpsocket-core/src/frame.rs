@@ -231,6 +231,19 @@ impl Decoder {
     /// message or control frame, in order. After a close frame nothing more is
     /// decoded. On a protocol violation, returns the close code to fail with.
     pub fn feed(&mut self, data: &[u8], sink: &mut impl FnMut(Incoming)) -> Result<(), Violation> {
+        self.feed_while(data, &mut || true, sink)
+    }
+
+    /// Like [`feed`](Self::feed), but asks `more()` before each frame: once it
+    /// says no, the rest stays buffered, to be decoded by a later call (which
+    /// may bring no new bytes). This is how a reader that must stop at a
+    /// number of messages leaves the others undecoded.
+    pub fn feed_while(
+        &mut self,
+        data: &[u8],
+        more: &mut impl FnMut() -> bool,
+        sink: &mut impl FnMut(Incoming),
+    ) -> Result<(), Violation> {
         if self.closed {
             return Ok(());
         }
@@ -239,11 +252,11 @@ impl Decoder {
             None => Vec::new(),
         };
         if pending.is_empty() {
-            let used = self.decode(data, sink)?;
+            let used = self.decode(data, more, sink)?;
             pending.extend_from_slice(&data[used..]);
         } else {
             pending.extend_from_slice(data);
-            let used = self.decode(&pending, sink)?;
+            let used = self.decode(&pending, more, sink)?;
             pending.drain(..used);
         }
         if !self.closed && !pending.is_empty() {
@@ -268,10 +281,16 @@ impl Decoder {
         self.held.as_ref()?.partial.as_ref()
     }
 
-    /// Decodes every complete frame at the start of `buf`; returns the bytes used.
-    fn decode(&mut self, buf: &[u8], sink: &mut impl FnMut(Incoming)) -> Result<usize, Violation> {
+    /// Decodes the complete frames at the start of `buf` while `more()` says
+    /// so; returns the bytes used.
+    fn decode(
+        &mut self,
+        buf: &[u8],
+        more: &mut impl FnMut() -> bool,
+        sink: &mut impl FnMut(Incoming),
+    ) -> Result<usize, Violation> {
         let mut pos = 0;
-        while !self.closed {
+        while !self.closed && more() {
             let mut cursor = Cursor::new(&buf[pos..]);
             let (header, len) = match FrameHeader::parse(&mut cursor) {
                 Ok(Some(parsed)) => parsed,
@@ -675,6 +694,35 @@ mod tests {
         bytes.extend(client_frame(0x81, b"late"));
         let got = decode_all(&mut Decoder::new(100), &bytes).unwrap();
         assert_eq!(got, vec![Incoming::Close(Some(1000))]);
+    }
+
+    #[test]
+    fn frames_after_a_pause_stay_buffered_until_fed_again() {
+        let bytes: Vec<u8> = (0..5u8)
+            .flat_map(|i| client_frame(0x81, &[b'a' + i]))
+            .collect();
+        let mut dec = Decoder::new(100);
+        let mut got = Vec::new();
+        // Room for two messages, asked before each frame.
+        let mut room = 2u32;
+        let mut more = || {
+            let yes = room > 0;
+            room = room.saturating_sub(1);
+            yes
+        };
+        dec.feed_while(&bytes, &mut more, &mut |m| got.push(m))
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![Incoming::Text(b"a".to_vec()), Incoming::Text(b"b".to_vec())]
+        );
+        // No new bytes: the buffered frames come out, in order, then what follows.
+        dec.feed(&[], &mut |m| got.push(m)).unwrap();
+        dec.feed(&client_frame(0x81, b"f"), &mut |m| got.push(m))
+            .unwrap();
+        let texts: Vec<Incoming> = (b'a'..=b'f').map(|c| Incoming::Text(vec![c])).collect();
+        assert_eq!(got, texts);
+        assert!(dec.held.is_none());
     }
 
     #[test]

@@ -182,14 +182,19 @@ impl Hub {
     pub(crate) fn send(&self, targets: &[Target], kind: Kind, payload: &[u8]) -> usize {
         let frame = frame::encode_message(kind, payload);
         let mut sent = 0;
+        // Payload bytes as delivered: a virtual socket's prefix is part of them.
+        let mut bytes = 0;
         let mut overflowed = Vec::new();
         let mut deliver = |id: u64| match self.deliver(id, &frame, kind, payload) {
-            (_, Queued::Yes) => true,
-            (socket, Queued::Overflow) => {
+            (_, Queued::Yes, prefix_len) => {
+                bytes += prefix_len + payload.len();
+                true
+            }
+            (socket, Queued::Overflow, _) => {
                 overflowed.push(socket);
                 false
             }
-            (_, Queued::No) => false,
+            (_, Queued::No, _) => false,
         };
         for target in targets {
             match target {
@@ -201,7 +206,7 @@ impl Hub {
             }
         }
         Counters::add(&self.stats.messages_out, sent as u64);
-        Counters::add(&self.stats.bytes_out, (sent * payload.len()) as u64);
+        Counters::add(&self.stats.bytes_out, bytes as u64);
         // Logged after every lock is released: the log may call into Python.
         for socket in overflowed {
             Counters::add(&self.stats.backpressure_closes, 1);
@@ -212,16 +217,18 @@ impl Hub {
     }
 
     /// Queues the message for the connection `id` resolves to; returns that
-    /// connection's id and the outcome.
-    fn deliver(&self, id: u64, frame: &Bytes, kind: Kind, payload: &[u8]) -> (u64, Queued) {
+    /// connection's id, the outcome and the length of the prefix it got.
+    fn deliver(&self, id: u64, frame: &Bytes, kind: Kind, payload: &[u8]) -> (u64, Queued, usize) {
         let Some((socket, prefix)) = self.sockets.resolve(id) else {
-            return (id, Queued::No);
+            return (id, Queued::No, 0);
         };
-        let queued = match prefix {
-            None => socket.send(frame),
-            Some(prefix) => socket.send(&prefixed_frame(kind, &prefix, payload)),
-        };
-        (socket.id, queued)
+        match prefix {
+            None => (socket.id, socket.send(frame), 0),
+            Some(prefix) => {
+                let queued = socket.send(&prefixed_frame(kind, &prefix, payload));
+                (socket.id, queued, prefix.len())
+            }
+        }
     }
 
     /// Starts the close handshake of the connection `id` resolves to; false
@@ -580,6 +587,8 @@ mod tests {
         for id in [v1, v2, v3, bad] {
             assert_eq!(f.hub.send(&[Target::Socket(id)], Kind::Text, b"m"), 1);
         }
+        // Payload bytes as delivered, prefixes included.
+        assert_eq!(Counters::get(&f.hub.stats.bytes_out), 4 + 4 + 4 + 2);
         assert_eq!(
             received(&a),
             vec![

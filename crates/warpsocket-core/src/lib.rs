@@ -50,3 +50,4 @@ pub use hub::Target;
 pub use registry::MAX_PREFIX;
 pub use server::Server;
 pub use socket::{Event, WorkerQueue, Workers};
+pub use wakeup::Wakeup;

@@ -14,7 +14,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::dispatch::{self, Backlog, RESUME_READING_BELOW};
+use crate::dispatch::{self, Backlog, RESUME_READING_AT};
 use crate::frame::{self, close_code};
 use crate::keepalive::Keepalive;
 use crate::links::Links;
@@ -267,7 +267,7 @@ impl Backlog for Socket {
     /// Wakes the reader when it may resume.
     fn event_finished(&self) {
         let before = self.inflight.fetch_sub(1, Ordering::Relaxed);
-        if before == RESUME_READING_BELOW {
+        if before == RESUME_READING_AT + 1 {
             wake(self.outbox.lock());
         }
     }

@@ -167,6 +167,7 @@ fn worker_loop(
             let id = event.socket_id();
             handle(&engine, &seen, id, event.payload);
         }
+        queue.settle();
     }
 }
 

@@ -1,12 +1,16 @@
 //! Python values to core types: socket ids, message data, names, targets,
-//! deltas, close codes and reasons. Raises TypeError for a value of the wrong
-//! type; the rules a value must meet are the core's.
+//! deltas, close codes and reasons, durations. Raises TypeError for a value
+//! of the wrong type and ValueError, naming the argument, for one the core
+//! cannot take (an int out of range, a str with a lone surrogate); the rules
+//! a value must meet are the core's.
 //!
 //! May use the core's types and the error mapping; used by the module
 //! functions.
 
+use std::time::Duration;
+
 use bytes::Bytes;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyByteArray, PyBytes, PyInt, PyList, PyMemoryView, PyString, PyTuple};
 use warpsocket_core::{frame, Kind, Target};
@@ -20,18 +24,38 @@ pub(crate) fn socket_id(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<u64> {
             "{arg} must be an int socket id, not bool"
         )));
     }
-    let id: i128 = value.extract().map_err(|_| {
-        PyTypeError::new_err(format!(
+    let out_of_range = || {
+        PyValueError::new_err(format!(
+            "{arg} must be a positive socket id below 2**64, got {}",
+            repr(value)
+        ))
+    };
+    match value.extract::<i128>() {
+        Ok(id) => u64::try_from(id)
+            .ok()
+            .filter(|&id| id > 0)
+            .ok_or_else(out_of_range),
+        Err(e) if e.is_instance_of::<PyOverflowError>(value.py()) => Err(out_of_range()),
+        Err(_) => Err(PyTypeError::new_err(format!(
             "{arg} must be an int socket id, not {}",
             type_name(value)
-        ))
-    })?;
-    if id <= 0 || id > u64::MAX as i128 {
-        return Err(PyValueError::new_err(format!(
-            "{arg} must be a positive socket id, got {id}"
-        )));
+        ))),
     }
-    Ok(id as u64)
+}
+
+fn repr(value: &Bound<'_, PyAny>) -> String {
+    value
+        .repr()
+        .map_or_else(|_| "?".to_owned(), |r| r.to_string())
+}
+
+/// The UTF-8 of a str; a lone surrogate has none.
+fn utf8<'a>(s: &'a Bound<'_, PyString>, arg: &str) -> PyResult<&'a str> {
+    s.to_str().map_err(|_| {
+        PyValueError::new_err(format!(
+            "{arg} must be text that UTF-8 can encode, but it has a lone surrogate"
+        ))
+    })
 }
 
 pub(crate) fn type_name(value: &Bound<'_, PyAny>) -> String {
@@ -76,9 +100,10 @@ impl Data<'_> {
         }
     }
 
-    pub(crate) fn bytes(&self) -> PyResult<&[u8]> {
+    /// The bytes to send or store; `arg` names the argument in an error.
+    pub(crate) fn bytes(&self, arg: &str) -> PyResult<&[u8]> {
         Ok(match self {
-            Data::Text(s) => s.to_str()?.as_bytes(),
+            Data::Text(s) => utf8(s, arg)?.as_bytes(),
             Data::Bytes(b) => b.as_bytes(),
             Data::Owned(v) => v,
         })
@@ -93,7 +118,7 @@ pub(crate) fn name_bytes(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<Bytes>
             type_name(value)
         ))
     })?;
-    Ok(Bytes::copy_from_slice(data.bytes()?))
+    Ok(Bytes::copy_from_slice(data.bytes(arg)?))
 }
 
 pub(crate) fn optional_bytes(
@@ -113,10 +138,13 @@ fn target(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<Target> {
     }
     match name_bytes(value, arg) {
         Ok(name) => Ok(Target::Channel(name)),
-        Err(_) => Err(PyTypeError::new_err(format!(
-            "{arg} must be a socket id, a channel name, or a list of them, not {}",
-            type_name(value)
-        ))),
+        Err(e) if e.is_instance_of::<PyTypeError>(value.py()) => {
+            Err(PyTypeError::new_err(format!(
+                "{arg} must be a socket id, a channel name, or a list of them, not {}",
+                type_name(value)
+            )))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -131,44 +159,93 @@ pub(crate) fn targets(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<Targe
     Ok(vec![target(value, arg)?])
 }
 
-pub(crate) fn delta(delta: &Bound<'_, PyAny>) -> PyResult<i64> {
-    if delta.is_instance_of::<PyBool>() || !delta.is_instance_of::<PyInt>() {
-        return Err(PyTypeError::new_err(format!(
-            "delta must be an int, not {}",
-            type_name(delta)
-        )));
+/// A subscription count change: any int, saturated to the counts' range
+/// (no count gets anywhere near it).
+pub(crate) struct Delta(pub(crate) i64);
+
+impl Delta {
+    pub(crate) const ONE: Delta = Delta(1);
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Delta {
+    type Error = PyErr;
+
+    fn extract(delta: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if delta.is_instance_of::<PyBool>() || !delta.is_instance_of::<PyInt>() {
+            return Err(PyTypeError::new_err(format!(
+                "delta must be an int, not {}",
+                type_name(&delta)
+            )));
+        }
+        Ok(Delta(match delta.extract::<i64>() {
+            Ok(delta) => delta.max(-i64::MAX),
+            Err(_) if delta.lt(0)? => -i64::MAX,
+            Err(_) => i64::MAX,
+        }))
     }
-    let delta: i128 = delta.extract()?;
-    Ok(delta.clamp(i64::MIN as i128 + 1, i64::MAX as i128) as i64)
 }
 
 /// A close code a server may send.
-pub(crate) fn close_code(code: &Bound<'_, PyAny>) -> PyResult<u16> {
-    if code.is_instance_of::<PyBool>() {
-        return Err(PyTypeError::new_err(
-            "code must be an int close code, not bool",
-        ));
+pub(crate) struct CloseCode(pub(crate) u16);
+
+impl CloseCode {
+    pub(crate) const NORMAL: CloseCode = CloseCode(frame::close_code::NORMAL);
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for CloseCode {
+    type Error = PyErr;
+
+    fn extract(code: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if code.is_instance_of::<PyBool>() {
+            return Err(PyTypeError::new_err(
+                "code must be an int close code, not bool",
+            ));
+        }
+        let code = match code.extract::<i64>() {
+            Ok(code) => code,
+            Err(e) if e.is_instance_of::<PyOverflowError>(code.py()) => {
+                return Err(PyValueError::new_err(format!(
+                    "code must be a close code between 1000 and 4999, got {}",
+                    repr(&code)
+                )))
+            }
+            Err(_) => {
+                return Err(PyTypeError::new_err(format!(
+                    "code must be an int close code, not {}",
+                    type_name(&code)
+                )))
+            }
+        };
+        frame::check_close_code(code)
+            .map(CloseCode)
+            .map_err(errors::bad_close)
     }
-    let code: i64 = code.extract().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "code must be an int close code, not {}",
-            type_name(code)
-        ))
-    })?;
-    frame::check_close_code(code).map_err(errors::bad_close)
 }
 
 /// A close reason that fits in a close frame.
-pub(crate) fn close_reason(reason: &Bound<'_, PyAny>) -> PyResult<String> {
-    let reason = reason
-        .cast::<PyString>()
-        .map_err(|_| {
-            PyTypeError::new_err(format!("reason must be str, not {}", type_name(reason)))
-        })?
-        .to_str()?
-        .to_owned();
-    frame::check_close_reason(&reason).map_err(errors::bad_close)?;
-    Ok(reason)
+#[derive(Default)]
+pub(crate) struct CloseReason(pub(crate) String);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for CloseReason {
+    type Error = PyErr;
+
+    fn extract(reason: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let text = reason.cast::<PyString>().map_err(|_| {
+            PyTypeError::new_err(format!("reason must be str, not {}", type_name(&reason)))
+        })?;
+        let reason = utf8(&text, "reason")?.to_owned();
+        frame::check_close_reason(&reason).map_err(errors::bad_close)?;
+        Ok(CloseReason(reason))
+    }
+}
+
+/// A duration in seconds: a finite, non-negative number that fits a `Duration`.
+pub(crate) fn seconds(value: f64, arg: &str) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(value).map_err(|_| {
+        PyValueError::new_err(format!(
+            "{arg} must be a finite number of seconds >= 0, got {value}"
+        ))
+    })
 }
 
 /// An optional socket id: None (or absent) stays None.

@@ -8,9 +8,9 @@
 use pyo3::prelude::*;
 use pyo3::types::{IntoPyDict, PyBytes, PyDict};
 use warpsocket_core::stats::Counters;
-use warpsocket_core::{frame, Verdict};
+use warpsocket_core::Verdict;
 
-use crate::convert::{self, Data};
+use crate::convert::{self, CloseCode, CloseReason, Data, Delta};
 use crate::errors;
 use crate::gil::{self, Work};
 use crate::ENGINE;
@@ -21,7 +21,7 @@ fn send(py: Python<'_>, target: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> P
     let targets = convert::targets(target, "target")?;
     let data = Data::extract(data, "data")?;
     let kind = data.kind();
-    let payload = data.bytes()?;
+    let payload = data.bytes("data")?;
     Ok(gil::run(py, Work::Send(&targets), || {
         ENGINE.send(&targets, kind, payload)
     }))
@@ -43,28 +43,26 @@ fn change_subscriptions(
 /// Adds `delta` to the subscription counts; returns the ids newly subscribed
 /// (or, for a negative delta, unsubscribed).
 #[pyfunction]
-#[pyo3(signature = (target, channel, delta=None))]
+#[pyo3(signature = (target, channel, delta=Delta::ONE), text_signature = "(target, channel, delta=1)")]
 fn subscribe(
     py: Python<'_>,
     target: &Bound<'_, PyAny>,
     channel: &Bound<'_, PyAny>,
-    delta: Option<&Bound<'_, PyAny>>,
+    delta: Delta,
 ) -> PyResult<Vec<u64>> {
-    let delta = delta.map(convert::delta).transpose()?.unwrap_or(1);
-    change_subscriptions(py, target, channel, delta)
+    change_subscriptions(py, target, channel, delta.0)
 }
 
 /// `subscribe(target, channel, -delta)`.
 #[pyfunction]
-#[pyo3(signature = (target, channel, delta=None))]
+#[pyo3(signature = (target, channel, delta=Delta::ONE), text_signature = "(target, channel, delta=1)")]
 fn unsubscribe(
     py: Python<'_>,
     target: &Bound<'_, PyAny>,
     channel: &Bound<'_, PyAny>,
-    delta: Option<&Bound<'_, PyAny>>,
+    delta: Delta,
 ) -> PyResult<Vec<u64>> {
-    let delta = delta.map(convert::delta).transpose()?.unwrap_or(1);
-    change_subscriptions(py, target, channel, -delta)
+    change_subscriptions(py, target, channel, -delta.0)
 }
 
 /// True if any subscriber of `channel` resolves to an open connection (in a
@@ -149,22 +147,13 @@ fn set_key_if(
 
 /// Starts closing a connection; True if one was found open.
 #[pyfunction]
-#[pyo3(signature = (socket_id, code=None, reason=None))]
-fn close(
-    socket_id: &Bound<'_, PyAny>,
-    code: Option<&Bound<'_, PyAny>>,
-    reason: Option<&Bound<'_, PyAny>>,
-) -> PyResult<bool> {
+#[pyo3(
+    signature = (socket_id, code=CloseCode::NORMAL, reason=CloseReason::default()),
+    text_signature = "(socket_id, code=1000, reason='')"
+)]
+fn close(socket_id: &Bound<'_, PyAny>, code: CloseCode, reason: CloseReason) -> PyResult<bool> {
     let id = convert::socket_id(socket_id, "socket_id")?;
-    let code = match code {
-        None => frame::close_code::NORMAL,
-        Some(code) => convert::close_code(code)?,
-    };
-    let reason = match reason {
-        None => String::new(),
-        Some(reason) => convert::close_reason(reason)?,
-    };
-    Ok(ENGINE.close(id, code, &reason))
+    Ok(ENGINE.close(id, code.0, &reason.0))
 }
 
 /// Delivers `handle_open`'s verdict: accept, or refuse with an HTTP status.

@@ -5,8 +5,9 @@
 //! Modules, each using only those listed before it: `errors` (core errors to
 //! Python exceptions), `gil` (when to release the GIL), `convert` (Python
 //! values to core types), `functions` (the module functions), `queue` (the
-//! worker queue), `server` (the server object); `timings` (handler-call
-//! histograms) uses only the core.
+//! worker queue), `server` (the server object); `logs` (the engine's log
+//! records, queued for a Python thread) stands apart, and `timings`
+//! (handler-call histograms) uses only the core.
 
 use std::sync::{Arc, LazyLock};
 
@@ -17,6 +18,7 @@ mod convert;
 mod errors;
 mod functions;
 mod gil;
+mod logs;
 mod queue;
 mod server;
 mod timings;
@@ -26,10 +28,7 @@ static ENGINE: LazyLock<Arc<Engine>> = LazyLock::new(Engine::new);
 
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // The engine's log records (target "warpsocket") go to Python's logging;
-    // levels are looked up on every record so a deployment can change them.
-    // Another extension may have installed a bridge already: then keep it.
-    let _ = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Loggers)?.install();
+    logs::register(m)?;
     m.add_class::<server::Server>()?;
     m.add_class::<timings::HandlerTimings>()?;
     queue::register(m)?;

@@ -39,8 +39,8 @@ impl WorkerQueue {
 
     /// Takes the waiting events (at most `max`) as `(kind, socket_id, payload)`
     /// tuples; `timed` adds a fourth item, the seconds since the event was
-    /// read (as of this call). Drained events count as handled unless held
-    /// (see `hold`).
+    /// read (as of this call). Drained events count as handled from `settle`
+    /// (or the next drain) on, unless held (see `hold`).
     #[pyo3(signature = (max=None, timed=false))]
     fn drain<'py>(
         &self,
@@ -82,6 +82,11 @@ impl WorkerQueue {
             }
         }
         Ok(list)
+    }
+
+    /// The events last drained have run or are held.
+    fn settle(&self) {
+        self.inner.settle();
     }
 
     /// An event of `socket_id` waits behind another or is being awaited:

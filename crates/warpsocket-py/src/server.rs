@@ -1,17 +1,17 @@
 //! The server object: binds, starts and stops a core server, and hands out
 //! its worker queues.
 //!
-//! May use the core's server and config, the worker queue, the GIL policy,
-//! the error mapping and the process-wide engine.
+//! May use the core's server and config, the conversions, the worker queue,
+//! the GIL policy, the error mapping and the process-wide engine.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use warpsocket_core::{Config, Handlers};
 
+use crate::convert;
 use crate::errors;
 use crate::gil::{self, Work};
 use crate::queue::WorkerQueue;
@@ -52,9 +52,9 @@ impl Server {
             bind,
             max_message_size,
             max_backpressure,
-            ping_interval: Duration::from_secs_f64(ping_interval),
-            ping_timeout: Duration::from_secs_f64(ping_timeout),
-            open_timeout: Duration::from_secs_f64(open_timeout),
+            ping_interval: convert::seconds(ping_interval, "ping_interval")?,
+            ping_timeout: convert::seconds(ping_timeout, "ping_timeout")?,
+            open_timeout: convert::seconds(open_timeout, "open_timeout")?,
             static_dir,
             max_pending_upgrades,
             ..Config::default()
@@ -110,7 +110,7 @@ impl Server {
     /// Stops accepting, closes every connection with 1001 and waits up to
     /// `timeout` seconds for them to finish.
     fn shutdown(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let timeout = convert::seconds(timeout.max(0.0), "timeout")?;
         gil::run(py, Work::Long, || {
             if let Ok(mut server) = self.inner.lock() {
                 server.shutdown(timeout);

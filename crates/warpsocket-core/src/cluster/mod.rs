@@ -23,6 +23,9 @@
 mod link;
 mod wire;
 
+#[doc(hidden)]
+pub use wire::reencode_message;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;

@@ -231,6 +231,18 @@ impl Op<'_> {
     }
 }
 
+/// Decodes `bytes` as a broadcast and as a request, and encodes again what
+/// decoded: the entry point of the `cluster_wire` fuzz target (`fuzz/`), which
+/// checks that decoding never panics and that a decoded message encodes back
+/// to exactly the bytes it came from (nothing skipped, misread or invented).
+#[doc(hidden)]
+pub fn reencode_message(bytes: &[u8]) -> [Option<Bytes>; 2] {
+    [
+        Broadcast::decode(bytes).map(|b| Broadcast::encode(b.origin, b.kind, b.payload)),
+        Op::decode(bytes).map(|op| op.encode()),
+    ]
+}
+
 fn kind_byte(kind: Kind) -> u8 {
     match kind {
         Kind::Text => 1,
