@@ -33,7 +33,7 @@ def micro(python: str, iterations: int) -> dict[str, float]:
     figures = {}
     for line in out.splitlines():
         if line.endswith("µs/call"):
-            name, value = line[:-len("µs/call")].rsplit(None, 1)
+            name, value = line[: -len("µs/call")].rsplit(None, 1)
             figures[f"{name.strip()} (µs/call)"] = float(value)
     return figures
 

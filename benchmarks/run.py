@@ -124,7 +124,9 @@ def ensure_bench_binary(path: Path) -> None:
     subprocess.run(["cargo", "build", "--release", "-p", "warpsocket-bench"], cwd=ROOT, check=True)
 
 
-def server_command(server: str, ports: list[int], cpu: str, threads: int = 1) -> list[str]:
+def server_command(
+    server: str, ports: list[int], cpu: str, threads: int = 1, compression: bool = False
+) -> list[str]:
     pin = ["taskset", "-c", cpu]
     if server.startswith("warpsocket"):
         binds = [arg for p in ports for arg in ("--bind", f"127.0.0.1:{p}")]
@@ -133,7 +135,10 @@ def server_command(server: str, ports: list[int], cpu: str, threads: int = 1) ->
         return [
             *pin, sys.executable, "-m", "warpsocket", str(WORKER), *binds, *metrics,
             "--threads", str(threads), "--log-level", "WARNING",
+            *(["--compression"] if compression else []),
         ]  # fmt: skip
+    if compression:
+        raise ValueError(f"--compression is only wired for warpsocket, not {server}")
     port_args = [arg for p in ports for arg in ("--port", str(p))]
     return [*pin, sys.executable, str(PEERS / f"{server}_server.py"), *port_args]
 
@@ -188,7 +193,7 @@ def run_one(server: str, conns: int, run: int, ports: list[int], args: argparse.
     log(f"{server}: {conns} connections, run {run}, ports {ports[0]}-{ports[-1]}")
     server_log = open(args.log_dir / f"{server}-{conns}-{run}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        server_command(server, ports, args.server_cpu),
+        server_command(server, ports, args.server_cpu, compression=args.compression),
         cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -198,6 +203,7 @@ def run_one(server: str, conns: int, run: int, ports: list[int], args: argparse.
             *[a for p in ports for a in ("--port", str(p))],
             "--connections", str(conns), "--warmup", str(args.warmup),
             "--duration", str(args.duration), "--source-ips", str(args.source_ips),
+            *(["--compression"] if args.compression else []),
         ]  # fmt: skip
         gen = subprocess.Popen(gen_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         marks: dict[str, tuple[float | None, float | None]] = {}
@@ -349,6 +355,11 @@ def main() -> int:
     parser.add_argument("--no-install", action="store_true", help="do not pip/apt install peers")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/warpsocket-bench-logs"))
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--compression",
+        action="store_true",
+        help="warpsocket with --compression, clients offering permessage-deflate",
+    )
     args = parser.parse_args()
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]

@@ -190,7 +190,10 @@ def occupied_port():
         yield taken.getsockname()[1]
 
 
-FLAGS = ["--threads", "--worker-arg", "--static", "--cluster", "--log-level"] + [t.flag for t in TUNABLES]
+# The flags that take a value (switches such as --compression take none).
+FLAGS = ["--threads", "--worker-arg", "--static", "--cluster", "--log-level"] + [
+    t.flag for t in TUNABLES if t.type is not bool
+]
 
 
 def cli_values():
@@ -290,6 +293,7 @@ def test_binding_durations_raise_instead_of_panicking():
             "ping_timeout": 1.0,
             "open_timeout": 1.0,
             "max_pending_upgrades": 8,
+            "compression": False,
             name: math.inf,
         }
         with pytest.raises(ValueError, match=name):

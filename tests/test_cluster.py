@@ -477,6 +477,63 @@ def test_cluster_argument_is_checked(write_worker):
     assert warpsocket.stats()["node_id"] == 0
 
 
+@pytest.mark.timeout(180)
+def test_kv_calls_racing_leave_never_panic(redis, write_worker):
+    """stop() leaves the cluster while another thread waits on Redis: that call fails
+    with ConnectionError (or goes to the local store), never with a panic."""
+    worker = write_worker("def handle_text_message(text, socket_id):\n    pass\n")
+    failures = []
+    calls = [0]
+    halt = threading.Event()
+
+    def hammer():
+        i = 0
+        while not halt.is_set():
+            i += 1
+            try:
+                warpsocket.set_key("race", str(i))
+                warpsocket.get_key("race")
+                warpsocket.set_key_if("race", "x", str(i))
+                calls[0] += 1
+            except ConnectionError:
+                pass
+            except BaseException as exc:  # a PanicException is a BaseException
+                failures.append(exc)
+                return
+
+    def ask_a_missing_node():
+        # Waits (up to Redis's timeout) for an answer that never comes: stop() always
+        # finds this call blocked on the cluster's runtime.
+        missing = (8000 << 40) | 1
+        while not halt.is_set():
+            try:
+                warpsocket.create_virtual_socket(missing)
+            except (ConnectionError, ValueError):
+                pass
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (hammer, ask_a_missing_node)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(12):
+            server = warpsocket.start(worker=str(worker), bind="127.0.0.1:0", threads=1, cluster=redis.url)
+            wait_for(lambda before=calls[0]: calls[0] > before + 3 or failures, message="kv calls via Redis")
+            server.stop(timeout=1.0)
+            if failures:
+                break
+    finally:
+        halt.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        warpsocket.set_key("race")
+    assert not failures, repr(failures[0])
+    assert not any(thread.is_alive() for thread in threads)
+    wait_no_warpsocket_threads()
+
+
 @pytest.mark.timeout(60)
 def test_unreachable_redis_fails_start_and_leaves_nothing_running(write_worker):
     worker = write_worker(CONTROL_WORKER, name="control_worker.py")

@@ -339,6 +339,29 @@ def test_malformed_handshake_gets_400(logging_server, log_path, case):
         assert ask(ws, "fine") == "fine"
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"Sec-WebSocket-Version": None}, id="missing-version"),
+        pytest.param({"Sec-WebSocket-Key": "c2hvcnQ="}, id="key-of-5-bytes"),
+        pytest.param({"Sec-WebSocket-Key": "AAAAAAAAAAAAAAAAAAAAAAA="}, id="key-of-17-bytes"),
+        pytest.param({"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ"}, id="key-unpadded"),
+        pytest.param({"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub2*jZQ=="}, id="key-not-base64"),
+        pytest.param({"Sec-WebSocket-Key": "0123456789abcdef"}, id="key-raw-16-chars"),
+    ],
+)
+def test_bad_key_or_missing_version_gets_400(logging_server, log_path, headers):
+    """RFC 6455 §4.2.1: the key is base64 of 16 bytes and the version is required (API.md §8)."""
+    with RawConn(logging_server.port) as raw:
+        raw.sendall(http_request_bytes("/", upgrade_headers(**headers), logging_server.port))
+        status, response_headers, _ = raw.read_http_response()
+        assert status == 400
+        assert "sec-websocket-version" not in response_headers
+    assert read_lines(log_path) == []
+    with connect(logging_server) as ws:
+        assert ask(ws, "fine") == "fine"
+
+
 def test_wrong_websocket_version_gets_426_with_version_header(logging_server, log_path):
     with RawConn(logging_server.port) as raw:
         raw.sendall(

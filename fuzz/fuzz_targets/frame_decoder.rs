@@ -1,6 +1,7 @@
 //! Feeds arbitrary bytes into `frame::Decoder`, split at arbitrary points.
 //!
-//! Input layout: `[limit selector, split count n, n split sizes..., stream...]`.
+//! Input layout: `[limit selector, split count n, n split sizes..., stream...]`;
+//! bit 3 of the limit selector decodes with permessage-deflate negotiated.
 //! The stream is decoded three ways: in one `feed`, in chunks whose sizes cycle
 //! through the split sizes, and one byte at a time. All three must produce the
 //! same messages and the same violation (a decoder must not depend on how TCP
@@ -20,8 +21,8 @@ struct Outcome {
     violation: Option<Violation>,
 }
 
-fn decode<'a>(max: usize, chunks: impl Iterator<Item = &'a [u8]>) -> Outcome {
-    let mut decoder = Decoder::new(max);
+fn decode<'a>(max: usize, inflate: bool, chunks: impl Iterator<Item = &'a [u8]>) -> Outcome {
+    let mut decoder = Decoder::new(max, inflate);
     let mut messages = Vec::new();
     let mut violation = None;
     for chunk in chunks {
@@ -85,6 +86,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let max = LIMITS[usize::from(limit) % LIMITS.len()];
+    let inflate = limit & 8 != 0;
     let Some((&n, rest)) = rest.split_first() else {
         return;
     };
@@ -97,7 +99,7 @@ fuzz_target!(|data: &[u8]| {
         sizes.iter().map(|&s| usize::from(s) + 1).collect()
     };
 
-    let whole = decode(max, std::iter::once(stream));
+    let whole = decode(max, inflate, std::iter::once(stream));
 
     let mut chunks = Vec::new();
     let mut pos = 0;
@@ -109,7 +111,7 @@ fuzz_target!(|data: &[u8]| {
         chunks.push(&stream[pos..end]);
         pos = end;
     }
-    let split = decode(max, chunks.into_iter());
+    let split = decode(max, inflate, chunks.into_iter());
     assert_eq!(
         whole.messages, split.messages,
         "split feed decoded differently"
@@ -119,7 +121,7 @@ fuzz_target!(|data: &[u8]| {
         "split feed failed differently"
     );
 
-    let bytewise = decode(max, stream.chunks(1));
+    let bytewise = decode(max, inflate, stream.chunks(1));
     assert_eq!(
         whole.messages, bytewise.messages,
         "byte-wise feed decoded differently"

@@ -131,6 +131,7 @@ class Server:
         ping_timeout: float,
         open_timeout: float,
         max_pending_upgrades: int,
+        compression: bool,
         io_threads: int | None = None,
         static_dir: str | None = None,
     ) -> Server: ...

@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. redis://127.0.0.1:6379/0",
     )
     for tunable in TUNABLES:
+        if tunable.type is bool:
+            parser.add_argument(
+                tunable.flag,
+                action=argparse.BooleanOptionalAction,
+                default=tunable.default,
+                help=f"{tunable.help} (default: {'on' if tunable.default else 'off'})",
+            )
+            continue
         parser.add_argument(
             tunable.flag,
             dest=tunable.name,

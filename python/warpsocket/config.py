@@ -56,6 +56,7 @@ class Options:
     ping_timeout: float
     max_pending_upgrades: int
     metrics_bind: str | None
+    compression: bool
 
     @classmethod
     def build(
@@ -76,13 +77,16 @@ class Options:
         ping_interval: Annotated[float, "seconds between keepalive pings"] = 20.0,
         ping_timeout: Annotated[float, "seconds to wait for a keepalive answer (else 1011)"] = 20.0,
         max_pending_upgrades: Annotated[
-            int, "connections allowed in their handshake at once; more are dropped"
+            int, "connections allowed in their handshake at once; the longest-waiting makes room"
         ] = 1024,
         metrics_bind: Annotated[
             str | None,
             "serve Prometheus /metrics and /healthz over plain HTTP on this address, e.g. 127.0.0.1:9100",
             Flag("--metrics", "ADDR"),
         ] = None,
+        compression: Annotated[
+            bool, "negotiate permessage-deflate with clients that offer it (see the README)"
+        ] = False,
     ) -> Options:
         """Check every argument and return the options, raising TypeError/ValueError."""
         binds = _check_bind(bind)
@@ -121,6 +125,7 @@ class Options:
             ping_timeout=check_seconds("ping_timeout", ping_timeout),
             max_pending_upgrades=_check_int("max_pending_upgrades", max_pending_upgrades, sys.maxsize),
             metrics_bind=metrics_bind,
+            compression=_check_bool("compression", compression),
         )
 
 
@@ -173,6 +178,12 @@ def _check_int(name: str, value: object, maximum: int) -> int:
     return value
 
 
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, not {type(value).__name__}")
+    return value
+
+
 def check_seconds(name: str, value: object, *, positive: bool = True) -> float:
     """``value`` as seconds: a finite number up to :data:`MAX_SECONDS` (and > 0 if ``positive``).
 
@@ -214,8 +225,8 @@ class Tunable:
 
     name: str
     #: What the CLI converts the flag's text with (``X`` for an ``X | None`` option).
-    type: type[int] | type[float] | type[str]
-    default: int | float | str | None
+    type: type[int] | type[float] | type[bool] | type[str]
+    default: int | float | bool | str | None
     help: str
     flag: str
     metavar: str | None = None

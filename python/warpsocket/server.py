@@ -49,6 +49,8 @@ class Server:
         self._workers_lock = threading.Lock()
         self._next_index = len(workers)
         self._stopped = threading.Event()
+        # Set when stop() begins: a retirement in progress stops waiting for its replacement.
+        self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
         self.addresses: list[tuple[str, int]] = core.addresses()
         """``(host, port)`` of every bound address, in the order given to ``bind``."""
@@ -86,7 +88,20 @@ class Server:
             index, self.options, self._core.add_worker(), inherited, timings=_timings(self._metrics)
         )
         replacement.start()
-        replacement.ready.wait()
+        if not self._replacement_ready(replacement):
+            # Waiting on would leave the supervisor (and stop(), which waits for it)
+            # hanging with the replacement: give it up and go on with one worker fewer.
+            if not self._stopping.is_set():
+                logger.error(
+                    "replacement worker %s did not finish handle_start within %.1f s "
+                    "(hang_timeout): given up, serving on with one worker fewer; the "
+                    "handle_close of %s's connections will not run",
+                    replacement.name,
+                    self.options.hang_timeout,
+                    worker.name,
+                )
+            self._give_up(replacement)
+            return
         if replacement.startup_error is not None:
             logger.error(
                 "replacement worker %s failed to start: %s", replacement.name, replacement.startup_error
@@ -96,6 +111,27 @@ class Server:
         with self._workers_lock:
             self._workers.append(replacement)
         logger.warning("worker %s replaces %s", replacement.name, worker.name)
+
+    def _replacement_ready(self, replacement: Worker) -> bool:
+        """Wait up to ``hang_timeout`` for ``replacement``'s ``handle_start``.
+
+        False if it did not finish in time, or stop() began meanwhile.
+        """
+        deadline = time.monotonic() + self.options.hang_timeout
+        while not self._stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if replacement.ready.wait(min(remaining, 0.05)):
+                return True
+        return False
+
+    def _give_up(self, replacement: Worker) -> None:
+        """Take a replacement still in ``handle_start`` out of service; stop() joins it."""
+        with self._workers_lock:
+            self._retired.append(replacement)
+        self._core.retire_worker(replacement.queue.id)
+        replacement.retire()
 
     @property
     def port(self) -> int:
@@ -126,14 +162,19 @@ class Server:
             if self._stopped.is_set():
                 return
             deadline = time.monotonic() + seconds
+            self._stopping.set()
             self._supervisor.stop()
             self._core.shutdown(seconds)
             # Close events are all queued now; give the workers the rest of the time.
             workers = self._live_workers()
             for worker in workers:
                 worker.finish(deadline)
-            for worker in workers + self._retired:
-                worker.join(max(deadline - time.monotonic(), 0.0) + 1.0)
+            # One deadline for all: hung threads cost one second in all, not one each.
+            join_deadline = deadline + 1.0
+            with self._workers_lock:
+                retired = list(self._retired)
+            for worker in workers + retired:
+                worker.join(max(join_deadline - time.monotonic(), 0.0))
                 if worker.is_alive():
                     logger.warning("worker thread %s did not finish in time", worker.name)
             if self.options.cluster is not None:
@@ -258,6 +299,7 @@ def _start_joined(options: Options, metrics: MetricsServer | None) -> Server:
         ping_timeout=options.ping_timeout,
         open_timeout=options.handler_timeout + options.hang_timeout + 1.0,
         max_pending_upgrades=options.max_pending_upgrades,
+        compression=options.compression,
         static_dir=options.static_dir,
     )
     workers: list[Worker] = []

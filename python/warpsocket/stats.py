@@ -33,6 +33,7 @@ class Stats(_ClusterStats):
     bytes_in: int
     bytes_out: int
     backpressure_closes: int
+    messages_compressed: int
     node_id: int
     cluster_messages_out: int
     cluster_messages_in: int
@@ -49,8 +50,10 @@ def stats() -> Stats:
     Keys: ``connections`` (open connections), ``virtual_sockets``, ``channels`` (with
     at least one subscription), ``subscriptions`` (socket/channel pairs), ``keys``,
     ``messages_in``, ``messages_out`` (frames queued to clients), ``bytes_in``,
-    ``bytes_out`` (payload bytes), ``backpressure_closes``, and ``workers``: one dict
-    per live worker with ``id``, ``connections`` and ``queue_depth``.
+    ``bytes_out`` (payload bytes, uncompressed), ``backpressure_closes``,
+    ``messages_compressed`` (outgoing messages deflated with ``compression=True``: a
+    broadcast counts once, however many recipients get it compressed), and ``workers``:
+    one dict per live worker with ``id``, ``connections`` and ``queue_depth``.
 
     Cluster mode adds ``node_id`` (0 outside a cluster), ``cluster_messages_out``
     (messages handed to Redis for other nodes), ``cluster_messages_in`` (received from

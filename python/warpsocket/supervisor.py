@@ -41,7 +41,7 @@ class Supervisor(threading.Thread):
                     worker.queue.probe()
 
     def stop(self) -> None:
-        """End the thread (waits for a retirement in progress)."""
+        """End the thread; a retirement in progress ends soon once ``Server.stop`` began."""
         self._stopped.set()
         if self.is_alive():
             self.join()

@@ -11,6 +11,11 @@
 //! outstanding; every message received counts as the reply ("ack") to the oldest one
 //! outstanding and sends the next.
 //!
+//! `--compression` offers permessage-deflate the way Chromium does; where the server
+//! agrees, compressed server messages are inflated before they are read. The clients'
+//! own messages go out uncompressed (RFC 7692 allows it). The output then also says how
+//! many connections negotiated it.
+//!
 //! After `--warmup` seconds a measurement window of `--duration` seconds counts acks,
 //! received frames and the request→ack latency. One JSON line with the figures goes to
 //! stdout; progress and the `WINDOW_START` / `WINDOW_END` markers (for a runner that
@@ -49,7 +54,8 @@ usage: warpsocket-bench [options]
   --mode sub|echo       sub: the performance workload (default); echo: every message
                         received answers the oldest one outstanding
   --message TEXT        echo mode: the text message sent (default 16 x's)
-  --in-flight N         echo mode: messages outstanding per connection (default 1)";
+  --in-flight N         echo mode: messages outstanding per connection (default 1)
+  --compression         offer permessage-deflate and inflate compressed replies";
 
 /// Which workload the clients run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +81,7 @@ struct Config {
     mode: Mode,
     message: String,
     in_flight: usize,
+    compression: bool,
 }
 
 fn parse_args() -> Result<Config> {
@@ -91,11 +98,16 @@ fn parse_args() -> Result<Config> {
         mode: Mode::Sub,
         message: "x".repeat(16),
         in_flight: 1,
+        compression: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
             return Err(String::new());
+        }
+        if flag == "--compression" {
+            cfg.compression = true;
+            continue;
         }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let bad = |what: &str| format!("{flag}: {what}, got {value:?}");
@@ -177,6 +189,14 @@ struct Shared {
     error_samples: RefCell<Vec<String>>,
     /// Request→ack latency in microseconds.
     latency_us: RefCell<Histogram<u64>>,
+    /// Bytes of server frames (headers included) received in the window.
+    wire_bytes: Cell<u64>,
+    /// Connections whose server agreed to permessage-deflate.
+    deflating: Cell<u64>,
+    /// One inflater for every connection: the server compresses without context
+    /// takeover, so each message inflates on its own.
+    inflater: RefCell<flate2::Decompress>,
+    inflated: RefCell<Vec<u8>>,
 }
 
 impl Shared {
@@ -271,6 +291,9 @@ fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
 /// One client connection: the stream, its read buffer, and reusable scratch space.
 struct Conn {
     stream: TcpStream,
+    shared: Rc<Shared>,
+    /// The server agreed to permessage-deflate: RSV1 marks compressed messages.
+    deflate: bool,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -282,9 +305,11 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: TcpStream, seed: u32) -> Self {
+    fn new(stream: TcpStream, shared: Rc<Shared>, seed: u32) -> Self {
         Conn {
             stream,
+            shared,
+            deflate: false,
             buf: vec![0; 4096],
             start: 0,
             end: 0,
@@ -352,6 +377,10 @@ impl Conn {
                     if resp.code != Some(101) {
                         return Err(format!("upgrade refused: HTTP {:?}", resp.code));
                     }
+                    self.deflate = resp.headers.iter().any(|h| {
+                        h.name.eq_ignore_ascii_case("sec-websocket-extensions")
+                            && h.value.starts_with(b"permessage-deflate")
+                    });
                     self.start += n;
                     return Ok(());
                 }
@@ -374,7 +403,11 @@ impl Conn {
             return Ok(None);
         }
         let fin = data[0] & 0x80 != 0;
+        let compressed = data[0] & 0x40 != 0;
         let opcode = data[0] & 0x0f;
+        if compressed && (!self.deflate || !fin || !matches!(opcode, 0x1 | 0x2)) {
+            return Err("unexpected RSV1 (only whole compressed messages are read)".to_string());
+        }
         if data[1] & 0x80 != 0 {
             return Err("server frame is masked".to_string());
         }
@@ -431,7 +464,9 @@ impl Conn {
                 if self.fragmenting {
                     return Err("new message inside a fragmented one".to_string());
                 }
-                if fin {
+                if compressed {
+                    Some(Event::Message(inflate_and_classify(&self.shared, payload)?))
+                } else if fin {
                     Some(Event::Message(classify(payload)))
                 } else {
                     self.fragmenting = true;
@@ -453,6 +488,10 @@ impl Conn {
             op => return Err(format!("server frame with opcode {op}")),
         };
         self.start += header + len;
+        if self.shared.measuring.get() {
+            let wire = &self.shared.wire_bytes;
+            wire.set(wire.get() + (header + len) as u64);
+        }
         Ok(Some(event))
     }
 
@@ -469,9 +508,33 @@ impl Conn {
     }
 }
 
+/// Inflates one compressed server message (RFC 7692 §7.2.2: the sync flush's tail
+/// put back) and classifies it.
+fn inflate_and_classify(shared: &Shared, payload: &[u8]) -> Result<Kind> {
+    let mut inflater = shared.inflater.borrow_mut();
+    let mut out = shared.inflated.borrow_mut();
+    inflater.reset(false);
+    out.clear();
+    for input in [payload, &[0, 0, 0xff, 0xff][..]] {
+        let mut input = input;
+        loop {
+            out.reserve(input.len() * 4 + 256);
+            let before = inflater.total_in();
+            inflater
+                .decompress_vec(input, &mut out, flate2::FlushDecompress::Sync)
+                .map_err(|e| format!("inflate: {e}"))?;
+            input = &input[(inflater.total_in() - before) as usize..];
+            if input.is_empty() && out.len() < out.capacity() {
+                break;
+            }
+        }
+    }
+    Ok(classify(&out))
+}
+
 /// Opens connection `idx`: TCP connect from its source address, upgrade, and in sub
 /// mode subscribe. Returns the connection and its channel name (empty in echo mode).
-async fn open(cfg: &Config, idx: usize) -> Result<(Conn, String)> {
+async fn open(cfg: &Config, shared: Rc<Shared>, idx: usize) -> Result<(Conn, String)> {
     let port = cfg.ports[idx % cfg.ports.len()];
     let server = SocketAddr::V4(SocketAddrV4::new(cfg.host, port));
     let src = Ipv4Addr::new(127, 0, 0, 1 + (idx % cfg.source_ips) as u8);
@@ -501,10 +564,15 @@ async fn open(cfg: &Config, idx: usize) -> Result<(Conn, String)> {
     stream
         .set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
-    let mut conn = Conn::new(stream, 0x9e37_79b9u32.wrapping_mul(idx as u32 + 1));
+    let mut conn = Conn::new(stream, shared, 0x9e37_79b9u32.wrapping_mul(idx as u32 + 1));
+    let offer = if cfg.compression {
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    } else {
+        ""
+    };
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
         cfg.path, cfg.host, port
     );
     conn.stream
@@ -512,6 +580,10 @@ async fn open(cfg: &Config, idx: usize) -> Result<(Conn, String)> {
         .await
         .map_err(|e| format!("write upgrade: {e}"))?;
     conn.read_upgrade_response().await?;
+    if conn.deflate {
+        let deflating = &conn.shared.deflating;
+        deflating.set(deflating.get() + 1);
+    }
     if cfg.mode == Mode::Echo {
         return Ok((conn, String::new()));
     }
@@ -602,6 +674,10 @@ async fn bench(cfg: Config) -> ExitCode {
         errors: Cell::new(0),
         error_samples: RefCell::new(Vec::new()),
         latency_us: RefCell::new(histogram),
+        wire_bytes: Cell::new(0),
+        deflating: Cell::new(0),
+        inflater: RefCell::new(flate2::Decompress::new(false)),
+        inflated: RefCell::new(Vec::new()),
     });
     let (go_tx, go_rx) = watch::channel(false);
     let cfg = Rc::new(cfg);
@@ -615,8 +691,9 @@ async fn bench(cfg: Config) -> ExitCode {
         let handles: Vec<JoinHandle<Result<(Conn, String)>>> = (idx..idx + n)
             .map(|i| {
                 let cfg = cfg.clone();
+                let shared = shared.clone();
                 tokio::task::spawn_local(async move {
-                    tokio::time::timeout(cfg.connect_timeout, open(&cfg, i))
+                    tokio::time::timeout(cfg.connect_timeout, open(&cfg, shared, i))
                         .await
                         .unwrap_or_else(|_| Err("timed out connecting/subscribing".to_string()))
                 })
@@ -681,11 +758,14 @@ async fn bench(cfg: Config) -> ExitCode {
         "{{\"connections\": {connected}, \"duration_s\": {window:.3}, \"acks\": {acks}, \
          \"acks_per_s\": {:.1}, \"frames_received\": {frames}, \"frames_per_s\": {:.1}, \
          \"p50_ms\": {p50:.3}, \"p99_ms\": {p99:.3}, \"errors\": {}, \
-         \"errors_in_run\": {}, \"connect_s\": {connect_s:.3}}}",
+         \"errors_in_run\": {}, \"connect_s\": {connect_s:.3}, \
+         \"wire_bytes_per_frame\": {:.1}, \"deflating\": {}}}",
         acks as f64 / window,
         frames as f64 / window,
         shared.errors.get(),
         shared.errors.get() - errors_before,
+        shared.wire_bytes.get() as f64 / frames.max(1) as f64,
+        shared.deflating.get(),
     );
     if connected == 0 {
         ExitCode::FAILURE
@@ -798,6 +878,7 @@ mod tests {
             mode: Mode::Echo,
             message: "hello".into(),
             in_flight: 3,
+            compression: false,
         });
         let shared = Rc::new(Shared {
             measuring: Cell::new(true),
@@ -806,6 +887,10 @@ mod tests {
             errors: Cell::new(0),
             error_samples: RefCell::new(Vec::new()),
             latency_us: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()),
+            wire_bytes: Cell::new(0),
+            deflating: Cell::new(0),
+            inflater: RefCell::new(flate2::Decompress::new(false)),
+            inflated: RefCell::new(Vec::new()),
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -814,7 +899,7 @@ mod tests {
         let local = tokio::task::LocalSet::new();
         let counted = shared.clone();
         local.block_on(&runtime, async move {
-            let (conn, channel) = open(&cfg, 0).await.unwrap();
+            let (conn, channel) = open(&cfg, counted.clone(), 0).await.unwrap();
             assert_eq!(channel, "");
             let (_go_tx, go) = watch::channel(true);
             let ran =

@@ -41,6 +41,8 @@ pub struct Config {
     pub max_pending_upgrades: usize,
     /// Folder whose files answer plain HTTP GET/HEAD requests (else 426).
     pub static_dir: Option<PathBuf>,
+    /// Negotiate permessage-deflate with clients that offer it (RFC 7692).
+    pub compression: bool,
 }
 
 impl Default for Config {
@@ -61,6 +63,7 @@ impl Default for Config {
             io_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             static_dir: None,
             max_pending_upgrades: 1024,
+            compression: false,
         }
     }
 }

@@ -17,10 +17,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
-use crate::context::LiveGuard;
+use crate::context::{Handshake, LiveGuard};
 use crate::dispatch::{Payload, ReadAt, PAUSE_READING_AT, RESUME_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
 use crate::socket::CloseTaken;
@@ -33,13 +32,13 @@ const READ_CHUNK: usize = 16 * 1024;
 const MAX_IOVECS: usize = 64;
 
 /// The task serving one accepted TCP connection until it is closed.
-/// `upgrading` is the connection's pending-upgrade permit, released once the
+/// `upgrading` is the connection's pending-upgrade slot, given back once the
 /// upgrade is done (or refused); `live` counts the task until it ends.
 pub(crate) fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     live: LiveGuard,
-    upgrading: OwnedSemaphorePermit,
+    upgrading: Handshake,
 ) -> Task {
     Task::Upgrading(Box::pin(upgrade::upgrade(stream, peer, live, upgrading)))
 }
@@ -192,13 +191,16 @@ impl Connection {
             early,
         } = upgraded;
         let shared = guard.shared();
-        let max = shared.config.max_message_size;
+        let decoder = Decoder::new(
+            shared.config.max_message_size,
+            guard.socket.deflate().is_some(),
+        );
         // From now on the server's keepalive sweep pings it.
         guard.socket.keepalive.start(shared.id, shared.clock.now());
         let mut conn = Connection {
             stream,
             guard,
-            decoder: Decoder::new(max),
+            decoder,
             writer: Writer::default(),
             close_deadline: None,
             state: State::Open,
@@ -356,7 +358,7 @@ impl Connection {
         let read_at = ReadAt::now();
         let socket = self.guard.socket.clone();
         let mut full = false;
-        let mut decoder = std::mem::replace(&mut self.decoder, Decoder::new(0));
+        let mut decoder = std::mem::replace(&mut self.decoder, Decoder::new(0, false));
         let result = decoder.feed_while(
             bytes,
             &mut || {
@@ -444,8 +446,6 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     /// Every open connection keeps its task's state for its whole life; this
@@ -461,10 +461,8 @@ mod tests {
             .unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
         let shared = crate::context::test_shared();
-        let permit = Arc::new(tokio::sync::Semaphore::new(1))
-            .try_acquire_owned()
-            .unwrap();
-        let task = serve(stream, peer, LiveGuard::new(&shared), permit);
+        let slot = shared.admit(peer.ip()).unwrap();
+        let task = serve(stream, peer, LiveGuard::new(&shared), slot);
         assert!(
             std::mem::size_of_val(&task) <= 152,
             "{} bytes",

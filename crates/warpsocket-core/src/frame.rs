@@ -8,7 +8,12 @@
 //! tungstenite's; the rules of what a server must accept are ours, and so
 //! are the rules of what an application may put in a close frame.
 //!
-//! A leaf: uses nothing of the crate.
+//! With permessage-deflate negotiated, a message whose first frame has RSV1
+//! set is compressed: the decoder inflates it whole (see [`Decoder`]) and the
+//! encoder can compress a message once for all its recipients
+//! ([`encode_compressed`]).
+//!
+//! Uses only the `deflate` leaf.
 
 use std::fmt;
 use std::io::Cursor;
@@ -17,6 +22,8 @@ use std::ops::RangeInclusive;
 use bytes::{BufMut, Bytes, BytesMut};
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
+
+use crate::deflate::{self, InflateError};
 
 /// Close codes the server sends (API.md §5).
 pub mod close_code {
@@ -111,12 +118,16 @@ impl Kind {
 
 /// Encodes one unfragmented, unmasked frame: `prefix` then `payload` as its payload.
 fn encode_parts(opcode: OpCode, prefix: &[u8], payload: &[u8]) -> Bytes {
-    let len = (prefix.len() + payload.len()) as u64;
     let header = FrameHeader {
         is_final: true,
         opcode,
         ..FrameHeader::default()
     };
+    encode_frame(&header, prefix, payload)
+}
+
+fn encode_frame(header: &FrameHeader, prefix: &[u8], payload: &[u8]) -> Bytes {
+    let len = (prefix.len() + payload.len()) as u64;
     let mut buf = BytesMut::with_capacity(header.len(len) + len as usize);
     let mut writer = (&mut buf).writer();
     // Writing into a BytesMut cannot fail.
@@ -134,6 +145,23 @@ pub fn encode_message(kind: Kind, payload: &[u8]) -> Bytes {
 /// Encodes a message with `prefix` prepended to its payload (virtual sockets).
 pub fn encode_prefixed(kind: Kind, prefix: &[u8], payload: &[u8]) -> Bytes {
     encode_parts(kind.opcode(), prefix, payload)
+}
+
+/// Encodes `prefix` then `payload` as one compressed message (RSV1 set,
+/// permessage-deflate without context takeover), or `None` when it should
+/// go out uncompressed (short, or it did not get smaller). The frame is the
+/// same for every recipient that negotiated compression and for which
+/// [`deflate::Negotiated::fits_window`] holds.
+pub fn encode_compressed(kind: Kind, prefix: &[u8], payload: &[u8]) -> Option<Bytes> {
+    deflate::compress(prefix, payload, |compressed| {
+        let header = FrameHeader {
+            is_final: true,
+            rsv1: true,
+            opcode: kind.opcode(),
+            ..FrameHeader::default()
+        };
+        encode_frame(&header, &[], compressed)
+    })
 }
 
 /// Encodes a close frame. A reason longer than [`MAX_CLOSE_REASON`] (which
@@ -192,10 +220,14 @@ impl Violation {
 /// A fragmented message still being received.
 struct Partial {
     kind: Kind,
+    /// The payload so far; still compressed for a compressed message.
     data: Vec<u8>,
-    /// For text: how many leading bytes are known to be valid UTF-8, so each
-    /// fragment is checked once and invalid text fails as soon as it arrives.
+    /// For uncompressed text: how many leading bytes are known to be valid
+    /// UTF-8, so each fragment is checked once and invalid text fails as
+    /// soon as it arrives.
     checked: usize,
+    /// Its first frame had RSV1 set: inflated once it is complete.
+    compressed: bool,
 }
 
 /// Sans-I/O decoder for the frames of one client connection.
@@ -204,10 +236,18 @@ struct Partial {
 /// tail of a frame that has not fully arrived, a fragmented message) lives in
 /// one allocation that exists only while there is something to keep. The
 /// decoder is part of every connection's task, so it stays small itself.
+///
+/// With permessage-deflate negotiated (`inflate`), compressed messages are
+/// inflated with the I/O thread's shared inflater, since the server always
+/// answers with `client_no_context_takeover`: no connection keeps inflate
+/// state. A fragmented compressed message is collected compressed and
+/// inflated when its last fragment arrives, as the shared inflater cannot
+/// hold half a message while other connections use it.
 pub struct Decoder {
     max_message_size: usize,
     held: Option<Box<Held>>,
     closed: bool,
+    inflate: bool,
 }
 
 /// What a decoder keeps between reads.
@@ -219,11 +259,14 @@ struct Held {
 }
 
 impl Decoder {
-    pub fn new(max_message_size: usize) -> Self {
+    /// `inflate`: permessage-deflate was negotiated, so RSV1 marks a
+    /// compressed message.
+    pub fn new(max_message_size: usize, inflate: bool) -> Self {
         Decoder {
             max_message_size,
             held: None,
             closed: false,
+            inflate,
         }
     }
 
@@ -315,7 +358,10 @@ impl Decoder {
     }
 
     fn check_header(&self, header: &FrameHeader, len: u64) -> Result<(), Violation> {
-        if header.rsv1 || header.rsv2 || header.rsv3 {
+        // RSV1 marks a compressed message: only with permessage-deflate, and
+        // only on the first frame of a data message (RFC 7692 §6).
+        let first_data = matches!(header.opcode, OpCode::Data(Data::Text | Data::Binary));
+        if header.rsv2 || header.rsv3 || (header.rsv1 && !(self.inflate && first_data)) {
             return Err(Violation::new(close_code::PROTOCOL, "reserved bits set"));
         }
         if header.mask.is_none() {
@@ -343,7 +389,7 @@ impl Decoder {
                 }
             }
             OpCode::Data(data) => {
-                let so_far = match (self.partial(), data) {
+                let (so_far, compressed) = match (self.partial(), data) {
                     (None, Data::Continue) => {
                         return Err(Violation::new(
                             close_code::PROTOCOL,
@@ -356,10 +402,16 @@ impl Decoder {
                             "new message inside a fragmented one",
                         ))
                     }
-                    (Some(partial), _) => partial.data.len() as u64,
-                    (None, _) => 0,
+                    (Some(partial), _) => (partial.data.len() as u64, partial.compressed),
+                    (None, _) => (0, header.rsv1),
                 };
-                if so_far + len > self.max_message_size as u64 {
+                // A compressed message is checked again, exactly, as it is inflated.
+                let limit = if compressed {
+                    compressed_limit(self.max_message_size)
+                } else {
+                    self.max_message_size
+                };
+                if so_far + len > limit as u64 {
                     return Err(Violation::new(close_code::TOO_BIG, "message too big"));
                 }
             }
@@ -394,7 +446,7 @@ impl Decoder {
                     ));
                 };
                 partial.data.extend_from_slice(&payload);
-                if partial.kind == Kind::Text {
+                if partial.kind == Kind::Text && !partial.compressed {
                     partial.checked =
                         check_utf8_prefix(&partial.data, partial.checked, header.is_final)?;
                 }
@@ -402,9 +454,14 @@ impl Decoder {
                     let done = self.held.as_mut().and_then(|h| h.partial.take());
                     self.release_held();
                     if let Some(done) = done {
+                        let data = if done.compressed {
+                            self.inflate_message(done.kind, &done.data)?
+                        } else {
+                            done.data
+                        };
                         sink(match done.kind {
-                            Kind::Text => Incoming::Text(done.data),
-                            Kind::Binary => Incoming::Binary(done.data),
+                            Kind::Text => Incoming::Text(data),
+                            Kind::Binary => Incoming::Binary(data),
                         });
                     }
                 }
@@ -415,27 +472,68 @@ impl Decoder {
                 } else {
                     Kind::Binary
                 };
-                let checked = if kind == Kind::Text {
+                let compressed = header.rsv1;
+                let checked = if kind == Kind::Text && !compressed {
                     check_utf8_prefix(&payload, 0, header.is_final)?
                 } else {
                     0
                 };
                 if header.is_final {
+                    let data = if compressed {
+                        self.inflate_message(kind, &payload)?
+                    } else {
+                        payload
+                    };
                     sink(match kind {
-                        Kind::Text => Incoming::Text(payload),
-                        Kind::Binary => Incoming::Binary(payload),
+                        Kind::Text => Incoming::Text(data),
+                        Kind::Binary => Incoming::Binary(data),
                     });
                 } else {
                     self.held.get_or_insert_with(Box::default).partial = Some(Partial {
                         kind,
                         data: payload,
                         checked,
+                        compressed,
                     });
                 }
             }
         }
         Ok(())
     }
+}
+
+impl Decoder {
+    /// Inflates a whole compressed message, never past `max_message_size`
+    /// (a deflate bomb costs at most the limit), and checks text for UTF-8.
+    fn inflate_message(&self, kind: Kind, compressed: &[u8]) -> Result<Vec<u8>, Violation> {
+        let mut data = Vec::new();
+        match deflate::inflate_message(compressed, &mut data, self.max_message_size) {
+            Ok(()) => {}
+            Err(InflateError::TooBig) => {
+                return Err(Violation::new(close_code::TOO_BIG, "message too big"))
+            }
+            // RFC 7692 §8: invalid compressed data fails the connection; the
+            // payload is not what the extension said it is (1007).
+            Err(InflateError::Invalid) => {
+                return Err(Violation::new(
+                    close_code::INVALID_DATA,
+                    "invalid compressed data",
+                ))
+            }
+        }
+        if kind == Kind::Text {
+            check_utf8_prefix(&data, 0, true)?;
+        }
+        Ok(data)
+    }
+}
+
+/// Most compressed bytes a message of at most `max` bytes may take: deflate
+/// can make incompressible data larger (stored blocks cost 5 bytes per
+/// 64 KiB, a sync flush 5 more), so the compressed frames get 1/64 of slack
+/// plus a little. What counts is the size once inflated, checked exactly.
+fn compressed_limit(max: usize) -> usize {
+    max.saturating_add(max / 64).saturating_add(64)
 }
 
 /// Checks `data[from..]` for UTF-8. A character cut at the end is fine unless
@@ -572,7 +670,7 @@ mod tests {
         let mut bytes = client_frame(0x81, "héllo".as_bytes());
         bytes.extend(client_frame(0x82, &[1, 2, 3]));
         bytes.extend(client_frame(0x89, b"p"));
-        let mut dec = Decoder::new(1 << 20);
+        let mut dec = Decoder::new(1 << 20, false);
         let mut got = Vec::new();
         for b in &bytes {
             dec.feed(std::slice::from_ref(b), &mut |m| got.push(m))
@@ -595,7 +693,7 @@ mod tests {
         bytes.extend(client_frame(0x89, b""));
         bytes.extend(client_frame(0x00, b"cd"));
         bytes.extend(client_frame(0x80, b"e"));
-        let got = decode_all(&mut Decoder::new(100), &bytes).unwrap();
+        let got = decode_all(&mut Decoder::new(100, false), &bytes).unwrap();
         assert_eq!(
             got,
             vec![Incoming::Ping(vec![]), Incoming::Text(b"abcde".to_vec())]
@@ -607,7 +705,7 @@ mod tests {
         let euro = "€".as_bytes();
         let mut bytes = client_frame(0x01, &euro[..1]);
         bytes.extend(client_frame(0x80, &euro[1..]));
-        let got = decode_all(&mut Decoder::new(100), &bytes).unwrap();
+        let got = decode_all(&mut Decoder::new(100, false), &bytes).unwrap();
         assert_eq!(got, vec![Incoming::Text(euro.to_vec())]);
     }
 
@@ -634,13 +732,13 @@ mod tests {
             (client_frame(0x82, &[0; 101]), close_code::TOO_BIG),
         ];
         for (bytes, code) in cases {
-            let err = decode_all(&mut Decoder::new(100), &bytes).unwrap_err();
+            let err = decode_all(&mut Decoder::new(100, false), &bytes).unwrap_err();
             assert_eq!(err.code, code, "{bytes:02x?}");
         }
         let mut nested = client_frame(0x01, b"a");
         nested.extend(client_frame(0x81, b"b"));
         assert_eq!(
-            decode_all(&mut Decoder::new(100), &nested)
+            decode_all(&mut Decoder::new(100, false), &nested)
                 .unwrap_err()
                 .code,
             close_code::PROTOCOL
@@ -651,7 +749,9 @@ mod tests {
     fn invalid_utf8_fails_before_the_message_completes() {
         let bytes = client_frame(0x01, &[b'a', 0xff]);
         assert_eq!(
-            decode_all(&mut Decoder::new(100), &bytes).unwrap_err().code,
+            decode_all(&mut Decoder::new(100, false), &bytes)
+                .unwrap_err()
+                .code,
             close_code::INVALID_DATA
         );
     }
@@ -662,7 +762,7 @@ mod tests {
         header.extend_from_slice(&(1u64 << 40).to_be_bytes());
         header.extend_from_slice(&[1, 2, 3, 4]);
         assert_eq!(
-            decode_all(&mut Decoder::new(1 << 20), &header)
+            decode_all(&mut Decoder::new(1 << 20, false), &header)
                 .unwrap_err()
                 .code,
             close_code::TOO_BIG
@@ -671,7 +771,7 @@ mod tests {
         top_bit.extend_from_slice(&(1u64 << 63).to_be_bytes());
         top_bit.extend_from_slice(&[1, 2, 3, 4]);
         assert_eq!(
-            decode_all(&mut Decoder::new(1 << 20), &top_bit)
+            decode_all(&mut Decoder::new(1 << 20, false), &top_bit)
                 .unwrap_err()
                 .code,
             close_code::PROTOCOL
@@ -683,7 +783,9 @@ mod tests {
         let mut bytes = client_frame(0x02, &[0; 60]);
         bytes.extend(client_frame(0x80, &[0; 60]));
         assert_eq!(
-            decode_all(&mut Decoder::new(100), &bytes).unwrap_err().code,
+            decode_all(&mut Decoder::new(100, false), &bytes)
+                .unwrap_err()
+                .code,
             close_code::TOO_BIG
         );
     }
@@ -692,8 +794,119 @@ mod tests {
     fn stops_after_close() {
         let mut bytes = client_frame(0x88, &[3, 232, b'o', b'k']);
         bytes.extend(client_frame(0x81, b"late"));
-        let got = decode_all(&mut Decoder::new(100), &bytes).unwrap();
+        let got = decode_all(&mut Decoder::new(100, false), &bytes).unwrap();
         assert_eq!(got, vec![Incoming::Close(Some(1000))]);
+    }
+
+    /// A message compressed the way a client without context takeover does.
+    fn deflated(message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(message.len() * 2 + 64);
+        let mut stream = flate2::Compress::new(flate2::Compression::default(), false);
+        stream
+            .compress_vec(message, &mut out, flate2::FlushCompress::Sync)
+            .unwrap();
+        assert_eq!(stream.total_in(), message.len() as u64);
+        assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+        out.truncate(out.len() - 4);
+        out
+    }
+
+    #[test]
+    fn inflates_compressed_messages_whole_or_fragmented() {
+        let text = "ünïcode text, ".repeat(50);
+        let compressed = deflated(text.as_bytes());
+        let mut bytes = client_frame(0xC1, &compressed);
+        let third = compressed.len() / 3;
+        bytes.extend(client_frame(0x42, &compressed[..third]));
+        bytes.extend(client_frame(0x89, b"p"));
+        bytes.extend(client_frame(0x00, &compressed[third..2 * third]));
+        bytes.extend(client_frame(0x80, &compressed[2 * third..]));
+        bytes.extend(client_frame(0x81, b"plain"));
+        let mut dec = Decoder::new(1 << 20, true);
+        let mut got = Vec::new();
+        for b in &bytes {
+            dec.feed(std::slice::from_ref(b), &mut |m| got.push(m))
+                .unwrap();
+        }
+        assert_eq!(
+            got,
+            vec![
+                Incoming::Text(text.as_bytes().to_vec()),
+                Incoming::Ping(b"p".to_vec()),
+                Incoming::Binary(text.as_bytes().to_vec()),
+                Incoming::Text(b"plain".to_vec()),
+            ]
+        );
+        assert!(dec.held.is_none());
+    }
+
+    #[test]
+    fn rsv1_only_on_the_first_frame_of_a_negotiated_message() {
+        let compressed = deflated(b"hello hello hello");
+        let mut continued = client_frame(0x01, b"a");
+        continued.extend(client_frame(0xC0, b"b"));
+        let cases: Vec<(Vec<u8>, bool)> = vec![
+            (client_frame(0xC1, &compressed), false), // not negotiated
+            (client_frame(0xC9, b""), true),          // on a ping
+            (client_frame(0xA1, b"x"), true),         // RSV2
+            (client_frame(0x91, b"x"), true),         // RSV3
+            (continued, true),                        // on a continuation
+        ];
+        for (bytes, inflate) in cases {
+            let err = decode_all(&mut Decoder::new(100, inflate), &bytes).unwrap_err();
+            assert_eq!(err.code, close_code::PROTOCOL, "{bytes:02x?}");
+        }
+    }
+
+    #[test]
+    fn the_limit_applies_to_the_inflated_size() {
+        let limit = 1000;
+        for (len, fits) in [(limit, true), (limit + 1, false), (1 << 20, false)] {
+            let message = vec![b'a'; len];
+            let frame = client_frame(0xC2, &deflated(&message));
+            let result = decode_all(&mut Decoder::new(limit, true), &frame);
+            match fits {
+                true => assert_eq!(result.unwrap(), vec![Incoming::Binary(message)]),
+                false => assert_eq!(result.unwrap_err().code, close_code::TOO_BIG),
+            }
+        }
+        // Incompressible data at the limit: its compressed frame is larger.
+        let mut x = 0x9e37_79b9u32;
+        let noise: Vec<u8> = (0..limit)
+            .map(|_| {
+                // xorshift32
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        let compressed = deflated(&noise);
+        assert!(compressed.len() > limit);
+        let got = decode_all(
+            &mut Decoder::new(limit, true),
+            &client_frame(0xC2, &compressed),
+        );
+        assert_eq!(got.unwrap(), vec![Incoming::Binary(noise)]);
+    }
+
+    #[test]
+    fn bad_compressed_data_fails_with_1007() {
+        let mut bad_utf8 = client_frame(0xC1, &deflated(&[b'a', 0xff, b'b']));
+        bad_utf8.extend(client_frame(0x81, b"late"));
+        for bytes in [client_frame(0xC2, &[0xff, 0xff, 0xff]), bad_utf8] {
+            let err = decode_all(&mut Decoder::new(100, true), &bytes).unwrap_err();
+            assert_eq!(err.code, close_code::INVALID_DATA, "{bytes:02x?}");
+        }
+    }
+
+    #[test]
+    fn encodes_a_compressed_frame_with_rsv1() {
+        let payload = "chat message ".repeat(40);
+        let frame = encode_compressed(Kind::Text, b"p:", payload.as_bytes()).unwrap();
+        assert_eq!(frame[0], 0xC1);
+        assert!(frame.len() < payload.len() / 2);
+        assert_eq!(encode_compressed(Kind::Text, b"", b"short"), None);
     }
 
     #[test]
@@ -701,7 +914,7 @@ mod tests {
         let bytes: Vec<u8> = (0..5u8)
             .flat_map(|i| client_frame(0x81, &[b'a' + i]))
             .collect();
-        let mut dec = Decoder::new(100);
+        let mut dec = Decoder::new(100, false);
         let mut got = Vec::new();
         // Room for two messages, asked before each frame.
         let mut room = 2u32;

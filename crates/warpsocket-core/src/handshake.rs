@@ -105,8 +105,16 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, Refusal> {
     let Some(key) = get("sec-websocket-key").filter(|k| !k.is_empty()) else {
         return Err(Refusal::new(400, "missing Sec-WebSocket-Key"));
     };
-    if get("sec-websocket-version") != Some("13") {
-        return Err(Refusal::new(426, "unsupported Sec-WebSocket-Version"));
+    if !is_key(key) {
+        return Err(Refusal::new(
+            400,
+            "Sec-WebSocket-Key is not base64 of 16 bytes",
+        ));
+    }
+    match get("sec-websocket-version") {
+        Some("13") => {}
+        None => return Err(Refusal::new(400, "missing Sec-WebSocket-Version")),
+        Some(_) => return Err(Refusal::new(426, "unsupported Sec-WebSocket-Version")),
     }
     let accept = derive_accept_key(key.as_bytes());
     let upgrade = Upgrade {
@@ -117,13 +125,40 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, Refusal> {
     Ok(Some((Request::Upgrade(upgrade), used)))
 }
 
-/// The `101 Switching Protocols` response.
-pub fn accept_response(upgrade: &Upgrade) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+/// Whether the header block may have ended in the bytes from `from` on:
+/// an empty line (`\r\n\r\n`, or the bare `\n\n` httparse also takes)
+/// in them or straddling the bytes before them. Only then can [`parse`]
+/// find more than before.
+pub fn may_end_head(buf: &[u8], from: usize) -> bool {
+    let window = &buf[from.saturating_sub(2).min(buf.len())..];
+    window.windows(2).any(|w| w == b"\n\n") || window.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// RFC 6455 §4.2.1: the key is base64 of 16 bytes, which is 22 base64
+/// digits and `==`.
+fn is_key(key: &str) -> bool {
+    let key = key.as_bytes();
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+}
+
+/// The `101 Switching Protocols` response, with the agreed
+/// `Sec-WebSocket-Extensions` value if an extension was negotiated.
+pub fn accept_response(upgrade: &Upgrade, extensions: Option<&str>) -> Vec<u8> {
+    let mut response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
         upgrade.accept
-    )
-    .into_bytes()
+    );
+    if let Some(extensions) = extensions {
+        response.push_str("Sec-WebSocket-Extensions: ");
+        response.push_str(extensions);
+        response.push_str("\r\n");
+    }
+    response.push_str("\r\n");
+    response.into_bytes()
 }
 
 /// A complete HTTP error response that closes the connection.
@@ -188,9 +223,45 @@ mod tests {
         );
         assert_eq!(status(&GOOD.replace("Sec-WebSocket-Key", "X-Key")), 400);
         assert_eq!(status(&GOOD.replace("Version: 13", "Version: 8")), 426);
+        assert_eq!(
+            status(&GOOD.replace("Sec-WebSocket-Version", "X-Version")),
+            400
+        );
+        for key in [
+            "dGhlIHNhbXBsZSBub25jZQ",   // unpadded
+            "dGhlIHNhbXBsZSBub25jZQ=",  // short padding
+            "dGhlIHNhbXBsZSBub25jZTE=", // 17 bytes
+            "dGhlIHNhbXBsZSBub25j",     // 15 bytes
+            "dGhlIHNhbXBsZSBub2*jZQ==", // not base64
+            "not a key",
+        ] {
+            let request = GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", key);
+            assert_eq!(status(&request), 400, "{key}");
+        }
         assert_eq!(status(&GOOD.replace("GET", "POST")), 400);
         let many: String = (0..70).map(|i| format!("h{i}: v\r\n")).collect();
         assert_eq!(status(&format!("GET / HTTP/1.1\r\n{many}\r\n")), 431);
+    }
+
+    #[test]
+    fn the_head_may_end_only_at_an_empty_line() {
+        let request = GOOD.as_bytes();
+        let end = request.len();
+        // Each split of the final empty line is seen from either side.
+        for cut in end - 4..=end {
+            let (head, tail) = request.split_at(cut);
+            let mut buf = head.to_vec();
+            let saw_it_before = may_end_head(&buf, 0);
+            buf.extend_from_slice(tail);
+            assert!(saw_it_before || may_end_head(&buf, cut), "cut at {cut}");
+        }
+        // Byte by byte, only the last byte can end it.
+        let ends: Vec<usize> = (1..=end)
+            .filter(|&n| may_end_head(&request[..n], n - 1))
+            .collect();
+        assert_eq!(ends, [end]);
+        assert!(may_end_head(b"GET / HTTP/1.1\nHost: x\n\n", 20));
+        assert!(!may_end_head(b"GET / HTTP/1.1\r\nHost: x\r\n", 10));
     }
 
     #[test]

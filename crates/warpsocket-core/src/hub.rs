@@ -11,8 +11,9 @@
 //! (to the log, or to the watcher).
 //!
 //! Uses `registry`, `channels`, `socket`, `dispatch` (the upgrade verdict)
-//! and the leaves (`ids`, `links`, `frame`, `stats`, `errors`).
+//! and the leaves (`ids`, `links`, `frame`, `deflate`, `stats`, `errors`).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::channels::{Change, Channels};
+use crate::deflate::MIN_COMPRESS_SIZE;
 use crate::dispatch::Verdict;
 use crate::errors::VirtualError;
 use crate::frame::{self, Kind};
@@ -177,15 +179,15 @@ impl Hub {
     // -- sending -----------------------------------------------------------
 
     /// Sends one message to every target (repeats count again); returns the
-    /// number of recipients it was queued for. The frame is encoded once and
-    /// shared, except for prefixed virtual sockets.
+    /// number of recipients it was queued for. Each frame is encoded once
+    /// and shared: see [`Frames`].
     pub(crate) fn send(&self, targets: &[Target], kind: Kind, payload: &[u8]) -> usize {
-        let frame = frame::encode_message(kind, payload);
+        let mut frames = Frames::new(kind, payload);
         let mut sent = 0;
         // Payload bytes as delivered: a virtual socket's prefix is part of them.
         let mut bytes = 0;
         let mut overflowed = Vec::new();
-        let mut deliver = |id: u64| match self.deliver(id, &frame, kind, payload) {
+        let mut deliver = |id: u64| match self.deliver(id, &mut frames) {
             (_, Queued::Yes, prefix_len) => {
                 bytes += prefix_len + payload.len();
                 true
@@ -207,6 +209,7 @@ impl Hub {
         }
         Counters::add(&self.stats.messages_out, sent as u64);
         Counters::add(&self.stats.bytes_out, bytes as u64);
+        Counters::add(&self.stats.messages_compressed, frames.compressions);
         // Logged after every lock is released: the log may call into Python.
         for socket in overflowed {
             Counters::add(&self.stats.backpressure_closes, 1);
@@ -218,17 +221,13 @@ impl Hub {
 
     /// Queues the message for the connection `id` resolves to; returns that
     /// connection's id, the outcome and the length of the prefix it got.
-    fn deliver(&self, id: u64, frame: &Bytes, kind: Kind, payload: &[u8]) -> (u64, Queued, usize) {
+    fn deliver(&self, id: u64, frames: &mut Frames<'_>) -> (u64, Queued, usize) {
         let Some((socket, prefix)) = self.sockets.resolve(id) else {
             return (id, Queued::No, 0);
         };
-        match prefix {
-            None => (socket.id, socket.send(frame), 0),
-            Some(prefix) => {
-                let queued = socket.send(&prefixed_frame(kind, &prefix, payload));
-                (socket.id, queued, prefix.len())
-            }
-        }
+        let prefix_len = prefix.as_ref().map_or(0, |p| p.len());
+        let queued = socket.send(frames.for_socket(&socket, prefix));
+        (socket.id, queued, prefix_len)
     }
 
     /// Starts the close handshake of the connection `id` resolves to; false
@@ -430,14 +429,88 @@ impl Hub {
     }
 }
 
-/// A prefixed copy of a message. Text stays text only when the prefix is
-/// valid UTF-8, so no client ever receives invalid text.
-fn prefixed_frame(kind: Kind, prefix: &[u8], payload: &[u8]) -> Bytes {
-    let kind = match kind {
+/// The frames of one message being sent, each encoded at most once however
+/// many recipients get it: the plain frame, the compressed one for the
+/// recipients that negotiated permessage-deflate (compressed without context
+/// takeover, so the same frame serves them all), and both again for each
+/// distinct prefix of the virtual sockets it goes through.
+struct Frames<'a> {
+    kind: Kind,
+    payload: &'a [u8],
+    plain: Forms,
+    prefixed: HashMap<Prefix, Forms>,
+    /// Deflate runs so far.
+    compressions: u64,
+}
+
+/// One message's frame, and its compressed frame once a recipient wanted it
+/// (`Some(None)`: it was not worth compressing).
+struct Forms {
+    plain: Bytes,
+    compressed: Option<Option<Bytes>>,
+}
+
+impl<'a> Frames<'a> {
+    fn new(kind: Kind, payload: &'a [u8]) -> Self {
+        Frames {
+            kind,
+            payload,
+            plain: Forms::new(frame::encode_message(kind, payload)),
+            prefixed: HashMap::new(),
+            compressions: 0,
+        }
+    }
+
+    /// The frame for `socket`, reached through a virtual socket with `prefix`.
+    fn for_socket(&mut self, socket: &Socket, prefix: Option<Prefix>) -> &Bytes {
+        let Frames {
+            kind,
+            payload,
+            plain,
+            prefixed,
+            compressions,
+        } = self;
+        let (kind, prefix, forms) = match prefix {
+            None => (*kind, Prefix::new(), plain),
+            Some(prefix) => {
+                let kind = prefixed_kind(*kind, &prefix);
+                let forms = prefixed
+                    .entry(prefix.clone())
+                    .or_insert_with(|| Forms::new(frame::encode_prefixed(kind, &prefix, payload)));
+                (kind, prefix, forms)
+            }
+        };
+        let len = prefix.len() + payload.len();
+        if len < MIN_COMPRESS_SIZE || !socket.deflate().is_some_and(|n| n.fits_window(len)) {
+            return &forms.plain;
+        }
+        forms
+            .compressed
+            .get_or_insert_with(|| {
+                *compressions += 1;
+                frame::encode_compressed(kind, &prefix, payload)
+            })
+            .as_ref()
+            .unwrap_or(&forms.plain)
+    }
+}
+
+impl Forms {
+    fn new(plain: Bytes) -> Self {
+        Forms {
+            plain,
+            compressed: None,
+        }
+    }
+}
+
+/// The kind of a prefixed copy of a message. Text stays text only when the
+/// prefix is valid UTF-8, so no client ever receives invalid text.
+fn prefixed_kind(kind: Kind, prefix: &[u8]) -> Kind {
+    match kind {
         Kind::Text if std::str::from_utf8(prefix).is_err() => Kind::Binary,
         kind => kind,
-    };
-    frame::encode_prefixed(kind, prefix, payload)
+    }
 }
 
 #[cfg(test)]
@@ -499,6 +572,130 @@ mod tests {
         assert_eq!(f.hub.send(&targets, Kind::Text, b"hi"), 3);
         assert_eq!(received(&a), vec![(1, b"hi".to_vec()), (1, b"hi".to_vec())]);
         assert_eq!(received(&b), vec![(1, b"hi".to_vec())]);
+    }
+
+    /// The frames queued for a socket, as they are.
+    fn taken(socket: &Socket) -> Vec<Bytes> {
+        let mut frames = VecDeque::new();
+        socket.take(&mut frames, false);
+        frames.into()
+    }
+
+    /// The payload of a compressed frame (RSV1 set), inflated.
+    fn inflated(frame: &Bytes) -> Vec<u8> {
+        assert_eq!(frame[0] & 0x40, 0x40, "RSV1 marks it compressed");
+        let start = match frame[1] {
+            126 => 4,
+            len => {
+                assert!(len < 126, "test messages are under 64 KiB");
+                2
+            }
+        };
+        let mut out = Vec::new();
+        crate::deflate::inflate_message(&frame[start..], &mut out, 1 << 20).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_broadcast_is_compressed_once_per_distinct_prefix() {
+        use crate::deflate::{ClientContext, Negotiated};
+        let f = Fixture::new();
+        let negotiated = |server_window_bits| {
+            Some(Negotiated {
+                server_window_bits,
+                client: ClientContext::Reset,
+            })
+        };
+        let connect = |deflate| {
+            let worker = f.workers.pick().unwrap();
+            f.hub
+                .add_socket(|id| Socket::new(id, worker, 1 << 20).with_deflate(deflate))
+        };
+        let deflating: Vec<_> = (0..3).map(|_| connect(negotiated(15))).collect();
+        let plain = connect(None);
+        // A client that asked for a 512-byte window gets longer messages plain.
+        let small_window = connect(negotiated(9));
+        let v1 = f
+            .hub
+            .create_virtual_socket(deflating[0].id, Some(b"v:"))
+            .unwrap();
+        let v2 = f
+            .hub
+            .create_virtual_socket(deflating[1].id, Some(b"v:"))
+            .unwrap();
+        let v3 = f.hub.create_virtual_socket(plain.id, Some(b"v:")).unwrap();
+        let room = ch("room");
+        let mut members: Vec<Target> = deflating.iter().map(|s| Target::Socket(s.id)).collect();
+        members.extend([plain.id, small_window.id, v1, v2, v3].map(Target::Socket));
+        f.hub.subscribe(&members, &room, 1);
+
+        let payload = r#"{"user":"ada","text":"hello, room","ts":1700000000}"#.repeat(20);
+        assert!(payload.len() > 512 && payload.len() < 0xffff);
+        let sent = f
+            .hub
+            .send(&[Target::Channel(room)], Kind::Text, payload.as_bytes());
+        assert_eq!(sent, 8);
+        assert_eq!(
+            Counters::get(&f.hub.stats.messages_compressed),
+            2,
+            "once plain, once with the prefix"
+        );
+        // Every compressed frame of one form is the same allocation (the order in
+        // which a socket got the direct and the prefixed copy follows the channel's).
+        let prefixed_payload = format!("v:{payload}");
+        let mut forms: Vec<(Vec<u8>, Bytes)> = Vec::new();
+        for socket in &deflating {
+            for frame in taken(socket) {
+                let inflated = inflated(&frame);
+                match forms.iter().find(|(p, _)| *p == inflated) {
+                    Some((_, first)) => assert_eq!(first.as_ptr(), frame.as_ptr()),
+                    None => forms.push((inflated, frame)),
+                }
+            }
+        }
+        let mut contents: Vec<&[u8]> = forms.iter().map(|(p, _)| p.as_slice()).collect();
+        let mut expected = [payload.as_bytes(), prefixed_payload.as_bytes()];
+        contents.sort();
+        expected.sort();
+        assert_eq!(contents, expected);
+        let direct = &forms
+            .iter()
+            .find(|(p, _)| p == payload.as_bytes())
+            .unwrap()
+            .1;
+        assert!(direct.len() < payload.len() / 3, "{} bytes", direct.len());
+        for frames in [taken(&plain), taken(&small_window)] {
+            for frame in &frames {
+                assert_eq!(frame[0], 0x81, "plain text, RSV1 clear");
+            }
+        }
+        assert_eq!(
+            Counters::get(&f.hub.stats.bytes_out),
+            8 * payload.len() as u64 + 3 * 2,
+            "byte counts are uncompressed (with the prefixes)"
+        );
+    }
+
+    #[test]
+    fn short_messages_go_out_uncompressed() {
+        use crate::deflate::{ClientContext, Negotiated, MIN_COMPRESS_SIZE};
+        let f = Fixture::new();
+        let worker = f.workers.pick().unwrap();
+        let deflate = Some(Negotiated {
+            server_window_bits: 15,
+            client: ClientContext::Reset,
+        });
+        let a = f
+            .hub
+            .add_socket(|id| Socket::new(id, worker, 1 << 20).with_deflate(deflate));
+        let short = "a".repeat(MIN_COMPRESS_SIZE - 1);
+        f.hub
+            .send(&[Target::Socket(a.id)], Kind::Text, short.as_bytes());
+        let frames = taken(&a);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0][0], 0x81, "RSV1 clear");
+        assert_eq!(&frames[0][4..], short.as_bytes());
+        assert_eq!(Counters::get(&f.hub.stats.messages_compressed), 0);
     }
 
     #[test]

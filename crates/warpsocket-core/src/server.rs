@@ -158,9 +158,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Some(upgrading) = shared.try_upgrade() else {
-                    // Too many connections are still in their handshake (a flood of
-                    // idle or slow clients): refuse this one at once.
+                let Some(upgrading) = shared.admit(peer.ip()) else {
+                    // Every slot waits for handle_open's verdict: the
+                    // application is behind, refuse this one at once.
                     log::debug!(target: "warpsocket", "{peer}: too many pending upgrades, connection dropped");
                     drop(stream);
                     continue;

@@ -2,7 +2,7 @@
 //! and its outbox. The connection's own I/O task holds the TCP stream; other
 //! threads only queue frames here and wake that task.
 //!
-//! Uses the leaves (`frame`, `links`, keepalive's per-connection state) and
+//! Uses the leaves (`frame`, `deflate`, `links`, keepalive's per-connection state) and
 //! `dispatch`, whose [`Backlog`] it implements so that a busy worker pauses
 //! the connection's reader.
 
@@ -14,6 +14,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 
+use crate::deflate::Negotiated;
 use crate::dispatch::{self, Backlog, RESUME_READING_AT};
 use crate::frame::{self, close_code};
 use crate::keepalive::Keepalive;
@@ -73,6 +74,9 @@ pub struct Socket {
     /// Looked after by the server's keepalive sweep.
     pub(crate) keepalive: Keepalive,
     max_backpressure: usize,
+    /// What permessage-deflate agreed, if it was negotiated: senders pick
+    /// the compressed frame of a message for this connection.
+    deflate: Option<Negotiated>,
 }
 
 /// What the writer took besides frames.
@@ -115,7 +119,18 @@ impl Socket {
             links: Links::default(),
             keepalive: Keepalive::default(),
             max_backpressure,
+            deflate: None,
         }
+    }
+
+    /// The socket of a connection that negotiated permessage-deflate.
+    pub(crate) fn with_deflate(mut self, deflate: Option<Negotiated>) -> Self {
+        self.deflate = deflate;
+        self
+    }
+
+    pub(crate) fn deflate(&self) -> Option<Negotiated> {
+        self.deflate
     }
 
     /// Queues an encoded frame for this connection.

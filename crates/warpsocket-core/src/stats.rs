@@ -18,6 +18,9 @@ pub struct Counters {
     /// Close frames this server queued (its own and its echoes of the
     /// peer's), by code; [`NO_CODE`] for a close frame without one.
     pub closes: CloseCounts,
+    /// Outgoing messages deflated (permessage-deflate): one per distinct
+    /// frame, however many recipients get it.
+    pub messages_compressed: AtomicU64,
     /// Cluster mode: messages handed to Redis for other nodes, requests and
     /// broadcasts received from them, and cross-node sends that failed
     /// (Redis unreachable or too slow).

@@ -4,8 +4,8 @@
 //!
 //! Owns the handshake I/O and [`SocketGuard`], the registration every
 //! upgraded connection keeps until it ends. May use the server context, the
-//! engine side (engine, dispatch, socket), handshake and static_files; the
-//! open connection builds on it.
+//! engine side (engine, dispatch, socket), handshake, deflate (negotiation)
+//! and static_files; the open connection builds on it.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 
-use crate::context::{LiveGuard, Shared};
+use crate::context::{Handshake, LiveGuard, Shared};
+use crate::deflate;
 use crate::dispatch::{OpenRequest, Payload, ReadAt, Verdict};
 use crate::handshake::{self, Refusal, Request};
 use crate::socket::Socket;
@@ -36,49 +36,45 @@ pub(crate) struct Upgraded {
 }
 
 /// Reads the request, asks `handle_open`, and answers 101 or an error.
-/// `upgrading` is the connection's pending-upgrade permit, released once the
-/// upgrade is done (or refused); `live` counts the connection's task.
+/// `upgrading` is the connection's slot among the pending upgrades, given
+/// back once the upgrade is done (or refused); while the request is still
+/// being read a newcomer may take it, which ends the connection. `live`
+/// counts the connection's task.
 pub(crate) async fn upgrade(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     live: LiveGuard,
-    upgrading: OwnedSemaphorePermit,
+    mut upgrading: Handshake,
 ) -> Option<Upgraded> {
     let shared = &live.shared().clone();
-    let _ = stream.set_nodelay(true);
-    let mut buf = Vec::new();
-    let read = tokio::select! {
-        r = tokio::time::timeout(shared.config.handshake_timeout, read_request(&stream, &mut buf)) => r,
-        _ = shared.stopping() => return None,
+    let (mut stream, upgrade, mut buf, used) = tokio::select! {
+        read = read_upgrade(stream, shared) => read?,
+        _ = upgrading.evicted() => return None,
     };
-    let (request, used) = match read {
-        Ok(Ok(Ok(Some(parsed)))) => parsed,
-        Ok(Ok(Err(refusal))) => {
-            refuse(stream, shared, refusal).await;
-            return None;
-        }
-        // The peer left, broke the connection, or was too slow.
-        Ok(Ok(Ok(None))) | Ok(Err(_)) | Err(_) => return None,
-    };
-    let upgrade = match request {
-        Request::Upgrade(upgrade) => upgrade,
-        Request::Plain {
-            method,
-            path,
-            headers,
-        } => {
-            plain_http(stream, shared, method, path, headers).await;
-            return None;
-        }
-    };
+    upgrading.deciding();
     let Some(worker) = shared.workers.pick() else {
         refuse(stream, shared, Refusal::new(503, "no worker is available")).await;
         return None;
     };
+    // The server always asks for client_no_context_takeover: what clients
+    // send is inflated by the I/O thread's shared inflater, and no
+    // connection keeps inflate state (about 48 KiB each otherwise).
+    let (deflate, extensions) = shared
+        .config
+        .compression
+        .then(|| {
+            let (_, offers) = upgrade
+                .headers
+                .iter()
+                .find(|(name, _)| name == "sec-websocket-extensions")?;
+            deflate::negotiate(offers, false)
+        })
+        .flatten()
+        .unzip();
     let max_backpressure = shared.config.max_backpressure;
     let socket = shared
         .engine
-        .add_socket(|id| Socket::new(id, worker, max_backpressure));
+        .add_socket(|id| Socket::new(id, worker, max_backpressure).with_deflate(deflate));
     socket.worker.connection_opened();
     let guard = SocketGuard { socket, live };
     let socket = &guard.socket;
@@ -112,7 +108,7 @@ pub(crate) async fn upgrade(
         socket.accept();
     }
     stream
-        .write_all(&handshake::accept_response(&upgrade))
+        .write_all(&handshake::accept_response(&upgrade, extensions.as_deref()))
         .await
         .ok()?;
     drop(upgrading);
@@ -122,6 +118,40 @@ pub(crate) async fn upgrade(
         guard,
         early: buf,
     })
+}
+
+/// Reads the request: an upgrade request comes back with the bytes read
+/// and the request's length in them; anything else is answered here.
+async fn read_upgrade(
+    stream: TcpStream,
+    shared: &Shared,
+) -> Option<(TcpStream, handshake::Upgrade, Vec<u8>, usize)> {
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::new();
+    let read = tokio::select! {
+        r = tokio::time::timeout(shared.config.handshake_timeout, read_request(&stream, &mut buf)) => r,
+        _ = shared.stopping() => return None,
+    };
+    let (request, used) = match read {
+        Ok(Ok(Ok(Some(parsed)))) => parsed,
+        Ok(Ok(Err(refusal))) => {
+            refuse(stream, shared, refusal).await;
+            return None;
+        }
+        // The peer left, broke the connection, or was too slow.
+        Ok(Ok(Ok(None))) | Ok(Err(_)) | Err(_) => return None,
+    };
+    match request {
+        Request::Upgrade(upgrade) => Some((stream, upgrade, buf, used)),
+        Request::Plain {
+            method,
+            path,
+            headers,
+        } => {
+            plain_http(stream, shared, method, path, headers).await;
+            None
+        }
+    }
 }
 
 /// Answers a request that is not an upgrade: a static file when a folder is
@@ -157,11 +187,21 @@ async fn read_request(
         stream.readable().await?;
         // Declared after the await so it is not part of the task's state.
         let mut chunk = [0u8; 2048];
+        let before = buf.len();
         match stream.try_read(&mut chunk) {
             Ok(0) => return Ok(Ok(None)),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
+        }
+        // A client trickling its request a byte at a time would otherwise
+        // cost a parse of everything so far per packet. The first read is
+        // parsed anyway, so that what is not HTTP at all is refused at once.
+        if before > 0 && !handshake::may_end_head(buf, before) {
+            if buf.len() > MAX_REQUEST_BYTES {
+                return Ok(Err(handshake::TOO_LARGE));
+            }
+            continue;
         }
         match handshake::parse(buf) {
             Ok(Some(parsed)) => return Ok(Ok(Some(parsed))),

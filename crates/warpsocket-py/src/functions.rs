@@ -197,6 +197,7 @@ fn counters(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     dict.set_item("bytes_in", get(&stats.bytes_in))?;
     dict.set_item("bytes_out", get(&stats.bytes_out))?;
     dict.set_item("backpressure_closes", get(&stats.backpressure_closes))?;
+    dict.set_item("messages_compressed", get(&stats.messages_compressed))?;
     dict.set_item("node_id", ENGINE.node_id())?;
     dict.set_item("cluster_messages_out", get(&stats.cluster_messages_out))?;
     dict.set_item("cluster_messages_in", get(&stats.cluster_messages_in))?;

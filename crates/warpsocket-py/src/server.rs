@@ -34,7 +34,7 @@ impl Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades, io_threads=None, static_dir=None))]
+    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades, compression, io_threads=None, static_dir=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -45,6 +45,7 @@ impl Server {
         ping_timeout: f64,
         open_timeout: f64,
         max_pending_upgrades: usize,
+        compression: bool,
         io_threads: Option<usize>,
         static_dir: Option<PathBuf>,
     ) -> PyResult<Self> {
@@ -57,6 +58,7 @@ impl Server {
             open_timeout: convert::seconds(open_timeout, "open_timeout")?,
             static_dir,
             max_pending_upgrades,
+            compression,
             ..Config::default()
         };
         if let Some(n) = io_threads {

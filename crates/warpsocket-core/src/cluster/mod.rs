@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use redis::aio::ConnectionManager;
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -61,8 +61,33 @@ pub struct Cluster {
     requests: Mutex<HashMap<u64, oneshot::Sender<Option<u64>>>>,
     next_request: AtomicU64,
     stop: watch::Sender<bool>,
+    /// Calls blocked on the runtime; [`leave`](Self::leave) shuts it down
+    /// only once there are none, since tokio panics when a runtime goes away
+    /// under a `block_on`.
+    calls: Mutex<Calls>,
+    calls_done: Condvar,
     runtime: Mutex<Option<Runtime>>,
     handle: tokio::runtime::Handle,
+}
+
+#[derive(Default)]
+struct Calls {
+    /// Set by `leave`: no call starts after it.
+    left: bool,
+    waiting: usize,
+}
+
+/// Counts a call in [`Cluster::calls`] until it is back.
+struct CallGuard<'a>(&'a Cluster);
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        let mut calls = self.0.calls.lock();
+        calls.waiting -= 1;
+        if calls.waiting == 0 {
+            self.0.calls_done.notify_all();
+        }
+    }
 }
 
 /// Channels that appeared or vanished locally go to the listener task,
@@ -114,6 +139,8 @@ impl Cluster {
             requests: Mutex::default(),
             next_request: AtomicU64::new(1),
             stop,
+            calls: Mutex::default(),
+            calls_done: Condvar::new(),
             runtime: Mutex::new(None),
             handle: handle.clone(),
         });
@@ -152,7 +179,15 @@ impl Cluster {
     /// Stops the Redis tasks and closes their connections; the hub's ids no
     /// longer carry the node number.
     pub(crate) fn leave(&self, hub: &Hub) {
+        self.calls.lock().left = true;
         self.stop.send_replace(true);
+        {
+            // Not long: every call returns as soon as it sees the stop signal.
+            let mut calls = self.calls.lock();
+            while calls.waiting > 0 {
+                self.calls_done.wait(&mut calls);
+            }
+        }
         if let Some(runtime) = self.runtime.lock().take() {
             runtime.shutdown_timeout(Duration::from_secs(1));
         }
@@ -451,18 +486,30 @@ impl Cluster {
         })
     }
 
-    /// Runs a Redis call from a thread outside the runtime, bounded in time.
+    /// Runs a Redis call from a thread outside the runtime, bounded in time
+    /// and cut short when the node leaves.
     fn wait<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, Unreachable> {
-        if *self.stop.borrow() {
-            return Err(Unreachable("the node has left the cluster".into()));
-        }
-        match self
-            .handle
-            .block_on(async { tokio::time::timeout(REDIS_TIMEOUT, call).await })
+        let left = || Unreachable("the node has left the cluster".into());
         {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(Unreachable(e.to_string())),
-            Err(_) => Err(Unreachable(format!(
+            let mut calls = self.calls.lock();
+            if calls.left {
+                return Err(left());
+            }
+            calls.waiting += 1;
+        }
+        let _counted = CallGuard(self);
+        let mut stop = self.stop.subscribe();
+        let answer = self.handle.block_on(async {
+            tokio::select! {
+                answer = tokio::time::timeout(REDIS_TIMEOUT, call) => Some(answer),
+                _ = stop.wait_for(|stop| *stop) => None,
+            }
+        });
+        match answer {
+            None => Err(left()),
+            Some(Ok(Ok(value))) => Ok(value),
+            Some(Ok(Err(e))) => Err(Unreachable(e.to_string())),
+            Some(Err(_)) => Err(Unreachable(format!(
                 "no answer within {} s",
                 REDIS_TIMEOUT.as_secs()
             ))),
