@@ -43,6 +43,8 @@ PEERS = ROOT / "benchmarks" / "peers"
 WORKER = ROOT / "examples" / "performance" / "worker.py"
 BENCH_BIN = ROOT / "target" / "release" / "warpsocket-bench"
 ALL_SERVERS = ["warpsocket", "socketify", "picows", "aiohttp", "websockets"]
+# Not run by default: WarpSocket with --metrics on, to measure what the metrics cost.
+OTHER_SERVERS = ["warpsocket-metrics"]
 # server name -> (pip package, import name) for the peers
 PEER_PACKAGES = {
     "websockets": ("websockets", "websockets"),
@@ -126,10 +128,12 @@ def server_command(
     server: str, ports: list[int], cpu: str, threads: int = 1, compression: bool = False
 ) -> list[str]:
     pin = ["taskset", "-c", cpu]
-    if server == "warpsocket":
+    if server.startswith("warpsocket"):
         binds = [arg for p in ports for arg in ("--bind", f"127.0.0.1:{p}")]
+        # The port after the server's, kept free for it by main().
+        metrics = ["--metrics", f"127.0.0.1:{ports[-1] + 1}"] if server == "warpsocket-metrics" else []
         return [
-            *pin, sys.executable, "-m", "warpsocket", str(WORKER), *binds,
+            *pin, sys.executable, "-m", "warpsocket", str(WORKER), *binds, *metrics,
             "--threads", str(threads), "--log-level", "WARNING",
             *(["--compression"] if compression else []),
         ]  # fmt: skip
@@ -359,9 +363,9 @@ def main() -> int:
     args = parser.parse_args()
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    unknown = [s for s in servers if s not in ALL_SERVERS]
+    unknown = [s for s in servers if s not in ALL_SERVERS + OTHER_SERVERS]
     if unknown:
-        parser.error(f"unknown servers {unknown}; choose from {ALL_SERVERS}")
+        parser.error(f"unknown servers {unknown}; choose from {ALL_SERVERS + OTHER_SERVERS}")
     counts = [int(c) for c in args.connections.split(",")]
     args.log_dir.mkdir(parents=True, exist_ok=True)
     raise_fd_limit(max(counts) + 2048)
@@ -382,7 +386,7 @@ def main() -> int:
                     continue
                 # Fresh ports every run: no TIME_WAIT leftovers from the previous one.
                 ports = list(range(port, port + args.ports))
-                port += args.ports
+                port += args.ports + 1  # and one for warpsocket-metrics' metrics address
                 results.append(run_one(server, conns, run, ports, args))
                 time.sleep(1.0)
 

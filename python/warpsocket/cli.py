@@ -53,20 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. redis://127.0.0.1:6379/0",
     )
     for tunable in TUNABLES:
-        flag = "--" + tunable.name.replace("_", "-")
         if tunable.type is bool:
             parser.add_argument(
-                flag,
+                tunable.flag,
                 action=argparse.BooleanOptionalAction,
                 default=tunable.default,
                 help=f"{tunable.help} (default: {'on' if tunable.default else 'off'})",
             )
             continue
         parser.add_argument(
-            flag,
+            tunable.flag,
+            dest=tunable.name,
             type=tunable.type,
             default=tunable.default,
-            help=f"{tunable.help} (default: {tunable.default})",
+            metavar=tunable.metavar,
+            help=tunable.help if tunable.default is None else f"{tunable.help} (default: {tunable.default})",
         )
     parser.add_argument(
         "--log-level",
