@@ -52,6 +52,8 @@ ALL_SERVERS = ["warpsocket", "socketify", "picows", "aiohttp", "websockets"]
 #: Servers that can run over TLS (as "NAME+tls").
 TLS_SERVERS = ["warpsocket", "socketify"]
 TLS_SUFFIX = "+tls"
+# Not run by default: WarpSocket with --metrics on, to measure what the metrics cost.
+OTHER_SERVERS = ["warpsocket-metrics"]
 # server name -> (pip package, import name) for the peers
 PEER_PACKAGES = {
     "websockets": ("websockets", "websockets"),
@@ -166,10 +168,12 @@ def server_command(
 ) -> list[str]:
     pin = ["taskset", "-c", cpu]
     tls = ["--tls-cert", str(certs.chain), "--tls-key", str(certs.key)] if certs else []
-    if server == "warpsocket":
+    if server.startswith("warpsocket"):
         binds = [arg for p in ports for arg in ("--bind", f"127.0.0.1:{p}")]
+        # The port after the server's, kept free for it by main().
+        metrics = ["--metrics", f"127.0.0.1:{ports[-1] + 1}"] if server == "warpsocket-metrics" else []
         return [
-            *pin, sys.executable, "-m", "warpsocket", str(WORKER), *binds,
+            *pin, sys.executable, "-m", "warpsocket", str(WORKER), *binds, *metrics,
             "--threads", str(threads), "--log-level", "WARNING", *tls,
             *(["--compression"] if compression else []),
         ]  # fmt: skip
@@ -410,7 +414,7 @@ def main() -> int:
     args = parser.parse_args()
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    known = ALL_SERVERS + [s + TLS_SUFFIX for s in TLS_SERVERS]
+    known = ALL_SERVERS + OTHER_SERVERS + [s + TLS_SUFFIX for s in TLS_SERVERS]
     unknown = [s for s in servers if s not in known]
     if unknown:
         parser.error(f"unknown servers {unknown}; choose from {known}")
@@ -438,7 +442,7 @@ def main() -> int:
                     continue
                 # Fresh ports every run: no TIME_WAIT leftovers from the previous one.
                 ports = list(range(port, port + args.ports))
-                port += args.ports
+                port += args.ports + 1  # and one for warpsocket-metrics' metrics address
                 results.append(run_one(server, conns, run, ports, args, certs))
                 time.sleep(1.0)
 

@@ -192,7 +192,7 @@ def occupied_port():
 
 # The flags that take a value (switches such as --compression take none).
 FLAGS = ["--threads", "--worker-arg", "--static", "--cluster", "--log-level"] + [
-    "--" + t.name.replace("_", "-") for t in TUNABLES if t.type is not bool
+    t.flag for t in TUNABLES if t.type is not bool
 ]
 
 

@@ -244,6 +244,19 @@ def test_healthz(metrics):
     assert get(metrics, "/metrics")[0] == 200
 
 
+def test_healthz_waits_for_set_serving(fake_stats):
+    def healthz(server):
+        status, _, body = get(server, "/healthz")
+        return status, body
+
+    with MetricsServer("127.0.0.1:0", fake_stats, serving=False) as server:
+        assert healthz(server) == (503, b"starting")
+        server.set_serving()
+        assert healthz(server) == (200, b"ok")
+        server.set_stopping()
+        assert healthz(server) == (503, b"stopping")
+
+
 def test_other_paths_and_methods(metrics):
     for path in ("/", "/metrics/", "/healthz/x", "/favicon.ico", "/static/index.html"):
         assert get(metrics, path)[0] == 404, path

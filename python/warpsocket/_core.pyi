@@ -1,10 +1,11 @@
 """Type stubs for the native module built from crates/warpsocket-py."""
 
-from typing import Any, TypeAlias, final
+from typing import Any, Literal, TypeAlias, final, overload
 
 __all__ = [
     "Server",
     "WorkerQueue",
+    "HandlerTimings",
     "send",
     "close",
     "subscribe",
@@ -80,7 +81,7 @@ def log_fd() -> int | None:
 def take_log_records() -> tuple[list[tuple[str, int, str, str | None, int]], int]:
     """Take the queued engine log records ``(logger, level, message, file, line)`` and the dropped count."""
 
-def counters() -> dict[str, int]:
+def counters() -> dict[str, Any]:
     """The engine's counters (``stats()`` without the worker list)."""
 
 @final
@@ -95,12 +96,16 @@ class WorkerQueue:
     def queue_depth(self) -> int: ...
     def fileno(self) -> int:
         """The descriptor that becomes readable when events wait."""
-    def drain(self, max: int | None = None) -> list[tuple[int, int, Any]]:
+    @overload
+    def drain(self, max: int | None = None, timed: Literal[False] = False) -> list[tuple[int, int, Any]]:
         """Take the waiting events (at most ``max``) as ``(kind, socket_id, payload)``.
 
         When more wait, the descriptor stays readable. They count against their
         connections' backlogs until :meth:`settle` (or the next drain).
         """
+    @overload
+    def drain(self, max: int | None, timed: Literal[True]) -> list[tuple[int, int, Any, float]]:
+        """Like the above, with the seconds since each event was read as a fourth item."""
     def settle(self) -> None:
         """The events last drained have run or are held: they stop counting."""
     def hold(self, socket_id: int) -> None:
@@ -137,3 +142,15 @@ class Server:
     def retire_worker(self, worker_id: int) -> int: ...
     def serve(self, *, handle_open: bool, handle_text: bool, handle_binary: bool) -> None: ...
     def shutdown(self, timeout: float) -> None: ...
+
+_Histogram: TypeAlias = tuple[list[list[int]], list[float]]
+
+@final
+class HandlerTimings:
+    """One worker thread's histograms of its handler calls: queue wait and duration by kind."""
+
+    def __new__(cls, bounds: list[float] | tuple[float, ...]) -> HandlerTimings: ...
+    def record(self, kind: int, waited: float, ran: float) -> None:
+        """Count one call of handler ``kind`` (0-3: open, text, binary, close); one thread only."""
+    def snapshot(self) -> tuple[_Histogram, _Histogram]:
+        """``(wait, ran)``, each ``(counts, sums)`` per kind; counts per bucket, +Inf last."""

@@ -63,20 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-key", metavar="PATH", default=None, help="PEM private key of --tls-cert's certificate"
     )
     for tunable in TUNABLES:
-        flag = "--" + tunable.name.replace("_", "-")
         if tunable.type is bool:
             parser.add_argument(
-                flag,
+                tunable.flag,
                 action=argparse.BooleanOptionalAction,
                 default=tunable.default,
                 help=f"{tunable.help} (default: {'on' if tunable.default else 'off'})",
             )
             continue
         parser.add_argument(
-            flag,
+            tunable.flag,
+            dest=tunable.name,
             type=tunable.type,
             default=tunable.default,
-            help=f"{tunable.help} (default: {tunable.default})",
+            metavar=tunable.metavar,
+            help=tunable.help if tunable.default is None else f"{tunable.help} (default: {tunable.default})",
         )
     parser.add_argument(
         "--log-level",

@@ -13,10 +13,13 @@ import inspect
 import math
 import os
 import sys
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ParamSpec, TypeVar
+
+from .metrics import parse_bind
 
 MiB = 1024 * 1024
 #: Default of the two size limits.
@@ -54,6 +57,7 @@ class Options:
     ping_interval: float
     ping_timeout: float
     max_pending_upgrades: int
+    metrics_bind: str | None
     compression: bool
 
     @classmethod
@@ -79,6 +83,11 @@ class Options:
         max_pending_upgrades: Annotated[
             int, "connections allowed in their handshake at once; the longest-waiting makes room"
         ] = 1024,
+        metrics_bind: Annotated[
+            str | None,
+            "serve Prometheus /metrics and /healthz over plain HTTP on this address, e.g. 127.0.0.1:9100",
+            Flag("--metrics", "ADDR"),
+        ] = None,
         compression: Annotated[
             bool, "negotiate permessage-deflate with clients that offer it (see the README)"
         ] = False,
@@ -103,6 +112,8 @@ class Options:
         if threads is None:
             threads = default_threads()
         _check_int("threads", threads, MAX_THREADS)
+        if metrics_bind is not None:
+            parse_bind(metrics_bind)
         return cls(
             bind=binds,
             worker=worker,
@@ -119,6 +130,7 @@ class Options:
             ping_interval=check_seconds("ping_interval", ping_interval),
             ping_timeout=check_seconds("ping_timeout", ping_timeout),
             max_pending_upgrades=_check_int("max_pending_upgrades", max_pending_upgrades, sys.maxsize),
+            metrics_bind=metrics_bind,
             compression=_check_bool("compression", compression),
         )
 
@@ -219,13 +231,24 @@ def _show(value: object) -> str:
 
 
 @dataclass(frozen=True)
+class Flag:
+    """In a keyword-only option's ``Annotated``: its CLI flag, when not ``--<name>``."""
+
+    flag: str
+    metavar: str | None = None
+
+
+@dataclass(frozen=True)
 class Tunable:
     """One keyword-only option of :meth:`Options.build` (a CLI ``--flag``)."""
 
     name: str
-    type: type[int] | type[float] | type[bool]
-    default: int | float | bool
+    #: What the CLI converts the flag's text with (``X`` for an ``X | None`` option).
+    type: type[int] | type[float] | type[bool] | type[str]
+    default: int | float | bool | str | None
     help: str
+    flag: str
+    metavar: str | None = None
 
 
 def _tunables() -> tuple[Tunable, ...]:
@@ -233,8 +256,11 @@ def _tunables() -> tuple[Tunable, ...]:
     tunables = []
     for param in inspect.signature(Options.build).parameters.values():
         if param.kind is inspect.Parameter.KEYWORD_ONLY:
-            kind, help_text = typing.get_args(hints[param.name])
-            tunables.append(Tunable(param.name, kind, param.default, help_text))
+            kind, help_text, *extra = typing.get_args(hints[param.name])
+            if typing.get_origin(kind) in (typing.Union, types.UnionType):
+                (kind,) = (arg for arg in typing.get_args(kind) if arg is not type(None))
+            flag = next((e for e in extra if isinstance(e, Flag)), Flag("--" + param.name.replace("_", "-")))
+            tunables.append(Tunable(param.name, kind, param.default, help_text, flag.flag, flag.metavar))
     return tuple(tunables)
 
 

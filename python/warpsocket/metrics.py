@@ -2,15 +2,16 @@
 
 ``MetricsServer(bind, stats)`` serves ``GET /metrics`` (prometheus_client's default
 registry, so application metrics registered there appear on the same page) and
-``GET /healthz`` (200 until ``set_stopping()``, then 503) on a thread of its own.
+``GET /healthz`` (200 while serving: from ``set_serving()``, or from the start, until
+``set_stopping()``; else 503) on a thread of its own.
 
 The server's counters are read from ``stats()`` at scrape time by ``StatsCollector``;
 nothing is updated per message except the handler timings, which each worker thread
-records into its own ``HandlerTimings`` (plain lists, one writer, no lock) and which the
-collector sums at scrape time.
+records into its own ``HandlerTimings`` (native atomics, one writer, no lock, no Python
+code per call) and which the collector sums at scrape time.
 
-This module does not import ``warpsocket._core``: the caller passes the ``stats``
-callable, which keeps it testable on its own.
+The caller passes the ``stats`` callable, which keeps this module testable without a
+running server.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import socket
 import socketserver
 import sys
 import threading
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -34,6 +34,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from ._core import HandlerTimings
 
 logger = logging.getLogger("warpsocket")
 
@@ -110,36 +112,6 @@ _HELP = {
 _GAUGES_ALWAYS = ("connections", "virtual_sockets", "channels", "subscriptions", "keys")
 
 
-class HandlerTimings:
-    """One worker thread's two histograms by handler kind: queue wait and handler duration.
-
-    Only the owning worker thread calls ``record``; the collector reads the lists at
-    scrape time. One writer per list means no lost increments and no lock, also
-    without the GIL; a scrape may see a ``sum`` one observation ahead of the buckets.
-    Both histograms are recorded by one call because the call is most of the cost.
-    """
-
-    __slots__ = ("wait_counts", "wait_sums", "run_counts", "run_sums")
-
-    def __init__(self) -> None:
-        # *_counts[kind][i]: observations in bucket i (not cumulative; the last is +Inf).
-        self.wait_counts: list[list[int]] = [[0] * (len(BUCKETS) + 1) for _ in HANDLER_KINDS]
-        self.wait_sums: list[float] = [0.0] * len(HANDLER_KINDS)
-        self.run_counts: list[list[int]] = [[0] * (len(BUCKETS) + 1) for _ in HANDLER_KINDS]
-        self.run_sums: list[float] = [0.0] * len(HANDLER_KINDS)
-
-    def record(self, kind: int, waited: float, ran: float) -> None:
-        """Count one handler call of ``kind`` (``OPEN`` ... ``CLOSE``).
-
-        ``waited``: seconds from reading the frame to the handler's start;
-        ``ran``: seconds the handler ran.
-        """
-        self.wait_counts[kind][bisect_left(BUCKETS, waited)] += 1
-        self.wait_sums[kind] += waited
-        self.run_counts[kind][bisect_left(BUCKETS, ran)] += 1
-        self.run_sums[kind] += ran
-
-
 class StatsCollector(Collector):
     """Turns a ``stats()`` snapshot and the workers' timings into metric families.
 
@@ -163,7 +135,7 @@ class StatsCollector(Collector):
         They stay summed into the histograms after the worker ends (or is retired),
         so the histograms never go down while this collector lives.
         """
-        timings = HandlerTimings()
+        timings = HandlerTimings(BUCKETS)
         with self._timings_lock:
             self._timings.append(timings)
         return timings
@@ -229,10 +201,10 @@ class StatsCollector(Collector):
             "Time from reading a frame (or accepting the upgrade) to its handler's start.",
             labels=["handler"],
         )
-        for family, counts, sums in (
-            (duration, [t.run_counts for t in timings], [t.run_sums for t in timings]),
-            (wait, [t.wait_counts for t in timings], [t.wait_sums for t in timings]),
-        ):
+        snapshots = [t.snapshot() for t in timings]
+        for family, which in ((wait, 0), (duration, 1)):
+            counts = [snapshot[which][0] for snapshot in snapshots]
+            sums = [snapshot[which][1] for snapshot in snapshots]
             for kind, name in enumerate(HANDLER_KINDS):
                 cumulative, buckets = 0, []
                 for i, label in enumerate(_BUCKET_LABELS):
@@ -324,12 +296,16 @@ class MetricsServer:
 
     Binding raises ``OSError`` (address in use ...) and a malformed ``bind``
     ``ValueError``. The ``StatsCollector`` is registered on prometheus_client's
-    default registry until ``close()``.
+    default registry until ``close()``. With ``serving=False``, ``/healthz`` answers
+    503 until ``set_serving()``: the listener is up before the server it reports on.
     """
 
-    def __init__(self, bind: str, stats: Callable[[], Mapping[str, Any]]) -> None:
+    def __init__(self, bind: str, stats: Callable[[], Mapping[str, Any]], *, serving: bool = True) -> None:
         host, port = parse_bind(bind)
         self.collector = StatsCollector(stats)
+        self._serving = threading.Event()
+        if serving:
+            self._serving.set()
         self._stopping = threading.Event()
         # prometheus_client's own app: content negotiation (text or OpenMetrics),
         # gzip and ?name[]= filtering come with it.
@@ -355,6 +331,10 @@ class MetricsServer:
     def worker_timings(self) -> HandlerTimings:
         """New timings for one worker thread (see ``StatsCollector.worker_timings``)."""
         return self.collector.worker_timings()
+
+    def set_serving(self) -> None:
+        """From now on ``/healthz`` answers 200 (until ``set_stopping()``)."""
+        self._serving.set()
 
     def set_stopping(self) -> None:
         """From now on ``/healthz`` answers 503."""
@@ -383,22 +363,26 @@ class MetricsServer:
                 return cast(Iterable[bytes], self._metrics_app(environ, start_response))
             except Exception:
                 logger.exception("metrics scrape failed")
-                start_response("500 Internal Server Error", _TEXT, sys.exc_info())
+                start_response("500 Internal Server Error", [*_TEXT], sys.exc_info())
                 return [b"scrape failed\n"]
         if path == "/healthz":
             if environ["REQUEST_METHOD"] != "GET":
                 start_response("405 Method Not Allowed", [*_TEXT, ("Allow", "GET")])
                 return [b"method not allowed\n"]
             if self._stopping.is_set():
-                start_response("503 Service Unavailable", _TEXT)
+                start_response("503 Service Unavailable", [*_TEXT])
                 return [b"stopping"]
-            start_response("200 OK", _TEXT)
+            if not self._serving.is_set():
+                start_response("503 Service Unavailable", [*_TEXT])
+                return [b"starting"]
+            start_response("200 OK", [*_TEXT])
             return [b"ok"]
-        start_response("404 Not Found", _TEXT)
+        start_response("404 Not Found", [*_TEXT])
         return [b"not found\n"]
 
 
-_TEXT = [("Content-Type", "text/plain; charset=utf-8")]
+# A tuple, copied into each response's list: wsgiref adds Content-Length to the list it gets.
+_TEXT = (("Content-Type", "text/plain; charset=utf-8"),)
 
 
 def _format_address(address: tuple[str, int]) -> str:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import _core, logbridge
 from .config import Options, check_seconds, takes_options
+from .metrics import MetricsServer
+from .stats import stats
 from .supervisor import Supervisor
 from .worker import Worker
 
@@ -31,9 +33,16 @@ class Server:
     Use it as a context manager, or call :meth:`stop` yourself.
     """
 
-    def __init__(self, options: Options, core: _core.Server, workers: list[Worker]) -> None:
+    def __init__(
+        self,
+        options: Options,
+        core: _core.Server,
+        workers: list[Worker],
+        metrics: MetricsServer | None,
+    ) -> None:
         self.options = options
         self._core = core
+        self._metrics = metrics
         # Live workers; retired (hung) ones move to _retired. Guarded by _workers_lock.
         self._workers = workers
         self._retired: list[Worker] = []
@@ -75,7 +84,9 @@ class Server:
             stack.rstrip(),
         )
         inherited = (*worker.inherited, worker.queue)
-        replacement = Worker(index, self.options, self._core.add_worker(), inherited)
+        replacement = Worker(
+            index, self.options, self._core.add_worker(), inherited, timings=_timings(self._metrics)
+        )
         replacement.start()
         if not self._replacement_ready(replacement):
             # Waiting on would leave the supervisor (and stop(), which waits for it)
@@ -128,6 +139,11 @@ class Server:
         return self.addresses[0][1]
 
     @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` serving ``/metrics`` and ``/healthz`` (None without ``metrics_bind``)."""
+        return self._metrics.address if self._metrics is not None else None
+
+    @property
     def running(self) -> bool:
         """True until :meth:`stop` has completed."""
         return not self._stopped.is_set()
@@ -141,6 +157,7 @@ class Server:
         not a finite number of seconds raises before anything stops; a negative one is 0.
         """
         seconds = max(check_seconds("timeout", timeout, positive=False), 0.0)
+        self._draining()
         with self._stop_lock:
             if self._stopped.is_set():
                 return
@@ -163,10 +180,17 @@ class Server:
             if self.options.cluster is not None:
                 # After every handle_close: they may still use the shared kv store.
                 _core.leave_cluster()
+            if self._metrics is not None:
+                self._metrics.close()
             self._log_pump.stop()
             _release(self)
             self._stopped.set()
             logger.info("warpsocket stopped")
+
+    def _draining(self) -> None:
+        """``/healthz`` answers 503 from now on: load balancers stop sending clients here."""
+        if self._metrics is not None:
+            self._metrics.set_stopping()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the server has stopped; returns False if ``timeout`` passed first."""
@@ -221,6 +245,8 @@ def start(options: Options) -> Server:
     processes sharing that Redis server (see the README, "Running on many machines").
     ``tls_cert`` / ``tls_key``: paths of a PEM certificate chain and its private key;
     given both, every address speaks TLS only (``wss://``, ``https://``).
+    ``metrics_bind``: an address (``"127.0.0.1:9100"``) serving Prometheus ``/metrics``
+    and ``/healthz`` over plain HTTP (see the README, "Running in production").
     The tunables are keyword-only; the signature shows them with their defaults, and
     the README explains them.
 
@@ -239,23 +265,34 @@ def _start(options: Options) -> Server:
     with _state_lock:
         if _running is not None:
             raise RuntimeError("a WarpSocket server is already running in this process")
-        if options.cluster is not None:
-            # Joined first: every socket id handed out carries this node's number.
-            node = _core.join_cluster(options.cluster)
-            logger.info("joined the cluster at %s as node %d", options.cluster, node)
+        # Bound first, the cheapest thing to undo; /healthz says 503 until serving.
+        metrics = None
+        if options.metrics_bind is not None:
+            metrics = MetricsServer(options.metrics_bind, stats, serving=False)
         try:
-            server = _start_joined(options)
-        except BaseException:
             if options.cluster is not None:
-                _core.leave_cluster()
+                # Joined first: every socket id handed out carries this node's number.
+                node = _core.join_cluster(options.cluster)
+                logger.info("joined the cluster at %s as node %d", options.cluster, node)
+            try:
+                server = _start_joined(options, metrics)
+            except BaseException:
+                if options.cluster is not None:
+                    _core.leave_cluster()
+                raise
+        except BaseException:
+            if metrics is not None:
+                metrics.close()
             raise
         _running = server
+        if metrics is not None:
+            metrics.set_serving()
     where = ", ".join(f"{_format_host(h)}:{p}" for h, p in server.addresses)
     logger.info("warpsocket listening on %s with %d workers", where, options.threads)
     return server
 
 
-def _start_joined(options: Options) -> Server:
+def _start_joined(options: Options, metrics: MetricsServer | None) -> Server:
     """Bind, start the workers and serve; on failure leave nothing running."""
     core = _core.Server(
         list(options.bind),
@@ -273,7 +310,7 @@ def _start_joined(options: Options) -> Server:
     workers: list[Worker] = []
     try:
         for index in range(options.threads):
-            worker_thread = Worker(index, options, core.add_worker())
+            worker_thread = Worker(index, options, core.add_worker(), timings=_timings(metrics))
             workers.append(worker_thread)
             worker_thread.start()
         for worker_thread in workers:
@@ -295,7 +332,12 @@ def _start_joined(options: Options) -> Server:
             worker_thread.join(5.0)
         logbridge.flush()
         raise
-    return Server(options, core, workers)
+    return Server(options, core, workers, metrics)
+
+
+def _timings(metrics: MetricsServer | None) -> _core.HandlerTimings | None:
+    """A new worker's handler timings; None (nothing recorded) without metrics."""
+    return metrics.worker_timings() if metrics is not None else None
 
 
 def _format_host(host: str) -> str:
@@ -311,6 +353,7 @@ def run(options: Options) -> None:
     """
     stop_requested = threading.Event()
     previous: dict[signal.Signals, Any] = {}
+    server: Server | None = None
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if stop_requested.is_set():
@@ -318,6 +361,8 @@ def run(options: Options) -> None:
             os._exit(128 + signum)
         logger.info("received %s, shutting down", signal.Signals(signum).name)
         stop_requested.set()
+        if server is not None:
+            server._draining()
 
     # Installed before start(): a signal that arrives while workers start up
     # still stops the server gracefully once it is up.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TypedDict, cast
 
-from . import _core
-from .server import running_server
+# The module, not the function: server.py imports this module while it loads.
+from . import _core, server
 
 
 class WorkerStats(TypedDict):
@@ -16,8 +16,12 @@ class WorkerStats(TypedDict):
     queue_depth: int
 
 
-class Stats(TypedDict):
-    """What :func:`stats` returns (API.md §3)."""
+class _ClusterStats(TypedDict, total=False):
+    redis_connected: int
+
+
+class Stats(_ClusterStats):
+    """What :func:`stats` returns (API.md §3, plus the counters the metrics report)."""
 
     connections: int
     virtual_sockets: int
@@ -34,6 +38,9 @@ class Stats(TypedDict):
     cluster_messages_out: int
     cluster_messages_in: int
     cluster_send_failures: int
+    worker_retirements: int
+    handshakes_refused: dict[int, int]
+    closes: dict[int, int]
     workers: list[WorkerStats]
 
 
@@ -52,8 +59,14 @@ def stats() -> Stats:
     (messages handed to Redis for other nodes), ``cluster_messages_in`` (received from
     them) and ``cluster_send_failures`` (cross-node sends lost because Redis was
     unreachable); ``keys`` then counts the keys in Redis, -1 while Redis cannot be asked.
+    It also adds ``redis_connected``: 1 while the connection to Redis is up, else 0.
+
+    For the metrics (API.md §11): ``worker_retirements`` (hung workers retired),
+    ``handshakes_refused`` ({HTTP status: upgrade requests answered with it instead of
+    101}) and ``closes`` ({close code: close frames the server sent, its own and its
+    answers to the client's; 1005 for one without a code}).
     """
-    server = running_server()
-    workers = server.stats_workers() if server is not None else []
+    running = server.running_server()
+    workers = running.stats_workers() if running is not None else []
     # The core's dict has every key of Stats but "workers" (crates/warpsocket-py, counters()).
     return cast(Stats, {**_core.counters(), "workers": workers})

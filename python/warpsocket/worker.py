@@ -6,6 +6,11 @@ signals a descriptor when events wait; the loop drains them in batches of up
 to ``DRAIN_BATCH``.
 A connection whose handler is awaiting keeps a backlog, so its events still
 run one after another while other connections go on.
+
+With metrics on, each handler call's queue wait (from the read of its frame to
+its start) and duration (for an async handler, until it was awaited) go into
+the worker's own ``_core.HandlerTimings``; with metrics off,
+the drain loop is the same as without them.
 """
 
 from __future__ import annotations
@@ -122,6 +127,8 @@ class Worker(threading.Thread):
         options: Options,
         queue: _core.WorkerQueue,
         inherited: tuple[_core.WorkerQueue, ...] = (),
+        *,
+        timings: _core.HandlerTimings | None = None,
     ) -> None:
         super().__init__(name=f"warpsocket-worker-{index}", daemon=True)
         self.options = options
@@ -136,6 +143,8 @@ class Worker(threading.Thread):
         self._sequencer = Sequencer(queue.hold, queue.release)
         self._tasks: set[asyncio.Task[None]] = set()
         self._timeout = options.handler_timeout
+        # Written by this thread only (see HandlerTimings); None: metrics are off.
+        self._timings = timings
 
     # -- thread body ---------------------------------------------------------
 
@@ -239,6 +248,9 @@ class Worker(threading.Thread):
         """
         if self.retired:
             return
+        if self._timings is not None:
+            self._on_events_timed(batch, self._timings)
+            return
         sequencer = self._sequencer
         tracked, arrive, ran = sequencer.tracked, sequencer.arrive, sequencer.ran
         run = self._run
@@ -254,6 +266,38 @@ class Worker(threading.Thread):
                     self._spawn(self._drive(sid, kind, pending))
                 elif tracked:
                     ran(kind, sid, False)
+        finally:
+            queue.settle()
+
+    def _on_events_timed(self, batch: int | None, timings: _core.HandlerTimings) -> None:
+        """``_on_events`` that also records each handler call's queue wait and duration.
+
+        An event that waits in the sequencer carries its read time with it, as
+        ``(payload, read_at)``; ``_drive`` unpacks it.
+        """
+        sequencer = self._sequencer
+        tracked, arrive, ran = sequencer.tracked, sequencer.arrive, sequencer.ran
+        run, record, clock = self._run, timings.record, time.perf_counter
+        queue = self.queue
+        drained_at = clock()
+        try:
+            events = queue.drain(batch, timed=True)
+            # One clock read per event: a handler's end is the next one's start.
+            start = clock()
+            for kind, sid, payload, age in events:
+                read_at = drained_at - age
+                if tracked and not arrive(kind, sid, (payload, read_at)):
+                    continue
+                pending = run(kind, sid, payload)
+                end = clock()
+                if pending is not None:
+                    ran(kind, sid, True)
+                    self._spawn(self._drive(sid, kind, pending, (read_at, start)))
+                else:
+                    record(kind, start - read_at, end - start)
+                    if tracked:
+                        ran(kind, sid, False)
+                start = end
         finally:
             queue.settle()
 
@@ -323,22 +367,39 @@ class Worker(threading.Thread):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _drive(self, sid: int, kind: int, pending: Awaitable[Any]) -> None:
-        """Await one connection's handler, then run what waited behind it, in order."""
+    async def _drive(
+        self, sid: int, kind: int, pending: Awaitable[Any], started: tuple[float, float] | None = None
+    ) -> None:
+        """Await one connection's handler, then run what waited behind it, in order.
+
+        ``started``: with metrics on, when the handler's event was read and when
+        the handler started (``time.perf_counter``).
+        """
         sequencer = self._sequencer
+        timings, clock = self._timings, time.perf_counter
         while True:
             await self._await(sid, kind, pending)
+            if timings is not None and started is not None:
+                read_at, start = started
+                timings.record(kind, start - read_at, clock() - start)
             sequencer.finished(kind, sid)
             while True:
                 event = sequencer.next(sid)
                 if event is None:
                     return
                 kind, payload = event
+                if timings is not None:
+                    payload, read_at = payload
+                    start = clock()
                 next_pending = self._run(kind, sid, payload)
                 sequencer.ran(kind, sid, next_pending is not None)
                 if next_pending is not None:
                     pending = next_pending
+                    if timings is not None:
+                        started = (read_at, start)
                     break
+                if timings is not None:
+                    timings.record(kind, start - read_at, clock() - start)
 
     async def _await(self, sid: int, kind: int, pending: Awaitable[Any]) -> None:
         try:

@@ -21,11 +21,10 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::context::{Handshake, LiveGuard};
-use crate::dispatch::Payload;
-use crate::dispatch::{PAUSE_READING_AT, RESUME_READING_AT};
+use crate::dispatch::{Payload, ReadAt, PAUSE_READING_AT, RESUME_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
 use crate::socket::CloseTaken;
-use crate::stats::Counters;
+use crate::stats::{Counters, NO_CODE};
 use crate::tls::Stream;
 use crate::upgrade::{self, SocketGuard, Upgraded, CLOSE_TIMEOUT};
 
@@ -342,7 +341,10 @@ impl Connection {
     /// Decodes `bytes` after what the decoder holds, stopping at
     /// [`PAUSE_READING_AT`] outstanding events: one read full of small
     /// messages queues no more than that, the rest waits in the decoder.
+    /// The events' queue wait starts here (for frames a paused reader held
+    /// back: when it resumes).
     fn decode(&mut self, bytes: &[u8]) {
+        let read_at = ReadAt::now();
         let socket = self.guard.socket.clone();
         let mut full = false;
         let mut decoder = std::mem::replace(&mut self.decoder, Decoder::new(0, false));
@@ -352,7 +354,7 @@ impl Connection {
                 full = socket.inflight() >= PAUSE_READING_AT;
                 !full
             },
-            &mut |incoming| self.on_incoming(incoming),
+            &mut |incoming| self.on_incoming(incoming, read_at),
         );
         self.decoder = decoder;
         // Paused even if the worker catches up at once: what the decoder
@@ -363,10 +365,10 @@ impl Connection {
         }
     }
 
-    fn on_incoming(&mut self, incoming: Incoming) {
+    fn on_incoming(&mut self, incoming: Incoming, read_at: ReadAt) {
         match incoming {
-            Incoming::Text(data) => self.on_message(Kind::Text, data),
-            Incoming::Binary(data) => self.on_message(Kind::Binary, data),
+            Incoming::Text(data) => self.on_message(Kind::Text, data, read_at),
+            Incoming::Binary(data) => self.on_message(Kind::Binary, data, read_at),
             Incoming::Ping(payload) => {
                 self.guard.socket.send(&frame::encode_pong(&payload));
             }
@@ -381,13 +383,16 @@ impl Connection {
                     Some(code) => frame::encode_close(code, ""),
                     None => frame::encode_empty_close(),
                 };
-                self.guard.socket.close_with(reply);
+                if self.guard.socket.close_with(reply) {
+                    let stats = self.guard.shared().engine.stats();
+                    stats.closes.count(code.unwrap_or(NO_CODE));
+                }
                 self.state = State::Ending;
             }
         }
     }
 
-    fn on_message(&mut self, kind: Kind, data: Vec<u8>) {
+    fn on_message(&mut self, kind: Kind, data: Vec<u8>, read_at: ReadAt) {
         if self.state != State::Open {
             return;
         }
@@ -415,12 +420,15 @@ impl Connection {
                 Kind::Text => Payload::Text(data),
                 Kind::Binary => Payload::Binary(data),
             },
+            read_at,
         );
     }
 
     /// Fails the connection: close frame with `code`, then the TCP connection.
     fn fail(&mut self, code: u16, reason: &str) {
-        self.guard.socket.close(code, reason);
+        if self.guard.socket.close(code, reason) {
+            self.guard.shared().engine.stats().closes.count(code);
+        }
         self.state = State::Ending;
     }
 }

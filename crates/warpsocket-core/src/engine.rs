@@ -123,6 +123,11 @@ impl Engine {
         self.route(|_| 0, |cluster, _| cluster.node())
     }
 
+    /// In a cluster, whether its Redis connection is up; None outside one.
+    pub fn redis_connected(&self) -> Option<bool> {
+        self.route(|_| None, |cluster, _| Some(cluster.redis_connected()))
+    }
+
     // -- connections -----------------------------------------------------
 
     /// Registers a new connection under a fresh id.

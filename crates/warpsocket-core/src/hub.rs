@@ -213,6 +213,7 @@ impl Hub {
         // Logged after every lock is released: the log may call into Python.
         for socket in overflowed {
             Counters::add(&self.stats.backpressure_closes, 1);
+            self.stats.closes.count(frame::close_code::POLICY);
             log::warn!(target: "warpsocket", "socket {socket}: closed with 1008, outgoing backpressure limit exceeded");
         }
         sent
@@ -232,9 +233,14 @@ impl Hub {
     /// Starts the close handshake of the connection `id` resolves to; false
     /// when there is none or it is already closing.
     pub(crate) fn close(&self, id: u64, code: u16, reason: &str) -> bool {
-        self.sockets
+        let closing = self
+            .sockets
             .resolve(id)
-            .is_some_and(|(socket, _)| socket.close(code, reason))
+            .is_some_and(|(socket, _)| socket.close(code, reason));
+        if closing {
+            self.stats.closes.count(code);
+        }
+        closing
     }
 
     // -- channels ------------------------------------------------------------
@@ -391,7 +397,9 @@ impl Hub {
             .collect();
         for socket in &mine {
             if socket.is_accepted() {
-                socket.close(code, reason);
+                if socket.close(code, reason) {
+                    self.stats.closes.count(code);
+                }
             } else if let Some(waiting) = self.opens.lock().remove(&socket.id) {
                 let _ = waiting.send(Verdict::Refuse(500));
             }

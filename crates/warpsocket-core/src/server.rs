@@ -21,6 +21,7 @@ use crate::engine::Engine;
 use crate::frame::close_code;
 use crate::socket::Workers;
 use crate::static_files::StaticFiles;
+use crate::stats::Counters;
 use crate::sweep;
 use crate::tls::Tls;
 
@@ -96,6 +97,7 @@ impl Server {
     /// Returns the number of connections ended.
     pub fn retire_worker(&self, worker_id: u32) -> usize {
         self.workers.retire(worker_id);
+        Counters::add(&self.engine.stats().worker_retirements, 1);
         self.engine
             .end_worker_connections(worker_id, close_code::INTERNAL, "worker hung")
     }
@@ -135,7 +137,9 @@ impl Server {
         if let Some(shared) = self.shared.clone() {
             shared.stop();
             for socket in self.engine.all_connections() {
-                socket.close(close_code::GOING_AWAY, "server shutdown");
+                if socket.close(close_code::GOING_AWAY, "server shutdown") {
+                    self.engine.stats().closes.count(close_code::GOING_AWAY);
+                }
             }
             runtime.block_on(async move {
                 let _ = tokio::time::timeout(timeout, shared.all_gone()).await;

@@ -58,7 +58,9 @@ pub(crate) async fn run(shared: Arc<Shared>) {
                     socket.send(&ping);
                 }
                 Action::Fail => {
-                    socket.fail(close_code::INTERNAL, "keepalive ping timeout");
+                    if socket.fail(close_code::INTERNAL, "keepalive ping timeout") {
+                        shared.engine.stats().closes.count(close_code::INTERNAL);
+                    }
                 }
             }
         }

@@ -20,10 +20,10 @@ use tokio::time::Instant;
 
 use crate::context::{Handshake, LiveGuard, Shared};
 use crate::deflate;
-use crate::dispatch::{OpenRequest, Payload, Verdict};
+use crate::dispatch::{OpenRequest, Payload, ReadAt, Verdict};
 use crate::handshake::{self, Refusal, Request};
 use crate::socket::Socket;
-use crate::tls::Stream;
+use crate::tls::{AcceptError, Stream, PLAIN_HTTP};
 
 /// Most bytes an upgrade request may have.
 const MAX_REQUEST_BYTES: usize = 16 * 1024;
@@ -59,7 +59,7 @@ pub(crate) async fn upgrade(
     };
     upgrading.deciding();
     let Some(worker) = shared.workers.pick() else {
-        refuse(stream, Refusal::new(503, "no worker is available")).await;
+        refuse(stream, shared, Refusal::new(503, "no worker is available")).await;
         return None;
     };
     // The server always asks for client_no_context_takeover: what clients
@@ -94,6 +94,7 @@ pub(crate) async fn upgrade(
                 path: upgrade.path.clone(),
                 headers: upgrade.headers.clone(),
             })),
+            ReadAt::now(),
         );
         let verdict = tokio::select! {
             v = verdict => v.unwrap_or(Verdict::Refuse(500)),
@@ -103,6 +104,7 @@ pub(crate) async fn upgrade(
         if let Verdict::Refuse(status) = verdict {
             refuse(
                 stream,
+                shared,
                 Refusal::new(status, "connection refused by the application"),
             )
             .await;
@@ -146,6 +148,10 @@ async fn read_upgrade(
             match accepted {
                 Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
                 Ok(Err(e)) => {
+                    if let AcceptError::PlainHttp = e {
+                        let stats = shared.engine.stats();
+                        stats.handshakes_refused.count(PLAIN_HTTP.status);
+                    }
                     log::debug!(target: "warpsocket", "{peer}: {e}");
                     return None;
                 }
@@ -164,7 +170,7 @@ async fn read_upgrade(
     let (request, used) = match read {
         Ok(Ok(Ok(Some(parsed)))) => parsed,
         Ok(Ok(Err(refusal))) => {
-            refuse(stream, refusal).await;
+            refuse(stream, shared, refusal).await;
             return None;
         }
         // The peer left, broke the connection, or was too slow.
@@ -193,7 +199,7 @@ async fn plain_http(
     headers: Vec<(String, String)>,
 ) {
     let Some(files) = shared.static_files.clone() else {
-        return refuse(stream, handshake::WEBSOCKET_ONLY).await;
+        return refuse(stream, shared, handshake::WEBSOCKET_ONLY).await;
     };
     let Ok(response) =
         tokio::task::spawn_blocking(move || files.respond(&method, &path, &headers)).await
@@ -241,7 +247,12 @@ async fn read_request(
     }
 }
 
-async fn refuse(mut stream: Stream, refusal: Refusal) {
+async fn refuse(mut stream: Stream, shared: &Shared, refusal: Refusal) {
+    shared
+        .engine
+        .stats()
+        .handshakes_refused
+        .count(refusal.status);
     let response = handshake::refusal_response(refusal);
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
         stream.write_all(&response).await?;
@@ -270,7 +281,9 @@ impl Drop for SocketGuard {
         self.shared().engine.remove_socket(id);
         self.socket.mark_closed();
         if self.socket.is_accepted() {
-            self.socket.worker.push(&self.socket, Payload::Close);
+            self.socket
+                .worker
+                .push(&self.socket, Payload::Close, ReadAt::now());
         }
         // Last: a retired worker's successor stops watching its queue once
         // the count is 0, so every close event must already be queued.

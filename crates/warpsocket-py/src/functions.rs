@@ -6,7 +6,7 @@
 //! process-wide engine.
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{IntoPyDict, PyBytes, PyDict};
 use warpsocket_core::stats::Counters;
 use warpsocket_core::Verdict;
 
@@ -202,6 +202,13 @@ fn counters(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     dict.set_item("cluster_messages_out", get(&stats.cluster_messages_out))?;
     dict.set_item("cluster_messages_in", get(&stats.cluster_messages_in))?;
     dict.set_item("cluster_send_failures", get(&stats.cluster_send_failures))?;
+    if let Some(up) = ENGINE.redis_connected() {
+        dict.set_item("redis_connected", u8::from(up))?;
+    }
+    dict.set_item("worker_retirements", get(&stats.worker_retirements))?;
+    let refused = stats.handshakes_refused.snapshot();
+    dict.set_item("handshakes_refused", refused.into_py_dict(py)?)?;
+    dict.set_item("closes", stats.closes.snapshot().into_py_dict(py)?)?;
     Ok(dict)
 }
 

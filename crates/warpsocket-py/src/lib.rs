@@ -6,7 +6,8 @@
 //! Python exceptions), `gil` (when to release the GIL), `convert` (Python
 //! values to core types), `functions` (the module functions), `queue` (the
 //! worker queue), `server` (the server object); `logs` (the engine's log
-//! records, queued for a Python thread) stands apart.
+//! records, queued for a Python thread) stands apart, and `timings`
+//! (handler-call histograms) uses only the core.
 
 use std::sync::{Arc, LazyLock};
 
@@ -20,6 +21,7 @@ mod gil;
 mod logs;
 mod queue;
 mod server;
+mod timings;
 
 /// The process-wide engine: sockets and counters outlive any one server.
 static ENGINE: LazyLock<Arc<Engine>> = LazyLock::new(Engine::new);
@@ -28,6 +30,7 @@ static ENGINE: LazyLock<Arc<Engine>> = LazyLock::new(Engine::new);
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     logs::register(m)?;
     m.add_class::<server::Server>()?;
+    m.add_class::<timings::HandlerTimings>()?;
     queue::register(m)?;
     functions::register(m)?;
     Ok(())

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use warpsocket_core::dispatch::ReadAt;
 use warpsocket_core::{OpenRequest, Payload};
 
 use crate::ENGINE;
@@ -37,14 +38,22 @@ impl WorkerQueue {
     }
 
     /// Takes the waiting events (at most `max`) as `(kind, socket_id, payload)`
-    /// tuples. Drained events count as handled from `settle` (or the next
-    /// drain) on, unless held (see `hold`).
-    #[pyo3(signature = (max=None))]
-    fn drain<'py>(&self, py: Python<'py>, max: Option<usize>) -> PyResult<Bound<'py, PyList>> {
+    /// tuples; `timed` adds a fourth item, the seconds since the event was
+    /// read (as of this call). Drained events count as handled from `settle`
+    /// (or the next drain) on, unless held (see `hold`).
+    #[pyo3(signature = (max=None, timed=false))]
+    fn drain<'py>(
+        &self,
+        py: Python<'py>,
+        max: Option<usize>,
+        timed: bool,
+    ) -> PyResult<Bound<'py, PyList>> {
         let events = self.inner.drain_at_most(max.unwrap_or(usize::MAX));
+        let now = ReadAt::now();
         let list = PyList::empty(py);
         for event in events {
             let id = event.socket_id();
+            let read_at = event.read_at;
             let item = match event.payload {
                 Payload::Open(open) => {
                     let OpenRequest { ip, path, headers } = *open;
@@ -65,7 +74,12 @@ impl WorkerQueue {
                 Payload::Binary(data) => (EVENT_BINARY, id, PyBytes::new(py, &data).into_any()),
                 Payload::Close => (EVENT_CLOSE, id, py.None().into_bound(py)),
             };
-            list.append(item)?;
+            if timed {
+                let (kind, id, payload) = item;
+                list.append((kind, id, payload, read_at.until(now).as_secs_f64()))?;
+            } else {
+                list.append(item)?;
+            }
         }
         Ok(list)
     }

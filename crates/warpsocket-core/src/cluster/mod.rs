@@ -199,6 +199,11 @@ impl Cluster {
         self.node
     }
 
+    /// True while the pub/sub connection to Redis is up.
+    pub fn redis_connected(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
     fn is_remote(&self, id: u64) -> bool {
         let owner = owner(id);
         owner != 0 && owner != self.node
