@@ -7,7 +7,10 @@ prints how much the server's RSS grew per connection, and how much of the
 C heap it uses per connection (glibc's ``mallinfo2``: allocations only, without
 the allocator's free space, so steadier than RSS).
 
-    python benchmarks/memory.py [--connections 1000 10000]
+    python benchmarks/memory.py [--connections 1000 10000] [--tls]
+
+With ``--tls`` the server speaks TLS (an ECDSA P-256 certificate from a test CA made
+with ``trustme``) and the clients connect over it, trusting that CA.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ctypes
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,14 +29,16 @@ import warpsocket
 ECHO = Path(__file__).resolve().parent.parent / "examples" / "echo" / "worker.py"
 
 CLIENT = r"""
-import asyncio, base64, os, resource, sys
+import asyncio, base64, os, resource, ssl, sys
 
 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+TLS = ssl.create_default_context(cafile=sys.argv[3]) if len(sys.argv) > 3 else None
 
 async def one(port, i):
     reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, local_addr=(f"127.0.0.{1 + i % 8}", 0)
+        "127.0.0.1", port, local_addr=(f"127.0.0.{1 + i % 8}", 0),
+        ssl=TLS, server_hostname="localhost" if TLS else None,
     )
     key = base64.b64encode(os.urandom(16)).decode()
     writer.write(
@@ -80,13 +86,27 @@ def heap_bytes() -> int | None:
     return info.uordblks + info.hblkhd
 
 
-def measure(n: int) -> tuple[int, int, int | None]:
-    with warpsocket.start("127.0.0.1:0", str(ECHO), threads=1) as server:
+def write_certs(folder: Path) -> tuple[str, str, str]:
+    """A test CA and a localhost certificate it signed: (CA, chain, key) PEM paths."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost")
+    paths = folder / "ca.pem", folder / "chain.pem", folder / "key.pem"
+    ca.cert_pem.write_to_path(str(paths[0]))
+    paths[1].write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(paths[2]))
+    return str(paths[0]), str(paths[1]), str(paths[2])
+
+
+def measure(n: int, certs: tuple[str, str, str] | None) -> tuple[int, int, int | None]:
+    tls = {"tls_cert": certs[1], "tls_key": certs[2]} if certs else {}
+    with warpsocket.start("127.0.0.1:0", str(ECHO), threads=1, **tls) as server:
         time.sleep(0.5)
         before = rss_kib()
         heap_before = heap_bytes()
         client = subprocess.Popen(
-            [sys.executable, "-c", CLIENT, str(server.port), str(n)],
+            [sys.executable, "-c", CLIENT, str(server.port), str(n), *(certs[:1] if certs else ())],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -108,11 +128,14 @@ def measure(n: int) -> tuple[int, int, int | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--tls", action="store_true", help="serve and connect over TLS")
     args = parser.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    folder = tempfile.TemporaryDirectory()
+    certs = write_certs(Path(folder.name)) if args.tls else None
     for n in args.connections:
-        before, after, heap = measure(n)
+        before, after, heap = measure(n, certs)
         heap_text = "" if heap is None else f"; heap {heap / n:,.0f} bytes per connection"
         print(
             f"{n:>7,} connections: server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB, "

@@ -3,6 +3,12 @@
 
     python3 benchmarks/run.py                       # everything: 5 servers x 1k/10k x 2
     python3 benchmarks/run.py --servers warpsocket,picows --connections 1000 --repeat 1
+    python3 benchmarks/run.py --servers warpsocket,warpsocket+tls,socketify+tls --repeat 3
+
+A server name with ``+tls`` (warpsocket and socketify) runs that server over TLS: the
+runner makes a test CA and an ECDSA P-256 certificate for localhost (``trustme``), the
+server loads it, and the generator speaks wss:// trusting that CA. Rounds alternate the
+servers: round 1 runs each server once, then round 2, and so on.
 
 For each server, connection count and repetition: start the server pinned to core 0
 (``taskset -c 0``), wait until every port accepts, run ``warpsocket-bench`` pinned to core 1,
@@ -43,6 +49,9 @@ PEERS = ROOT / "benchmarks" / "peers"
 WORKER = ROOT / "examples" / "performance" / "worker.py"
 BENCH_BIN = ROOT / "target" / "release" / "warpsocket-bench"
 ALL_SERVERS = ["warpsocket", "socketify", "picows", "aiohttp", "websockets"]
+#: Servers that can run over TLS (as "NAME+tls").
+TLS_SERVERS = ["warpsocket", "socketify"]
+TLS_SUFFIX = "+tls"
 # Not run by default: WarpSocket with --metrics on, to measure what the metrics cost.
 OTHER_SERVERS = ["warpsocket-metrics"]
 # server name -> (pip package, import name) for the peers
@@ -124,23 +133,54 @@ def ensure_bench_binary(path: Path) -> None:
     subprocess.run(["cargo", "build", "--release", "-p", "warpsocket-bench"], cwd=ROOT, check=True)
 
 
+@dataclass(frozen=True)
+class Certs:
+    """A test CA and a certificate for localhost signed by it (PEM files)."""
+
+    ca: Path
+    chain: Path
+    key: Path
+
+
+def make_certs(folder: Path) -> Certs:
+    """Write a fresh test CA and an ECDSA localhost certificate into ``folder``."""
+    try:
+        import trustme
+    except ImportError:
+        sys.exit("servers over TLS need the trustme package: pip install trustme")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    certs = Certs(folder / "ca.pem", folder / "chain.pem", folder / "key.pem")
+    ca.cert_pem.write_to_path(str(certs.ca))
+    certs.chain.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(certs.key))
+    return certs
+
+
 def server_command(
-    server: str, ports: list[int], cpu: str, threads: int = 1, compression: bool = False
+    server: str,
+    ports: list[int],
+    cpu: str,
+    threads: int = 1,
+    compression: bool = False,
+    *,
+    certs: Certs | None = None,
 ) -> list[str]:
     pin = ["taskset", "-c", cpu]
+    tls = ["--tls-cert", str(certs.chain), "--tls-key", str(certs.key)] if certs else []
     if server.startswith("warpsocket"):
         binds = [arg for p in ports for arg in ("--bind", f"127.0.0.1:{p}")]
         # The port after the server's, kept free for it by main().
         metrics = ["--metrics", f"127.0.0.1:{ports[-1] + 1}"] if server == "warpsocket-metrics" else []
         return [
             *pin, sys.executable, "-m", "warpsocket", str(WORKER), *binds, *metrics,
-            "--threads", str(threads), "--log-level", "WARNING",
+            "--threads", str(threads), "--log-level", "WARNING", *tls,
             *(["--compression"] if compression else []),
         ]  # fmt: skip
     if compression:
         raise ValueError(f"--compression is only wired for warpsocket, not {server}")
     port_args = [arg for p in ports for arg in ("--port", str(p))]
-    return [*pin, sys.executable, str(PEERS / f"{server}_server.py"), *port_args]
+    return [*pin, sys.executable, str(PEERS / f"{server}_server.py"), *port_args, *tls]
 
 
 def wait_listening(ports: list[int], proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -188,12 +228,16 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_one(server: str, conns: int, run: int, ports: list[int], args: argparse.Namespace) -> Result:
+def run_one(
+    server: str, conns: int, run: int, ports: list[int], args: argparse.Namespace, certs: Certs | None
+) -> Result:
     result = Result(server, conns, run)
     log(f"{server}: {conns} connections, run {run}, ports {ports[0]}-{ports[-1]}")
     server_log = open(args.log_dir / f"{server}-{conns}-{run}.log", "w")  # noqa: SIM115
+    base = server.removesuffix(TLS_SUFFIX)
+    tls = certs if server.endswith(TLS_SUFFIX) else None
     proc = subprocess.Popen(
-        server_command(server, ports, args.server_cpu, compression=args.compression),
+        server_command(base, ports, args.server_cpu, compression=args.compression, certs=tls),
         cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -203,6 +247,7 @@ def run_one(server: str, conns: int, run: int, ports: list[int], args: argparse.
             *[a for p in ports for a in ("--port", str(p))],
             "--connections", str(conns), "--warmup", str(args.warmup),
             "--duration", str(args.duration), "--source-ips", str(args.source_ips),
+            *(["--tls-ca", str(tls.ca)] if tls else []),
             *(["--compression"] if args.compression else []),
         ]  # fmt: skip
         gen = subprocess.Popen(gen_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -302,33 +347,35 @@ def table(results: list[Result], duration: float) -> str:
     return "\n".join(lines)
 
 
+def spread(values: list[float], digits: int = 0) -> str:
+    """Median (min–max) of ``values``."""
+    if not values:
+        return "–"
+    median = statistics.median(values)
+    return f"{fmt(median, digits)} ({fmt(min(values), digits)}–{fmt(max(values), digits)})"
+
+
 def summary(results: list[Result]) -> str:
-    """Median over the repetitions of each (server, connections)."""
-    head = ["server", "connections", "acks/s", "frames/s", "p99 ms", "peak RSS MiB", "acks per CPU-s"]
+    """Median (min–max) over the repetitions of each (server, connections)."""
+    head = ["server", "connections", "runs", "acks/s", "p99 ms", "peak RSS MiB", "acks per CPU-s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = list(dict.fromkeys((r.connections, r.server) for r in results))
     for conns, server in keys:
         ok = [r for r in results if r.server == server and r.connections == conns and r.ok]
         if not ok:
-            lines.append(f"| {server} | {conns:,} | failed | | | | |")
+            lines.append(f"| {server} | {conns:,} | 0 | failed | | | |")
             continue
-        med = statistics.median
         per_cpu = [r.figures["acks"] / r.server_cpu_s for r in ok if r.server_cpu_s]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    server,
-                    f"{conns:,}",
-                    fmt(med(r.figures["acks_per_s"] for r in ok)),
-                    fmt(med(r.figures["frames_per_s"] for r in ok)),
-                    fmt(med(r.figures["p99_ms"] for r in ok), 1),
-                    fmt(med(r.peak_rss_mib or 0 for r in ok), 0),
-                    fmt(med(per_cpu) if per_cpu else None),
-                ]
-            )
-            + " |"
-        )
+        cells = [
+            server,
+            f"{conns:,}",
+            str(len(ok)),
+            spread([r.figures["acks_per_s"] for r in ok]),
+            spread([r.figures["p99_ms"] for r in ok], 1),
+            spread([r.peak_rss_mib for r in ok if r.peak_rss_mib is not None]),
+            spread(per_cpu),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -336,7 +383,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--servers", default=",".join(ALL_SERVERS), help="comma-separated")
+    parser.add_argument(
+        "--servers",
+        default=",".join(ALL_SERVERS),
+        help=f"comma-separated; {TLS_SUFFIX!r} after one of {TLS_SERVERS} runs it over TLS",
+    )
     parser.add_argument("--connections", default="1000,10000", help="comma-separated counts")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--duration", type=float, default=10.0, help="measurement window, seconds")
@@ -363,31 +414,36 @@ def main() -> int:
     args = parser.parse_args()
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    unknown = [s for s in servers if s not in ALL_SERVERS + OTHER_SERVERS]
+    known = ALL_SERVERS + OTHER_SERVERS + [s + TLS_SUFFIX for s in TLS_SERVERS]
+    unknown = [s for s in servers if s not in known]
     if unknown:
-        parser.error(f"unknown servers {unknown}; choose from {ALL_SERVERS + OTHER_SERVERS}")
+        parser.error(f"unknown servers {unknown}; choose from {known}")
     counts = [int(c) for c in args.connections.split(",")]
     args.log_dir.mkdir(parents=True, exist_ok=True)
     raise_fd_limit(max(counts) + 2048)
     ensure_bench_binary(args.bench)
-    unavailable = ensure_peers(servers, install=not args.no_install)
+    bases = list(dict.fromkeys(s.removesuffix(TLS_SUFFIX) for s in servers))
+    missing = ensure_peers(bases, install=not args.no_install)
+    unavailable = {s: missing[base] for s in servers if (base := s.removesuffix(TLS_SUFFIX)) in missing}
     for s, why in unavailable.items():
         log(f"skipping {s}: {why}")
+    certs = make_certs(args.log_dir) if any(s.endswith(TLS_SUFFIX) for s in servers) else None
 
     started = time.time()
     load_at_start = Path("/proc/loadavg").read_text().split()[0]
     results: list[Result] = []
     port = args.base_port
     for conns in counts:
-        for server in servers:
-            for run in range(1, args.repeat + 1):
+        # Round by round, so a change in the machine's load hits every server alike.
+        for run in range(1, args.repeat + 1):
+            for server in servers:
                 if server in unavailable:
                     results.append(Result(server, conns, run, note=f"not run: {unavailable[server]}"))
                     continue
                 # Fresh ports every run: no TIME_WAIT leftovers from the previous one.
                 ports = list(range(port, port + args.ports))
                 port += args.ports + 1  # and one for warpsocket-metrics' metrics address
-                results.append(run_one(server, conns, run, ports, args))
+                results.append(run_one(server, conns, run, ports, args, certs))
                 time.sleep(1.0)
 
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")

@@ -40,7 +40,7 @@ report_not_run() {
         echo "################################################################################"
         echo "# NOT RUN: these tests need system packages that are missing (they skip, or fail under CI):"
         if [[ $packages == *chromium* ]]; then
-            echo "#   tests/test_chat_browser.py: Chromium and its driver"
+            echo "#   tests/test_chat_browser.py and the browser test of tests/test_tls.py: Chromium and its driver"
             echo "#     ($CHROMIUM, $CHROMEDRIVER)"
         fi
         if [[ $packages == *redis* ]]; then

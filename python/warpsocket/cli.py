@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="join the cluster of WarpSocket processes sharing this Redis server, "
         "e.g. redis://127.0.0.1:6379/0",
     )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PATH",
+        default=None,
+        help="PEM certificate chain (server certificate first): serve wss:// and https:// only; "
+        "needs --tls-key",
+    )
+    parser.add_argument(
+        "--tls-key", metavar="PATH", default=None, help="PEM private key of --tls-cert's certificate"
+    )
     for tunable in TUNABLES:
         if tunable.type is bool:
             parser.add_argument(
@@ -95,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             worker_arg=args.worker_arg,
             static_dir=args.static_dir,
             cluster=args.cluster,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
             **tunables,
         )
     except (OSError, ImportError, RuntimeError, ValueError, TypeError) as exc:

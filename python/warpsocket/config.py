@@ -48,6 +48,8 @@ class Options:
     worker_arg: Any
     static_dir: str | None
     cluster: str | None
+    tls_cert: str | None
+    tls_key: str | None
     handler_timeout: float
     hang_timeout: float
     max_message_size: int
@@ -67,6 +69,8 @@ class Options:
         worker_arg: Any = None,
         static_dir: str | os.PathLike[str] | None = None,
         cluster: str | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
         *,
         handler_timeout: Annotated[float, "seconds an async handler may run"] = 5.0,
         hang_timeout: Annotated[float, "seconds a worker may leave its events waiting"] = 3.0,
@@ -117,6 +121,8 @@ class Options:
             worker_arg=worker_arg,
             static_dir=static_dir,
             cluster=cluster,
+            tls_cert=_check_file("tls_cert", tls_cert),
+            tls_key=_check_file("tls_key", tls_key),
             handler_timeout=check_seconds("handler_timeout", handler_timeout),
             hang_timeout=check_seconds("hang_timeout", hang_timeout),
             max_message_size=_check_int("max_message_size", max_message_size, sys.maxsize),
@@ -168,6 +174,19 @@ def _check_static_dir(static_dir: object) -> str:
     if not os.path.isdir(static_dir):
         raise ValueError(f"static_dir {static_dir!r} is not an existing folder")
     return os.path.abspath(static_dir)
+
+
+def _check_file(name: str, value: object) -> str | None:
+    # Whether the file exists, is PEM and matches is checked when the server loads
+    # it (ValueError naming the argument), before anything is bound.
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a file path (str) or None, not {type(value).__name__}")
+    _check_path(name, value)
+    return value
 
 
 def _check_int(name: str, value: object, maximum: int) -> int:

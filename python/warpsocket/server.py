@@ -243,12 +243,15 @@ def start(options: Options) -> Server:
     files answer plain HTTP GET/HEAD requests on the same port (else they get 426).
     ``cluster``: a Redis URL (``"redis://host:6379/0"``) to join a cluster of WarpSocket
     processes sharing that Redis server (see the README, "Running on many machines").
+    ``tls_cert`` / ``tls_key``: paths of a PEM certificate chain and its private key;
+    given both, every address speaks TLS only (``wss://``, ``https://``).
     ``metrics_bind``: an address (``"127.0.0.1:9100"``) serving Prometheus ``/metrics``
     and ``/healthz`` over plain HTTP (see the README, "Running in production").
     The tunables are keyword-only; the signature shows them with their defaults, and
     the README explains them.
 
-    Raises ``OSError`` when an address cannot be bound, ``ConnectionError`` when the
+    Raises ``ValueError`` naming ``tls_cert`` or ``tls_key`` when one is given without
+    the other or cannot be used, ``OSError`` when an address cannot be bound, ``ConnectionError`` when the
     cluster's Redis server cannot be reached, ``ImportError`` when the worker cannot be
     imported, ``RuntimeError`` when ``handle_start`` raises or a server already
     runs; nothing is left running then.
@@ -301,6 +304,8 @@ def _start_joined(options: Options, metrics: MetricsServer | None) -> Server:
         max_pending_upgrades=options.max_pending_upgrades,
         compression=options.compression,
         static_dir=options.static_dir,
+        tls_cert=options.tls_cert,
+        tls_key=options.tls_key,
     )
     workers: list[Worker] = []
     try:

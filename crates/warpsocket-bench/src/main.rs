@@ -11,6 +11,9 @@
 //! outstanding; every message received counts as the reply ("ack") to the oldest one
 //! outstanding and sends the next.
 //!
+//! With `--tls-ca FILE` (or `--insecure`, for benchmarking only) every connection speaks
+//! TLS (`wss://`, rustls with ring, as the server) before its upgrade.
+//!
 //! `--compression` offers permessage-deflate the way Chromium does; where the server
 //! agrees, compressed server messages are inflated before they are read. The clients'
 //! own messages go out uncompressed (RFC 7692 allows it). The output then also says how
@@ -28,17 +31,28 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::fmt;
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsConnector;
 
 const USAGE: &str = "\
 usage: warpsocket-bench [options]
@@ -55,6 +69,9 @@ usage: warpsocket-bench [options]
                         received answers the oldest one outstanding
   --message TEXT        echo mode: the text message sent (default 16 x's)
   --in-flight N         echo mode: messages outstanding per connection (default 1)
+  --tls-ca FILE         speak TLS (wss://), trusting the PEM CA certificates in FILE
+  --tls-name NAME       the server name TLS checks the certificate for (default localhost)
+  --insecure            speak TLS without checking the certificate (benchmarking only)
   --compression         offer permessage-deflate and inflate compressed replies";
 
 /// Which workload the clients run.
@@ -81,7 +98,156 @@ struct Config {
     mode: Mode,
     message: String,
     in_flight: usize,
+    tls: Option<Tls>,
     compression: bool,
+}
+
+/// The TLS client every connection uses.
+#[derive(Clone)]
+struct Tls {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tls({:?})", self.name)
+    }
+}
+
+/// Whose certificates the TLS client accepts.
+enum Trust {
+    /// Those issued by the CAs of a PEM file.
+    Ca(String),
+    /// Any: the certificate is not checked (benchmarking only).
+    Insecure,
+}
+
+fn tls_client(trust: Trust, name: &str) -> Result<Tls> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut config = match trust {
+        Trust::Ca(path) => {
+            let mut roots = RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(&path)
+                .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| format!("--tls-ca {path}: {e}"))?;
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("--tls-ca {path}: {e}"))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::Insecure => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = ServerName::try_from(name.to_string()).map_err(|e| format!("--tls-name: {e}"))?;
+    Ok(Tls {
+        connector: TlsConnector::from(Arc::new(config)),
+        name,
+    })
+}
+
+/// `--insecure`: accepts any certificate, but still checks the handshake's signatures
+/// so the server does the same work as with a verified certificate.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client connection's byte stream: plain TCP or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 fn parse_args() -> Result<Config> {
@@ -98,12 +264,19 @@ fn parse_args() -> Result<Config> {
         mode: Mode::Sub,
         message: "x".repeat(16),
         in_flight: 1,
+        tls: None,
         compression: false,
     };
+    let mut trust = None;
+    let mut tls_name = "localhost".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
             return Err(String::new());
+        }
+        if flag == "--insecure" {
+            trust = Some(Trust::Insecure);
+            continue;
         }
         if flag == "--compression" {
             cfg.compression = true;
@@ -163,11 +336,16 @@ fn parse_args() -> Result<Config> {
                     return Err(bad("expected at least 1"));
                 }
             }
+            "--tls-ca" => trust = Some(Trust::Ca(value)),
+            "--tls-name" => tls_name = value,
             _ => return Err(format!("unknown option {flag}")),
         }
     }
     if cfg.ports.is_empty() {
         return Err("at least one --port is required".to_string());
+    }
+    if let Some(trust) = trust {
+        cfg.tls = Some(tls_client(trust, &tls_name)?);
     }
     Ok(cfg)
 }
@@ -290,7 +468,7 @@ fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
 
 /// One client connection: the stream, its read buffer, and reusable scratch space.
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     shared: Rc<Shared>,
     /// The server agreed to permessage-deflate: RSV1 marks compressed messages.
     deflate: bool,
@@ -305,7 +483,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: TcpStream, shared: Rc<Shared>, seed: u32) -> Self {
+    fn new(stream: Stream, shared: Rc<Shared>, seed: u32) -> Self {
         Conn {
             stream,
             shared,
@@ -564,6 +742,15 @@ async fn open(cfg: &Config, shared: Rc<Shared>, idx: usize) -> Result<(Conn, Str
     stream
         .set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
+    let stream = match &cfg.tls {
+        None => Stream::Plain(stream),
+        Some(tls) => Stream::Tls(Box::new(
+            tls.connector
+                .connect(tls.name.clone(), stream)
+                .await
+                .map_err(|e| format!("TLS handshake with {server}: {e}"))?,
+        )),
+    };
     let mut conn = Conn::new(stream, shared, 0x9e37_79b9u32.wrapping_mul(idx as u32 + 1));
     let offer = if cfg.compression {
         "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
@@ -878,6 +1065,7 @@ mod tests {
             mode: Mode::Echo,
             message: "hello".into(),
             in_flight: 3,
+            tls: None,
             compression: false,
         });
         let shared = Rc::new(Shared {

@@ -4,7 +4,8 @@
 //!
 //! Owns [`Task`] (the connection's state machine) and [`Connection`]. May use
 //! the upgrade, the server context, the engine side (engine, dispatch,
-//! socket, stats), frame and keepalive; only the server builds on it.
+//! socket, stats), frame, keepalive and tls (its stream); only the server
+//! builds on it.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -15,7 +16,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
@@ -24,6 +25,7 @@ use crate::dispatch::{Payload, ReadAt, PAUSE_READING_AT, RESUME_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
 use crate::socket::CloseTaken;
 use crate::stats::{Counters, NO_CODE};
+use crate::tls::Stream;
 use crate::upgrade::{self, SocketGuard, Upgraded, CLOSE_TIMEOUT};
 
 /// Bytes taken by one read; frames that do not fit carry over in the decoder.
@@ -106,9 +108,13 @@ impl Writer {
         self.frames.is_empty()
     }
 
-    /// Writes as much as the socket takes without blocking. Returns the bytes written.
-    fn flush(&mut self, stream: &TcpStream) -> io::Result<usize> {
+    /// Writes as much as the stream takes now. Ready with the bytes of
+    /// frames written (0 when only TLS records went out); Pending when
+    /// nothing could be written, with the task woken once the stream can
+    /// take more.
+    fn poll_flush(&mut self, stream: &mut Stream, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let mut total = 0;
+        let mut blocked = false;
         while !self.frames.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut count = 0;
@@ -117,11 +123,15 @@ impl Writer {
                 slices[i] = IoSlice::new(&frame[start..]);
                 count += 1;
             }
-            let mut written = match stream.try_write_vectored(&slices[..count]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+            let mut written = match Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..count])
+            {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    blocked = true;
+                    break;
+                }
             };
             total += written;
             while written > 0 {
@@ -143,12 +153,24 @@ impl Writer {
             // Idle connections hold no buffers; a busy one allocates once per burst.
             self.frames = VecDeque::new();
         }
-        Ok(total)
+        // TLS: rustls took the frames (or queued a message of its own) and
+        // holds their records until TCP takes them.
+        if stream.wants_write() {
+            match Pin::new(&mut *stream).poll_flush(cx) {
+                Poll::Ready(Ok(())) => blocked = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => blocked = true,
+            }
+        }
+        if total == 0 && blocked {
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(total))
     }
 }
 
 pub(crate) struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     /// The socket and the server; cleans up when the connection ends.
     guard: SocketGuard,
     decoder: Decoder,
@@ -166,20 +188,6 @@ pub(crate) struct Connection {
     /// Its handlers fell [`PAUSE_READING_AT`] events behind: neither read
     /// nor decoded until they are down to [`RESUME_READING_AT`].
     paused: bool,
-}
-
-/// What woke the connection's task.
-enum Wake {
-    Outbox,
-    /// The stream is ready for what was asked.
-    Ready {
-        readable: bool,
-        writable: bool,
-    },
-    /// Polling the stream failed.
-    Broken,
-    /// The peer did not answer our close in time.
-    CloseTimeout,
 }
 
 impl Connection {
@@ -217,6 +225,13 @@ impl Connection {
 
     /// Serves the open connection until it ends: reads frames into events,
     /// writes the outbox, runs the close handshake.
+    ///
+    /// Waits on, in this order: its outbox (frames, a close, reading may
+    /// resume), the stream (reading and/or writing), the close deadline.
+    /// Polled by hand rather than with `select!` over `Notify::notified` and
+    /// the stream's futures: those carry waiter nodes that every waiting
+    /// connection would keep in its task, while the socket and the stream's
+    /// `poll_*` methods keep one waker each.
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             if self.broken || (self.close_written && self.state == State::Ending) {
@@ -225,6 +240,10 @@ impl Connection {
             if self.close_written && self.close_deadline.is_none() {
                 // Our close frame is out: the peer gets a moment to answer.
                 self.close_deadline = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
+            }
+            if self.guard.socket.poll_woken(cx).is_ready() {
+                self.take_outbox();
+                continue;
             }
             let inflight = self.guard.socket.inflight();
             if inflight >= PAUSE_READING_AT {
@@ -236,62 +255,24 @@ impl Connection {
                 continue;
             }
             let reading = self.state != State::Ending && !self.paused;
-            let writing = !self.writer.is_empty();
-            let Poll::Ready(wake) = self.poll_wake(cx, reading, writing) else {
-                return Poll::Pending;
-            };
-            match wake {
-                Wake::Outbox => self.take_outbox(),
-                Wake::Ready { readable, writable } => {
-                    if readable {
-                        self.read();
-                    }
-                    if writable {
-                        self.write();
-                    }
-                }
-                Wake::Broken => self.broken = true,
-                Wake::CloseTimeout => break,
+            let writing = !self.writer.is_empty() || self.stream.wants_write();
+            let read = reading && self.poll_read(cx).is_ready();
+            let wrote = writing && self.poll_write(cx).is_ready();
+            if read || wrote {
+                continue;
             }
+            if let Some(sleep) = &mut self.close_deadline {
+                if sleep.as_mut().poll(cx).is_ready() {
+                    break;
+                }
+            }
+            return Poll::Pending;
         }
-        // Completes at once for a TCP stream (shutdown(2) of the write side).
+        // Best effort, not awaited: completes at once for TCP (shutdown(2) of
+        // the write side); with TLS it first sends what TCP takes of a
+        // close_notify.
         let _ = Pin::new(&mut self.stream).poll_shutdown(cx);
         Poll::Ready(())
-    }
-
-    /// What the task waits for, in this order: its outbox (frames, a close,
-    /// reading may resume), the stream (for reading and/or writing), the
-    /// close deadline.
-    ///
-    /// Polled by hand rather than with `select!` over `Notify::notified` and
-    /// `TcpStream::ready`: those futures carry waiter nodes that every
-    /// waiting connection would keep in its task, while the socket and the
-    /// stream's `poll_*_ready` keep one waker each.
-    fn poll_wake(&mut self, cx: &mut Context<'_>, reading: bool, writing: bool) -> Poll<Wake> {
-        if self.guard.socket.poll_woken(cx).is_ready() {
-            return Poll::Ready(Wake::Outbox);
-        }
-        let readable = reading
-            && match self.stream.poll_read_ready(cx) {
-                Poll::Ready(Ok(())) => true,
-                Poll::Ready(Err(_)) => return Poll::Ready(Wake::Broken),
-                Poll::Pending => false,
-            };
-        let writable = writing
-            && match self.stream.poll_write_ready(cx) {
-                Poll::Ready(Ok(())) => true,
-                Poll::Ready(Err(_)) => return Poll::Ready(Wake::Broken),
-                Poll::Pending => false,
-            };
-        if readable || writable {
-            return Poll::Ready(Wake::Ready { readable, writable });
-        }
-        if let Some(sleep) = &mut self.close_deadline {
-            if sleep.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Wake::CloseTimeout);
-            }
-        }
-        Poll::Pending
     }
 
     fn take_outbox(&mut self) {
@@ -312,36 +293,44 @@ impl Connection {
                 self.state = State::Ending;
             }
         }
-        self.write();
     }
 
-    fn write(&mut self) {
-        match self.writer.flush(&self.stream) {
-            Ok(n) if n > 0 => self.guard.socket.written(n),
-            Ok(_) => {}
-            Err(_) => self.broken = true,
+    /// Ready once something was written or writing failed.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let polled = self.writer.poll_flush(&mut self.stream, cx);
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => self.guard.socket.written(n),
+            Poll::Ready(Ok(_)) | Poll::Pending => {}
+            Poll::Ready(Err(_)) => self.broken = true,
         }
-        if self.close_queued && self.writer.is_empty() {
+        if self.close_queued && self.writer.is_empty() && !self.stream.wants_write() {
             self.close_written = true;
         }
+        polled.map(drop)
     }
 
-    fn read(&mut self) {
+    /// Ready once bytes were read (and decoded) or the stream ended.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         thread_local! {
-            // One read buffer per I/O thread, reused without re-zeroing:
+            // One read buffer per I/O thread, zeroed once and reused:
             // connections keep only the unparsed tail of a frame.
-            static CHUNK: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(READ_CHUNK));
+            static CHUNK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
+        // Taken out, so handling the bytes may not find it borrowed.
         let mut chunk = CHUNK.with(|c| std::mem::take(&mut *c.borrow_mut()));
-        chunk.clear();
-        chunk.reserve(READ_CHUNK);
-        match self.stream.try_read_buf(&mut chunk) {
-            Ok(0) => self.broken = true,
-            Ok(_) => self.on_bytes(&chunk),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => self.broken = true,
+        if chunk.len() < READ_CHUNK {
+            chunk = vec![0; READ_CHUNK];
+        }
+        let mut buf = ReadBuf::new(&mut chunk);
+        let polled = Pin::new(&mut self.stream).poll_read(cx, &mut buf);
+        let n = buf.filled().len();
+        match polled {
+            Poll::Ready(Ok(())) if n > 0 => self.on_bytes(&chunk[..n]),
+            Poll::Ready(_) => self.broken = true,
+            Poll::Pending => {}
         }
         CHUNK.with(|c| *c.borrow_mut() = chunk);
+        polled.map(drop)
     }
 
     fn on_bytes(&mut self, bytes: &[u8]) {

@@ -1,9 +1,9 @@
 //! The server context: what every task of one running server shares — its
-//! settings, engine, workers and static files, the stop signal, the count of
-//! live connection tasks, and the connections still in their handshake.
+//! settings, engine, workers, static files and TLS, the stop signal, the count
+//! of live connection tasks, and the connections still in their handshake.
 //!
 //! Owns [`Shared`], [`LiveGuard`] and [`Handshake`]. May use the engine side (engine,
-//! dispatch), config, keepalive (its clock) and static_files; the upgrade,
+//! dispatch), config, keepalive (its clock), static_files and tls; the upgrade,
 //! connection, sweep and server modules build on it, never the other way.
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,6 +19,7 @@ use crate::engine::Engine;
 use crate::keepalive::Clock;
 use crate::socket::Workers;
 use crate::static_files::StaticFiles;
+use crate::tls::Tls;
 
 /// Numbers the servers of this process, so that a keepalive sweep skips
 /// the connections of another server sharing the engine.
@@ -34,6 +35,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) workers: Arc<Workers>,
     pub(crate) static_files: Option<Arc<StaticFiles>>,
+    /// Every connection starts with a TLS handshake when set.
+    pub(crate) tls: Option<Tls>,
     /// Flips to true once when shutdown begins.
     stop: watch::Sender<bool>,
     /// The connections still in their handshake (up to the verdict of
@@ -50,6 +53,7 @@ impl Shared {
         config: Config,
         workers: Arc<Workers>,
         static_files: Option<Arc<StaticFiles>>,
+        tls: Option<Tls>,
     ) -> Arc<Shared> {
         let upgrades = Arc::new(PendingUpgrades::new(config.max_pending_upgrades));
         let (stop, _) = watch::channel(false);
@@ -60,6 +64,7 @@ impl Shared {
             config,
             workers,
             static_files,
+            tls,
             stop,
             upgrades,
             live: AtomicUsize::new(0),
@@ -281,7 +286,7 @@ pub(crate) fn test_shared() -> Arc<Shared> {
         max_pending_upgrades: 1,
         ..Config::default()
     };
-    Shared::new(Engine::new(), config, Arc::default(), None)
+    Shared::new(Engine::new(), config, Arc::default(), None, None)
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! starts the accept loops and the keepalive sweep, and shuts them down.
 //!
 //! The top of the server side: may use the connection task, the sweep, the
-//! server context, the engine side (engine, dispatch), config, frame and
-//! static_files. Nothing in the crate uses it.
+//! server context, the engine side (engine, dispatch), config, frame,
+//! static_files and tls. Nothing in the crate uses it.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};
@@ -23,6 +23,7 @@ use crate::socket::Workers;
 use crate::static_files::StaticFiles;
 use crate::stats::Counters;
 use crate::sweep;
+use crate::tls::Tls;
 
 /// Pending connections the kernel keeps per listener.
 const BACKLOG: i32 = 1024;
@@ -35,6 +36,7 @@ pub struct Server {
     /// Exists once serving.
     shared: Option<Arc<Shared>>,
     static_files: Option<Arc<StaticFiles>>,
+    tls: Option<Tls>,
     runtime: Option<Runtime>,
     listeners: Vec<StdListener>,
     addrs: Vec<SocketAddr>,
@@ -42,8 +44,10 @@ pub struct Server {
 
 impl Server {
     /// Binds every address (nothing is accepted until [`serve`](Self::serve)).
-    /// The error names the address that failed.
-    pub fn bind(engine: Arc<Engine>, config: Config) -> io::Result<Server> {
+    /// With `tls` (see [`Tls::load`], called before this so a bad certificate
+    /// binds nothing), every address speaks TLS only. The error names the
+    /// address that failed.
+    pub fn bind(engine: Arc<Engine>, config: Config, tls: Option<Tls>) -> io::Result<Server> {
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for text in &config.bind {
@@ -72,6 +76,7 @@ impl Server {
             workers: Arc::default(),
             shared: None,
             static_files,
+            tls,
             runtime: Some(runtime),
             listeners,
             addrs,
@@ -109,6 +114,7 @@ impl Server {
             config,
             self.workers.clone(),
             self.static_files.clone(),
+            self.tls.take(),
         );
         let _context = runtime.enter();
         for std_listener in self.listeners.drain(..) {

@@ -4,9 +4,11 @@
 //! connection then goes through [`Tls::accept`] before the HTTP upgrade.
 
 use std::fmt;
-use std::io;
+use std::io::{self, IoSlice};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
@@ -14,7 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::ParsedCertificate;
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{InconsistentKeys, ServerConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -35,7 +37,8 @@ const MAX_PLAIN_REQUEST_BYTES: usize = 16 * 1024;
 
 /// The answer to plain HTTP (e.g. a `ws://` client) on a TLS port: a 400 the
 /// client can show, never a 101 or a 426.
-const PLAIN_HTTP: Refusal = Refusal::new(400, "this port only speaks TLS: use wss:// or https://");
+pub(crate) const PLAIN_HTTP: Refusal =
+    Refusal::new(400, "this port only speaks TLS: use wss:// or https://");
 
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -119,6 +122,82 @@ impl Tls {
                 Err(AcceptError::PlainHttp)
             }
             _ => Err(AcceptError::NotTls),
+        }
+    }
+}
+
+/// A connection's byte stream from the upgrade on: plain TCP, or TLS over it.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    /// Boxed: rustls's state is about a kilobyte, and every connection's task
+    /// holds this inline (see connection.rs's size test).
+    Tls(Box<TlsStream>),
+}
+
+impl Stream {
+    /// Bytes are waiting to go to TCP that no frame of ours accounts for:
+    /// TLS records of what was written (or rustls's own messages) that TCP
+    /// did not take yet. Never for plain TCP, whose writes go straight out.
+    pub(crate) fn wants_write(&self) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+            Stream::Tls(tls) => tls.get_ref().1.wants_write(),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    /// With TLS, queues a close_notify alert first and writes what TCP takes.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
         }
     }
 }

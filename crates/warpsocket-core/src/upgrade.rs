@@ -1,35 +1,41 @@
-//! The upgrade of one accepted TCP connection: reads the HTTP request,
-//! answers plain HTTP (static files or 426), registers the socket, waits for
-//! `handle_open`'s verdict, and writes 101 or the refusal.
+//! The upgrade of one accepted TCP connection: the TLS handshake when the
+//! server speaks TLS, then reads the HTTP request, answers plain HTTP (static
+//! files or 426), registers the socket, waits for `handle_open`'s verdict,
+//! and writes 101 or the refusal.
 //!
 //! Owns the handshake I/O and [`SocketGuard`], the registration every
 //! upgraded connection keeps until it ends. May use the server context, the
-//! engine side (engine, dispatch, socket), handshake, deflate (negotiation)
-//! and static_files; the open connection builds on it.
+//! engine side (engine, dispatch, socket), handshake, deflate (negotiation),
+//! tls and static_files; the open connection builds on it.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use bytes::BufMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::context::{Handshake, LiveGuard, Shared};
 use crate::deflate;
 use crate::dispatch::{OpenRequest, Payload, ReadAt, Verdict};
 use crate::handshake::{self, Refusal, Request};
 use crate::socket::Socket;
+use crate::tls::{AcceptError, Stream, PLAIN_HTTP};
 
 /// Most bytes an upgrade request may have.
 const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// Bytes read at most at a time while reading the request.
+const REQUEST_READ: usize = 2048;
 /// How long to wait for the peer's close frame (or for our last bytes to be
 /// written) before dropping the TCP connection.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A connection that was answered 101: its socket is registered and accepted.
 pub(crate) struct Upgraded {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: Stream,
     pub(crate) guard: SocketGuard,
     /// What the client sent after its request (its first frames, if any).
     pub(crate) early: Vec<u8>,
@@ -48,7 +54,7 @@ pub(crate) async fn upgrade(
 ) -> Option<Upgraded> {
     let shared = &live.shared().clone();
     let (mut stream, upgrade, mut buf, used) = tokio::select! {
-        read = read_upgrade(stream, shared) => read?,
+        read = read_upgrade(stream, peer, shared) => read?,
         _ = upgrading.evicted() => return None,
     };
     upgrading.deciding();
@@ -120,16 +126,45 @@ pub(crate) async fn upgrade(
     })
 }
 
-/// Reads the request: an upgrade request comes back with the bytes read
-/// and the request's length in them; anything else is answered here.
+/// Runs the TLS handshake when the server speaks TLS, then reads the
+/// request: an upgrade request comes back with the bytes read and the
+/// request's length in them; anything else is answered here.
 async fn read_upgrade(
-    stream: TcpStream,
+    tcp: TcpStream,
+    peer: SocketAddr,
     shared: &Shared,
-) -> Option<(TcpStream, handshake::Upgrade, Vec<u8>, usize)> {
-    let _ = stream.set_nodelay(true);
+) -> Option<(Stream, handshake::Upgrade, Vec<u8>, usize)> {
+    let _ = tcp.set_nodelay(true);
+    // One time limit for the TLS handshake and the request together, so a
+    // client cannot take it twice.
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let mut stream = match &shared.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => {
+            let accepted = tokio::select! {
+                r = tokio::time::timeout_at(deadline, tls.accept(tcp)) => r,
+                _ = shared.stopping() => return None,
+            };
+            match accepted {
+                Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                Ok(Err(e)) => {
+                    if let AcceptError::PlainHttp = e {
+                        let stats = shared.engine.stats();
+                        stats.handshakes_refused.count(PLAIN_HTTP.status);
+                    }
+                    log::debug!(target: "warpsocket", "{peer}: {e}");
+                    return None;
+                }
+                Err(_) => {
+                    log::debug!(target: "warpsocket", "{peer}: TLS handshake timed out");
+                    return None;
+                }
+            }
+        }
+    };
     let mut buf = Vec::new();
     let read = tokio::select! {
-        r = tokio::time::timeout(shared.config.handshake_timeout, read_request(&stream, &mut buf)) => r,
+        r = tokio::time::timeout_at(deadline, read_request(&mut stream, &mut buf)) => r,
         _ = shared.stopping() => return None,
     };
     let (request, used) = match read {
@@ -157,7 +192,7 @@ async fn read_upgrade(
 /// Answers a request that is not an upgrade: a static file when a folder is
 /// configured, else 426.
 async fn plain_http(
-    mut stream: TcpStream,
+    mut stream: Stream,
     shared: &Shared,
     method: String,
     path: String,
@@ -180,19 +215,19 @@ async fn plain_http(
 
 /// Reads until a whole request is buffered. `Ok(None)`: the peer closed.
 async fn read_request(
-    stream: &TcpStream,
+    stream: &mut Stream,
     buf: &mut Vec<u8>,
 ) -> io::Result<Result<Option<(Request, usize)>, Refusal>> {
     loop {
-        stream.readable().await?;
-        // Declared after the await so it is not part of the task's state.
-        let mut chunk = [0u8; 2048];
         let before = buf.len();
-        match stream.try_read(&mut chunk) {
-            Ok(0) => return Ok(Ok(None)),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+        buf.reserve(REQUEST_READ);
+        // At most a chunk at a time (the Vec may have grown by more), so an
+        // oversized request is seen as such before it is complete.
+        let read = stream
+            .read_buf(&mut (&mut *buf).limit(REQUEST_READ))
+            .await?;
+        if read == 0 {
+            return Ok(Ok(None));
         }
         // A client trickling its request a byte at a time would otherwise
         // cost a parse of everything so far per packet. The first read is
@@ -212,7 +247,7 @@ async fn read_request(
     }
 }
 
-async fn refuse(mut stream: TcpStream, shared: &Shared, refusal: Refusal) {
+async fn refuse(mut stream: Stream, shared: &Shared, refusal: Refusal) {
     shared
         .engine
         .stats()

@@ -388,7 +388,7 @@ fn many_threads_use_the_engine_while_connections_come_and_go() {
         open_timeout: PATIENCE,
         ..Config::default()
     };
-    let mut server = Server::bind(engine.clone(), config).unwrap();
+    let mut server = Server::bind(engine.clone(), config, None).unwrap();
     let addr = server.local_addrs()[0];
     let queues = [
         server.workers().add().unwrap(),

@@ -9,6 +9,7 @@ use std::io;
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyValueError};
 use pyo3::PyErr;
 use warpsocket_core::frame::BadClose;
+use warpsocket_core::tls::TlsError;
 use warpsocket_core::{JoinError, Unreachable, VirtualError, MAX_PREFIX};
 
 /// Redis (in a cluster) could not be asked.
@@ -47,6 +48,11 @@ pub(crate) fn join_cluster(e: JoinError) -> PyErr {
         JoinError::BadUrl { .. } => PyValueError::new_err(e.to_string()),
         _ => PyConnectionError::new_err(e.to_string()),
     }
+}
+
+/// `tls_cert`/`tls_key` cannot be used; the message starts with the one to fix.
+pub(crate) fn tls(e: TlsError) -> PyErr {
+    PyValueError::new_err(e.to_string())
 }
 
 /// Binding an address (or opening the static folder) failed.

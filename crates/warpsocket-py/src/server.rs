@@ -9,6 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+use warpsocket_core::tls::Tls;
 use warpsocket_core::{Config, Handlers};
 
 use crate::convert;
@@ -34,7 +35,7 @@ impl Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades, compression, io_threads=None, static_dir=None))]
+    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades, compression, io_threads=None, static_dir=None, tls_cert=None, tls_key=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -48,6 +49,8 @@ impl Server {
         compression: bool,
         io_threads: Option<usize>,
         static_dir: Option<PathBuf>,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
     ) -> PyResult<Self> {
         let mut config = Config {
             bind,
@@ -66,9 +69,10 @@ impl Server {
         }
         let engine = ENGINE.clone();
         let server = gil::run(py, Work::Long, || {
-            warpsocket_core::Server::bind(engine, config)
-        })
-        .map_err(errors::bind)?;
+            // Before binding: a bad certificate leaves no port taken.
+            let tls = Tls::load(tls_cert.as_deref(), tls_key.as_deref()).map_err(errors::tls)?;
+            warpsocket_core::Server::bind(engine, config, tls).map_err(errors::bind)
+        })?;
         Ok(Server {
             inner: Mutex::new(server),
         })
