@@ -14,7 +14,7 @@
 //! and the leaves (`ids`, `links`, `frame`, `deflate`, `stats`, `errors`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -182,7 +182,7 @@ impl Hub {
     /// number of recipients it was queued for. Each frame is encoded once
     /// and shared: see [`Frames`].
     pub(crate) fn send(&self, targets: &[Target], kind: Kind, payload: &[u8]) -> usize {
-        let mut frames = Frames::new(kind, payload);
+        let mut frames = Frames::new(kind, payload, &self.stats.messages_compressed);
         let mut sent = 0;
         // Payload bytes as delivered: a virtual socket's prefix is part of them.
         let mut bytes = 0;
@@ -209,7 +209,6 @@ impl Hub {
         }
         Counters::add(&self.stats.messages_out, sent as u64);
         Counters::add(&self.stats.bytes_out, bytes as u64);
-        Counters::add(&self.stats.messages_compressed, frames.compressions);
         // Logged after every lock is released: the log may call into Python.
         for socket in overflowed {
             Counters::add(&self.stats.backpressure_closes, 1);
@@ -439,8 +438,9 @@ struct Frames<'a> {
     payload: &'a [u8],
     plain: Forms,
     prefixed: HashMap<Prefix, Forms>,
-    /// Deflate runs so far.
-    compressions: u64,
+    /// Counts each deflate run as it happens, before the frame is queued,
+    /// so a client that has the frame can already see the count.
+    compressions: &'a AtomicU64,
 }
 
 /// One message's frame, and its compressed frame once a recipient wanted it
@@ -451,13 +451,13 @@ struct Forms {
 }
 
 impl<'a> Frames<'a> {
-    fn new(kind: Kind, payload: &'a [u8]) -> Self {
+    fn new(kind: Kind, payload: &'a [u8], compressions: &'a AtomicU64) -> Self {
         Frames {
             kind,
             payload,
             plain: Forms::new(frame::encode_message(kind, payload)),
             prefixed: HashMap::new(),
-            compressions: 0,
+            compressions,
         }
     }
 
@@ -487,7 +487,7 @@ impl<'a> Frames<'a> {
         forms
             .compressed
             .get_or_insert_with(|| {
-                *compressions += 1;
+                Counters::add(compressions, 1);
                 frame::encode_compressed(kind, &prefix, payload)
             })
             .as_ref()
