@@ -39,14 +39,45 @@ def missing_tools():
     return problems
 
 
-@pytest.fixture(scope="module")
-def browser_tools():
+def require_browser():
+    """Skip (or, under CI, fail) a test when Chromium, its driver or Selenium is missing."""
     problems = missing_tools()
     if problems:
         message = "browser tests need Chromium, its driver and Selenium: " + "; ".join(problems)
         if os.environ.get("CI"):
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
+
+
+def chromium(profile, *extra_args):
+    """A headless Chromium (Selenium driver) with its own profile folder."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--window-size=1200,800",
+        f"--user-data-dir={profile}",
+        *extra_args,
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser_tools():
+    require_browser()
 
 
 @pytest.fixture
@@ -57,31 +88,11 @@ def chat_server(browser_tools, start_server):
 @pytest.fixture
 def open_page(chat_server, tmp_path):
     """``open_page(name) -> Page``: a fresh headless browser showing the chat."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     drivers = []
 
     def _open(label):
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        profile = tmp_path / f"profile-{label}-{len(drivers)}"
-        for arg in (
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--no-first-run",
-            "--window-size=1200,800",
-            f"--user-data-dir={profile}",
-        ):
-            options.add_argument(arg)
-        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver = chromium(tmp_path / f"profile-{label}-{len(drivers)}")
         drivers.append(driver)
-        driver.set_page_load_timeout(WAIT)
         driver.get(f"http://127.0.0.1:{chat_server.port}/")
         return Page(driver)
 

@@ -302,32 +302,13 @@ def test_cli_flag():
 
 
 def test_chromium_negotiates_compression_with_the_chat(start_server, tmp_path):
-    from test_chat_browser import CHAT_STATIC, CHAT_WORKER, CHROMEDRIVER, CHROMIUM, WAIT, Page, missing_tools
+    from test_chat_browser import CHAT_STATIC, CHAT_WORKER, Page, chromium, require_browser
 
-    problems = missing_tools()
-    if problems:
-        message = "the browser test needs Chromium, its driver and Selenium: " + "; ".join(problems)
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    require_browser()
 
     server = start_server(worker=str(CHAT_WORKER), static_dir=str(CHAT_STATIC), compression=True)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = chromium(tmp_path / "profile")
     try:
-        driver.set_page_load_timeout(WAIT)
         driver.get(f"http://127.0.0.1:{server.port}/")
         page = Page(driver)
         page.login("ada")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
-import os
 import socket
 import ssl
 import time
@@ -327,16 +326,9 @@ def spki_sha256(cert_pem: bytes) -> str:
 
 @pytest.mark.timeout(300)
 def test_chat_in_chromium_over_https_and_wss(ca, start_server, cert_files, tmp_path):
-    from test_chat_browser import CHAT_STATIC, CHAT_WORKER, CHROMEDRIVER, CHROMIUM, WAIT, Page, missing_tools
+    from test_chat_browser import CHAT_STATIC, CHAT_WORKER, Page, chromium, require_browser
 
-    problems = missing_tools()
-    if problems:
-        message = "the browser test needs Chromium, its driver and Selenium: " + "; ".join(problems)
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    require_browser()
 
     leaf = ca.issue_cert("localhost")
     cert, key = cert_files(leaf)
@@ -347,25 +339,8 @@ def test_chat_in_chromium_over_https_and_wss(ca, start_server, cert_files, tmp_p
     drivers = []
 
     def open_page(label):
-        options = webdriver.ChromeOptions()
-        options.binary_location = CHROMIUM
-        for arg in (
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--no-first-run",
-            "--window-size=1200,800",
-            f"--user-data-dir={tmp_path / f'profile-{label}'}",
-            f"--ignore-certificate-errors-spki-list={pin}",
-        ):
-            options.add_argument(arg)
-        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        driver = chromium(tmp_path / f"profile-{label}", f"--ignore-certificate-errors-spki-list={pin}")
         drivers.append(driver)
-        driver.set_page_load_timeout(WAIT)
         driver.get(f"https://localhost:{server.port}/")
         return Page(driver)
 
