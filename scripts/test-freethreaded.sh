@@ -7,7 +7,8 @@
 # interpreter lives: scripts/build-freethreaded-python.sh builds it there unless it is
 # already there. Then: a venv .venv-ft with that interpreter, WarpSocket and its test
 # extras installed into it (a version-specific cp313t wheel, built in target/freethreaded so
-# the normal build in target/ is left alone), checks that the GIL stays off, and pytest.
+# the normal build in target/ is left alone; or the wheel file $FT_WHEEL), checks that the
+# GIL stays off, and pytest.
 # Example: scripts/test-freethreaded.sh tests/test_concurrency.py -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,14 +38,15 @@ else
 fi
 
 # 3. WarpSocket and the test tools. PyO3 ignores the abi3 feature for a free-threaded
-#    interpreter, so this wheel is cp313-cp313t.
+#    interpreter, so this wheel is cp313-cp313t. With FT_WHEEL set (.ci/run: the one
+#    scripts/build-wheels.sh put in dist/) that wheel is installed instead of a new build.
 export CARGO_TARGET_DIR="$PWD/target/freethreaded"
-log "installing WarpSocket into $VENV (cargo target dir: target/freethreaded)"
+log "installing WarpSocket into $VENV (${FT_WHEEL:-built from source, cargo target dir: target/freethreaded})"
 "$PY" -m pip install -q --upgrade pip
 # Hypothesis ships compiled wheels from 6.156 on, built with a PyO3 that refuses
 # free-threaded 3.13 (it needs 3.14t), so pip would try and fail to build it from source
 # here; 6.155.7 is the last pure-Python release and has everything the tests use.
-"$PY" -m pip install -q ".[test]" "hypothesis<6.156"
+"$PY" -m pip install -q "${FT_WHEEL:-.}[test]" "hypothesis<6.156"
 
 # 4. The GIL must stay off: importing warpsocket, the test tools, running a server.
 unset PYTHON_GIL

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from . import __version__
 from .config import TUNABLES, default_threads
 from .server import run
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="warpsocket",
         description="Run a WarpSocket server with the given worker module until SIGINT/SIGTERM.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("worker", help="worker module: a .py file path or an importable module name")
     parser.add_argument(
         "--bind",
