@@ -122,7 +122,7 @@ def per_request(counts: dict[str, float], requests: int) -> dict[str, float]:
     syscalls = {k: v for k, v in counts.items() if k != CONTEXT_SWITCHES}
     row = {label: sum(syscalls.get(n, 0.0) for n in names) / requests for label, names in COLUMNS}
     total = sum(syscalls.values()) / requests
-    row["other"] = total - sum(row.values())
+    row["other"] = max(0.0, total - sum(row.values()))  # not -0.00 from rounding
     row["all syscalls"] = total
     row["ctx switches"] = counts.get(CONTEXT_SWITCHES, 0.0) / requests
     return row
