@@ -1,33 +1,53 @@
 #!/usr/bin/env python3
-"""Run the performance workload against WarpSocket and its peers; print a markdown table.
+"""Run the performance workload against WarpSocket and its peers; print markdown tables.
 
-    python3 benchmarks/run.py                       # everything: 5 servers x 1k/10k x 2
-    python3 benchmarks/run.py --servers warpsocket,picows --connections 1000 --repeat 1
-    python3 benchmarks/run.py --servers warpsocket,warpsocket+tls,socketify+tls --repeat 3
+    python3 benchmarks/run.py                       # 6 servers x 1k/10k, closed loop, 3 rounds
+    python3 benchmarks/run.py --servers warpsocket,socketify,wse-server --connections 1000 \\
+        --open-loop --clients warpsocket-bench,picows --perf --json /tmp/r.json
+    python3 benchmarks/chart.py /tmp/r.json docs/bench-open-loop.png
+    python3 benchmarks/run.py --servers warpsocket,warpsocket+tls,socketify+tls
 
-A server name with ``+tls`` (warpsocket and socketify) runs that server over TLS: the
-runner makes a test CA and an ECDSA P-256 certificate for localhost (``trustme``), the
-server loads it, and the generator speaks wss:// trusting that CA. Rounds alternate the
-servers: round 1 runs each server once, then round 2, and so on.
+Rounds alternate the servers: round 1 runs each server once, then round 2, and so on,
+so a change in the machine's load hits every server alike; the tables give the median
+(min–max) over the rounds. For each run: start the server pinned to core 0 (``taskset
+-c 0``), wait until every port accepts, run the load generator pinned to core 1, and
+measure the server from outside over exactly the generator's measurement window
+(between the ``WINDOW_START`` and ``WINDOW_END`` it prints, after connects and warm-up):
 
-For each server, connection count and repetition: start the server pinned to core 0
-(``taskset -c 0``), wait until every port accepts, run ``warpsocket-bench`` pinned to core 1,
-and measure the server from outside:
+* CPU: utime + stime of the server process (all its threads) from ``/proc/PID/stat``,
+  as µs per acknowledged request and acks per CPU-second; the generator's own CPU the
+  same way, to show when the generator rather than the server is the limit.
+* Peak RSS: ``VmHWM`` from ``/proc/PID/status`` just before the server is stopped.
+* With ``--perf``: syscalls (every ``syscalls:sys_enter_*`` tracepoint) and context
+  switches per request, counted by ``perf stat`` over the window (harness/perfstat.py).
 
-* CPU seconds: utime + stime of the server process (all its threads) from
-  ``/proc/PID/stat``, sampled when the generator prints ``WINDOW_START`` and again at
-  ``WINDOW_END``, i.e. over exactly the measurement window (not connect or warm-up).
-* Peak RSS: ``VmHWM`` from ``/proc/PID/status`` read just before the server is stopped,
-  i.e. the peak over the server's whole life (startup, connects, warm-up and window).
+Loads: closed loop (each connection sends its next request when the previous one is
+acknowledged: the saturated throughput), and with ``--open-loop`` fixed offered rates,
+by default 25 %, 50 % and 90 % of socketify's saturated rate (the median of the closed
+loop runs just before, same client and connection count; or ``--reference-rate``),
+latency measured from each request's scheduled send time.
 
-The generator's own CPU use over the window is measured the same way, to show when the
-load generator (one core) rather than the server is the limit. See docs/benchmarks.md.
+Clients (``--clients``, comma-separated, each runs everything): ``warpsocket-bench``
+(crates/warpsocket-bench, Rust, one thread) and ``picows`` (benchmarks/clients/
+picows_client.py, Python + uvloop, an independent implementation of the same workload).
+
+Servers: warpsocket (``examples/performance/worker.py``, one worker thread), the peers
+in benchmarks/peers (socketify, wse-server, picows, aiohttp, websockets) and
+warpsocket-metrics (``--metrics`` on). A name with ``+tls`` (warpsocket, socketify) runs
+that server over TLS with a test CA made by ``trustme``. wse-server needs Python >= 3.12:
+``--wse-python`` (by default a venv ``.venv-wse`` made from a python3.12+ found on PATH
+or under pyenv, with wse-server installed into it).
+
+Connections are spread over ``--ports`` server ports (wse-server: one) and
+``--source-ips`` client addresses 127.0.0.1..N, so 19,000 connections fit in a process
+limit of 20,000 files and in the ephemeral ports. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import importlib.util
 import json
 import os
@@ -41,26 +61,35 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import perfstat, report  # noqa: E402
+from harness.report import fmt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "benchmarks" / "peers"
 WORKER = ROOT / "examples" / "performance" / "worker.py"
 BENCH_BIN = ROOT / "target" / "release" / "warpsocket-bench"
-ALL_SERVERS = ["warpsocket", "socketify", "picows", "aiohttp", "websockets"]
+PICOWS_CLIENT = ROOT / "benchmarks" / "clients" / "picows_client.py"
+CLIENTS = ["warpsocket-bench", "picows"]
+ALL_SERVERS = ["warpsocket", "socketify", "wse-server", "picows", "aiohttp", "websockets"]
 #: Servers that can run over TLS (as "NAME+tls").
 TLS_SERVERS = ["warpsocket", "socketify"]
 TLS_SUFFIX = "+tls"
 # Not run by default: WarpSocket with --metrics on, to measure what the metrics cost.
 OTHER_SERVERS = ["warpsocket-metrics"]
-# server name -> (pip package, import name) for the peers
+#: The server whose saturated rate the open-loop rates are fractions of.
+REFERENCE = "socketify"
+# server name -> (pip package, import name) for the peers run by this interpreter
 PEER_PACKAGES = {
     "websockets": ("websockets", "websockets"),
     "aiohttp": ("aiohttp", "aiohttp"),
     "picows": ("picows", "picows"),
     "socketify": ("socketify", "socketify"),
 }
+WSE_VENV = ROOT / ".venv-wse"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -69,10 +98,16 @@ class Result:
     server: str
     connections: int
     run: int
+    client: str = "warpsocket-bench"
+    #: Open loop: offered requests/s, and that as a share of the reference rate.
+    rate: float | None = None
+    fraction: float | None = None
     figures: dict = field(default_factory=dict)
     server_cpu_s: float | None = None
     gen_cpu_s: float | None = None
     peak_rss_mib: float | None = None
+    #: ``--perf``: event -> count over the window (syscall names, "context-switches").
+    perf: dict = field(default_factory=dict)
     note: str = ""
 
     @property
@@ -126,6 +161,46 @@ def ensure_peers(servers: list[str], install: bool) -> dict[str, str]:
     return unavailable
 
 
+def python312() -> str | None:
+    """A Python >= 3.12 interpreter that runs: this one, one on PATH, or pyenv's."""
+    if sys.version_info >= (3, 12):
+        return sys.executable
+    roots = [os.environ.get("PYENV_ROOT", ""), str(Path.home() / ".pyenv")]
+    pyenv = [
+        p for root in filter(None, roots) for p in sorted(glob.glob(f"{root}/versions/3.1[2-9]*/bin/python3"))
+    ]
+    on_path = [shutil.which(name) for name in ("python3.12", "python3.13", "python3.14")]
+    for candidate in filter(None, [*on_path, *pyenv]):
+        # pyenv's shims are on PATH but fail for versions that are not selected.
+        probe = [candidate, "-c", "import sys; sys.exit(sys.version_info < (3, 12))"]
+        if subprocess.run(probe, capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+def ensure_wse(python: str | None, install: bool) -> tuple[str | None, str]:
+    """The interpreter that runs wse-server (made and filled if need be), or None and why."""
+    if python is None:
+        if (WSE_VENV / "bin" / "python").exists():
+            python = str(WSE_VENV / "bin" / "python")
+        elif install and (base := python312()):
+            log(f"making {WSE_VENV} with {base} for wse-server")
+            subprocess.run([base, "-m", "venv", str(WSE_VENV)], check=False)
+            python = str(WSE_VENV / "bin" / "python")
+            if not Path(python).exists():
+                return None, f"could not make a venv for wse-server with {base}"
+        else:
+            return None, "wse-server needs Python >= 3.12: none found (--wse-python)"
+    check = [python, "-c", "import wse_server"]
+    if subprocess.run(check, capture_output=True).returncode != 0 and install:
+        log(f"installing wse-server into {python}")
+        subprocess.run([python, "-m", "pip", "install", "-q", "wse-server"], check=False)
+    done = subprocess.run(check, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None, (done.stderr.strip().splitlines() or ["import wse_server failed"])[-1][:200]
+    return python, ""
+
+
 def ensure_bench_binary(path: Path) -> None:
     if path.exists():
         return
@@ -165,6 +240,7 @@ def server_command(
     compression: bool = False,
     *,
     certs: Certs | None = None,
+    wse_python: str | None = None,
 ) -> list[str]:
     pin = ["taskset", "-c", cpu]
     tls = ["--tls-cert", str(certs.chain), "--tls-key", str(certs.key)] if certs else []
@@ -180,7 +256,34 @@ def server_command(
     if compression:
         raise ValueError(f"--compression is only wired for warpsocket, not {server}")
     port_args = [arg for p in ports for arg in ("--port", str(p))]
-    return [*pin, sys.executable, str(PEERS / f"{server}_server.py"), *port_args, *tls]
+    python = sys.executable
+    if server == "wse-server":
+        if wse_python is None:
+            raise ValueError("wse-server needs its Python >= 3.12 interpreter")
+        python = wse_python
+    # Not wse_server.py: the script's folder comes first on sys.path and would shadow the package.
+    script = PEERS / ("wse_peer.py" if server == "wse-server" else f"{server}_server.py")
+    return [*pin, python, str(script), *port_args, *tls]
+
+
+def client_command(
+    client: str, ports: list[int], conns: int, rate: float | None, args: argparse.Namespace, tls: Certs | None
+) -> list[str]:
+    """The load generator's command line, pinned to the client CPU."""
+    common = [
+        *[a for p in ports for a in ("--port", str(p))],
+        "--connections", str(conns), "--warmup", str(args.warmup), "--duration", str(args.duration),
+        "--source-ips", str(args.source_ips), *(["--rate", f"{rate:.1f}"] if rate else []),
+    ]  # fmt: skip
+    pin = ["taskset", "-c", args.client_cpu]
+    if client == "picows":
+        if tls or args.compression:
+            raise ValueError("the picows client speaks plain ws:// without compression only")
+        return [*pin, sys.executable, str(PICOWS_CLIENT), *common]
+    return [
+        *pin, str(args.bench), *common,
+        *(["--tls-ca", str(tls.ca)] if tls else []), *(["--compression"] if args.compression else []),
+    ]  # fmt: skip
 
 
 def wait_listening(ports: list[int], proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -228,29 +331,37 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_one(
-    server: str, conns: int, run: int, ports: list[int], args: argparse.Namespace, certs: Certs | None
-) -> Result:
-    result = Result(server, conns, run)
-    log(f"{server}: {conns} connections, run {run}, ports {ports[0]}-{ports[-1]}")
-    server_log = open(args.log_dir / f"{server}-{conns}-{run}.log", "w")  # noqa: SIM115
+def ports_for(server: str, first: int, args: argparse.Namespace) -> list[int]:
+    """The ports a run of ``server`` listens on (wse-server: one, see its peer)."""
+    return list(range(first, first + (1 if server == "wse-server" else args.ports)))
+
+
+def run_one(result: Result, ports: list[int], args: argparse.Namespace, certs: Certs | None) -> Result:
+    """Start the server, run the client against it, measure; fills in and returns ``result``."""
+    server, conns = result.server, result.connections
+    load = "closed loop" if result.rate is None else f"{result.rate:,.0f} requests/s"
+    log(
+        f"{server}: {conns} connections, {result.client}, {load}, round {result.run}, "
+        f"ports {ports[0]}-{ports[-1]}"
+    )
+    name = f"{server}-{conns}-{result.client}-{result.rate or 'closed'}-{result.run}".replace(".", "_")
+    server_log = open(args.log_dir / f"{name}.log", "w")  # noqa: SIM115
     base = server.removesuffix(TLS_SUFFIX)
     tls = certs if server.endswith(TLS_SUFFIX) else None
     proc = subprocess.Popen(
-        server_command(base, ports, args.server_cpu, compression=args.compression, certs=tls),
+        server_command(base, ports, args.server_cpu, compression=args.compression, certs=tls,
+                       wse_python=args.wse_python),
         cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT,
     )  # fmt: skip
+    perf: perfstat.PerfStat | None = None
     try:
         wait_listening(ports, proc)
-        gen_cmd = [
-            "taskset", "-c", args.client_cpu, str(args.bench),
-            *[a for p in ports for a in ("--port", str(p))],
-            "--connections", str(conns), "--warmup", str(args.warmup),
-            "--duration", str(args.duration), "--source-ips", str(args.source_ips),
-            *(["--tls-ca", str(tls.ca)] if tls else []),
-            *(["--compression"] if args.compression else []),
-        ]  # fmt: skip
-        gen = subprocess.Popen(gen_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if args.perf:
+            perf = perfstat.PerfStat(proc.pid, args.log_dir, name)
+        gen = subprocess.Popen(
+            client_command(result.client, ports, conns, result.rate, args, tls),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
         marks: dict[str, tuple[float | None, float | None]] = {}
         stderr_lines: list[str] = []
 
@@ -260,6 +371,10 @@ def run_one(
                 line = line.strip()
                 if line in ("WINDOW_START", "WINDOW_END"):
                     marks[line] = (cpu_seconds(proc.pid), cpu_seconds(gen.pid))
+                    if perf is not None and line == "WINDOW_START":
+                        perf.enable()
+                    elif perf is not None:
+                        perf.disable()
                 else:
                     stderr_lines.append(line)
 
@@ -269,11 +384,12 @@ def run_one(
         killer.start()
         assert gen.stdout is not None
         out = gen.stdout.read()
+        # Not reaped before the reader has sampled its CPU at WINDOW_END: it exits right after.
+        reader.join(timeout=60)
         gen.wait()
         if not killer.is_alive():
             result.note = "load generator timed out"
         killer.cancel()
-        reader.join(timeout=5)
         result.peak_rss_mib = peak_rss_mib(proc.pid)
         for line in out.splitlines():
             if line.startswith("{"):
@@ -294,89 +410,26 @@ def run_one(
     except Exception as exc:  # noqa: BLE001 - record and go on with the next run
         result.note = str(exc)[:200]
     finally:
+        if perf is not None:
+            result.perf = perf.close()
         stop(proc)
         server_log.close()
     f = result.figures
+    per_request = report.cpu_us_per_request(asdict(result))
     log(
-        f"  -> acks/s {f.get('acks_per_s', 0):.0f}, frames/s {f.get('frames_per_s', 0):.0f}, "
-        f"p50 {f.get('p50_ms', 0)} ms, server CPU {result.server_cpu_s}, "
-        f"RSS {result.peak_rss_mib} MiB {result.note}"
+        f"  -> acks/s {fmt(f.get('acks_per_s'))}, sent/s {fmt(f.get('sent_per_s'))}, "
+        f"p50 {f.get('p50_ms')} ms, p99 {f.get('p99_ms')} ms, server CPU {fmt(per_request, 1)} µs/request, "
+        f"RSS {fmt(result.peak_rss_mib)} MiB {result.note}"
     )
     return result
 
 
-def fmt(v: float | None, digits: int = 0) -> str:
-    if v is None:
-        return "–"
-    return f"{v:,.{digits}f}"
-
-
-def row(r: Result, duration: float) -> list[str]:
-    f = r.figures
-    window = f.get("duration_s") or duration
-    acks = f.get("acks")
-    per_cpu = acks / r.server_cpu_s if acks and r.server_cpu_s else None
-    return [
-        r.server,
-        f"{r.connections:,}",
-        str(r.run),
-        fmt(f.get("acks_per_s")),
-        fmt(f.get("frames_per_s")),
-        fmt(f.get("p50_ms"), 1),
-        fmt(f.get("p99_ms"), 1),
-        fmt(r.peak_rss_mib, 0),
-        fmt(r.server_cpu_s, 2),
-        fmt(100 * r.server_cpu_s / window if r.server_cpu_s is not None else None, 0),
-        fmt(per_cpu),
-        fmt(100 * r.gen_cpu_s / window if r.gen_cpu_s is not None else None, 0),
-        str(f.get("errors", "–")),
-        r.note.replace("|", "/"),
-    ]
-
-
-HEADER = [
-    "server", "connections", "run", "acks/s", "frames/s", "p50 ms", "p99 ms",
-    "peak RSS MiB", "server CPU s", "server CPU %", "acks per CPU-s", "generator CPU %", "errors", "note",
-]  # fmt: skip
-
-
-def table(results: list[Result], duration: float) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    for r in results:
-        lines.append("| " + " | ".join(row(r, duration)) + " |")
-    return "\n".join(lines)
-
-
-def spread(values: list[float], digits: int = 0) -> str:
-    """Median (min–max) of ``values``."""
-    if not values:
-        return "–"
-    median = statistics.median(values)
-    return f"{fmt(median, digits)} ({fmt(min(values), digits)}–{fmt(max(values), digits)})"
-
-
-def summary(results: list[Result]) -> str:
-    """Median (min–max) over the repetitions of each (server, connections)."""
-    head = ["server", "connections", "runs", "acks/s", "p99 ms", "peak RSS MiB", "acks per CPU-s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    keys = list(dict.fromkeys((r.connections, r.server) for r in results))
-    for conns, server in keys:
-        ok = [r for r in results if r.server == server and r.connections == conns and r.ok]
-        if not ok:
-            lines.append(f"| {server} | {conns:,} | 0 | failed | | | |")
-            continue
-        per_cpu = [r.figures["acks"] / r.server_cpu_s for r in ok if r.server_cpu_s]
-        cells = [
-            server,
-            f"{conns:,}",
-            str(len(ok)),
-            spread([r.figures["acks_per_s"] for r in ok]),
-            spread([r.figures["p99_ms"] for r in ok], 1),
-            spread([r.peak_rss_mib for r in ok if r.peak_rss_mib is not None]),
-            spread(per_cpu),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def fractions(spec: str) -> list[float]:
+    """``0.25,0.5,0.9`` -> the open-loop loads as shares of the reference rate."""
+    values = [float(v) for v in spec.split(",") if v.strip()]
+    if not values or any(not 0 < v <= 2 for v in values):
+        raise argparse.ArgumentTypeError("expected shares such as 0.25,0.5,0.9")
+    return values
 
 
 def main() -> int:
@@ -388,8 +441,9 @@ def main() -> int:
         default=",".join(ALL_SERVERS),
         help=f"comma-separated; {TLS_SUFFIX!r} after one of {TLS_SERVERS} runs it over TLS",
     )
+    parser.add_argument("--clients", default=CLIENTS[0], help=f"comma-separated, of {CLIENTS}")
     parser.add_argument("--connections", default="1000,10000", help="comma-separated counts")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds")
     parser.add_argument("--duration", type=float, default=10.0, help="measurement window, seconds")
     parser.add_argument(
         "--warmup",
@@ -397,15 +451,31 @@ def main() -> int:
         default=8.0,
         help="seconds of load before the window (10,000 connections need ~8 s to settle)",
     )
+    parser.add_argument(
+        "--open-loop",
+        type=fractions,
+        nargs="?",
+        const=fractions("0.25,0.5,0.9"),
+        metavar="SHARES",
+        help="also run open loop at these shares of the reference rate (default 0.25,0.5,0.9)",
+    )
+    parser.add_argument(
+        "--reference-rate",
+        type=float,
+        help=f"requests/s the open-loop shares are of (default: {REFERENCE}'s closed-loop median)",
+    )
+    parser.add_argument("--no-closed", action="store_true", help="open loop only (needs --reference-rate)")
+    parser.add_argument("--perf", action="store_true", help="count syscalls and context switches (perf stat)")
     parser.add_argument("--ports", type=int, default=4, help="server ports per run")
     parser.add_argument("--base-port", type=int, default=21000)
     parser.add_argument("--source-ips", type=int, default=8, help="client source IPs 127.0.0.1..N")
     parser.add_argument("--server-cpu", default="0", help="taskset CPU list for the server")
     parser.add_argument("--client-cpu", default="1", help="taskset CPU list for the generator")
     parser.add_argument("--bench", type=Path, default=BENCH_BIN, help="warpsocket-bench binary")
+    parser.add_argument("--wse-python", help="a Python >= 3.12 with wse-server (default: .venv-wse)")
     parser.add_argument("--no-install", action="store_true", help="do not pip/apt install peers")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/warpsocket-bench-logs"))
-    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--json", type=Path, help="also write the raw results here (for chart.py)")
     parser.add_argument(
         "--compression",
         action="store_true",
@@ -418,12 +488,26 @@ def main() -> int:
     unknown = [s for s in servers if s not in known]
     if unknown:
         parser.error(f"unknown servers {unknown}; choose from {known}")
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    if bad := [c for c in clients if c not in CLIENTS]:
+        parser.error(f"unknown clients {bad}; choose from {CLIENTS}")
+    if args.no_closed and not (args.open_loop and args.reference_rate):
+        parser.error("--no-closed needs --open-loop and --reference-rate")
+    if args.perf and (why := perfstat.available()):
+        parser.error(f"--perf: perf stat cannot count syscalls here: {why}")
     counts = [int(c) for c in args.connections.split(",")]
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    raise_fd_limit(max(counts) + 2048)
-    ensure_bench_binary(args.bench)
+    raise_fd_limit(max(counts) + 100)
+    if "warpsocket-bench" in clients:
+        ensure_bench_binary(args.bench)
     bases = list(dict.fromkeys(s.removesuffix(TLS_SUFFIX) for s in servers))
-    missing = ensure_peers(bases, install=not args.no_install)
+    missing = ensure_peers(bases + (["picows"] if "picows" in clients else []), install=not args.no_install)
+    if "picows" in clients and "picows" in missing:
+        parser.error(f"the picows client cannot run: {missing['picows']}")
+    if "wse-server" in servers:
+        args.wse_python, why = ensure_wse(args.wse_python, install=not args.no_install)
+        if why:
+            missing["wse-server"] = why
     unavailable = {s: missing[base] for s in servers if (base := s.removesuffix(TLS_SUFFIX)) in missing}
     for s, why in unavailable.items():
         log(f"skipping {s}: {why}")
@@ -432,19 +516,43 @@ def main() -> int:
     started = time.time()
     load_at_start = Path("/proc/loadavg").read_text().split()[0]
     results: list[Result] = []
-    port = args.base_port
-    for conns in counts:
-        # Round by round, so a change in the machine's load hits every server alike.
+    next_port = args.base_port
+
+    def rounds(client: str, conns: int, loads: list[tuple[float | None, float | None]]) -> None:
+        """``--repeat`` rounds; in each, every load (rate, share) for every server in turn."""
+        nonlocal next_port
         for run in range(1, args.repeat + 1):
-            for server in servers:
-                if server in unavailable:
-                    results.append(Result(server, conns, run, note=f"not run: {unavailable[server]}"))
+            for rate, share in loads:
+                for server in servers:
+                    result = Result(server, conns, run, client, rate, share)
+                    if server in unavailable:
+                        result.note = f"not run: {unavailable[server]}"
+                        results.append(result)
+                        continue
+                    # Fresh ports every run: no TIME_WAIT leftovers from the previous one.
+                    ports = ports_for(server, next_port, args)
+                    next_port += args.ports + 1  # and one for warpsocket-metrics' metrics address
+                    results.append(run_one(result, ports, args, certs))
+                    time.sleep(1.0)
+
+    for conns in counts:
+        for client in clients:
+            if not args.no_closed:
+                rounds(client, conns, [(None, None)])
+            if not args.open_loop:
+                continue
+            reference = args.reference_rate
+            if reference is None:
+                closed = (REFERENCE, client, conns, None)
+                saturated = [
+                    r.figures["acks_per_s"] for r in results
+                    if (r.server, r.client, r.connections, r.rate) == closed and r.ok
+                ]  # fmt: skip
+                if not saturated:
+                    log(f"no open loop for {client} at {conns}: no closed-loop {REFERENCE} figure to scale")
                     continue
-                # Fresh ports every run: no TIME_WAIT leftovers from the previous one.
-                ports = list(range(port, port + args.ports))
-                port += args.ports + 1  # and one for warpsocket-metrics' metrics address
-                results.append(run_one(server, conns, run, ports, args, certs))
-                time.sleep(1.0)
+                reference = statistics.median(saturated)
+            rounds(client, conns, [(share * reference, share) for share in args.open_loop])
 
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     cpu = next(
@@ -454,12 +562,17 @@ def main() -> int:
     )  # fmt: skip
     print(f"\n{when}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
           f"window {args.duration:g} s after {args.warmup:g} s warm-up, "
-          f"total {time.time() - started:.0f} s, load average at the start {load_at_start}\n")  # fmt: skip
-    print(table(results, args.duration))
-    print("\nMedian of the runs:\n")
-    print(summary(results))
+          f"total {time.time() - started:.0f} s, load average at the start {load_at_start}, "
+          f"at the end {Path('/proc/loadavg').read_text().split()[0]}\n")  # fmt: skip
+    raw = [asdict(r) for r in results]
+    print(report.every_run(raw))
+    print("\nMedian (min–max) of the rounds:\n")
+    print(report.medians(raw))
+    if args.perf:
+        print("\nSyscalls and context switches per request (perf stat over the window), medians:\n")
+        print(report.syscalls(raw))
     if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
+        args.json.write_text(json.dumps(raw, indent=1))
     return 0 if all(r.ok for r in results if r.server not in unavailable) else 1
 
 

@@ -19,6 +19,12 @@
 //! own messages go out uncompressed (RFC 7692 allows it). The output then also says how
 //! many connections negotiated it.
 //!
+//! `--rate R` (sub mode) runs the workload open loop: R requests per second in all,
+//! spread evenly over the connections (each sends every `connections / R` seconds, the
+//! connections' schedules staggered), whether or not earlier requests were answered.
+//! Latency is measured from the time a request was *scheduled*, not the time it could be
+//! sent, so a server that falls behind cannot hide its queue (no coordinated omission).
+//!
 //! After `--warmup` seconds a measurement window of `--duration` seconds counts acks,
 //! received frames and the request→ack latency. One JSON line with the figures goes to
 //! stdout; progress and the `WINDOW_START` / `WINDOW_END` markers (for a runner that
@@ -72,7 +78,9 @@ usage: warpsocket-bench [options]
   --tls-ca FILE         speak TLS (wss://), trusting the PEM CA certificates in FILE
   --tls-name NAME       the server name TLS checks the certificate for (default localhost)
   --insecure            speak TLS without checking the certificate (benchmarking only)
-  --compression         offer permessage-deflate and inflate compressed replies";
+  --compression         offer permessage-deflate and inflate compressed replies
+  --rate R              sub mode, open loop: R requests/s in all, spread evenly over
+                        the connections; latency from each request's scheduled time";
 
 /// Which workload the clients run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,6 +108,8 @@ struct Config {
     in_flight: usize,
     tls: Option<Tls>,
     compression: bool,
+    /// Open loop: requests per second over all connections (closed loop when `None`).
+    rate: Option<f64>,
 }
 
 /// The TLS client every connection uses.
@@ -251,6 +261,14 @@ impl AsyncWrite for Stream {
 }
 
 fn parse_args() -> Result<Config> {
+    parse_args_from(std::env::args().skip(1))
+}
+
+fn parse_args_from<I, S>(argv: I) -> Result<Config>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
     let mut cfg = Config {
         host: Ipv4Addr::LOCALHOST,
         ports: Vec::new(),
@@ -266,10 +284,11 @@ fn parse_args() -> Result<Config> {
         in_flight: 1,
         tls: None,
         compression: false,
+        rate: None,
     };
     let mut trust = None;
     let mut tls_name = "localhost".to_string();
-    let mut args = std::env::args().skip(1);
+    let mut args = argv.into_iter().map(Into::into);
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
             return Err(String::new());
@@ -338,11 +357,21 @@ fn parse_args() -> Result<Config> {
             }
             "--tls-ca" => trust = Some(Trust::Ca(value)),
             "--tls-name" => tls_name = value,
+            "--rate" => {
+                let rate: f64 = value.parse().map_err(|_| bad("expected requests/s"))?;
+                if !(rate.is_finite() && rate > 0.0) {
+                    return Err(bad("expected a positive rate"));
+                }
+                cfg.rate = Some(rate);
+            }
             _ => return Err(format!("unknown option {flag}")),
         }
     }
     if cfg.ports.is_empty() {
         return Err("at least one --port is required".to_string());
+    }
+    if cfg.rate.is_some() && cfg.mode != Mode::Sub {
+        return Err("--rate needs --mode sub".to_string());
     }
     if let Some(trust) = trust {
         cfg.tls = Some(tls_client(trust, &tls_name)?);
@@ -361,6 +390,8 @@ struct Shared {
     measuring: Cell<bool>,
     acks: Cell<u64>,
     frames: Cell<u64>,
+    /// Requests sent in the window (open loop: to compare with the offered rate).
+    sent: Cell<u64>,
     /// Connections that failed to connect, upgrade or subscribe, or broke during the run.
     errors: Cell<u64>,
     /// First few error messages, printed to stderr to tell what went wrong.
@@ -676,9 +707,19 @@ impl Conn {
     /// The next complete message (answering pings on the way).
     async fn next_message(&mut self) -> Result<Kind> {
         loop {
+            match self.next_event().await? {
+                Event::Message(kind) => return Ok(kind),
+                Event::Ping(payload) => self.send(0xA, &payload).await?,
+            }
+        }
+    }
+
+    /// The next message or ping. Cancel-safe (the open loop selects on it): the only
+    /// await is a read, and what it read is in the buffer before it returns.
+    async fn next_event(&mut self) -> Result<Event> {
+        loop {
             match self.parse_frame()? {
-                Some(Some(Event::Message(kind))) => return Ok(kind),
-                Some(Some(Event::Ping(payload))) => self.send(0xA, &payload).await?,
+                Some(Some(event)) => return Ok(event),
                 Some(None) => {}
                 None => self.fill().await?,
             }
@@ -816,6 +857,58 @@ async fn run(
     }
 }
 
+/// Open loop: sends a request every `interval` from `offset` after the start on,
+/// answered or not, and records each ack's latency from its request's scheduled time.
+/// The server answers a connection's requests in order, so an ack is the oldest one's.
+async fn run_open(
+    mut conn: Conn,
+    channel: String,
+    shared: Rc<Shared>,
+    mut go: watch::Receiver<bool>,
+    offset: Duration,
+    interval: Duration,
+) -> Result<()> {
+    if go.wait_for(|started| *started).await.is_err() {
+        return Ok(());
+    }
+    let req = format!(r#"{{"type":"req","channel":"{channel}"}}"#);
+    let mut next = tokio::time::Instant::now() + offset;
+    let mut scheduled: VecDeque<Instant> = VecDeque::new();
+    loop {
+        while next <= tokio::time::Instant::now() {
+            conn.send(0x1, req.as_bytes()).await?;
+            scheduled.push_back(next.into_std());
+            next += interval;
+            if shared.measuring.get() {
+                shared.sent.set(shared.sent.get() + 1);
+            }
+        }
+        let event = tokio::select! {
+            event = conn.next_event() => event?,
+            () = tokio::time::sleep_until(next) => continue,
+        };
+        let kind = match event {
+            Event::Ping(payload) => {
+                conn.send(0xA, &payload).await?;
+                continue;
+            }
+            Event::Message(kind) => kind,
+        };
+        if shared.measuring.get() {
+            shared.frames.set(shared.frames.get() + 1);
+        }
+        if kind != Kind::Ack {
+            continue;
+        }
+        let due = scheduled.pop_front().ok_or("an ack nothing was sent for")?;
+        if shared.measuring.get() {
+            shared.acks.set(shared.acks.get() + 1);
+            let us = due.elapsed().as_micros().min(u64::MAX as u128) as u64;
+            shared.latency_us.borrow_mut().saturating_record(us.max(1));
+        }
+    }
+}
+
 /// Echo mode: `in_flight` messages outstanding; each reply answers the oldest.
 async fn run_echo(
     mut conn: Conn,
@@ -858,6 +951,7 @@ async fn bench(cfg: Config) -> ExitCode {
         measuring: Cell::new(false),
         acks: Cell::new(0),
         frames: Cell::new(0),
+        sent: Cell::new(0),
         errors: Cell::new(0),
         error_samples: RefCell::new(Vec::new()),
         latency_us: RefCell::new(histogram),
@@ -893,10 +987,19 @@ async fn bench(cfg: Config) -> ExitCode {
                     let shared2 = shared.clone();
                     let go = go_rx.clone();
                     let cfg = cfg.clone();
+                    let nth = connected - 1;
                     tokio::task::spawn_local(async move {
-                        let ran = match cfg.mode {
-                            Mode::Sub => run(conn, channel, shared2.clone(), go).await,
-                            Mode::Echo => run_echo(conn, cfg, shared2.clone(), go).await,
+                        let ran = match (cfg.mode, cfg.rate) {
+                            (Mode::Sub, None) => run(conn, channel, shared2.clone(), go).await,
+                            (Mode::Sub, Some(rate)) => {
+                                // Each connection at rate / connections, the n-th one's
+                                // schedule shifted by n / connections of its interval.
+                                let n = cfg.connections as f64;
+                                let interval = Duration::from_secs_f64(n / rate);
+                                let offset = interval.mul_f64(nth as f64 / n);
+                                run_open(conn, channel, shared2.clone(), go, offset, interval).await
+                            }
+                            (Mode::Echo, _) => run_echo(conn, cfg, shared2.clone(), go).await,
                         };
                         if let Err(e) = ran {
                             shared2.error(e);
@@ -933,26 +1036,30 @@ async fn bench(cfg: Config) -> ExitCode {
     let acks = shared.acks.get();
     let frames = shared.frames.get();
     let hist = shared.latency_us.borrow();
-    let (p50, p99) = if hist.is_empty() {
-        (0.0, 0.0)
-    } else {
-        (
-            hist.value_at_quantile(0.5) as f64 / 1000.0,
-            hist.value_at_quantile(0.99) as f64 / 1000.0,
-        )
+    let quantile_ms = |q: f64| {
+        if hist.is_empty() {
+            0.0
+        } else {
+            hist.value_at_quantile(q) as f64 / 1000.0
+        }
     };
+    let (p50, p99, p999) = (quantile_ms(0.5), quantile_ms(0.99), quantile_ms(0.999));
+    let sent = shared.sent.get();
     println!(
         "{{\"connections\": {connected}, \"duration_s\": {window:.3}, \"acks\": {acks}, \
          \"acks_per_s\": {:.1}, \"frames_received\": {frames}, \"frames_per_s\": {:.1}, \
-         \"p50_ms\": {p50:.3}, \"p99_ms\": {p99:.3}, \"errors\": {}, \
-         \"errors_in_run\": {}, \"connect_s\": {connect_s:.3}, \
-         \"wire_bytes_per_frame\": {:.1}, \"deflating\": {}}}",
+         \"p50_ms\": {p50:.3}, \"p99_ms\": {p99:.3}, \"p999_ms\": {p999:.3}, \
+         \"errors\": {}, \"errors_in_run\": {}, \"connect_s\": {connect_s:.3}, \
+         \"wire_bytes_per_frame\": {:.1}, \"deflating\": {}, \"rate\": {}, \
+         \"sent\": {sent}, \"sent_per_s\": {:.1}}}",
         acks as f64 / window,
         frames as f64 / window,
         shared.errors.get(),
         shared.errors.get() - errors_before,
         shared.wire_bytes.get() as f64 / frames.max(1) as f64,
         shared.deflating.get(),
+        cfg.rate.map_or("null".to_string(), |r| r.to_string()),
+        sent as f64 / window,
     );
     if connected == 0 {
         ExitCode::FAILURE
@@ -1067,19 +1174,9 @@ mod tests {
             in_flight: 3,
             tls: None,
             compression: false,
+            rate: None,
         });
-        let shared = Rc::new(Shared {
-            measuring: Cell::new(true),
-            acks: Cell::new(0),
-            frames: Cell::new(0),
-            errors: Cell::new(0),
-            error_samples: RefCell::new(Vec::new()),
-            latency_us: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()),
-            wire_bytes: Cell::new(0),
-            deflating: Cell::new(0),
-            inflater: RefCell::new(flate2::Decompress::new(false)),
-            inflated: RefCell::new(Vec::new()),
-        });
+        let shared = shared_for_test();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1099,6 +1196,114 @@ mod tests {
         assert_eq!(shared.acks.get(), shared.frames.get());
         assert_eq!(shared.latency_us.borrow().len(), shared.acks.get());
         assert_eq!(shared.errors.get(), 0);
+    }
+
+    /// A one-connection server of the sub workload on std threads: a sub-ack for the
+    /// first message, then an event and an ack for every request, each after `delay`.
+    fn sub_server(delay: Duration) -> u16 {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).unwrap();
+                request.push(byte[0]);
+            }
+            stream
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                .unwrap();
+            let mut header = [0u8; 6];
+            let mut subscribed = false;
+            while stream.read_exact(&mut header).is_ok() {
+                let mut payload = vec![0u8; (header[1] & 0x7f) as usize];
+                stream.read_exact(&mut payload).unwrap();
+                let replies: &[&[u8]] = if subscribed {
+                    std::thread::sleep(delay);
+                    &[br#"{"type":"evt"}"#, br#"{"type":"ack"}"#]
+                } else {
+                    subscribed = true;
+                    &[br#"{"type":"sub-ack","ch":"c"}"#]
+                };
+                for reply in replies {
+                    let mut frame = vec![0x81, reply.len() as u8];
+                    frame.extend_from_slice(reply);
+                    stream.write_all(&frame).unwrap();
+                }
+            }
+        });
+        port
+    }
+
+    fn shared_for_test() -> Rc<Shared> {
+        Rc::new(Shared {
+            measuring: Cell::new(true),
+            acks: Cell::new(0),
+            frames: Cell::new(0),
+            sent: Cell::new(0),
+            errors: Cell::new(0),
+            error_samples: RefCell::new(Vec::new()),
+            latency_us: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()),
+            wire_bytes: Cell::new(0),
+            deflating: Cell::new(0),
+            inflater: RefCell::new(flate2::Decompress::new(false)),
+            inflated: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// Open loop against a server that takes 20 ms per request, offered 100 requests/s:
+    /// requests go out on schedule regardless, the server falls behind, and the latency
+    /// from the scheduled time shows the queue (a closed loop would report ~20 ms).
+    #[test]
+    fn open_loop_sends_on_schedule_and_measures_from_it() {
+        let port = sub_server(Duration::from_millis(20));
+        let cfg = Config {
+            ports: vec![port],
+            source_ips: 1,
+            ..parse_args_from(["--port", "1"]).unwrap()
+        };
+        let shared = shared_for_test();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        let counted = shared.clone();
+        local.block_on(&runtime, async move {
+            let (conn, channel) = open(&cfg, counted.clone(), 0).await.unwrap();
+            assert_eq!(channel, "c");
+            let (_go_tx, go) = watch::channel(true);
+            let interval = Duration::from_millis(10);
+            let ran = tokio::time::timeout(
+                Duration::from_millis(500),
+                run_open(conn, channel, counted, go, Duration::ZERO, interval),
+            )
+            .await;
+            assert!(ran.is_err(), "runs until stopped: {ran:?}");
+        });
+        let (sent, acks) = (shared.sent.get(), shared.acks.get());
+        assert!(
+            (45..=52).contains(&sent),
+            "{sent} requests sent in 500 ms at 100/s"
+        );
+        assert!((15..=26).contains(&acks), "{acks} acks at 50/s in 500 ms");
+        assert_eq!(shared.frames.get(), 2 * acks);
+        let p99_ms = shared.latency_us.borrow().value_at_quantile(0.99) / 1000;
+        assert!(
+            p99_ms > 150,
+            "queueing shows in the latency: p99 {p99_ms} ms"
+        );
+        assert_eq!(shared.errors.get(), 0);
+    }
+
+    #[test]
+    fn rate_needs_sub_mode_and_a_positive_value() {
+        assert!(parse_args_from(["--port", "1", "--rate", "0"]).is_err());
+        assert!(parse_args_from(["--port", "1", "--rate", "5", "--mode", "echo"]).is_err());
+        let cfg = parse_args_from(["--port", "1", "--rate", "2500.5"]).unwrap();
+        assert_eq!(cfg.rate, Some(2500.5));
     }
 
     #[test]
