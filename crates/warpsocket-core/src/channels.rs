@@ -110,11 +110,6 @@ impl Channels {
         }
     }
 
-    /// How many ids are subscribed to `name`.
-    pub(crate) fn subscriber_count(&self, name: &[u8]) -> usize {
-        self.shard(name).read().get(name).map_or(0, HashMap::len)
-    }
-
     pub(crate) fn contains(&self, name: &[u8]) -> bool {
         self.shard(name).read().contains_key(name)
     }

@@ -173,13 +173,6 @@ impl Engine {
         self.hub.connection(id)
     }
 
-    /// Whether a send to `targets` walks more than `limit` of this node's
-    /// sockets (a channel counts its local subscribers; other nodes' are
-    /// only handed to Redis).
-    pub fn reaches_more_than(&self, targets: &[Target], limit: usize) -> bool {
-        self.hub.reaches_more_than(targets, limit)
-    }
-
     // -- API.md §3 -----------------------------------------------------------
 
     /// Sends one message to every target (repeats count again). Returns the

@@ -178,19 +178,6 @@ impl Hub {
 
     // -- sending -----------------------------------------------------------
 
-    /// Whether a send to `targets` walks more than `limit` local sockets (a
-    /// channel counts its subscribers), counted no further than that.
-    pub(crate) fn reaches_more_than(&self, targets: &[Target], limit: usize) -> bool {
-        let mut reached = 0;
-        targets.iter().any(|target| {
-            reached += match target {
-                Target::Socket(_) => 1,
-                Target::Channel(name) => self.channels.subscriber_count(name),
-            };
-            reached > limit
-        })
-    }
-
     /// Sends one message to every target (repeats count again); returns the
     /// number of recipients it was queued for. Each frame is encoded once
     /// and shared: see [`Frames`].

@@ -14,15 +14,12 @@ use warpsocket_core::Target;
 
 use crate::ENGINE;
 
-/// Sends to more sockets than this (counting a channel's subscribers) walk
-/// enough of them to release the GIL.
+/// Sends to more targets than this walk enough sockets to release the GIL.
 const FAN_OUT: usize = 16;
 
 /// What a call into the engine does, as far as the GIL is concerned.
 pub(crate) enum Work<'a> {
-    /// A send: long when it reaches more than [`FAN_OUT`] sockets. Counting
-    /// a channel's subscribers is one lookup, cheaper than releasing and
-    /// re-taking the GIL for a small channel.
+    /// A send: long when it reaches a channel or more than [`FAN_OUT`] targets.
     Send(&'a [Target]),
     /// A key/value call: waits for Redis in a cluster, else short.
     Kv,
@@ -33,7 +30,9 @@ pub(crate) enum Work<'a> {
 impl Work<'_> {
     fn releases_gil(&self) -> bool {
         match self {
-            Work::Send(targets) => ENGINE.reaches_more_than(targets, FAN_OUT),
+            Work::Send(targets) => {
+                targets.len() > FAN_OUT || targets.iter().any(|t| matches!(t, Target::Channel(_)))
+            }
             Work::Kv => ENGINE.node_id() != 0,
             Work::Long => true,
         }
