@@ -277,3 +277,31 @@ def test_other_workers_keep_receiving_broadcasts_during_a_hang(start_server, log
             ws.close()
         for r in readers:
             r.join(timeout=10)
+
+
+SLOW_ECHO_WORKER = """
+import time
+import warpsocket
+
+def handle_text_message(text, socket_id):
+    time.sleep(0.05)
+    warpsocket.send(socket_id, text)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_of_slow_handlers_outlasting_hang_timeout_is_not_a_hang(start_server):
+    """Busy is not hung: 60 events of 50 ms each are one 3 s drain, three hang_timeouts.
+
+    The worker takes up an event every 50 ms throughout, so it is never retired and
+    every message is answered in order.
+    """
+    server = start_server(SLOW_ECHO_WORKER, threads=1, hang_timeout=1.0)
+    retired_before = warpsocket.stats()["worker_retirements"]
+    with connect(server) as ws:
+        sent = [f"m{i}" for i in range(60)]
+        for text in sent:
+            ws.send(text)
+        assert [ws.recv(timeout=60) for _ in sent] == sent
+        assert ask(ws, "still here") == "still here"
+    assert warpsocket.stats()["worker_retirements"] == retired_before

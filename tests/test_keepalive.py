@@ -141,3 +141,35 @@ def test_client_pings_are_answered(start_server, log_path):
             if opcode == OP_PONG:
                 assert payload == b"are you there"
                 break
+
+
+SLOW_ECHO_WORKER = """
+import time
+import warpsocket
+
+def handle_text_message(text, socket_id):
+    time.sleep(0.05)
+    warpsocket.send(socket_id, text)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_peer_answering_pings_while_its_reader_is_paused_stays_connected(start_server):
+    """A reader paused by flow control cannot hear pongs: that is not the peer's silence.
+
+    150 messages at once to a handler taking 50 ms each: the reader pauses at 64
+    outstanding events and stays paused for ~1.6 s at a time, three times the ping
+    timeout, while the client answers every ping.
+    """
+    server = start_server(
+        SLOW_ECHO_WORKER, threads=1, ping_interval=0.25, ping_timeout=0.5, hang_timeout=30.0
+    )
+    closed_1011_before = warpsocket.stats()["closes"].get(1011, 0)
+    with connect(server, ping_interval=None) as ws:
+        sent = [f"m{i}" for i in range(150)]
+        for text in sent:
+            ws.send(text)
+        got = [ws.recv(timeout=60) for _ in sent]
+        assert got == sent
+        assert ask(ws, "still connected") == "still connected"
+    assert warpsocket.stats()["closes"].get(1011, 0) == closed_1011_before

@@ -136,6 +136,9 @@ class Worker(threading.Thread):
         # Queues of retired workers whose connections' handle_close runs here.
         self.inherited = list(inherited)
         self.retired = False
+        # Events taken up from the queue, for the supervisor: a worker going
+        # through a long batch of slow handlers is busy, not hung.
+        self.picked_up = 0
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
         self.handlers: dict[str, Callable[..., Any] | None] = {}
@@ -257,6 +260,7 @@ class Worker(threading.Thread):
         queue = self.queue
         try:
             for kind, sid, payload in queue.drain(batch):
+                self.picked_up += 1
                 # Most apps have no connection waiting on an async handler: skip the calls.
                 if tracked and not arrive(kind, sid, payload):
                     continue
@@ -285,6 +289,7 @@ class Worker(threading.Thread):
             # One clock read per event: a handler's end is the next one's start.
             start = clock()
             for kind, sid, payload, age in events:
+                self.picked_up += 1
                 read_at = drained_at - age
                 if tracked and not arrive(kind, sid, (payload, read_at)):
                     continue

@@ -247,7 +247,7 @@ impl Connection {
             }
             let inflight = self.guard.socket.inflight();
             if inflight >= PAUSE_READING_AT {
-                self.paused = true;
+                self.pause();
             } else if self.paused && inflight <= RESUME_READING_AT {
                 self.paused = false;
                 // Frames read before the pause come before anything read now.
@@ -324,13 +324,29 @@ impl Connection {
         let mut buf = ReadBuf::new(&mut chunk);
         let polled = Pin::new(&mut self.stream).poll_read(cx, &mut buf);
         let n = buf.filled().len();
-        match polled {
-            Poll::Ready(Ok(())) if n > 0 => self.on_bytes(&chunk[..n]),
-            Poll::Ready(_) => self.broken = true,
-            Poll::Pending => {}
+        let drained = match polled {
+            Poll::Ready(Ok(())) if n > 0 => {
+                self.on_bytes(&chunk[..n]);
+                n < chunk.len()
+            }
+            Poll::Ready(_) => {
+                self.broken = true;
+                false
+            }
+            Poll::Pending => true,
+        };
+        if drained && !self.paused {
+            self.guard.socket.keepalive.listening();
         }
         CHUNK.with(|c| *c.borrow_mut() = chunk);
         polled.map(drop)
+    }
+
+    /// Stops reading until the handlers are down to [`RESUME_READING_AT`];
+    /// meanwhile the keepalive cannot tell a silent peer from an unheard one.
+    fn pause(&mut self) {
+        self.paused = true;
+        self.guard.socket.keepalive.deaf();
     }
 
     fn on_bytes(&mut self, bytes: &[u8]) {
@@ -359,7 +375,9 @@ impl Connection {
         self.decoder = decoder;
         // Paused even if the worker catches up at once: what the decoder
         // holds is decoded on resuming, before the next read.
-        self.paused |= full;
+        if full {
+            self.pause();
+        }
         if let Err(violation) = result {
             self.fail(violation.code, violation.reason);
         }

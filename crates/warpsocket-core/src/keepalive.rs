@@ -20,6 +20,10 @@ pub(crate) struct Keepalive {
     server: AtomicU32,
     /// The peer sent something since the last ping (true before the first).
     heard: AtomicBool,
+    /// Its reader was paused by flow control and has not drained the socket
+    /// since: a pong may be waiting unread in the kernel, so silence proves
+    /// nothing.
+    deaf: AtomicBool,
 }
 
 /// What the sweep does to a connection.
@@ -57,6 +61,22 @@ impl Keepalive {
         }
     }
 
+    /// The reader stopped reading to let the handlers catch up.
+    pub(crate) fn deaf(&self) {
+        if !self.deaf.load(Ordering::Relaxed) {
+            self.deaf.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The reader drained the socket: all the peer sent so far was heard.
+    pub(crate) fn listening(&self) {
+        if self.deaf.load(Ordering::Relaxed) {
+            // Release: a check that sees it cleared also sees `heard` set by
+            // the read that drained the socket.
+            self.deaf.store(false, Ordering::Release);
+        }
+    }
+
     pub(crate) fn check(
         &self,
         server: u32,
@@ -64,17 +84,21 @@ impl Keepalive {
         interval: u64,
         timeout: u64,
     ) -> Option<Action> {
+        let deaf = self.deaf.load(Ordering::Acquire);
         let last = self.last_ping.load(Ordering::Acquire);
         if last == 0 || self.server.load(Ordering::Relaxed) != server {
             return None;
         }
-        due(
+        match due(
             now,
             last,
             self.heard.load(Ordering::Relaxed),
             interval,
             timeout,
-        )
+        ) {
+            Some(Action::Fail) if deaf => None,
+            action => action,
+        }
     }
 
     /// Called before the ping is queued, so that whatever the peer sends
@@ -132,5 +156,24 @@ mod tests {
         assert_eq!(k.check(1, 249, 100, 100), None);
         k.pinged(250);
         assert_eq!(k.check(1, 350, 100, 100), Some(Action::Fail));
+    }
+
+    #[test]
+    fn a_paused_reader_does_not_fail_until_it_drained_the_socket() {
+        let k = Keepalive::default();
+        k.start(1, 50);
+        k.pinged(150);
+        k.deaf();
+        assert_eq!(
+            k.check(1, 10_000, 100, 100),
+            None,
+            "paused: unheard, not silent"
+        );
+        k.listening();
+        assert_eq!(k.check(1, 10_000, 100, 100), Some(Action::Fail));
+        k.deaf();
+        k.heard();
+        k.listening();
+        assert_eq!(k.check(1, 10_000, 100, 100), Some(Action::Ping));
     }
 }
