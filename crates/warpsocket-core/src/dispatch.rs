@@ -38,9 +38,6 @@ pub(crate) const RESUME_READING_AT: u32 = 32;
 /// an I/O thread works through thousands of ready connections.
 pub(crate) const WAKE_AT: usize = 64;
 
-/// The most events a drained queue makes room for at once.
-const KEPT_ROOM: usize = 1024;
-
 thread_local! {
     /// On a thread that batches its wake-ups: the wakeups it owes, signalled
     /// by [`flush_wakeups`]. `None` on the others: a push signals at once.
@@ -264,10 +261,7 @@ impl<S: Backlog> WorkerQueue<S> {
             let mut events = self.events.lock();
             if events.len() <= max {
                 self.waiting_since_ms.store(0, Ordering::Relaxed);
-                // Room for a batch like this one: the next pushes fill it
-                // without growing it step by step.
-                let room = Vec::with_capacity(events.len().min(KEPT_ROOM));
-                (std::mem::replace(&mut *events, room), false)
+                (std::mem::take(&mut *events), false)
             } else {
                 // The worker is alive now: the rest waits from here on.
                 self.waiting_since_ms.store(now_ms(), Ordering::Relaxed);
