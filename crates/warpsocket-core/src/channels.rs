@@ -103,10 +103,10 @@ impl Channels {
     }
 
     /// The ids subscribed to `name`, read under the channel's shard lock.
-    pub(crate) fn subscribers(&self, name: &[u8]) -> ChannelView<'_> {
+    pub(crate) fn subscribers<'a>(&'a self, name: &'a [u8]) -> ChannelView<'a> {
         ChannelView {
             shard: self.shard(name).read(),
-            name: name.to_vec(),
+            name,
         }
     }
 
@@ -135,13 +135,14 @@ impl Channels {
 /// Read access to one channel's subscribers; blocks changes to its shard.
 pub(crate) struct ChannelView<'a> {
     shard: RwLockReadGuard<'a, HashMap<Bytes, Subscribers>>,
-    name: Vec<u8>,
+    /// Borrowed from the caller: a send looks the name up without copying it.
+    name: &'a [u8],
 }
 
 impl ChannelView<'_> {
     pub(crate) fn ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.shard
-            .get(self.name.as_slice())
+            .get(self.name)
             .into_iter()
             .flat_map(|s| s.keys().copied())
     }

@@ -3,7 +3,10 @@
 //! I/O threads push events onto the queue of the connection's worker; the
 //! first event into an empty queue signals the worker's wakeup descriptor, and
 //! the worker drains everything queued in one go. A busy worker therefore pays
-//! one wakeup for a whole batch.
+//! one wakeup for a whole batch. An I/O thread that batches its wake-ups (see
+//! [`flush_wakeups`]) holds that signal back until it runs out of work or the
+//! queue holds [`WAKE_AT`] events, so a worker sharing its core is not woken
+//! (and switched to) for every few events of one pass over ready connections.
 //!
 //! Also the flow control between a connection's reader and its worker (the
 //! thresholds below, and [`Backlog`], which a connection implements) and the
@@ -13,6 +16,7 @@
 //! through [`Backlog`], and the types here are generic over them (`socket`
 //! names the instances the crate uses, for its `Socket`).
 
+use std::cell::RefCell;
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -28,6 +32,29 @@ pub(crate) const PAUSE_READING_AT: u32 = 64;
 /// A paused connection resumes once its outstanding events are down to this
 /// many: it then gets a batch's worth of room, not a wakeup per event.
 pub(crate) const RESUME_READING_AT: u32 = 32;
+
+/// A queue this many events long wakes its worker at once, even from a
+/// thread that batches its wake-ups: the worker's wait stays bounded while
+/// an I/O thread works through thousands of ready connections.
+pub(crate) const WAKE_AT: usize = 64;
+
+thread_local! {
+    /// On a thread that batches its wake-ups: the wakeups it owes, signalled
+    /// by [`flush_wakeups`]. `None` on the others: a push signals at once.
+    static OWED: RefCell<Option<Vec<Arc<Wakeup>>>> = const { RefCell::new(None) };
+}
+
+/// Signals the wakeups this thread's pushes owe, and batches its pushes
+/// from now on: they wake their workers at the next call (or at [`WAKE_AT`]
+/// events). For the I/O threads, before they park and when they end: a
+/// thread that never calls it (a blocking-pool thread, a worker) signals at
+/// once.
+pub fn flush_wakeups() {
+    let owed = OWED.with(|owed| std::mem::take(owed.borrow_mut().get_or_insert_with(Vec::new)));
+    for wakeup in owed {
+        wakeup.signal();
+    }
+}
 
 /// `handle_open`'s answer: accept, or the HTTP status to refuse with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +148,8 @@ pub struct WorkerQueue<S> {
     /// Plain mutex around a Vec: pushes and drains are a few instructions
     /// each, and a drain swaps the whole Vec out, so contention stays short.
     events: Mutex<Vec<Event<S>>>,
-    wakeup: Wakeup,
+    /// Shared with the I/O threads' lists of owed wakeups.
+    wakeup: Arc<Wakeup>,
     /// Events handed to this worker whose handlers have not finished yet.
     depth: AtomicUsize,
     /// The sockets of the events last drained: they count as outstanding
@@ -141,7 +169,7 @@ impl<S: Backlog> WorkerQueue<S> {
         Ok(WorkerQueue {
             id,
             events: Mutex::new(Vec::new()),
-            wakeup: Wakeup::new()?,
+            wakeup: Arc::new(Wakeup::new()?),
             depth: AtomicUsize::new(0),
             unsettled: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
@@ -169,13 +197,38 @@ impl<S: Backlog> WorkerQueue<S> {
             payload,
             read_at,
         });
+        let len = events.len();
         if was_empty {
             self.waiting_since_ms.store(now_ms(), Ordering::Relaxed);
         }
         drop(events);
-        if was_empty {
+        if self.wake_now(was_empty, len) {
             self.wakeup.signal();
         }
+    }
+
+    /// Whether a push that left `len` events (`was_empty` before it) signals
+    /// the worker now. On a thread that batches its wake-ups, the first event
+    /// makes the worker owed a wakeup instead, until [`WAKE_AT`] events wait.
+    fn wake_now(&self, was_empty: bool, len: usize) -> bool {
+        OWED.with(|owed| {
+            let mut owed = owed.borrow_mut();
+            let Some(owed) = owed.as_mut() else {
+                return was_empty;
+            };
+            let at = owed.iter().position(|w| Arc::ptr_eq(w, &self.wakeup));
+            match at {
+                Some(i) if len >= WAKE_AT => {
+                    owed.swap_remove(i);
+                    true
+                }
+                None if was_empty => {
+                    owed.push(self.wakeup.clone());
+                    false
+                }
+                _ => false,
+            }
+        })
     }
 
     /// Wakes an idle worker as if an event waited, so that a worker stuck in a
@@ -461,6 +514,47 @@ mod tests {
         q.settle();
         assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
         assert_eq!(q.stalled_for(), Duration::ZERO);
+    }
+
+    fn readable(q: &WorkerQueue<Conn>) -> bool {
+        let mut fds = libc::pollfd {
+            fd: q.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        unsafe { libc::poll(&mut fds, 1, 0) == 1 }
+    }
+
+    #[test]
+    fn a_batching_thread_wakes_its_workers_when_it_flushes_or_at_wake_at() {
+        let workers = Workers::<Conn>::default();
+        let (q, other) = (workers.add().unwrap(), workers.add().unwrap());
+        let socket = Conn::new(1);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Signals nothing owed yet; batches from here on.
+                flush_wakeups();
+                q.push(&socket, Payload::Close, ReadAt::now());
+                other.push(&socket, Payload::Close, ReadAt::now());
+                assert!(!readable(&q) && !readable(&other));
+                flush_wakeups();
+                assert!(readable(&q) && readable(&other));
+                q.drain();
+                other.drain();
+                for i in 1..=WAKE_AT {
+                    q.push(&socket, Payload::Close, ReadAt::now());
+                    assert_eq!(readable(&q), i == WAKE_AT, "{i} events");
+                }
+                q.drain();
+                // Owed nothing: the wakeup went out at WAKE_AT.
+                flush_wakeups();
+                assert!(!readable(&q));
+            });
+        });
+        // Other threads signal at once.
+        q.push(&socket, Payload::Close, ReadAt::now());
+        assert!(readable(&q));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tokio::runtime::Runtime;
 use crate::config::{Config, Handlers};
 use crate::connection;
 use crate::context::{LiveGuard, Shared};
+use crate::dispatch;
 use crate::engine::Engine;
 use crate::frame::close_code;
 use crate::socket::Workers;
@@ -68,6 +69,10 @@ impl Server {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.io_threads.max(1))
             .thread_name("warpsocket-io")
+            // Workers are woken once per pass over the ready connections, not
+            // per first event: see dispatch::flush_wakeups.
+            .on_thread_park(dispatch::flush_wakeups)
+            .on_thread_stop(dispatch::flush_wakeups)
             .enable_all()
             .build()?;
         Ok(Server {
