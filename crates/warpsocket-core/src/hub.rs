@@ -184,19 +184,14 @@ impl Hub {
     pub(crate) fn send(&self, targets: &[Target], kind: Kind, payload: &[u8]) -> usize {
         let mut frames = Frames::new(kind, payload, &self.stats.messages_compressed);
         let mut sent = 0;
-        // Payload bytes as delivered: a virtual socket's prefix is part of them.
-        let mut bytes = 0;
         let mut overflowed = Vec::new();
-        let mut deliver = |id: u64| match self.deliver(id, &mut frames) {
-            (_, Queued::Yes, prefix_len) => {
-                bytes += prefix_len + payload.len();
-                true
-            }
-            (socket, Queued::Overflow, _) => {
+        let mut deliver = |id: u64| match self.deliver(id, &mut frames, payload.len()) {
+            (_, Queued::Yes) => true,
+            (socket, Queued::Overflow) => {
                 overflowed.push(socket);
                 false
             }
-            (_, Queued::No, _) => false,
+            (_, Queued::No) => false,
         };
         for target in targets {
             match target {
@@ -207,8 +202,6 @@ impl Hub {
                 }
             }
         }
-        Counters::add(&self.stats.messages_out, sent as u64);
-        Counters::add(&self.stats.bytes_out, bytes as u64);
         // Logged after every lock is released: the log may call into Python.
         for socket in overflowed {
             Counters::add(&self.stats.backpressure_closes, 1);
@@ -219,14 +212,24 @@ impl Hub {
     }
 
     /// Queues the message for the connection `id` resolves to; returns that
-    /// connection's id, the outcome and the length of the prefix it got.
-    fn deliver(&self, id: u64, frames: &mut Frames<'_>) -> (u64, Queued, usize) {
+    /// connection's id and the outcome. It counts the message and its payload
+    /// bytes as delivered (a virtual socket's prefix is part of them) before
+    /// the frame is queued, and takes them back if it was not: once queued,
+    /// the peer may read it before this thread runs again, and must not find
+    /// `stats()` behind what it received.
+    fn deliver(&self, id: u64, frames: &mut Frames<'_>, payload_len: usize) -> (u64, Queued) {
         let Some((socket, prefix)) = self.sockets.resolve(id) else {
-            return (id, Queued::No, 0);
+            return (id, Queued::No);
         };
-        let prefix_len = prefix.as_ref().map_or(0, |p| p.len());
+        let bytes = (prefix.as_ref().map_or(0, |p| p.len()) + payload_len) as u64;
+        Counters::add(&self.stats.messages_out, 1);
+        Counters::add(&self.stats.bytes_out, bytes);
         let queued = socket.send(frames.for_socket(&socket, prefix));
-        (socket.id, queued, prefix_len)
+        if queued != Queued::Yes {
+            Counters::sub(&self.stats.messages_out, 1);
+            Counters::sub(&self.stats.bytes_out, bytes);
+        }
+        (socket.id, queued)
     }
 
     /// Starts the close handshake of the connection `id` resolves to; false
