@@ -7,7 +7,6 @@
 //! socket, stats), frame, keepalive and tls (its stream); only the server
 //! builds on it.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -23,13 +22,12 @@ use tokio::time::Sleep;
 use crate::context::{Handshake, LiveGuard};
 use crate::dispatch::{Payload, ReadAt, PAUSE_READING_AT, RESUME_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
+use crate::read_buffer;
 use crate::socket::CloseTaken;
 use crate::stats::{Counters, NO_CODE};
 use crate::tls::Stream;
 use crate::upgrade::{self, SocketGuard, Upgraded, CLOSE_TIMEOUT};
 
-/// Bytes taken by one read; frames that do not fit carry over in the decoder.
-const READ_CHUNK: usize = 16 * 1024;
 /// Most frames handed to one vectored write.
 const MAX_IOVECS: usize = 64;
 
@@ -311,34 +309,26 @@ impl Connection {
 
     /// Ready once bytes were read (and decoded) or the stream ended.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        thread_local! {
-            // One read buffer per I/O thread, zeroed once and reused:
-            // connections keep only the unparsed tail of a frame.
-            static CHUNK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-        }
-        // Taken out, so handling the bytes may not find it borrowed.
-        let mut chunk = CHUNK.with(|c| std::mem::take(&mut *c.borrow_mut()));
-        if chunk.len() < READ_CHUNK {
-            chunk = vec![0; READ_CHUNK];
-        }
-        let mut buf = ReadBuf::new(&mut chunk);
-        let polled = Pin::new(&mut self.stream).poll_read(cx, &mut buf);
-        let n = buf.filled().len();
-        let drained = match polled {
-            Poll::Ready(Ok(())) if n > 0 => {
-                self.on_bytes(&chunk[..n]);
-                n < chunk.len()
-            }
-            Poll::Ready(_) => {
-                self.broken = true;
-                false
-            }
-            Poll::Pending => true,
-        };
+        let (polled, drained) = read_buffer::with(|chunk| {
+            let size = chunk.len();
+            let mut buf = ReadBuf::new(chunk);
+            let polled = Pin::new(&mut self.stream).poll_read(cx, &mut buf);
+            let drained = match polled {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    self.on_bytes(buf.filled());
+                    buf.filled().len() < size
+                }
+                Poll::Ready(_) => {
+                    self.broken = true;
+                    false
+                }
+                Poll::Pending => true,
+            };
+            (polled, drained)
+        });
         if drained && !self.paused {
             self.guard.socket.keepalive.listening();
         }
-        CHUNK.with(|c| *c.borrow_mut() = chunk);
         polled.map(drop)
     }
 

@@ -6,7 +6,8 @@
 //! The modules form layers, each using only those below it (checked by
 //! `scripts/check_layers.py`):
 //! 1. leaves: `frame`, `handshake`, `config`, `ids`, `links`, `kv`, `stats`,
-//!    `wakeup`, `errors`, `keepalive` (per-connection state), `static_files`;
+//!    `wakeup`, `errors`, `keepalive` (per-connection state), `static_files`,
+//!    `read_buffer`;
 //! 2. `dispatch`, then `socket`, then `registry` and `channels`;
 //! 3. `hub`: this process's sockets and channels, and the operations on them;
 //! 4. `cluster`: the same operations across the nodes of a cluster;
@@ -31,6 +32,7 @@ mod ids;
 mod keepalive;
 pub mod kv;
 mod links;
+mod read_buffer;
 mod registry;
 pub mod server;
 pub mod socket;

@@ -8,7 +8,6 @@
 //! engine side (engine, dispatch, socket), handshake, deflate (negotiation),
 //! tls and static_files; the open connection builds on it.
 
-use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
@@ -26,6 +25,7 @@ use crate::context::{Handshake, LiveGuard, Shared};
 use crate::deflate;
 use crate::dispatch::{OpenRequest, Payload, ReadAt, Verdict};
 use crate::handshake::{self, Refusal, Request};
+use crate::read_buffer;
 use crate::socket::Socket;
 use crate::tls::{AcceptError, Stream, PLAIN_HTTP};
 
@@ -264,36 +264,28 @@ enum FirstRead {
     Partial(Vec<u8>),
 }
 
-/// The first read goes into the I/O thread's scratch buffer, and is parsed
+/// The first read goes into the I/O thread's read buffer, and is parsed
 /// there (so what is not HTTP at all is refused at once). A request that
 /// arrives whole, as nearly all do, never gets a buffer of its own: with
 /// thousands of handshakes at once, freed per-connection buffers would be
 /// left between the connections' long-lived allocations, and the heap's
 /// pages with them (about 100 bytes of RSS per connection at 10,000 connections).
 fn poll_first_read(stream: &mut Stream, cx: &mut Context<'_>) -> Poll<io::Result<FirstRead>> {
-    thread_local! {
-        static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    }
-    // Taken out, so that nothing below can find it borrowed.
-    let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    if scratch.len() < REQUEST_READ {
-        scratch = vec![0; REQUEST_READ];
-    }
-    let mut read = ReadBuf::new(&mut scratch[..REQUEST_READ]);
-    let polled = Pin::new(&mut *stream).poll_read(cx, &mut read);
-    let bytes = read.filled();
-    let outcome = polled.map_ok(|()| {
-        if bytes.is_empty() {
-            return FirstRead::Closed;
-        }
-        match handshake::parse(bytes) {
-            Ok(Some((request, used))) => FirstRead::Done(Ok((request, bytes[used..].to_vec()))),
-            Ok(None) => FirstRead::Partial(bytes.to_vec()),
-            Err(refusal) => FirstRead::Done(Err(refusal)),
-        }
-    });
-    SCRATCH.with(|s| *s.borrow_mut() = scratch);
-    outcome
+    read_buffer::with(|scratch| {
+        let mut read = ReadBuf::new(&mut scratch[..REQUEST_READ]);
+        let polled = Pin::new(&mut *stream).poll_read(cx, &mut read);
+        let bytes = read.filled();
+        polled.map_ok(|()| {
+            if bytes.is_empty() {
+                return FirstRead::Closed;
+            }
+            match handshake::parse(bytes) {
+                Ok(Some((request, used))) => FirstRead::Done(Ok((request, bytes[used..].to_vec()))),
+                Ok(None) => FirstRead::Partial(bytes.to_vec()),
+                Err(refusal) => FirstRead::Done(Err(refusal)),
+            }
+        })
+    })
 }
 
 /// Answers with an HTTP error and ends the connection. Boxed: its state (a
