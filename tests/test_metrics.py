@@ -326,6 +326,11 @@ def test_healthz_turns_503_during_stop_and_the_address_is_freed(start_server, ap
         app.module.GATE.set()
         if stopper.ident is not None:
             stopper.join(30)
+            # The poller may be between two polls when stop() returns: let it find
+            # the port closed once before it stops (the assertions below look for it).
+            deadline = time.monotonic() + 10
+            while not stopper.is_alive() and seen[-1:] != ["refused"] and time.monotonic() < deadline:
+                time.sleep(0.01)
         polling.clear()
         poller.join()
         slow.close()
