@@ -5,7 +5,10 @@ N upgraded connections from a separate client process (asyncio, raw handshakes,
 source addresses 127.0.0.1..8), waits until the server counts them all, and
 prints how much the server's RSS grew per connection, and how much of the
 C heap it uses per connection (glibc's ``mallinfo2``: allocations only, without
-the allocator's free space, so steadier than RSS).
+the allocator's free space, so steadier than RSS). The heap figure leaves out the
+extension's over-aligned blocks (tokio's task and I/O registration of each connection,
+256 bytes each), which mimalloc serves (crates/warpsocket-py/src/allocator.rs); the RSS
+figure has everything.
 
     python benchmarks/memory.py [--connections 1000 10000] [--tls]
 
@@ -136,7 +139,7 @@ def main() -> None:
     certs = write_certs(Path(folder.name)) if args.tls else None
     for n in args.connections:
         before, after, heap = measure(n, certs)
-        heap_text = "" if heap is None else f"; heap {heap / n:,.0f} bytes per connection"
+        heap_text = "" if heap is None else f"; malloc heap {heap / n:,.0f} bytes per connection"
         print(
             f"{n:>7,} connections: server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB, "
             f"{(after - before) * 1024 / n:,.0f} bytes per connection{heap_text}"

@@ -64,7 +64,7 @@ fi
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test -p warpsocket-core
+cargo test -p warpsocket-core -p warpsocket-py
 .venv/bin/python scripts/check_layers.py
 .venv/bin/ruff check python tests examples benchmarks scripts
 .venv/bin/mypy --strict python/warpsocket

@@ -6,14 +6,16 @@
 //! Python exceptions), `gil` (when to release the GIL), `convert` (Python
 //! values to core types), `functions` (the module functions), `queue` (the
 //! worker queue), `server` (the server object); `logs` (the engine's log
-//! records, queued for a Python thread) stands apart, and `timings`
-//! (handler-call histograms) uses only the core.
+//! records, queued for a Python thread) stands apart, `timings`
+//! (handler-call histograms) uses only the core, and `allocator` (the
+//! extension's global allocator) uses neither.
 
 use std::sync::{Arc, LazyLock};
 
 use pyo3::prelude::*;
 use warpsocket_core::Engine;
 
+mod allocator;
 mod convert;
 mod errors;
 mod functions;
@@ -22,6 +24,9 @@ mod logs;
 mod queue;
 mod server;
 mod timings;
+
+#[global_allocator]
+static ALLOCATOR: allocator::Allocator = allocator::Allocator;
 
 /// The process-wide engine: sockets and counters outlive any one server.
 static ENGINE: LazyLock<Arc<Engine>> = LazyLock::new(Engine::new);
