@@ -17,6 +17,7 @@
 //! names the instances the crate uses, for its `Socket`).
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -37,6 +38,12 @@ pub(crate) const RESUME_READING_AT: u32 = 32;
 /// thread that batches its wake-ups: the worker's wait stays bounded while
 /// an I/O thread works through thousands of ready connections.
 pub(crate) const WAKE_AT: usize = 64;
+
+/// The most events a worker queue's buffer keeps room for once it is empty
+/// (48 bytes each, 3 MiB): a backlog of one event per connection of a busy
+/// server fits and is never reallocated, while the buffer of a rare larger
+/// burst does not stay allocated.
+const RETAINED_EVENTS: usize = 65_536;
 
 thread_local! {
     /// On a thread that batches its wake-ups: the wakeups it owes, signalled
@@ -145,9 +152,15 @@ impl ReadAt {
 /// The queue of one worker thread.
 pub struct WorkerQueue<S> {
     id: u32,
-    /// Plain mutex around a Vec: pushes and drains are a few instructions
-    /// each, and a drain swaps the whole Vec out, so contention stays short.
-    events: Mutex<Vec<Event<S>>>,
+    /// Plain mutex around a ring buffer: pushes and drains are a few
+    /// instructions each (a drain moves at most a batch), so contention stays
+    /// short. The buffer is kept from batch to batch, up to
+    /// [`RETAINED_EVENTS`]: a queue that handed its buffer over with each
+    /// batch, or split it, allocated one of another size for every batch,
+    /// and the freed ones of all sizes were left as holes in the I/O
+    /// thread's heap, resident (docs/benchmarks.md, "The worker queue's
+    /// buffer").
+    events: Mutex<VecDeque<Event<S>>>,
     /// Shared with the I/O threads' lists of owed wakeups.
     wakeup: Arc<Wakeup>,
     /// Events handed to this worker whose handlers have not finished yet.
@@ -168,7 +181,7 @@ impl<S: Backlog> WorkerQueue<S> {
     fn new(id: u32) -> io::Result<Self> {
         Ok(WorkerQueue {
             id,
-            events: Mutex::new(Vec::new()),
+            events: Mutex::new(VecDeque::new()),
             wakeup: Arc::new(Wakeup::new()?),
             depth: AtomicUsize::new(0),
             unsettled: Mutex::new(Vec::new()),
@@ -192,7 +205,7 @@ impl<S: Backlog> WorkerQueue<S> {
         self.depth.fetch_add(1, Ordering::Relaxed);
         let mut events = self.events.lock();
         let was_empty = events.is_empty();
-        events.push(Event {
+        events.push_back(Event {
             socket: socket.clone(),
             payload,
             read_at,
@@ -247,44 +260,57 @@ impl<S: Backlog> WorkerQueue<S> {
     /// synchronous handlers at once and reports the events it keeps waiting
     /// or awaiting with [`hold`](Self::hold) before it settles.
     pub fn drain(&self) -> Vec<Event<S>> {
-        self.drain_at_most(usize::MAX)
+        let mut events = Vec::new();
+        self.drain_at_most(usize::MAX, &mut events);
+        events
     }
 
-    /// Like [`drain`](Self::drain), but takes at most `max` events; if more
-    /// wait, the wakeup stays signalled for the rest. A worker that drains
-    /// in bounded batches keeps its own memory bounded when thousands of
-    /// connections send at once.
-    pub fn drain_at_most(&self, max: usize) -> Vec<Event<S>> {
+    /// Like [`drain`](Self::drain), but takes at most `max` events, appended
+    /// to `batch` (a worker passes the same buffer every time, so draining
+    /// allocates nothing); if more wait, the wakeup stays signalled for the
+    /// rest. A worker that drains in bounded batches keeps its own memory
+    /// bounded when thousands of connections send at once.
+    pub fn drain_at_most(&self, max: usize, batch: &mut Vec<Event<S>>) {
         self.settle();
         self.wakeup.clear();
-        let (events, more) = {
+        let start = batch.len();
+        let more = {
             let mut events = self.events.lock();
-            if events.len() <= max {
-                self.waiting_since_ms.store(0, Ordering::Relaxed);
-                (std::mem::take(&mut *events), false)
-            } else {
+            let take = events.len().min(max);
+            batch.extend(events.drain(..take));
+            let more = !events.is_empty();
+            if more {
                 // The worker is alive now: the rest waits from here on.
                 self.waiting_since_ms.store(now_ms(), Ordering::Relaxed);
-                let rest = events.split_off(max);
-                (std::mem::replace(&mut *events, rest), true)
+            } else {
+                self.waiting_since_ms.store(0, Ordering::Relaxed);
+                if events.capacity() > RETAINED_EVENTS {
+                    *events = VecDeque::new();
+                }
             }
+            more
         };
         if more {
             self.wakeup.signal();
         }
         self.unsettled
             .lock()
-            .extend(events.iter().map(|e| e.socket.clone()));
-        events
+            .extend(batch[start..].iter().map(|e| e.socket.clone()));
     }
 
     /// The events last drained are run, or held: they stop counting.
     pub fn settle(&self) {
-        let batch = std::mem::take(&mut *self.unsettled.lock());
-        for socket in &batch {
+        let mut batch = std::mem::take(&mut *self.unsettled.lock());
+        self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
+        for socket in batch.drain(..) {
             socket.event_finished();
         }
-        self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
+        // Only the worker drains and settles: give the buffer back for the
+        // next batch rather than growing a new one.
+        let mut unsettled = self.unsettled.lock();
+        if unsettled.is_empty() {
+            *unsettled = batch;
+        }
     }
 
     /// An event of `socket` (if still open) is waiting behind another or
@@ -494,7 +520,7 @@ mod tests {
         let texts = |events: Vec<Event<Conn>>| -> Vec<Payload> {
             events.into_iter().map(|e| e.payload).collect()
         };
-        let first = texts(q.drain_at_most(3));
+        let first = texts(drain_at_most(&q, 3));
         assert_eq!(
             first,
             (0..3u8).map(|i| Payload::Text(vec![i])).collect::<Vec<_>>()
@@ -503,7 +529,7 @@ mod tests {
         // SAFETY: one valid pollfd, zero timeout.
         assert_eq!(unsafe { libc::poll(&mut fds, 1, 0) }, 1, "still signalled");
         // A drain settles the batch before.
-        let rest = texts(q.drain_at_most(3));
+        let rest = texts(drain_at_most(&q, 3));
         assert_eq!(
             rest,
             (3..5u8).map(|i| Payload::Text(vec![i])).collect::<Vec<_>>()
@@ -514,6 +540,50 @@ mod tests {
         q.settle();
         assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
         assert_eq!(q.stalled_for(), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_queue_keeps_its_buffer_between_batches_but_not_after_a_burst() {
+        assert!(std::mem::size_of::<Event<Conn>>() <= 48);
+        let workers = Workers::<Conn>::default();
+        let q = workers.add().unwrap();
+        let socket = Conn::new(1);
+        let capacity = |q: &WorkerQueue<Conn>| q.events.lock().capacity();
+        for i in 0..3000u32 {
+            q.push(
+                &socket,
+                Payload::Text(i.to_le_bytes().to_vec()),
+                ReadAt::now(),
+            );
+        }
+        let grown = capacity(&q);
+        let mut seen = 0u32;
+        let mut batch = Vec::new();
+        while seen < 3000 {
+            q.drain_at_most(1024, &mut batch);
+            assert!(batch.len() <= 1024 && !batch.is_empty());
+            for event in batch.drain(..) {
+                assert_eq!(event.payload, Payload::Text(seen.to_le_bytes().to_vec()));
+                seen += 1;
+            }
+            // Drained in place: the queue neither gave its buffer away nor grew a new one.
+            assert_eq!(capacity(&q), grown);
+            q.settle();
+        }
+        assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
+        for _ in 0..(RETAINED_EVENTS + 1) {
+            q.push(&socket, Payload::Close, ReadAt::now());
+        }
+        while !drain_at_most(&q, 1024).is_empty() {
+            q.settle();
+        }
+        assert_eq!(capacity(&q), 0, "a burst's buffer is freed once drained");
+    }
+
+    fn drain_at_most(q: &WorkerQueue<Conn>, max: usize) -> Vec<Event<Conn>> {
+        let mut batch = Vec::new();
+        q.drain_at_most(max, &mut batch);
+        batch
     }
 
     fn readable(q: &WorkerQueue<Conn>) -> bool {

@@ -4,12 +4,12 @@
 //!
 //! May use the core's queue and events and the process-wide engine.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use warpsocket_core::dispatch::ReadAt;
-use warpsocket_core::{OpenRequest, Payload};
+use warpsocket_core::{Event, OpenRequest, Payload};
 
 use crate::ENGINE;
 
@@ -19,10 +19,36 @@ const EVENT_TEXT: u8 = 1;
 const EVENT_BINARY: u8 = 2;
 const EVENT_CLOSE: u8 = 3;
 
+/// Room for this many events stays in a queue's batch buffer between drains:
+/// a full batch of `warpsocket.worker`'s.
+const RETAINED_BATCH: usize = 1024;
+
 /// One worker thread's queue of events.
 #[pyclass(frozen, module = "warpsocket._core")]
 pub(crate) struct WorkerQueue {
     pub(crate) inner: Arc<warpsocket_core::WorkerQueue>,
+    /// The events of a drain, kept from one drain to the next: a buffer of
+    /// another size for every batch left holes of all sizes in the worker
+    /// thread's heap (docs/benchmarks.md, "The worker queue's buffers").
+    /// Taken out for the drain, so no lock is held while Python runs.
+    batch: Mutex<Vec<Event>>,
+}
+
+impl WorkerQueue {
+    pub(crate) fn new(inner: Arc<warpsocket_core::WorkerQueue>) -> Self {
+        WorkerQueue {
+            inner,
+            batch: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl WorkerQueue {
+    fn lock_batch(&self) -> std::sync::MutexGuard<'_, Vec<Event>> {
+        // Held for a swap only, so never poisoned in practice; and a buffer
+        // is as good as any after a panic.
+        self.batch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 #[pymethods]
@@ -48,10 +74,13 @@ impl WorkerQueue {
         max: Option<usize>,
         timed: bool,
     ) -> PyResult<Bound<'py, PyList>> {
-        let events = self.inner.drain_at_most(max.unwrap_or(usize::MAX));
+        let mut events = std::mem::take(&mut *self.lock_batch());
+        self.inner
+            .drain_at_most(max.unwrap_or(usize::MAX), &mut events);
         let now = ReadAt::now();
-        let list = PyList::empty(py);
-        for event in events {
+        // Sized once: appending would grow the list through a dozen sizes.
+        let list = PyList::new(py, (0..events.len()).map(|_| py.None()))?;
+        for (i, event) in events.drain(..).enumerate() {
             let id = event.socket_id();
             let read_at = event.read_at;
             let item = match event.payload {
@@ -76,10 +105,13 @@ impl WorkerQueue {
             };
             if timed {
                 let (kind, id, payload) = item;
-                list.append((kind, id, payload, read_at.until(now).as_secs_f64()))?;
+                list.set_item(i, (kind, id, payload, read_at.until(now).as_secs_f64()))?;
             } else {
-                list.append(item)?;
+                list.set_item(i, item)?;
             }
+        }
+        if events.capacity() <= RETAINED_BATCH {
+            *self.lock_batch() = events;
         }
         Ok(list)
     }

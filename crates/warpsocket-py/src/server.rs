@@ -91,7 +91,7 @@ impl Server {
     /// Registers a new worker queue; connections are assigned to it from now on.
     fn add_worker(&self) -> PyResult<WorkerQueue> {
         let inner = self.lock()?.workers().add().map_err(errors::os)?;
-        Ok(WorkerQueue { inner })
+        Ok(WorkerQueue::new(inner))
     }
 
     /// Takes a worker out of the rotation and ends its connections at once:
