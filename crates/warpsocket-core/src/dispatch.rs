@@ -157,9 +157,9 @@ pub struct WorkerQueue<S> {
     /// short. The buffer is kept from batch to batch, up to
     /// [`RETAINED_EVENTS`]: a queue that handed its buffer over with each
     /// batch, or split it, allocated one of another size for every batch,
-    /// and the freed ones of all sizes were left as holes in the I/O
-    /// thread's heap, resident (docs/benchmarks.md, "The worker queue's
-    /// buffer").
+    /// and the freed ones of all sizes were left as holes in the heap,
+    /// resident (docs/benchmarks.md, "Over-aligned allocations and the
+    /// worker queue's buffers").
     events: Mutex<VecDeque<Event<S>>>,
     /// Shared with the I/O threads' lists of owed wakeups.
     wakeup: Arc<Wakeup>,

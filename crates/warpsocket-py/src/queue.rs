@@ -29,7 +29,8 @@ pub(crate) struct WorkerQueue {
     pub(crate) inner: Arc<warpsocket_core::WorkerQueue>,
     /// The events of a drain, kept from one drain to the next: a buffer of
     /// another size for every batch left holes of all sizes in the worker
-    /// thread's heap (docs/benchmarks.md, "The worker queue's buffers").
+    /// thread's heap (docs/benchmarks.md, "Over-aligned allocations and the
+    /// worker queue's buffers").
     /// Taken out for the drain, so no lock is held while Python runs.
     batch: Mutex<Vec<Event>>,
 }
@@ -41,9 +42,7 @@ impl WorkerQueue {
             batch: Mutex::new(Vec::new()),
         }
     }
-}
 
-impl WorkerQueue {
     fn lock_batch(&self) -> std::sync::MutexGuard<'_, Vec<Event>> {
         // Held for a swap only, so never poisoned in practice; and a buffer
         // is as good as any after a panic.
