@@ -301,10 +301,11 @@ impl<S: Backlog> WorkerQueue<S> {
     /// The events last drained are run, or held: they stop counting.
     pub fn settle(&self) {
         let mut batch = std::mem::take(&mut *self.unsettled.lock());
-        self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
-        for socket in batch.drain(..) {
+        for socket in &batch {
             socket.event_finished();
         }
+        self.depth.fetch_sub(batch.len(), Ordering::Relaxed);
+        batch.clear();
         // Only the worker drains and settles: give the buffer back for the
         // next batch rather than growing a new one.
         let mut unsettled = self.unsettled.lock();
