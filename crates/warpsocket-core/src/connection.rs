@@ -23,7 +23,7 @@ use crate::context::{Handshake, LiveGuard};
 use crate::dispatch::{Payload, ReadAt, PAUSE_READING_AT, RESUME_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
 use crate::read_buffer;
-use crate::socket::CloseTaken;
+use crate::socket::{CloseTaken, Socket};
 use crate::stats::{Counters, NO_CODE};
 use crate::tls::Stream;
 use crate::upgrade::{self, SocketGuard, Upgraded, CLOSE_TIMEOUT};
@@ -106,11 +106,18 @@ impl Writer {
         self.frames.is_empty()
     }
 
-    /// Writes as much as the stream takes now. Ready with the bytes of
-    /// frames written (0 when only TLS records went out); Pending when
-    /// nothing could be written, with the task woken once the stream can
-    /// take more.
-    fn poll_flush(&mut self, stream: &mut Stream, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// Writes as much as the stream takes now, telling `socket` of each
+    /// write as it happens: a fast reader may have the bytes before this
+    /// returns, and they must no longer count against the backpressure limit.
+    /// Ready with the bytes of frames written (0 when only TLS records went
+    /// out); Pending when nothing could be written, with the task woken once
+    /// the stream can take more.
+    fn poll_flush(
+        &mut self,
+        stream: &mut Stream,
+        socket: &Socket,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
         let mut total = 0;
         let mut blocked = false;
         while !self.frames.is_empty() {
@@ -132,6 +139,7 @@ impl Writer {
                 }
             };
             total += written;
+            socket.written(written);
             while written > 0 {
                 let Some(front) = self.frames.front() else {
                     break;
@@ -295,11 +303,11 @@ impl Connection {
 
     /// Ready once something was written or writing failed.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let polled = self.writer.poll_flush(&mut self.stream, cx);
-        match polled {
-            Poll::Ready(Ok(n)) if n > 0 => self.guard.socket.written(n),
-            Poll::Ready(Ok(_)) | Poll::Pending => {}
-            Poll::Ready(Err(_)) => self.broken = true,
+        let polled = self
+            .writer
+            .poll_flush(&mut self.stream, &self.guard.socket, cx);
+        if let Poll::Ready(Err(_)) = polled {
+            self.broken = true;
         }
         if self.close_queued && self.writer.is_empty() && !self.stream.wants_write() {
             self.close_written = true;
