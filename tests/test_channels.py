@@ -555,6 +555,37 @@ def test_has_subscriptions_false_after_last_subscriber_disconnects(server, make_
     assert stats["connections"] == base["connections"] - 2
 
 
+def test_one_two_and_back_to_one_channel_all_cleaned_up_on_disconnect(server, make_client):
+    # a socket's first channel is kept without an allocation, a second one or a virtual
+    # socket moves them into sets, and leaving a channel drops it from whichever is used
+    a, b = make_client(), make_client()
+    base = warpsocket.stats()
+    assert warpsocket.subscribe(a.sid, "first") == [a.sid]
+    assert warpsocket.unsubscribe(a.sid, "first") == [a.sid]
+    assert warpsocket.has_subscriptions("first") is False
+    assert warpsocket.subscribe(a.sid, "first") == [a.sid]
+    assert warpsocket.subscribe(a.sid, "second") == [a.sid]
+    assert warpsocket.unsubscribe(a.sid, "first") == [a.sid]
+    assert warpsocket.has_subscriptions("first") is False
+    vid = warpsocket.create_virtual_socket(a.sid)
+    assert warpsocket.subscribe([a.sid, vid, b.sid], "third") == [a.sid, vid, b.sid]
+    assert warpsocket.unsubscribe(a.sid, "second") == [a.sid]
+    assert warpsocket.send("third", "t") == 3
+    assert warpsocket.send("second", "s") == 0
+    assert warpsocket.stats()["subscriptions"] == base["subscriptions"] + 3
+    a.close()
+    wait_for(lambda: warpsocket.send("third", "probe") == 1, message="a and its virtual socket gone")
+    wait_for(
+        lambda: warpsocket.stats()["subscriptions"] == base["subscriptions"] + 1,
+        message="a's subscriptions removed",
+    )
+    assert warpsocket.subscribe(vid, "fourth") == []
+    assert [m for m in b.received() if m != "probe"] == ["t"]
+    b.close()
+    wait_for(lambda: not warpsocket.has_subscriptions("third"), message="third empty")
+    wait_for(lambda: warpsocket.stats()["channels"] == base["channels"], message="no channels left")
+
+
 def test_socket_is_in_no_channel_when_handle_close_runs(server, make_client):
     a = make_client("/join/lobby2")
     b = make_client("/join/lobby2")
