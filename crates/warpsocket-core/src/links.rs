@@ -111,19 +111,20 @@ impl ChannelSet {
 }
 
 impl LinkState {
-    /// The sets, allocated (with the inline channel moved in) if need be.
-    fn sets(&mut self) -> &mut LinkSets {
-        if !matches!(self.sets, Sets::Many(_)) {
-            let mut sets = Box::<LinkSets>::default();
-            if let Sets::One(name) = std::mem::take(&mut self.sets) {
-                sets.channels.add(name);
-            }
-            self.sets = Sets::Many(sets);
-        }
-        match &mut self.sets {
+    /// Runs `f` on the sets, allocated (with the inline channel moved in) if
+    /// need be.
+    fn with_sets(&mut self, f: impl FnOnce(&mut LinkSets)) {
+        let mut sets = match std::mem::take(&mut self.sets) {
             Sets::Many(sets) => sets,
-            Sets::Empty | Sets::One(_) => unreachable!("just made"),
-        }
+            Sets::One(name) => {
+                let mut sets = Box::<LinkSets>::default();
+                sets.channels.add(name);
+                sets
+            }
+            Sets::Empty => Box::default(),
+        };
+        f(&mut sets);
+        self.sets = Sets::Many(sets);
     }
 
     /// Frees the sets once both are empty.
@@ -140,7 +141,7 @@ impl LinkState {
         if let Sets::Empty = self.sets {
             self.sets = Sets::One(name);
         } else {
-            self.sets().channels.add(name);
+            self.with_sets(|sets| sets.channels.add(name));
         }
     }
 
@@ -160,7 +161,7 @@ impl LinkState {
     }
 
     pub(crate) fn add_child(&mut self, id: u64) {
-        self.sets().children.push(id);
+        self.with_sets(|sets| sets.children.push(id));
     }
 
     pub(crate) fn remove_child(&mut self, id: u64) {
