@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
+use crate::clock;
 use crate::context::{Handshake, LiveGuard};
 use crate::dispatch::{Payload, ReadAt, PAUSE_READING_AT, RESUME_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
@@ -210,7 +211,7 @@ impl Connection {
             guard.socket.deflate().is_some(),
         );
         // From now on the server's keepalive sweep pings it.
-        guard.socket.keepalive.start(shared.id, shared.clock.now());
+        guard.socket.keepalive.start(shared.id, clock::now_ms());
         let mut conn = Connection {
             stream,
             guard,

@@ -16,7 +16,6 @@ use tokio::sync::{oneshot, watch, Notify};
 
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::keepalive::Clock;
 use crate::socket::Workers;
 use crate::static_files::StaticFiles;
 use crate::tls::Tls;
@@ -29,8 +28,6 @@ static SERVER_IDS: AtomicU32 = AtomicU32::new(0);
 pub(crate) struct Shared {
     /// This server's number (from 1).
     pub(crate) id: u32,
-    /// The keepalive clock of its connections.
-    pub(crate) clock: Clock,
     pub(crate) engine: Arc<Engine>,
     pub(crate) config: Config,
     pub(crate) workers: Arc<Workers>,
@@ -59,7 +56,6 @@ impl Shared {
         let (stop, _) = watch::channel(false);
         Arc::new(Shared {
             id: SERVER_IDS.fetch_add(1, Ordering::Relaxed) + 1,
-            clock: Clock::new(),
             engine,
             config,
             workers,

@@ -20,11 +20,12 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::clock::{self, now_ms};
 use crate::wakeup::Wakeup;
 
 /// At this many outstanding events a connection stops being read, and frames
@@ -119,19 +120,8 @@ impl<S: Backlog> Event<S> {
     }
 }
 
-/// Time since the process-wide monotonic clock's start.
-fn clock() -> Duration {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed()
-}
-
-/// Milliseconds on the process-wide clock; 0 is reserved for "never".
-fn now_ms() -> u64 {
-    clock().as_millis() as u64 + 1
-}
-
-/// A moment on the process-wide clock in microseconds, wrapping every 71
-/// minutes: 4 bytes in every queued event rather than an `Instant`'s 16.
+/// A moment on the process's clock (`clock`) in microseconds, wrapping
+/// every 71 minutes: 4 bytes in every queued event rather than an `Instant`'s 16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadAt(u32);
 
@@ -140,7 +130,7 @@ impl ReadAt {
     /// frames that read brought.
     pub fn now() -> Self {
         // Truncation is the wrap-around.
-        ReadAt(clock().as_micros() as u32)
+        ReadAt(clock::elapsed().as_micros() as u32)
     }
 
     /// Time from `self` to `later`; right for spans under 71 minutes.

@@ -8,10 +8,9 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use tokio::time::Instant;
 
-/// One connection's keepalive state. Times are milliseconds on the server's
-/// clock ([`Clock`]); 0 means the connection is not open yet.
+/// One connection's keepalive state. Times are milliseconds on the process's
+/// clock (`clock::now_ms`); 0 means the connection is not open yet.
 #[derive(Default)]
 pub(crate) struct Keepalive {
     /// When the last ping was sent, or when the connection opened.
@@ -106,19 +105,6 @@ impl Keepalive {
     pub(crate) fn pinged(&self, now: u64) {
         self.heard.store(false, Ordering::Relaxed);
         self.last_ping.store(now, Ordering::Release);
-    }
-}
-
-/// Milliseconds since the server started, never 0.
-pub(crate) struct Clock(Instant);
-
-impl Clock {
-    pub(crate) fn new() -> Self {
-        Clock(Instant::now())
-    }
-
-    pub(crate) fn now(&self) -> u64 {
-        self.0.elapsed().as_millis() as u64 + 1
     }
 }
 

@@ -17,6 +17,7 @@
 //!    connection's task), and `sweep` (keepalive); `server` on top.
 
 mod channels;
+mod clock;
 pub mod cluster;
 pub mod config;
 mod connection;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
 
+use crate::clock;
 use crate::context::Shared;
 use crate::frame::{self, close_code};
 use crate::keepalive::Action;
@@ -40,7 +41,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             _ = ticker.tick() => {}
             _ = shared.stopping() => return,
         }
-        let now = shared.clock.now();
+        let now = clock::now_ms();
         shared.engine.for_each_connection(|socket| {
             if let Some(action) = socket.keepalive.check(shared.id, now, interval, timeout) {
                 due.push((socket.clone(), action));
