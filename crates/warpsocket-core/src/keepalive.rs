@@ -8,7 +8,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-
 /// One connection's keepalive state. Times are milliseconds on the process's
 /// clock (`clock::now_ms`); 0 means the connection is not open yet.
 #[derive(Default)]

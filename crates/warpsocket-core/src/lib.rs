@@ -36,6 +36,7 @@ mod links;
 mod read_buffer;
 mod registry;
 pub mod server;
+mod shards;
 pub mod socket;
 pub mod static_files;
 pub mod stats;
