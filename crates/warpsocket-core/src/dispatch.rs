@@ -9,12 +9,11 @@
 //! (and switched to) for every few events of one pass over ready connections.
 //!
 //! Also the flow control between a connection's reader and its worker (the
-//! thresholds below, and [`Backlog`], which a connection implements) and the
-//! answer to an upgrade event ([`Verdict`]).
+//! thresholds below, and [`Backlog`], which a connection implements).
 //!
-//! Uses `wakeup` only: the connections it queues events for are seen
-//! through [`Backlog`], and the types here are generic over them (`socket`
-//! names the instances the crate uses, for its `Socket`).
+//! The connections it queues events for are seen through [`Backlog`], and
+//! the types here are generic over them (`socket` names the instances the
+//! crate uses, for its `Socket`), so the queues sit below the sockets.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -26,6 +25,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 
 use crate::clock::{self, now_ms};
+use crate::verdict::OpenRequest;
 use crate::wakeup::Wakeup;
 
 /// At this many outstanding events a connection stops being read, and frames
@@ -64,13 +64,6 @@ pub fn flush_wakeups() {
     }
 }
 
-/// `handle_open`'s answer: accept, or the HTTP status to refuse with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Accept,
-    Refuse(u16),
-}
-
 /// The connection an event belongs to, as its worker queue sees it: an id,
 /// and a count of its events not yet handled that paces its reader (see
 /// [`PAUSE_READING_AT`]).
@@ -95,14 +88,6 @@ pub enum Payload {
     Binary(Vec<u8>),
     /// The connection is gone; `handle_close` must run.
     Close,
-}
-
-/// The upgrade request `handle_open` is asked about.
-#[derive(Debug, PartialEq, Eq)]
-pub struct OpenRequest {
-    pub ip: String,
-    pub path: String,
-    pub headers: Vec<(String, String)>,
 }
 
 /// Something a worker's handlers must see, in the order it happened.

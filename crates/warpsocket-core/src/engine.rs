@@ -14,7 +14,6 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::cluster::Cluster;
-use crate::dispatch::Verdict;
 use crate::errors::{JoinError, Unreachable, VirtualError};
 use crate::frame::Kind;
 use crate::hub::{Hub, Target};
@@ -22,6 +21,7 @@ use crate::kv::Kv;
 use crate::registry::MAX_PREFIX;
 use crate::socket::Socket;
 use crate::stats::Counters;
+use crate::verdict::Verdict;
 
 #[derive(Default)]
 pub struct Engine {

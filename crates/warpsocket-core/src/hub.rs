@@ -24,7 +24,6 @@ use tokio::sync::oneshot;
 
 use crate::channels::{Change, Channels};
 use crate::deflate::MIN_COMPRESS_SIZE;
-use crate::dispatch::Verdict;
 use crate::errors::VirtualError;
 use crate::frame::{self, Kind};
 use crate::ids::{IdGenerator, IdMap};
@@ -32,6 +31,7 @@ use crate::links::Links;
 use crate::registry::{Entry, Prefix, Registry, VirtualSocket, MAX_PREFIX};
 use crate::socket::{Queued, Socket};
 use crate::stats::Counters;
+use crate::verdict::Verdict;
 
 /// One element of a send or subscribe target.
 #[derive(Debug, Clone, PartialEq, Eq)]

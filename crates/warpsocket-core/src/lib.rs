@@ -43,10 +43,11 @@ pub mod stats;
 mod sweep;
 pub mod tls;
 mod upgrade;
+mod verdict;
 mod wakeup;
 
 pub use config::{Config, Handlers};
-pub use dispatch::{OpenRequest, Payload, Verdict};
+pub use dispatch::Payload;
 pub use engine::Engine;
 pub use errors::{JoinError, Unreachable, VirtualError};
 pub use frame::Kind;
@@ -54,4 +55,5 @@ pub use hub::Target;
 pub use registry::MAX_PREFIX;
 pub use server::Server;
 pub use socket::{Event, WorkerQueue, Workers};
+pub use verdict::{OpenRequest, Verdict};
 pub use wakeup::Wakeup;

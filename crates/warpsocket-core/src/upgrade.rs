@@ -23,11 +23,12 @@ use tokio::time::Instant;
 
 use crate::context::{Handshake, LiveGuard, Shared};
 use crate::deflate;
-use crate::dispatch::{OpenRequest, Payload, ReadAt, Verdict};
+use crate::dispatch::{Payload, ReadAt};
 use crate::handshake::{self, Refusal, Request};
 use crate::read_buffer;
 use crate::socket::Socket;
 use crate::tls::{AcceptError, Stream, PLAIN_HTTP};
+use crate::verdict::{OpenRequest, Verdict};
 
 /// Most bytes an upgrade request may have.
 const MAX_REQUEST_BYTES: usize = 16 * 1024;
