@@ -27,6 +27,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod errors;
 pub mod frame;
+mod frames;
 pub mod handshake;
 mod hub;
 mod ids;
