@@ -16,6 +16,7 @@
 //!    (what a server's tasks share), then `upgrade`, then `connection` (one
 //!    connection's task), and `sweep` (keepalive); `server` on top.
 
+mod admission;
 mod channels;
 mod clock;
 pub mod cluster;

@@ -21,7 +21,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::context::{Handshake, LiveGuard, Shared};
+use crate::admission::Handshake;
+use crate::context::{LiveGuard, Shared};
 use crate::deflate;
 use crate::dispatch::{Payload, ReadAt};
 use crate::handshake::{self, Refusal, Request};
