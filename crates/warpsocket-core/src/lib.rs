@@ -37,6 +37,7 @@ pub mod kv;
 mod links;
 mod read_buffer;
 mod registry;
+mod request_head;
 pub mod server;
 mod shards;
 pub mod socket;

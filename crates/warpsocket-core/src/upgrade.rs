@@ -8,16 +8,13 @@
 //! engine side (engine, dispatch, socket), handshake, deflate (negotiation),
 //! tls and static_files; the open connection builds on it.
 
-use std::future::{poll_fn, Future};
-use std::io;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::BufMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -26,15 +23,11 @@ use crate::context::{LiveGuard, Shared};
 use crate::deflate;
 use crate::dispatch::{Payload, ReadAt};
 use crate::handshake::{self, Refusal, Request};
-use crate::read_buffer;
+use crate::request_head;
 use crate::socket::Socket;
 use crate::tls::{AcceptError, Stream, PLAIN_HTTP};
 use crate::verdict::{OpenRequest, Verdict};
 
-/// Most bytes an upgrade request may have.
-const MAX_REQUEST_BYTES: usize = 16 * 1024;
-/// Bytes read at most at a time while reading the request.
-const REQUEST_READ: usize = 2048;
 /// How long to wait for the peer's close frame (or for our last bytes to be
 /// written) before dropping the TCP connection.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -169,7 +162,7 @@ async fn read_upgrade(
         }
     };
     let read = tokio::select! {
-        r = tokio::time::timeout_at(deadline, read_request(&mut stream)) => r,
+        r = tokio::time::timeout_at(deadline, request_head::read(&mut stream)) => r,
         _ = shared.stopping() => return None,
     };
     let (request, early) = match read {
@@ -221,79 +214,10 @@ fn plain_http(
     })
 }
 
-/// Reads until a whole request is in. Returns it with what the client sent
-/// after it; `Ok(None)`: the peer closed.
-async fn read_request(
-    stream: &mut Stream,
-) -> io::Result<Result<Option<(Request, Vec<u8>)>, Refusal>> {
-    let mut buf = match poll_fn(|cx| poll_first_read(stream, cx)).await? {
-        FirstRead::Closed => return Ok(Ok(None)),
-        FirstRead::Done(parsed) => return Ok(parsed.map(Some)),
-        FirstRead::Partial(buf) => buf,
-    };
-    loop {
-        let before = buf.len();
-        buf.reserve(REQUEST_READ);
-        // At most a chunk at a time (the Vec may have grown by more), so an
-        // oversized request is seen as such before it is complete.
-        let read = stream.read_buf(&mut (&mut buf).limit(REQUEST_READ)).await?;
-        if read == 0 {
-            return Ok(Ok(None));
-        }
-        // A client trickling its request a byte at a time would otherwise
-        // cost a parse of everything so far per packet.
-        if !handshake::may_end_head(&buf, before) {
-            if buf.len() > MAX_REQUEST_BYTES {
-                return Ok(Err(handshake::TOO_LARGE));
-            }
-            continue;
-        }
-        match handshake::parse(&buf) {
-            Ok(Some((request, used))) => return Ok(Ok(Some((request, buf.split_off(used))))),
-            Ok(None) if buf.len() > MAX_REQUEST_BYTES => return Ok(Err(handshake::TOO_LARGE)),
-            Ok(None) => {}
-            Err(refusal) => return Ok(Err(refusal)),
-        }
-    }
-}
-
-/// What the first read of a request brought.
-enum FirstRead {
-    Closed,
-    /// The whole request (with the bytes after it), or why it is refused.
-    Done(Result<(Request, Vec<u8>), Refusal>),
-    /// The start of a request, to be read on.
-    Partial(Vec<u8>),
-}
-
-/// The first read goes into the I/O thread's read buffer, and is parsed
-/// there (so what is not HTTP at all is refused at once). A request that
-/// arrives whole, as nearly all do, never gets a buffer of its own: with
-/// thousands of handshakes at once, freed per-connection buffers would be
-/// left between the connections' long-lived allocations, and the heap's
-/// pages with them (about 100 bytes of RSS per connection at 10,000 connections).
-fn poll_first_read(stream: &mut Stream, cx: &mut Context<'_>) -> Poll<io::Result<FirstRead>> {
-    read_buffer::with(|scratch| {
-        let mut read = ReadBuf::new(&mut scratch[..REQUEST_READ]);
-        let polled = Pin::new(&mut *stream).poll_read(cx, &mut read);
-        let bytes = read.filled();
-        polled.map_ok(|()| {
-            if bytes.is_empty() {
-                return FirstRead::Closed;
-            }
-            match handshake::parse(bytes) {
-                Ok(Some((request, used))) => FirstRead::Done(Ok((request, bytes[used..].to_vec()))),
-                Ok(None) => FirstRead::Partial(bytes.to_vec()),
-                Err(refusal) => FirstRead::Done(Err(refusal)),
-            }
-        })
-    })
-}
-
 /// Answers with an HTTP error and ends the connection. Boxed: its state (a
 /// timer and the write) would otherwise sit in every pending handshake's
 /// future, a transient allocation that, like a request buffer (see
-/// [`poll_first_read`]), leaves holes among the connections' long-lived ones.
+/// `request_head`), leaves holes among the connections' long-lived ones.
 fn refuse(
     mut stream: Stream,
     shared: &Shared,
