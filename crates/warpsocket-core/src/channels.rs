@@ -1,7 +1,7 @@
 //! Channels: for each name, the socket ids subscribed and their reference
 //! counts. Sharded by name so unrelated channels never share a lock.
 //!
-//! Knows ids only as numbers; uses `ids` for the id-keyed map.
+//! Knows ids only as numbers.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;

@@ -1,11 +1,6 @@
 //! One connection's task: the upgrade, then the open connection — reading
 //! frames into worker events, writing the outbox, the close handshake — in a
 //! single task so an idle connection costs one small future and no buffers.
-//!
-//! Owns [`Task`] (the connection's state machine) and [`Connection`]. May use
-//! the upgrade, the server context, the engine side (engine, dispatch,
-//! socket, stats), frame, keepalive and tls (its stream); only the server
-//! builds on it.
 
 use std::collections::VecDeque;
 use std::future::Future;

@@ -4,8 +4,6 @@
 //! names another node. [`Engine::route`] is the one place that decides
 //! which; the key/value store sits behind [`KvBackend`], so the in-process
 //! store is out of reach while Redis holds the cluster's.
-//!
-//! Uses `hub`, `cluster`, and the leaves (`kv`, `stats`, `errors`).
 
 use std::sync::Arc;
 

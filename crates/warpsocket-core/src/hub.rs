@@ -9,9 +9,6 @@
 //! Lock order, to stay deadlock-free: a socket's links, then a channel shard,
 //! then registry shards, then an outbox. Nothing is held while calling out
 //! (to the log, or to the watcher).
-//!
-//! Uses `registry`, `channels`, `socket`, `dispatch` (the upgrade verdict)
-//! and the leaves (`ids`, `links`, `frame`, `deflate`, `stats`, `errors`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -3,8 +3,6 @@
 //!
 //! Ids are handed out in sequence, so the low bits spread consecutive
 //! connections over the shards; a send locks one shard for reading only.
-//!
-//! Uses `socket` (what a connection id names), `links` and `ids`.
 
 use std::sync::Arc;
 

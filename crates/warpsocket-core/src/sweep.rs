@@ -2,9 +2,6 @@
 //! walks the server's connections, queueing a ping to those due for one and
 //! failing with 1011 those silent for `ping_timeout` after their ping. A ping
 //! or a timeout therefore fires up to one tick late (never early).
-//!
-//! May use the server context, keepalive (the per-connection state and its
-//! rule), frame and socket; the server spawns it.
 
 use std::sync::Arc;
 use std::time::Duration;

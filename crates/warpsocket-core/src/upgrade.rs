@@ -4,9 +4,7 @@
 //! and writes 101 or the refusal.
 //!
 //! Owns the handshake I/O and [`SocketGuard`], the registration every
-//! upgraded connection keeps until it ends. May use the server context, the
-//! engine side (engine, dispatch, socket), handshake, deflate (negotiation),
-//! tls and static_files; the open connection builds on it.
+//! upgraded connection keeps until it ends.
 
 use std::future::Future;
 use std::net::SocketAddr;
