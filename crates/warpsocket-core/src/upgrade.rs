@@ -199,10 +199,21 @@ fn plain_http(
         let Some(files) = shared.static_files.clone() else {
             return refuse(stream, shared, handshake::WEBSOCKET_ONLY).await;
         };
-        let Ok(response) =
-            tokio::task::spawn_blocking(move || files.respond(&method, &path, &headers)).await
-        else {
-            return;
+        let response = match tokio::task::spawn_blocking(move || {
+            files.respond(&method, &path, &headers)
+        })
+        .await
+        {
+            Ok(response) => response,
+            Err(e) => {
+                // A panic is a bug in the static-file code: say so, rather
+                // than only drop the connection. Cancelled: the runtime
+                // is shutting down, nothing to report.
+                if e.is_panic() {
+                    log::warn!(target: "warpsocket", "static file response panicked, connection dropped: {e}");
+                }
+                return;
+            }
         };
         let _ = tokio::time::timeout(shared.config.handshake_timeout, async {
             stream.write_all(&response).await?;
