@@ -207,7 +207,7 @@ impl Connection {
             guard.socket.deflate().is_some(),
         );
         // From now on the server's keepalive sweep pings it.
-        guard.socket.keepalive.start(shared.id, clock::now_ms());
+        guard.socket.keepalive.start(clock::now_ms());
         let mut conn = Connection {
             stream,
             guard,

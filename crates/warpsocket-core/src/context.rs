@@ -6,7 +6,7 @@
 //! slot is `admission`'s.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{watch, Notify};
@@ -18,14 +18,8 @@ use crate::socket::Workers;
 use crate::static_files::StaticFiles;
 use crate::tls::Tls;
 
-/// Numbers the servers of this process, so that a keepalive sweep skips
-/// the connections of another server sharing the engine.
-static SERVER_IDS: AtomicU32 = AtomicU32::new(0);
-
 /// State shared by the server's tasks.
 pub(crate) struct Shared {
-    /// This server's number (from 1).
-    pub(crate) id: u32,
     pub(crate) engine: Arc<Engine>,
     pub(crate) config: Config,
     pub(crate) workers: Arc<Workers>,
@@ -53,7 +47,6 @@ impl Shared {
         let upgrades = Arc::new(PendingUpgrades::new(config.max_pending_upgrades));
         let (stop, _) = watch::channel(false);
         Arc::new(Shared {
-            id: SERVER_IDS.fetch_add(1, Ordering::Relaxed) + 1,
             engine,
             config,
             workers,

@@ -2,6 +2,11 @@
 //! walks the server's connections, queueing a ping to those due for one and
 //! failing with 1011 those silent for `ping_timeout` after their ping. A ping
 //! or a timeout therefore fires up to one tick late (never early).
+//!
+//! It walks every connection of the engine: one server runs per process
+//! (`warpsocket.start()` refuses a second while one runs, and a stopped
+//! server's connections are gone from the engine once its shutdown returns),
+//! so those are the server's own.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +45,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         }
         let now = clock::now_ms();
         shared.engine.for_each_connection(|socket| {
-            if let Some(action) = socket.keepalive.check(shared.id, now, interval, timeout) {
+            if let Some(action) = socket.keepalive.check(now, interval, timeout) {
                 due.push((socket.clone(), action));
             }
         });
