@@ -512,14 +512,9 @@ mod tests {
 
     #[test]
     fn a_broadcast_is_compressed_once_per_distinct_prefix() {
-        use crate::deflate::{ClientContext, Negotiated};
+        use crate::deflate::Negotiated;
         let f = Fixture::new();
-        let negotiated = |server_window_bits| {
-            Some(Negotiated {
-                server_window_bits,
-                client: ClientContext::Reset,
-            })
-        };
+        let negotiated = |server_window_bits| Some(Negotiated { server_window_bits });
         let connect = |deflate| {
             let worker = f.workers.pick().unwrap();
             f.hub
@@ -592,12 +587,11 @@ mod tests {
 
     #[test]
     fn short_messages_go_out_uncompressed() {
-        use crate::deflate::{ClientContext, Negotiated, MIN_COMPRESS_SIZE};
+        use crate::deflate::{Negotiated, MIN_COMPRESS_SIZE};
         let f = Fixture::new();
         let worker = f.workers.pick().unwrap();
         let deflate = Some(Negotiated {
             server_window_bits: 15,
-            client: ClientContext::Reset,
         });
         let a = f
             .hub

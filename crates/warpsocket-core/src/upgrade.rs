@@ -59,9 +59,8 @@ pub(crate) async fn upgrade(
         refuse(stream, shared, Refusal::new(503, "no worker is available")).await;
         return None;
     };
-    // The server always asks for client_no_context_takeover: what clients
-    // send is inflated by the I/O thread's shared inflater, and no
-    // connection keeps inflate state (about 48 KiB each otherwise).
+    // The answer always asks for client_no_context_takeover: see
+    // deflate::negotiate.
     let (deflate, extensions) = shared
         .config
         .compression
@@ -70,7 +69,7 @@ pub(crate) async fn upgrade(
                 .headers
                 .iter()
                 .find(|(name, _)| name == "sec-websocket-extensions")?;
-            deflate::negotiate(offers, false)
+            deflate::negotiate(offers)
         })
         .flatten()
         .unzip();
