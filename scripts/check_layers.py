@@ -1,14 +1,27 @@
-"""Fail when the modules of a Rust crate import each other in a cycle.
+"""Fail when the modules of a Rust crate use each other out of layer order.
 
 Reads every module file under the crate's ``src`` (``lib.rs``, the crate
 root, is left out: it only declares and re-exports), finds the modules each
 one refers to (``crate::a::b``, ``super::x``, ``self::x`` and the names of
-its own child modules), and reports every strongly connected group of two or
-more modules. Test code counts too: a test that reaches up a layer is a
-cycle like any other.
+its own child modules), and reports:
+
+* every strongly connected group of two or more modules (a cycle);
+* when ``lib.rs`` declares its layers, every use of a module that is not
+  below the user in that order, and every module missing from the list or
+  listed but absent.
+
+The layer list is the part of ``lib.rs``'s doc comment between the lines
+``//! <!-- layers -->`` and ``//! <!-- /layers -->``: numbered items
+(``1.``, ``2.``, ...), lowest layer first, each naming its modules in
+backticks (``cluster::wire`` for a child module); text outside backticks is
+for the reader. The rule: a module may use the modules of every layer below
+its own, and those listed before it in its own layer. The list thus reads as
+one order, lowest first, which is what makes it sound: any use allowed goes
+strictly down that order, so no cycle can pass. Test code counts too: a
+test that reaches up a layer breaks the order like any other use.
 
 Usage: ``python scripts/check_layers.py [SRC_DIR]`` (default: the engine
-crate's ``src``). Exits 1 and lists the cycles when there are any.
+crate's ``src``). Exits 1 and lists the problems when there are any.
 """
 
 from __future__ import annotations
@@ -136,6 +149,50 @@ def module_graph(src: Path) -> dict[tuple[str, ...], set[tuple[str, ...]]]:
     return graph
 
 
+_LAYERS = re.compile(r"<!--\s*layers\s*-->(.*?)<!--\s*/layers\s*-->", re.DOTALL)
+_ITEM = re.compile(r"^\s*\d+\.\s", re.MULTILINE)
+
+
+def layers(lib_rs: str) -> list[list[tuple[str, ...]]] | None:
+    """The layer list of ``lib.rs``'s doc comment, lowest first; None if absent.
+
+    Each layer is its modules in the order listed.
+    """
+    doc = "\n".join(line.strip()[3:] for line in lib_rs.splitlines() if line.strip().startswith("//!"))
+    block = _LAYERS.search(doc)
+    if block is None:
+        return None
+    items = _ITEM.split(block.group(1))[1:]
+    return [[tuple(name.split("::")) for name in re.findall(r"`(\w+(?:::\w+)*)`", item)] for item in items]
+
+
+def order_violations(
+    graph: dict[tuple[str, ...], set[tuple[str, ...]]], listed: list[list[tuple[str, ...]]]
+) -> list[str]:
+    """What breaks the layer order: a use not below the user, a module missing or unknown."""
+    rank: dict[tuple[str, ...], tuple[int, int]] = {}
+    problems = []
+    for layer, names in enumerate(listed, start=1):
+        for position, name in enumerate(names):
+            if name in rank:
+                problems.append(f"{'::'.join(name)} is listed twice")
+            rank.setdefault(name, (layer, position))
+    for name in sorted(set(rank) - set(graph)):
+        problems.append(f"{'::'.join(name)} is listed in the layers but is no module of the crate")
+    for name in sorted(set(graph) - set(rank)):
+        problems.append(f"{'::'.join(name)} is missing from the layers of lib.rs")
+    for user in sorted(graph):
+        for used in sorted(graph[user]):
+            if user in rank and used in rank and rank[used] >= rank[user]:
+                higher = rank[used][0] > rank[user][0]
+                where = "a higher layer" if higher else "its own layer, listed after it"
+                problems.append(
+                    f"{'::'.join(user)} (layer {rank[user][0]}) uses {'::'.join(used)} "
+                    f"(layer {rank[used][0]}): {where}"
+                )
+    return problems
+
+
 def cycles(graph: dict[tuple[str, ...], set[tuple[str, ...]]]) -> list[list[tuple[str, ...]]]:
     """The strongly connected components with more than one module (Tarjan)."""
     index: dict[tuple[str, ...], int] = {}
@@ -172,7 +229,7 @@ def cycles(graph: dict[tuple[str, ...], set[tuple[str, ...]]]) -> list[list[tupl
 
 
 def main(argv: list[str]) -> int:
-    """Checks the crate at ``argv[0]`` (or the engine crate); 1 on a cycle."""
+    """Checks the crate at ``argv[0]`` (or the engine crate); 1 on a cycle or a use out of order."""
     src = Path(argv[0]) if argv else DEFAULT_SRC
     graph = module_graph(src)
     found = cycles(graph)
@@ -183,7 +240,12 @@ def main(argv: list[str]) -> int:
         for m in component:
             inside = sorted("::".join(u) for u in graph[m] if u in members)
             sys.stderr.write(f"  {'::'.join(m)} uses {', '.join(inside)}\n")
-    return 1 if found else 0
+    lib_rs = src / "lib.rs"
+    listed = layers(lib_rs.read_text(encoding="utf-8")) if lib_rs.exists() else None
+    problems = order_violations(graph, listed) if listed is not None else []
+    for problem in problems:
+        sys.stderr.write(f"layer order in {src}: {problem}\n")
+    return 1 if found or problems else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import queue
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -547,6 +548,83 @@ def test_unreachable_redis_fails_start_and_leaves_nothing_running(write_worker):
         warpsocket.set_key("local", "yes")
         assert warpsocket.get_key("local") == b"yes"
         warpsocket.set_key("local")
+
+
+class MuteSubscriber:
+    """A fake Redis server that answers commands (INCR gives node 1) but never a SUBSCRIBE.
+
+    A node can connect and take a number, but never starts listening.
+    """
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        self.subscribes = 0
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        reader = conn.makefile("rb")
+        try:
+            while True:
+                command = self._read_command(reader)
+                if command is None:
+                    return
+                name = command[0].upper() if command else b""
+                if name == b"SUBSCRIBE":
+                    self.subscribes += 1
+                elif name == b"INCR":
+                    conn.sendall(b":1\r\n")
+                elif name == b"PING":
+                    conn.sendall(b"+PONG\r\n")
+                else:
+                    conn.sendall(b"+OK\r\n")
+        except OSError:
+            return
+
+    @staticmethod
+    def _read_command(reader):
+        """One RESP array of bulk strings, as clients send commands; None at the end."""
+        header = reader.readline()
+        if not header.startswith(b"*"):
+            return None
+        args = []
+        for _ in range(int(header[1:])):
+            length = int(reader.readline()[1:])
+            args.append(reader.read(length + 2)[:-2])
+        return args
+
+    def close(self):
+        self.listener.close()
+        for conn in self.connections:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_node_that_cannot_subscribe_fails_start_in_bounded_time(write_worker):
+    """Serving before the node listens would lose messages: the join fails instead."""
+    worker = write_worker(CONTROL_WORKER, name="control_worker.py")
+    fake = MuteSubscriber()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match="pub/sub subscriptions"):
+            warpsocket.start("127.0.0.1:0", worker, cluster=fake.url)
+        assert time.monotonic() - started < 15
+        assert fake.subscribes >= 1
+    finally:
+        fake.close()
+    assert warpsocket.stats()["node_id"] == 0
+    wait_no_warpsocket_threads()
 
 
 @pytest.mark.timeout(240)

@@ -81,7 +81,9 @@ class Options:
         ping_interval: Annotated[float, "seconds between keepalive pings"] = 20.0,
         ping_timeout: Annotated[float, "seconds to wait for a keepalive answer (else 1011)"] = 20.0,
         max_pending_upgrades: Annotated[
-            int, "connections allowed in their handshake at once; the longest-waiting makes room"
+            int,
+            "connections allowed in their handshake at once; when full, the longest-waiting"
+            " handshake of the address holding the most makes room",
         ] = 1024,
         metrics_bind: Annotated[
             str | None,

@@ -1,20 +1,17 @@
 //! Channels: for each name, the socket ids subscribed and their reference
 //! counts. Sharded by name so unrelated channels never share a lock.
 //!
-//! Knows ids only as numbers; uses `ids` for the id-keyed map.
+//! Knows ids only as numbers.
 
 use std::collections::hash_map::Entry;
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use parking_lot::{RwLock, RwLockReadGuard};
 
 use crate::ids::IdMap;
-
-const SHARDS: usize = 64;
+use crate::shards::Shards;
 
 /// What a count change did to a subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,9 +30,7 @@ pub(crate) enum Change {
 type Subscribers = IdMap<u64>;
 
 pub(crate) struct Channels {
-    /// Random hashing: channel names may come from clients.
-    hasher: RandomState,
-    shards: Box<[RwLock<HashMap<Bytes, Subscribers>>]>,
+    shards: Shards<RwLock<HashMap<Bytes, Subscribers>>>,
     /// Socket/channel pairs with a positive count.
     pairs: AtomicUsize,
     /// Channels with at least one subscription.
@@ -45,8 +40,7 @@ pub(crate) struct Channels {
 impl Default for Channels {
     fn default() -> Self {
         Channels {
-            hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            shards: Shards::default(),
             pairs: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
         }
@@ -54,13 +48,9 @@ impl Default for Channels {
 }
 
 impl Channels {
-    fn shard(&self, name: &[u8]) -> &RwLock<HashMap<Bytes, Subscribers>> {
-        &self.shards[self.hasher.hash_one(name) as usize % SHARDS]
-    }
-
     /// Adds `delta` to `id`'s count on `name`, never going below 0.
     pub(crate) fn update(&self, name: &Bytes, id: u64, delta: i64) -> Change {
-        let mut shard = self.shard(name).write();
+        let mut shard = self.shards.shard(name).write();
         if delta > 0 {
             let (stored, subscribers, first) = match shard.entry(name.clone()) {
                 Entry::Occupied(entry) => (entry.key().clone(), entry.into_mut(), false),
@@ -105,13 +95,13 @@ impl Channels {
     /// The ids subscribed to `name`, read under the channel's shard lock.
     pub(crate) fn subscribers<'a>(&'a self, name: &'a [u8]) -> ChannelView<'a> {
         ChannelView {
-            shard: self.shard(name).read(),
+            shard: self.shards.shard(name).read(),
             name,
         }
     }
 
     pub(crate) fn contains(&self, name: &[u8]) -> bool {
-        self.shard(name).read().contains_key(name)
+        self.shards.shard(name).read().contains_key(name)
     }
 
     /// Every channel with at least one subscription.

@@ -1,11 +1,6 @@
 //! One connection's task: the upgrade, then the open connection — reading
 //! frames into worker events, writing the outbox, the close handshake — in a
 //! single task so an idle connection costs one small future and no buffers.
-//!
-//! Owns [`Task`] (the connection's state machine) and [`Connection`]. May use
-//! the upgrade, the server context, the engine side (engine, dispatch,
-//! socket, stats), frame, keepalive and tls (its stream); only the server
-//! builds on it.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -19,7 +14,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use crate::context::{Handshake, LiveGuard};
+use crate::admission::Handshake;
+use crate::clock;
+use crate::context::LiveGuard;
 use crate::dispatch::{Payload, ReadAt, PAUSE_READING_AT, RESUME_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
 use crate::read_buffer;
@@ -210,7 +207,7 @@ impl Connection {
             guard.socket.deflate().is_some(),
         );
         // From now on the server's keepalive sweep pings it.
-        guard.socket.keepalive.start(shared.id, shared.clock.now());
+        guard.socket.keepalive.start(clock::now_ms());
         let mut conn = Connection {
             stream,
             guard,

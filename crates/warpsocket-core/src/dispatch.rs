@@ -9,22 +9,23 @@
 //! (and switched to) for every few events of one pass over ready connections.
 //!
 //! Also the flow control between a connection's reader and its worker (the
-//! thresholds below, and [`Backlog`], which a connection implements) and the
-//! answer to an upgrade event ([`Verdict`]).
+//! thresholds below, and [`Backlog`], which a connection implements).
 //!
-//! Uses `wakeup` only: the connections it queues events for are seen
-//! through [`Backlog`], and the types here are generic over them (`socket`
-//! names the instances the crate uses, for its `Socket`).
+//! The connections it queues events for are seen through [`Backlog`], and
+//! the types here are generic over them (`socket` names the instances the
+//! crate uses, for its `Socket`), so the queues sit below the sockets.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::clock::{self, now_ms};
+use crate::verdict::OpenRequest;
 use crate::wakeup::Wakeup;
 
 /// At this many outstanding events a connection stops being read, and frames
@@ -63,13 +64,6 @@ pub fn flush_wakeups() {
     }
 }
 
-/// `handle_open`'s answer: accept, or the HTTP status to refuse with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Accept,
-    Refuse(u16),
-}
-
 /// The connection an event belongs to, as its worker queue sees it: an id,
 /// and a count of its events not yet handled that paces its reader (see
 /// [`PAUSE_READING_AT`]).
@@ -96,14 +90,6 @@ pub enum Payload {
     Close,
 }
 
-/// The upgrade request `handle_open` is asked about.
-#[derive(Debug, PartialEq, Eq)]
-pub struct OpenRequest {
-    pub ip: String,
-    pub path: String,
-    pub headers: Vec<(String, String)>,
-}
-
 /// Something a worker's handlers must see, in the order it happened.
 pub struct Event<S> {
     socket: Arc<S>,
@@ -119,19 +105,8 @@ impl<S: Backlog> Event<S> {
     }
 }
 
-/// Time since the process-wide monotonic clock's start.
-fn clock() -> Duration {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed()
-}
-
-/// Milliseconds on the process-wide clock; 0 is reserved for "never".
-fn now_ms() -> u64 {
-    clock().as_millis() as u64 + 1
-}
-
-/// A moment on the process-wide clock in microseconds, wrapping every 71
-/// minutes: 4 bytes in every queued event rather than an `Instant`'s 16.
+/// A moment on the process's clock (`clock`) in microseconds, wrapping
+/// every 71 minutes: 4 bytes in every queued event rather than an `Instant`'s 16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadAt(u32);
 
@@ -140,7 +115,7 @@ impl ReadAt {
     /// frames that read brought.
     pub fn now() -> Self {
         // Truncation is the wrap-around.
-        ReadAt(clock().as_micros() as u32)
+        ReadAt(clock::elapsed().as_micros() as u32)
     }
 
     /// Time from `self` to `later`; right for spans under 71 minutes.

@@ -4,8 +4,6 @@
 //! names another node. [`Engine::route`] is the one place that decides
 //! which; the key/value store sits behind [`KvBackend`], so the in-process
 //! store is out of reach while Redis holds the cluster's.
-//!
-//! Uses `hub`, `cluster`, and the leaves (`kv`, `stats`, `errors`).
 
 use std::sync::Arc;
 
@@ -14,7 +12,6 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::cluster::Cluster;
-use crate::dispatch::Verdict;
 use crate::errors::{JoinError, Unreachable, VirtualError};
 use crate::frame::Kind;
 use crate::hub::{Hub, Target};
@@ -22,6 +19,7 @@ use crate::kv::Kv;
 use crate::registry::MAX_PREFIX;
 use crate::socket::Socket;
 use crate::stats::Counters;
+use crate::verdict::Verdict;
 
 #[derive(Default)]
 pub struct Engine {

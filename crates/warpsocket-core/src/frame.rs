@@ -12,8 +12,6 @@
 //! set is compressed: the decoder inflates it whole (see [`Decoder`]) and the
 //! encoder can compress a message once for all its recipients
 //! ([`encode_compressed`]).
-//!
-//! Uses only the `deflate` leaf.
 
 use std::fmt;
 use std::io::Cursor;

@@ -9,12 +9,8 @@
 //! Lock order, to stay deadlock-free: a socket's links, then a channel shard,
 //! then registry shards, then an outbox. Nothing is held while calling out
 //! (to the log, or to the watcher).
-//!
-//! Uses `registry`, `channels`, `socket`, `dispatch` (the upgrade verdict)
-//! and the leaves (`ids`, `links`, `frame`, `deflate`, `stats`, `errors`).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -23,15 +19,15 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::channels::{Change, Channels};
-use crate::deflate::MIN_COMPRESS_SIZE;
-use crate::dispatch::Verdict;
 use crate::errors::VirtualError;
 use crate::frame::{self, Kind};
+use crate::frames::Frames;
 use crate::ids::{IdGenerator, IdMap};
 use crate::links::Links;
 use crate::registry::{Entry, Prefix, Registry, VirtualSocket, MAX_PREFIX};
 use crate::socket::{Queued, Socket};
 use crate::stats::Counters;
+use crate::verdict::Verdict;
 
 /// One element of a send or subscribe target.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -431,91 +427,6 @@ impl Hub {
     }
 }
 
-/// The frames of one message being sent, each encoded at most once however
-/// many recipients get it: the plain frame, the compressed one for the
-/// recipients that negotiated permessage-deflate (compressed without context
-/// takeover, so the same frame serves them all), and both again for each
-/// distinct prefix of the virtual sockets it goes through.
-struct Frames<'a> {
-    kind: Kind,
-    payload: &'a [u8],
-    plain: Forms,
-    prefixed: HashMap<Prefix, Forms>,
-    /// Counts each deflate run as it happens, before the frame is queued,
-    /// so a client that has the frame can already see the count.
-    compressions: &'a AtomicU64,
-}
-
-/// One message's frame, and its compressed frame once a recipient wanted it
-/// (`Some(None)`: it was not worth compressing).
-struct Forms {
-    plain: Bytes,
-    compressed: Option<Option<Bytes>>,
-}
-
-impl<'a> Frames<'a> {
-    fn new(kind: Kind, payload: &'a [u8], compressions: &'a AtomicU64) -> Self {
-        Frames {
-            kind,
-            payload,
-            plain: Forms::new(frame::encode_message(kind, payload)),
-            prefixed: HashMap::new(),
-            compressions,
-        }
-    }
-
-    /// The frame for `socket`, reached through a virtual socket with `prefix`.
-    fn for_socket(&mut self, socket: &Socket, prefix: Option<Prefix>) -> &Bytes {
-        let Frames {
-            kind,
-            payload,
-            plain,
-            prefixed,
-            compressions,
-        } = self;
-        let (kind, prefix, forms) = match prefix {
-            None => (*kind, Prefix::new(), plain),
-            Some(prefix) => {
-                let kind = prefixed_kind(*kind, &prefix);
-                let forms = prefixed
-                    .entry(prefix.clone())
-                    .or_insert_with(|| Forms::new(frame::encode_prefixed(kind, &prefix, payload)));
-                (kind, prefix, forms)
-            }
-        };
-        let len = prefix.len() + payload.len();
-        if len < MIN_COMPRESS_SIZE || !socket.deflate().is_some_and(|n| n.fits_window(len)) {
-            return &forms.plain;
-        }
-        forms
-            .compressed
-            .get_or_insert_with(|| {
-                Counters::add(compressions, 1);
-                frame::encode_compressed(kind, &prefix, payload)
-            })
-            .as_ref()
-            .unwrap_or(&forms.plain)
-    }
-}
-
-impl Forms {
-    fn new(plain: Bytes) -> Self {
-        Forms {
-            plain,
-            compressed: None,
-        }
-    }
-}
-
-/// The kind of a prefixed copy of a message. Text stays text only when the
-/// prefix is valid UTF-8, so no client ever receives invalid text.
-fn prefixed_kind(kind: Kind, prefix: &[u8]) -> Kind {
-    match kind {
-        Kind::Text if std::str::from_utf8(prefix).is_err() => Kind::Binary,
-        kind => kind,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
@@ -601,14 +512,9 @@ mod tests {
 
     #[test]
     fn a_broadcast_is_compressed_once_per_distinct_prefix() {
-        use crate::deflate::{ClientContext, Negotiated};
+        use crate::deflate::Negotiated;
         let f = Fixture::new();
-        let negotiated = |server_window_bits| {
-            Some(Negotiated {
-                server_window_bits,
-                client: ClientContext::Reset,
-            })
-        };
+        let negotiated = |server_window_bits| Some(Negotiated { server_window_bits });
         let connect = |deflate| {
             let worker = f.workers.pick().unwrap();
             f.hub
@@ -681,12 +587,11 @@ mod tests {
 
     #[test]
     fn short_messages_go_out_uncompressed() {
-        use crate::deflate::{ClientContext, Negotiated, MIN_COMPRESS_SIZE};
+        use crate::deflate::{Negotiated, MIN_COMPRESS_SIZE};
         let f = Fixture::new();
         let worker = f.workers.pick().unwrap();
         let deflate = Some(Negotiated {
             server_window_bits: 15,
-            client: ClientContext::Reset,
         });
         let a = f
             .hub

@@ -1,23 +1,19 @@
-//! Keepalive state: the three small atomics each connection keeps so that
-//! one sweep task per server can ping it, and the rule of when a ping is due
-//! or the connection has failed.
+//! Keepalive state: the three small atomics (last ping, heard, deaf) each
+//! connection keeps so that one sweep task per server can ping it, and the
+//! rule of when a ping is due or the connection has failed.
 //!
 //! A per-connection timer would cost every connection a timer entry in its
 //! task for its whole life; the atomics cost 16 bytes. A leaf: uses nothing
 //! of the crate.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use tokio::time::Instant;
-
-/// One connection's keepalive state. Times are milliseconds on the server's
-/// clock ([`Clock`]); 0 means the connection is not open yet.
+/// One connection's keepalive state. Times are milliseconds on the process's
+/// clock (`clock::now_ms`); 0 means the connection is not open yet.
 #[derive(Default)]
 pub(crate) struct Keepalive {
     /// When the last ping was sent, or when the connection opened.
     last_ping: AtomicU64,
-    /// The server whose sweep looks after this connection.
-    server: AtomicU32,
     /// The peer sent something since the last ping (true before the first).
     heard: AtomicBool,
     /// Its reader was paused by flow control and has not drained the socket
@@ -47,9 +43,8 @@ pub(crate) fn due(now: u64, last: u64, heard: bool, interval: u64, timeout: u64)
 
 impl Keepalive {
     /// The connection is open: its first ping is due `interval` from `now`.
-    pub(crate) fn start(&self, server: u32, now: u64) {
+    pub(crate) fn start(&self, now: u64) {
         self.heard.store(true, Ordering::Relaxed);
-        self.server.store(server, Ordering::Relaxed);
         self.last_ping.store(now, Ordering::Release);
     }
 
@@ -77,16 +72,10 @@ impl Keepalive {
         }
     }
 
-    pub(crate) fn check(
-        &self,
-        server: u32,
-        now: u64,
-        interval: u64,
-        timeout: u64,
-    ) -> Option<Action> {
+    pub(crate) fn check(&self, now: u64, interval: u64, timeout: u64) -> Option<Action> {
         let deaf = self.deaf.load(Ordering::Acquire);
         let last = self.last_ping.load(Ordering::Acquire);
-        if last == 0 || self.server.load(Ordering::Relaxed) != server {
+        if last == 0 {
             return None;
         }
         match due(
@@ -106,19 +95,6 @@ impl Keepalive {
     pub(crate) fn pinged(&self, now: u64) {
         self.heard.store(false, Ordering::Relaxed);
         self.last_ping.store(now, Ordering::Release);
-    }
-}
-
-/// Milliseconds since the server started, never 0.
-pub(crate) struct Clock(Instant);
-
-impl Clock {
-    pub(crate) fn new() -> Self {
-        Clock(Instant::now())
-    }
-
-    pub(crate) fn now(&self) -> u64 {
-        self.0.elapsed().as_millis() as u64 + 1
     }
 }
 
@@ -145,35 +121,34 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_is_swept_only_once_open_and_by_its_server() {
+    fn a_connection_is_swept_only_once_open() {
         let k = Keepalive::default();
-        assert_eq!(k.check(1, 10_000, 100, 100), None, "not open yet");
-        k.start(1, 50);
-        assert_eq!(k.check(2, 10_000, 100, 100), None, "another server's");
-        assert_eq!(k.check(1, 150, 100, 100), Some(Action::Ping));
+        assert_eq!(k.check(10_000, 100, 100), None, "not open yet");
+        k.start(50);
+        assert_eq!(k.check(150, 100, 100), Some(Action::Ping));
         k.pinged(150);
         k.heard();
-        assert_eq!(k.check(1, 249, 100, 100), None);
+        assert_eq!(k.check(249, 100, 100), None);
         k.pinged(250);
-        assert_eq!(k.check(1, 350, 100, 100), Some(Action::Fail));
+        assert_eq!(k.check(350, 100, 100), Some(Action::Fail));
     }
 
     #[test]
     fn a_paused_reader_does_not_fail_until_it_drained_the_socket() {
         let k = Keepalive::default();
-        k.start(1, 50);
+        k.start(50);
         k.pinged(150);
         k.deaf();
         assert_eq!(
-            k.check(1, 10_000, 100, 100),
+            k.check(10_000, 100, 100),
             None,
             "paused: unheard, not silent"
         );
         k.listening();
-        assert_eq!(k.check(1, 10_000, 100, 100), Some(Action::Fail));
+        assert_eq!(k.check(10_000, 100, 100), Some(Action::Fail));
         k.deaf();
         k.heard();
         k.listening();
-        assert_eq!(k.check(1, 10_000, 100, 100), Some(Action::Ping));
+        assert_eq!(k.check(10_000, 100, 100), Some(Action::Ping));
     }
 }

@@ -1,47 +1,39 @@
 //! The process-wide key/value store: sharded maps, each key linearizable
 //! because every operation on it runs under its shard's lock.
 //!
-//! A leaf: it uses no other module of the crate. Only the engine holds one,
+//! Only the engine holds one,
 //! behind its kv backend, so that a cluster node never reaches it.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-const SHARDS: usize = 64;
+use crate::shards::Shards;
 
 pub struct Kv {
-    hasher: RandomState,
-    shards: Box<[Mutex<HashMap<Bytes, Bytes>>]>,
+    shards: Shards<Mutex<HashMap<Bytes, Bytes>>>,
     len: AtomicUsize,
 }
 
 impl Default for Kv {
     fn default() -> Self {
         Kv {
-            hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shards: Shards::default(),
             len: AtomicUsize::new(0),
         }
     }
 }
 
 impl Kv {
-    fn shard(&self, key: &[u8]) -> &Mutex<HashMap<Bytes, Bytes>> {
-        &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
-    }
-
     pub fn get(&self, key: &[u8]) -> Option<Bytes> {
-        self.shard(key).lock().get(key).cloned()
+        self.shards.shard(key).lock().get(key).cloned()
     }
 
     /// Stores `value` (or deletes the key when `None`); returns the previous value.
     pub fn set(&self, key: &[u8], value: Option<&[u8]>) -> Option<Bytes> {
-        let mut shard = self.shard(key).lock();
+        let mut shard = self.shards.shard(key).lock();
         let previous = match value {
             Some(v) => shard.insert(Bytes::copy_from_slice(key), Bytes::copy_from_slice(v)),
             None => shard.remove(key),
@@ -53,7 +45,7 @@ impl Kv {
     /// Compare-and-set: when the current value equals `check` (`None`: the key
     /// is absent), store `new` (`None`: delete). Returns whether it happened.
     pub fn set_if(&self, key: &[u8], new: Option<&[u8]>, check: Option<&[u8]>) -> bool {
-        let mut shard = self.shard(key).lock();
+        let mut shard = self.shards.shard(key).lock();
         if shard.get(key).map(|v| v.as_ref()) != check {
             return false;
         }

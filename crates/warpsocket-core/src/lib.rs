@@ -3,20 +3,35 @@
 //!
 //! Nothing here knows about Python; `warpsocket-py` binds it.
 //!
-//! The modules form layers, each using only those below it (checked by
-//! `scripts/check_layers.py`):
-//! 1. leaves: `frame`, `handshake`, `config`, `ids`, `links`, `kv`, `stats`,
-//!    `wakeup`, `errors`, `keepalive` (per-connection state), `static_files`,
-//!    `read_buffer`;
-//! 2. `dispatch`, then `socket`, then `registry` and `channels`;
+//! The modules form layers, listed below lowest first. A module uses only
+//! the modules of the layers below its own and those listed before it in
+//! its own layer, so the list reads as one order: every use goes down it.
+//! `scripts/check_layers.py` checks that, and that every module is listed,
+//! reading the list between the `layers` markers (each module's name in
+//! backticks, nothing else in backticks there).
+//!
+//! <!-- layers -->
+//! 1. the pieces the rest builds on: `clock`, `shards`, `config`, `ids`,
+//!    `links`, `kv`, `stats`, `wakeup`, `errors`, `keepalive`
+//!    (per-connection state), `static_files`, `read_buffer`, `handshake`,
+//!    `deflate`, then `frame`;
+//! 2. `verdict` (the upgrade's question and answer), `dispatch` (the worker
+//!    queues), then `socket`, then `registry` and `channels`, then `frames`
+//!    (one message's frames for many recipients);
 //! 3. `hub`: this process's sockets and channels, and the operations on them;
-//! 4. `cluster`: the same operations across the nodes of a cluster;
+//! 4. `cluster::wire`, `cluster::link`, then `cluster`: the same operations
+//!    across the nodes of a cluster;
 //! 5. `engine`: the façade that routes each call to the hub or the cluster;
-//! 6. the server side, which serves connections into the engine: `context`
-//!    (what a server's tasks share), then `upgrade`, then `connection` (one
-//!    connection's task), and `sweep` (keepalive); `server` on top.
+//! 6. the server side, which serves connections into the engine:
+//!    `request_head` and `tls` (before the WebSocket upgrade), `admission`
+//!    (who may hold a handshake slot), `context` (what a server's tasks
+//!    share), then `upgrade`, then `connection` (one connection's task),
+//!    and `sweep` (keepalive); `server` on top.
+//! <!-- /layers -->
 
+mod admission;
 mod channels;
+mod clock;
 pub mod cluster;
 pub mod config;
 mod connection;
@@ -26,6 +41,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod errors;
 pub mod frame;
+mod frames;
 pub mod handshake;
 mod hub;
 mod ids;
@@ -34,17 +50,20 @@ pub mod kv;
 mod links;
 mod read_buffer;
 mod registry;
+mod request_head;
 pub mod server;
+mod shards;
 pub mod socket;
 pub mod static_files;
 pub mod stats;
 mod sweep;
 pub mod tls;
 mod upgrade;
+mod verdict;
 mod wakeup;
 
 pub use config::{Config, Handlers};
-pub use dispatch::{OpenRequest, Payload, Verdict};
+pub use dispatch::Payload;
 pub use engine::Engine;
 pub use errors::{JoinError, Unreachable, VirtualError};
 pub use frame::Kind;
@@ -52,4 +71,5 @@ pub use hub::Target;
 pub use registry::MAX_PREFIX;
 pub use server::Server;
 pub use socket::{Event, WorkerQueue, Workers};
+pub use verdict::{OpenRequest, Verdict};
 pub use wakeup::Wakeup;

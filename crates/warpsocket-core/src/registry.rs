@@ -3,8 +3,6 @@
 //!
 //! Ids are handed out in sequence, so the low bits spread consecutive
 //! connections over the shards; a send locks one shard for reading only.
-//!
-//! Uses `socket` (what a connection id names), `links` and `ids`.
 
 use std::sync::Arc;
 
@@ -13,9 +11,8 @@ use parking_lot::RwLock;
 
 use crate::ids::IdMap;
 use crate::links::Links;
+use crate::shards::Shards;
 use crate::socket::Socket;
-
-const SHARDS: usize = 64;
 
 /// Up to 15 bytes prepended to every message a virtual socket receives.
 pub(crate) type Prefix = Bytes;
@@ -46,33 +43,22 @@ pub(crate) struct VirtualSocket {
     pub(crate) links: Links,
 }
 
+#[derive(Default)]
 pub struct Registry {
-    shards: Box<[RwLock<IdMap<Entry>>]>,
-}
-
-impl Default for Registry {
-    fn default() -> Self {
-        Registry {
-            shards: (0..SHARDS).map(|_| RwLock::new(IdMap::default())).collect(),
-        }
-    }
+    shards: Shards<RwLock<IdMap<Entry>>>,
 }
 
 impl Registry {
-    fn shard(&self, id: u64) -> &RwLock<IdMap<Entry>> {
-        &self.shards[id as usize % SHARDS]
-    }
-
     pub(crate) fn insert(&self, id: u64, entry: Entry) {
-        self.shard(id).write().insert(id, entry);
+        self.shards.shard_of_id(id).write().insert(id, entry);
     }
 
     pub(crate) fn remove(&self, id: u64) -> Option<Entry> {
-        self.shard(id).write().remove(&id)
+        self.shards.shard_of_id(id).write().remove(&id)
     }
 
     pub(crate) fn get(&self, id: u64) -> Option<Entry> {
-        self.shard(id).read().get(&id).cloned()
+        self.shards.shard_of_id(id).read().get(&id).cloned()
     }
 
     /// Follows virtual sockets to the connection `id` resolves to, and the
@@ -80,7 +66,7 @@ impl Registry {
     pub(crate) fn resolve(&self, mut id: u64) -> Option<(Arc<Socket>, Option<Prefix>)> {
         let mut prefix: Option<Prefix> = None;
         loop {
-            let shard = self.shard(id).read();
+            let shard = self.shards.shard_of_id(id).read();
             match shard.get(&id)? {
                 Entry::Real(socket) => return Some((socket.clone(), prefix)),
                 Entry::Virtual(v) => {

@@ -1,9 +1,5 @@
 //! A running server: the tokio runtime, its listeners, its workers; it
 //! starts the accept loops and the keepalive sweep, and shuts them down.
-//!
-//! The top of the server side: may use the connection task, the sweep, the
-//! server context, the engine side (engine, dispatch), config, frame,
-//! static_files and tls. Nothing in the crate uses it.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};

@@ -3,14 +3,17 @@
 //! failing with 1011 those silent for `ping_timeout` after their ping. A ping
 //! or a timeout therefore fires up to one tick late (never early).
 //!
-//! May use the server context, keepalive (the per-connection state and its
-//! rule), frame and socket; the server spawns it.
+//! It walks every connection of the engine: one server runs per process
+//! (`warpsocket.start()` refuses a second while one runs, and a stopped
+//! server's connections are gone from the engine once its shutdown returns),
+//! so those are the server's own.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
 
+use crate::clock;
 use crate::context::Shared;
 use crate::frame::{self, close_code};
 use crate::keepalive::Action;
@@ -40,9 +43,9 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             _ = ticker.tick() => {}
             _ = shared.stopping() => return,
         }
-        let now = shared.clock.now();
+        let now = clock::now_ms();
         shared.engine.for_each_connection(|socket| {
-            if let Some(action) = socket.keepalive.check(shared.id, now, interval, timeout) {
+            if let Some(action) = socket.keepalive.check(now, interval, timeout) {
                 due.push((socket.clone(), action));
             }
         });

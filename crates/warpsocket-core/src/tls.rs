@@ -16,11 +16,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::ParsedCertificate;
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{InconsistentKeys, ServerConfig};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::handshake::{self, Refusal};
+use crate::request_head;
 
 /// The server side of an established TLS connection.
 pub type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
@@ -28,12 +29,6 @@ pub type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 /// `start()`'s argument names, as the errors report them.
 const CERT: &str = "tls_cert";
 const KEY: &str = "tls_key";
-
-/// Most bytes of a plain-HTTP request read before answering it with 400:
-/// enough for any request head, so the connection can be closed with nothing
-/// left unread (unread bytes would turn the close into a reset that may
-/// destroy the 400 before the client reads it).
-const MAX_PLAIN_REQUEST_BYTES: usize = 16 * 1024;
 
 /// The answer to plain HTTP (e.g. a `ws://` client) on a TLS port: a 400 the
 /// client can show, never a 101 or a 426.
@@ -202,15 +197,14 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// Reads the request head, so the close after the 400 leaves nothing unread,
-/// then answers. Best effort: errors just end the connection.
+/// Reads the request head, so the close after the 400 leaves nothing unread
+/// (unread bytes would turn the close into a reset that may destroy the 400
+/// before the client reads it), then answers. Whatever the head says, and
+/// if it is too large or not HTTP after all, the answer is the same 400.
+/// Best effort: errors just end the connection.
 async fn answer_plain_http(mut tcp: TcpStream) {
-    let mut head = Vec::with_capacity(2048);
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_PLAIN_REQUEST_BYTES {
-        match tcp.read_buf(&mut head).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
+    if let Ok(Ok(None)) | Err(_) = request_head::read(&mut tcp).await {
+        return;
     }
     if tcp
         .write_all(&handshake::refusal_response(PLAIN_HTTP))
@@ -439,6 +433,7 @@ mod tests {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     use rustls::pki_types::ServerName;
     use rustls::{CertificateError, ClientConfig, RootCertStore};
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
     use tokio::time::Instant;
     use tokio_rustls::TlsConnector;

@@ -4,35 +4,28 @@
 //! and writes 101 or the refusal.
 //!
 //! Owns the handshake I/O and [`SocketGuard`], the registration every
-//! upgraded connection keeps until it ends. May use the server context, the
-//! engine side (engine, dispatch, socket), handshake, deflate (negotiation),
-//! tls and static_files; the open connection builds on it.
+//! upgraded connection keeps until it ends.
 
-use std::future::{poll_fn, Future};
-use std::io;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::BufMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::context::{Handshake, LiveGuard, Shared};
+use crate::admission::Handshake;
+use crate::context::{LiveGuard, Shared};
 use crate::deflate;
-use crate::dispatch::{OpenRequest, Payload, ReadAt, Verdict};
+use crate::dispatch::{Payload, ReadAt};
 use crate::handshake::{self, Refusal, Request};
-use crate::read_buffer;
+use crate::request_head;
 use crate::socket::Socket;
 use crate::tls::{AcceptError, Stream, PLAIN_HTTP};
+use crate::verdict::{OpenRequest, Verdict};
 
-/// Most bytes an upgrade request may have.
-const MAX_REQUEST_BYTES: usize = 16 * 1024;
-/// Bytes read at most at a time while reading the request.
-const REQUEST_READ: usize = 2048;
 /// How long to wait for the peer's close frame (or for our last bytes to be
 /// written) before dropping the TCP connection.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -66,9 +59,8 @@ pub(crate) async fn upgrade(
         refuse(stream, shared, Refusal::new(503, "no worker is available")).await;
         return None;
     };
-    // The server always asks for client_no_context_takeover: what clients
-    // send is inflated by the I/O thread's shared inflater, and no
-    // connection keeps inflate state (about 48 KiB each otherwise).
+    // The answer always asks for client_no_context_takeover: see
+    // deflate::negotiate.
     let (deflate, extensions) = shared
         .config
         .compression
@@ -77,7 +69,7 @@ pub(crate) async fn upgrade(
                 .headers
                 .iter()
                 .find(|(name, _)| name == "sec-websocket-extensions")?;
-            deflate::negotiate(offers, false)
+            deflate::negotiate(offers)
         })
         .flatten()
         .unzip();
@@ -167,7 +159,7 @@ async fn read_upgrade(
         }
     };
     let read = tokio::select! {
-        r = tokio::time::timeout_at(deadline, read_request(&mut stream)) => r,
+        r = tokio::time::timeout_at(deadline, request_head::read(&mut stream)) => r,
         _ = shared.stopping() => return None,
     };
     let (request, early) = match read {
@@ -206,10 +198,21 @@ fn plain_http(
         let Some(files) = shared.static_files.clone() else {
             return refuse(stream, shared, handshake::WEBSOCKET_ONLY).await;
         };
-        let Ok(response) =
-            tokio::task::spawn_blocking(move || files.respond(&method, &path, &headers)).await
-        else {
-            return;
+        let response = match tokio::task::spawn_blocking(move || {
+            files.respond(&method, &path, &headers)
+        })
+        .await
+        {
+            Ok(response) => response,
+            Err(e) => {
+                // A panic is a bug in the static-file code: say so, rather
+                // than only drop the connection. Cancelled: the runtime
+                // is shutting down, nothing to report.
+                if e.is_panic() {
+                    log::warn!(target: "warpsocket", "static file response panicked, connection dropped: {e}");
+                }
+                return;
+            }
         };
         let _ = tokio::time::timeout(shared.config.handshake_timeout, async {
             stream.write_all(&response).await?;
@@ -219,79 +222,10 @@ fn plain_http(
     })
 }
 
-/// Reads until a whole request is in. Returns it with what the client sent
-/// after it; `Ok(None)`: the peer closed.
-async fn read_request(
-    stream: &mut Stream,
-) -> io::Result<Result<Option<(Request, Vec<u8>)>, Refusal>> {
-    let mut buf = match poll_fn(|cx| poll_first_read(stream, cx)).await? {
-        FirstRead::Closed => return Ok(Ok(None)),
-        FirstRead::Done(parsed) => return Ok(parsed.map(Some)),
-        FirstRead::Partial(buf) => buf,
-    };
-    loop {
-        let before = buf.len();
-        buf.reserve(REQUEST_READ);
-        // At most a chunk at a time (the Vec may have grown by more), so an
-        // oversized request is seen as such before it is complete.
-        let read = stream.read_buf(&mut (&mut buf).limit(REQUEST_READ)).await?;
-        if read == 0 {
-            return Ok(Ok(None));
-        }
-        // A client trickling its request a byte at a time would otherwise
-        // cost a parse of everything so far per packet.
-        if !handshake::may_end_head(&buf, before) {
-            if buf.len() > MAX_REQUEST_BYTES {
-                return Ok(Err(handshake::TOO_LARGE));
-            }
-            continue;
-        }
-        match handshake::parse(&buf) {
-            Ok(Some((request, used))) => return Ok(Ok(Some((request, buf.split_off(used))))),
-            Ok(None) if buf.len() > MAX_REQUEST_BYTES => return Ok(Err(handshake::TOO_LARGE)),
-            Ok(None) => {}
-            Err(refusal) => return Ok(Err(refusal)),
-        }
-    }
-}
-
-/// What the first read of a request brought.
-enum FirstRead {
-    Closed,
-    /// The whole request (with the bytes after it), or why it is refused.
-    Done(Result<(Request, Vec<u8>), Refusal>),
-    /// The start of a request, to be read on.
-    Partial(Vec<u8>),
-}
-
-/// The first read goes into the I/O thread's read buffer, and is parsed
-/// there (so what is not HTTP at all is refused at once). A request that
-/// arrives whole, as nearly all do, never gets a buffer of its own: with
-/// thousands of handshakes at once, freed per-connection buffers would be
-/// left between the connections' long-lived allocations, and the heap's
-/// pages with them (about 100 bytes of RSS per connection at 10,000 connections).
-fn poll_first_read(stream: &mut Stream, cx: &mut Context<'_>) -> Poll<io::Result<FirstRead>> {
-    read_buffer::with(|scratch| {
-        let mut read = ReadBuf::new(&mut scratch[..REQUEST_READ]);
-        let polled = Pin::new(&mut *stream).poll_read(cx, &mut read);
-        let bytes = read.filled();
-        polled.map_ok(|()| {
-            if bytes.is_empty() {
-                return FirstRead::Closed;
-            }
-            match handshake::parse(bytes) {
-                Ok(Some((request, used))) => FirstRead::Done(Ok((request, bytes[used..].to_vec()))),
-                Ok(None) => FirstRead::Partial(bytes.to_vec()),
-                Err(refusal) => FirstRead::Done(Err(refusal)),
-            }
-        })
-    })
-}
-
 /// Answers with an HTTP error and ends the connection. Boxed: its state (a
 /// timer and the write) would otherwise sit in every pending handshake's
 /// future, a transient allocation that, like a request buffer (see
-/// [`poll_first_read`]), leaves holes among the connections' long-lived ones.
+/// `request_head`), leaves holes among the connections' long-lived ones.
 fn refuse(
     mut stream: Stream,
     shared: &Shared,

@@ -118,9 +118,16 @@ impl Server {
     fn shutdown(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
         let timeout = convert::seconds(timeout.max(0.0), "timeout")?;
         gil::run(py, Work::Long, || {
-            if let Ok(mut server) = self.inner.lock() {
-                server.shutdown(timeout);
-            }
+            // A poisoned lock means an earlier call panicked while holding it.
+            // Shutting down must still happen, or the runtime, its listeners
+            // and every connection stay up: the core server's shutdown only
+            // takes what is there, so it is safe on whatever state the panic
+            // left.
+            let mut server = self.inner.lock().unwrap_or_else(|poisoned| {
+                log::warn!(target: "warpsocket", "server state poisoned by an earlier panic; shutting down anyway");
+                poisoned.into_inner()
+            });
+            server.shutdown(timeout);
         });
         Ok(())
     }

@@ -2,8 +2,8 @@
 //! that keeps the pub/sub connection (reconnecting and re-subscribing with
 //! backoff) and hands on what other nodes send.
 //!
-//! Uses `wire` and the hub; it knows its node only through [`Listener`] and
-//! the `apply` callback, so that it sits below `cluster/mod.rs`.
+//! It knows its node only through [`Listener`] and the `apply` callback, so
+//! that it sits below `cluster/mod.rs`.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -107,7 +107,8 @@ impl ChannelWatcher for Interest {
 impl Cluster {
     /// Connects to Redis at `url`, takes a node number and starts listening;
     /// from then on the hub's new ids carry the node number. Fails when
-    /// Redis cannot be reached now.
+    /// Redis cannot be reached now, or does not take the node's pub/sub
+    /// subscriptions in time (the Redis tasks are stopped again then).
     pub(crate) fn join(hub: &Arc<Hub>, url: &str) -> Result<Arc<Cluster>, JoinError> {
         let client = redis::Client::open(url).map_err(|e| JoinError::BadUrl {
             url: url.to_owned(),
@@ -170,9 +171,17 @@ impl Cluster {
             stop_rx,
             ready,
         ));
-        // Serving before the node listens would lose the first messages for it.
-        let _ = handle.block_on(async { tokio::time::timeout(REDIS_TIMEOUT, subscribed).await });
+        // Serving before the node listens would lose the first messages for
+        // it: a node that cannot subscribe in time has not joined.
+        let listening =
+            handle.block_on(async { tokio::time::timeout(REDIS_TIMEOUT, subscribed).await });
         *cluster.runtime.lock() = Some(runtime);
+        if !matches!(listening, Ok(Ok(()))) {
+            cluster.leave(hub);
+            return Err(unreachable(format!(
+                "node {node} did not get its pub/sub subscriptions within {REDIS_TIMEOUT:?}"
+            )));
+        }
         Ok(cluster)
     }
 

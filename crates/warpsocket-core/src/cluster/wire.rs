@@ -4,8 +4,6 @@
 //! Every message is one Redis payload; integers are big-endian, variable
 //! parts (payloads, names, reasons) run to the end or carry a length.
 //! Decoding never trusts the input: anything short or unknown is `None`.
-//!
-//! Uses `frame` (the message kinds) only.
 
 use bytes::{BufMut, Bytes, BytesMut};
 

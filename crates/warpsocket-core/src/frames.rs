@@ -1,0 +1,103 @@
+//! The frames of one message on its way to many recipients, each form
+//! encoded (and compressed) at most once however many get it.
+//!
+//! A broadcast to thousands of sockets must cost one encoding and one
+//! deflate run, not one per recipient: the recipients share the frame's
+//! bytes, and only the variants some of them need (compressed, prefixed by a
+//! virtual socket) are made, on first demand.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+
+use bytes::Bytes;
+
+use crate::deflate::MIN_COMPRESS_SIZE;
+use crate::frame::{self, Kind};
+use crate::registry::Prefix;
+use crate::socket::Socket;
+use crate::stats::Counters;
+
+/// The frames of one message being sent, each encoded at most once however
+/// many recipients get it: the plain frame, the compressed one for the
+/// recipients that negotiated permessage-deflate (compressed without context
+/// takeover, so the same frame serves them all), and both again for each
+/// distinct prefix of the virtual sockets it goes through.
+pub(crate) struct Frames<'a> {
+    kind: Kind,
+    payload: &'a [u8],
+    plain: Forms,
+    prefixed: HashMap<Prefix, Forms>,
+    /// Counts each deflate run as it happens, before the frame is queued,
+    /// so a client that has the frame can already see the count.
+    compressions: &'a AtomicU64,
+}
+
+/// One message's frame, and its compressed frame once a recipient wanted it
+/// (`Some(None)`: it was not worth compressing).
+struct Forms {
+    plain: Bytes,
+    compressed: Option<Option<Bytes>>,
+}
+
+impl<'a> Frames<'a> {
+    pub(crate) fn new(kind: Kind, payload: &'a [u8], compressions: &'a AtomicU64) -> Self {
+        Frames {
+            kind,
+            payload,
+            plain: Forms::new(frame::encode_message(kind, payload)),
+            prefixed: HashMap::new(),
+            compressions,
+        }
+    }
+
+    /// The frame for `socket`, reached through a virtual socket with `prefix`.
+    pub(crate) fn for_socket(&mut self, socket: &Socket, prefix: Option<Prefix>) -> &Bytes {
+        let Frames {
+            kind,
+            payload,
+            plain,
+            prefixed,
+            compressions,
+        } = self;
+        let (kind, prefix, forms) = match prefix {
+            None => (*kind, Prefix::new(), plain),
+            Some(prefix) => {
+                let kind = prefixed_kind(*kind, &prefix);
+                let forms = prefixed
+                    .entry(prefix.clone())
+                    .or_insert_with(|| Forms::new(frame::encode_prefixed(kind, &prefix, payload)));
+                (kind, prefix, forms)
+            }
+        };
+        let len = prefix.len() + payload.len();
+        if len < MIN_COMPRESS_SIZE || !socket.deflate().is_some_and(|n| n.fits_window(len)) {
+            return &forms.plain;
+        }
+        forms
+            .compressed
+            .get_or_insert_with(|| {
+                Counters::add(compressions, 1);
+                frame::encode_compressed(kind, &prefix, payload)
+            })
+            .as_ref()
+            .unwrap_or(&forms.plain)
+    }
+}
+
+impl Forms {
+    fn new(plain: Bytes) -> Self {
+        Forms {
+            plain,
+            compressed: None,
+        }
+    }
+}
+
+/// The kind of a prefixed copy of a message. Text stays text only when the
+/// prefix is valid UTF-8, so no client ever receives invalid text.
+fn prefixed_kind(kind: Kind, prefix: &[u8]) -> Kind {
+    match kind {
+        Kind::Text if std::str::from_utf8(prefix).is_err() => Kind::Binary,
+        kind => kind,
+    }
+}
