@@ -25,8 +25,7 @@ from ._core import (
     subscribe,
     unsubscribe,
 )
-from .server import Server, run, start
-from .stats import stats
+from .server import Server, run, start, stats
 from .worker import WorkerRetired
 
 try:
