@@ -25,6 +25,7 @@ from ._core import (
     subscribe,
     unsubscribe,
 )
+from .codes import CloseCode, RefusalStatus
 from .server import Server, run, start, stats
 from .worker import WorkerRetired
 
@@ -34,6 +35,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "CloseCode",
+    "RefusalStatus",
     "Server",
     "WorkerRetired",
     "close",
