@@ -19,7 +19,11 @@ import pytest
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_helper import promtool_check_metrics, running_prometheus
-from warpsocket.metrics import BINARY, BUCKETS, CLOSE, OPEN, TEXT, MetricsServer, parse_bind
+from warpsocket.addresses import parse_bind
+from warpsocket.codes import HandlerKind
+from warpsocket.metrics import BUCKETS, MetricsServer
+
+OPEN, TEXT, BINARY, CLOSE = HandlerKind
 
 
 class FakeStats:

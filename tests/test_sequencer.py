@@ -6,11 +6,10 @@ import random
 from collections import Counter, defaultdict
 
 import pytest
-from warpsocket._core import EVENT_BINARY as BINARY
-from warpsocket._core import EVENT_CLOSE as CLOSE
-from warpsocket._core import EVENT_OPEN as OPEN
-from warpsocket._core import EVENT_TEXT as TEXT
+from warpsocket.codes import HandlerKind
 from warpsocket.sequencer import Sequencer
+
+OPEN, TEXT, BINARY, CLOSE = HandlerKind
 
 
 class Holds:

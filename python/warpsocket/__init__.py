@@ -25,8 +25,8 @@ from ._core import (
     subscribe,
     unsubscribe,
 )
-from .server import Server, run, start
-from .stats import stats
+from .codes import CloseCode, RefusalStatus
+from .server import Server, run, start, stats
 from .worker import WorkerRetired
 
 try:
@@ -35,6 +35,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "CloseCode",
+    "RefusalStatus",
     "Server",
     "WorkerRetired",
     "close",

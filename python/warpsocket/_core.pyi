@@ -1,6 +1,6 @@
 """Type stubs for the native module built from crates/warpsocket-py."""
 
-from typing import Any, Literal, TypeAlias, final, overload
+from typing import Any, TypeAlias, final, overload
 
 __all__ = [
     "Server",
@@ -22,16 +22,28 @@ __all__ = [
     "leave_cluster",
     "log_fd",
     "take_log_records",
-    "EVENT_OPEN",
-    "EVENT_TEXT",
-    "EVENT_BINARY",
-    "EVENT_CLOSE",
+    "DRAIN_BATCH",
+    "HANDLER_KINDS",
+    "CLOSE_CODES",
+    "REFUSAL_STATUSES",
+    "STATS_FIELDS",
+    "DEFAULT_BIND",
 ]
 
-EVENT_OPEN: int
-EVENT_TEXT: int
-EVENT_BINARY: int
-EVENT_CLOSE: int
+#: Events a worker takes from its queue per drain.
+DRAIN_BATCH: int
+#: ``(name, kind)`` of each handler kind, the ``kind`` of the queue's events (``warpsocket.codes``).
+HANDLER_KINDS: tuple[tuple[str, int], ...]
+#: ``(name, code)`` of each close code the server sends, and ``NO_CODE`` (1005).
+CLOSE_CODES: tuple[tuple[str, int], ...]
+#: ``(name, status)`` of each HTTP status an upgrade request is refused with.
+REFUSAL_STATUSES: tuple[tuple[str, int], ...]
+#: ``(key, metric type, label, help)`` of each key of :func:`counters`, in its order:
+#: type ``"gauge"`` or ``"counter"``, label the name of a counter's label (its value a
+#: dict by code) or None.
+STATS_FIELDS: tuple[tuple[str, str, str | None, str], ...]
+#: The address a server binds when none is given.
+DEFAULT_BIND: str
 
 _Name: TypeAlias = str | bytes | bytearray | memoryview
 _Target: TypeAlias = int | _Name | list[int | _Name]
@@ -97,15 +109,19 @@ class WorkerQueue:
     def fileno(self) -> int:
         """The descriptor that becomes readable when events wait."""
     @overload
-    def drain(self, max: int | None = None, timed: Literal[False] = False) -> list[tuple[int, int, Any]]:
+    def drain(self, max: int | None = None, read_clock: None = None) -> list[tuple[int, int, Any]]:
         """Take the waiting events (at most ``max``) as ``(kind, socket_id, payload)``.
 
         When more wait, the descriptor stays readable. They count against their
         connections' backlogs until :meth:`settle` (or the next drain).
         """
     @overload
-    def drain(self, max: int | None, timed: Literal[True]) -> list[tuple[int, int, Any, float]]:
-        """Like the above, with the seconds since each event was read as a fourth item."""
+    def drain(self, max: int | None, read_clock: float) -> list[tuple[int, int, tuple[Any, float]]]:
+        """Like the above, each payload as ``(payload, read_at)``.
+
+        ``read_at`` is when the event was read, on the clock that gave ``read_clock``
+        just before this call.
+        """
     def settle(self) -> None:
         """The events last drained have run or are held: they stop counting."""
     def hold(self, socket_id: int) -> None:
@@ -151,6 +167,6 @@ class HandlerTimings:
 
     def __new__(cls, bounds: list[float] | tuple[float, ...]) -> HandlerTimings: ...
     def record(self, kind: int, waited: float, ran: float) -> None:
-        """Count one call of handler ``kind`` (0-3: open, text, binary, close); one thread only."""
+        """Count one call of handler ``kind`` (see ``HANDLER_KINDS``); one thread only."""
     def snapshot(self) -> tuple[_Histogram, _Histogram]:
         """``(wait, ran)``, each ``(counts, sums)`` per kind; counts per bucket, +Inf last."""

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from ._core import DEFAULT_BIND
 from .config import TUNABLES, default_threads
 from .server import run
 
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--bind",
         action="append",
         metavar="ADDR",
-        help="address to listen on, e.g. 127.0.0.1:3000 or [::1]:3000 (repeatable; default 127.0.0.1:3000)",
+        help=f"address to listen on, e.g. 127.0.0.1:3000 or [::1]:3000 (repeatable; default {DEFAULT_BIND})",
     )
     parser.add_argument(
         "--threads",
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tunables = {tunable.name: getattr(args, tunable.name) for tunable in TUNABLES}
     try:
         run(
-            bind=args.bind or ["127.0.0.1:3000"],
+            bind=args.bind or [DEFAULT_BIND],
             worker=args.worker,
             threads=args.threads,
             worker_arg=args.worker_arg,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ParamSpec, TypeVar
 
-from .metrics import parse_bind
+from .addresses import parse_bind
 
 MiB = 1024 * 1024
 #: Default of the two size limits.

@@ -35,13 +35,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from ._core import HandlerTimings
+from ._core import STATS_FIELDS, HandlerTimings
+from .addresses import format_address, parse_bind
+from .codes import HandlerKind
 
 logger = logging.getLogger("warpsocket")
-
-#: Handler kinds, in the order of the ``kind`` index that ``HandlerTimings.record`` takes.
-HANDLER_KINDS: tuple[str, ...] = ("open", "text", "binary", "close")
-OPEN, TEXT, BINARY, CLOSE = range(len(HANDLER_KINDS))
 
 #: Upper bounds (seconds) of the histogram buckets. Python handlers of a fast server
 #: take tens of microseconds, a slow one (database, network) up to seconds; the
@@ -69,47 +67,13 @@ BUCKETS: tuple[float, ...] = (
 )
 _BUCKET_LABELS = tuple(floatToGoString(b) for b in BUCKETS) + ("+Inf",)  # type: ignore[no-untyped-call]
 
-# stats() ints that only ever grow: exposed as counters ``warpsocket_<key>_total``.
-# Every other int of stats() is a gauge ``warpsocket_<key>``.
-_COUNTER_KEYS = frozenset(
-    {
-        "messages_in",
-        "messages_out",
-        "bytes_in",
-        "bytes_out",
-        "backpressure_closes",
-        "messages_compressed",
-        "worker_retirements",
-        "cluster_messages_in",
-        "cluster_messages_out",
-        "cluster_send_failures",
-    }
-)
+# The keys of stats() (all but "workers") with how each is exposed, from the engine's
+# one table: a counter becomes ``warpsocket_<key>_total`` (labelled by code when its
+# value is a dict), a gauge ``warpsocket_<key>``.
+_COUNTER_KEYS = frozenset(key for key, kind, label, _ in STATS_FIELDS if kind == "counter" and label is None)
 # stats() dicts of counters by one label: key -> label name.
-_LABELLED_COUNTERS = {"handshakes_refused": "status", "closes": "code"}
-
-_HELP = {
-    "connections": "Open WebSocket connections.",
-    "virtual_sockets": "Live virtual sockets.",
-    "channels": "Channels with at least one subscription.",
-    "subscriptions": "Socket/channel subscription pairs.",
-    "keys": "Keys in the key/value store (absent while Redis cannot be asked).",
-    "messages_in": "Messages received from clients.",
-    "messages_out": "Frames queued to clients.",
-    "bytes_in": "Payload bytes received from clients.",
-    "bytes_out": "Payload bytes queued to clients.",
-    "backpressure_closes": "Connections closed with 1008 for exceeding max_backpressure.",
-    "messages_compressed": "Outgoing messages deflated (once per broadcast, not per recipient).",
-    "worker_retirements": "Hung workers retired and replaced.",
-    "node_id": "This node's cluster id (0 outside a cluster).",
-    "redis_connected": "1 while the cluster's Redis connection is up, else 0.",
-    "cluster_messages_in": "Messages received from other cluster nodes through Redis.",
-    "cluster_messages_out": "Messages handed to Redis for other cluster nodes.",
-    "cluster_send_failures": "Cross-node sends lost because Redis was unreachable.",
-    "handshakes_refused": "Upgrade requests answered with a status other than 101.",
-    "closes": "Close frames the server sent, by close code.",
-}
-_GAUGES_ALWAYS = ("connections", "virtual_sockets", "channels", "subscriptions", "keys")
+_LABELLED_COUNTERS = {key: label for key, _, label, _ in STATS_FIELDS if label is not None}
+_HELP = {key: help_text for key, _, _, help_text in STATS_FIELDS}
 
 
 class StatsCollector(Collector):
@@ -142,11 +106,13 @@ class StatsCollector(Collector):
 
     def describe(self) -> Iterable[Metric]:
         """The families this collector always or usually yields (for duplicate checks)."""
-        families: list[Metric] = [GaugeMetricFamily(f"warpsocket_{k}", _HELP[k]) for k in _GAUGES_ALWAYS]
-        families += [
-            CounterMetricFamily(f"warpsocket_{k}", _HELP[k])
-            for k in ("messages_in", "messages_out", "bytes_in", "bytes_out", "backpressure_closes")
-        ]
+        families: list[Metric] = []
+        for key, kind, label, help_text in STATS_FIELDS:
+            if kind == "counter":
+                labels = [label] if label is not None else None
+                families.append(CounterMetricFamily(f"warpsocket_{key}", help_text, labels=labels))
+            else:
+                families.append(GaugeMetricFamily(f"warpsocket_{key}", help_text))
         families += self._worker_families()
         families += self._histograms([])
         return families
@@ -205,27 +171,14 @@ class StatsCollector(Collector):
         for family, which in ((wait, 0), (duration, 1)):
             counts = [snapshot[which][0] for snapshot in snapshots]
             sums = [snapshot[which][1] for snapshot in snapshots]
-            for kind, name in enumerate(HANDLER_KINDS):
+            for kind in HandlerKind:
+                name = kind.name.lower()
                 cumulative, buckets = 0, []
                 for i, label in enumerate(_BUCKET_LABELS):
                     cumulative += sum(worker[kind][i] for worker in counts)
                     buckets.append((label, cumulative))
                 family.add_metric([name], buckets, sum(worker[kind] for worker in sums))
         return [duration, wait]
-
-
-def parse_bind(bind: str) -> tuple[str, int]:
-    """Split ``"host:port"`` or ``"[v6]:port"`` into host and port; ``ValueError`` if malformed."""
-    if not isinstance(bind, str):
-        raise TypeError(f"metrics_bind must be a str like '127.0.0.1:9100', not {type(bind).__name__}")
-    host, sep, port = bind.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        host = ""  # an IPv6 address needs brackets: "[::1]:9100"
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"metrics_bind must look like '127.0.0.1:9100' or '[::1]:9100', got {bind!r}")
-    return host, int(port)
 
 
 class _RequestHandler(WSGIRequestHandler):
@@ -320,7 +273,7 @@ class MetricsServer:
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="warpsocket-metrics"
         )
         self._thread.start()
-        logger.info("metrics on http://%s/metrics", _format_address(self.address))
+        logger.info("metrics on http://%s/metrics", format_address(*self.address))
 
     @property
     def address(self) -> tuple[str, int]:
@@ -383,8 +336,3 @@ class MetricsServer:
 
 # A tuple, copied into each response's list: wsgiref adds Content-Length to the list it gets.
 _TEXT = (("Content-Type", "text/plain; charset=utf-8"),)
-
-
-def _format_address(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -21,7 +21,10 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._core import EVENT_CLOSE
+from .codes import HandlerKind
+
+# A plain int: compared with each event's int kind.
+EVENT_CLOSE = int(HandlerKind.CLOSE)
 
 
 class _Connection:

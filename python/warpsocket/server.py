@@ -8,17 +8,15 @@ import signal
 import threading
 import time
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
 
 from . import _core, logbridge
+from .addresses import format_address
 from .config import Options, check_seconds, takes_options
 from .metrics import MetricsServer
-from .stats import stats
+from .stats import Stats, WorkerStats
 from .supervisor import Supervisor
 from .worker import Worker
-
-if TYPE_CHECKING:
-    from .stats import WorkerStats
 
 logger = logging.getLogger("warpsocket")
 
@@ -229,9 +227,32 @@ def _release(server: Server) -> None:
             _running = None
 
 
-def running_server() -> Server | None:
-    """The server running in this process, if any."""
-    return _running
+def stats() -> Stats:
+    """Return a snapshot of the server's counters (API.md §3).
+
+    Keys: ``connections`` (open connections), ``virtual_sockets``, ``channels`` (with
+    at least one subscription), ``subscriptions`` (socket/channel pairs), ``keys``,
+    ``messages_in``, ``messages_out`` (frames queued to clients), ``bytes_in``,
+    ``bytes_out`` (payload bytes, uncompressed), ``backpressure_closes``,
+    ``messages_compressed`` (outgoing messages deflated with ``compression=True``: a
+    broadcast counts once, however many recipients get it compressed), and ``workers``:
+    one dict per live worker with ``id``, ``connections`` and ``queue_depth``.
+
+    Cluster mode adds ``node_id`` (0 outside a cluster), ``cluster_messages_out``
+    (messages handed to Redis for other nodes), ``cluster_messages_in`` (received from
+    them) and ``cluster_send_failures`` (cross-node sends lost because Redis was
+    unreachable); ``keys`` then counts the keys in Redis, -1 while Redis cannot be asked.
+    It also adds ``redis_connected``: 1 while the connection to Redis is up, else 0.
+
+    For the metrics (API.md §11): ``worker_retirements`` (hung workers retired),
+    ``handshakes_refused`` ({HTTP status: upgrade requests answered with it instead of
+    101}) and ``closes`` ({close code: close frames the server sent, its own and its
+    answers to the client's; 1005 for one without a code}).
+    """
+    running = _running
+    workers = running.stats_workers() if running is not None else []
+    # The core's dict has every key of Stats but "workers" (crates/warpsocket-py, counters()).
+    return cast(Stats, {**_core.counters(), "workers": workers})
 
 
 @takes_options
@@ -287,7 +308,7 @@ def _start(options: Options) -> Server:
         _running = server
         if metrics is not None:
             metrics.set_serving()
-    where = ", ".join(f"{_format_host(h)}:{p}" for h, p in server.addresses)
+    where = ", ".join(format_address(h, p) for h, p in server.addresses)
     logger.info("warpsocket listening on %s with %d workers", where, options.threads)
     return server
 
@@ -338,10 +359,6 @@ def _start_joined(options: Options, metrics: MetricsServer | None) -> Server:
 def _timings(metrics: MetricsServer | None) -> _core.HandlerTimings | None:
     """A new worker's handler timings; None (nothing recorded) without metrics."""
     return metrics.worker_timings() if metrics is not None else None
-
-
-def _format_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 @takes_options

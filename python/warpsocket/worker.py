@@ -3,14 +3,16 @@
 Each worker thread loads its own instance of the worker module, runs its own
 asyncio loop, and runs the handlers of its connections in order. The core
 signals a descriptor when events wait; the loop drains them in batches of up
-to ``DRAIN_BATCH``.
+to ``DRAIN_BATCH`` (the core's ``_core.DRAIN_BATCH``).
 A connection whose handler is awaiting keeps a backlog, so its events still
 run one after another while other connections go on.
 
 With metrics on, each handler call's queue wait (from the read of its frame to
 its start) and duration (for an async handler, until it was awaited) go into
-the worker's own ``_core.HandlerTimings``; with metrics off,
-the drain loop is the same as without them.
+the worker's own ``_core.HandlerTimings``. There is one drain loop either way:
+what differs is bound when the worker starts (the handler call it makes, and
+whether the drain reports read times), so with metrics off the loop does
+nothing per event that it would not do without metrics.
 """
 
 from __future__ import annotations
@@ -30,17 +32,24 @@ from types import ModuleType
 from typing import Any
 
 from . import _core
+from .codes import CloseCode, HandlerKind, RefusalStatus
 from .config import Options
 from .sequencer import Sequencer
 
 logger = logging.getLogger("warpsocket")
 
-OPEN, TEXT, BINARY, CLOSE = _core.EVENT_OPEN, _core.EVENT_TEXT, _core.EVENT_BINARY, _core.EVENT_CLOSE
+# Plain ints in the hot loop: comparing an event's int kind with them is the
+# cheapest comparison there is.
+OPEN, TEXT, BINARY, CLOSE = (int(kind) for kind in HandlerKind)
 
-# Events taken per drain. When thousands of connections send at once, the
-# worker converts and runs them in slices of this size instead of holding them
-# all as Python objects; the descriptor stays readable while more wait.
-DRAIN_BATCH = 1024
+# The clock of the handler timings (a global: one lookup less per timed call).
+_clock = time.perf_counter
+
+# Events taken per drain (the core keeps room for this many between drains).
+# When thousands of connections send at once, the worker converts and runs them
+# in slices of this size instead of holding them all as Python objects; the
+# descriptor stays readable while more wait.
+DRAIN_BATCH = _core.DRAIN_BATCH
 
 HANDLER_NAMES = (
     "handle_start",
@@ -148,6 +157,14 @@ class Worker(threading.Thread):
         self._timeout = options.handler_timeout
         # Written by this thread only (see HandlerTimings); None: metrics are off.
         self._timings = timings
+        # Bound once when the thread starts (see run()), so the drain loop never
+        # asks whether metrics are on. With metrics off, events are
+        # (kind, sid, payload) and a handler call is _run; with metrics on, the
+        # drain passes the clock so each payload is (payload, read_at), and a
+        # handler call is _timed_call, which records its timings.
+        self._call: Callable[[int, int, Any], Awaitable[Any] | None] = self._run
+        self._read_clock: Callable[[], float] | None = None
+        self._record: Callable[[int, float, float], None] = _no_record
 
     # -- thread body ---------------------------------------------------------
 
@@ -178,6 +195,10 @@ class Worker(threading.Thread):
         self._on_text = self.handlers["handle_text_message"]
         self._on_binary = self.handlers["handle_binary_message"]
         self._on_close = self.handlers["handle_close"]
+        if self._timings is not None:
+            self._record = self._timings.record
+            self._call = self._timed_call
+            self._read_clock = _clock
         loop.add_reader(self.queue.fileno(), self._on_events)
         for orphaned in self.inherited:
             loop.add_reader(orphaned.fileno(), self._on_inherited_events, orphaned)
@@ -247,24 +268,24 @@ class Worker(threading.Thread):
         Drained events count as handled in the core once settled, after the batch;
         the sequencer holds one that has to wait behind an awaited handler, or that
         starts one, until done, so a connection's backlog stays bounded (the core
-        stops reading it).
+        stops reading it). With metrics on, an event that waits in the sequencer
+        carries its read time with it in its payload.
         """
         if self.retired:
             return
-        if self._timings is not None:
-            self._on_events_timed(batch, self._timings)
-            return
         sequencer = self._sequencer
         tracked, arrive, ran = sequencer.tracked, sequencer.arrive, sequencer.ran
-        run = self._run
+        call = self._call
         queue = self.queue
+        read_clock = self._read_clock
         try:
-            for kind, sid, payload in queue.drain(batch):
+            events = queue.drain(batch) if read_clock is None else queue.drain(batch, read_clock())
+            for kind, sid, payload in events:
                 self.picked_up += 1
                 # Most apps have no connection waiting on an async handler: skip the calls.
                 if tracked and not arrive(kind, sid, payload):
                     continue
-                pending = run(kind, sid, payload)
+                pending = call(kind, sid, payload)
                 if pending is not None:
                     ran(kind, sid, True)
                     self._spawn(self._drive(sid, kind, pending))
@@ -273,38 +294,26 @@ class Worker(threading.Thread):
         finally:
             queue.settle()
 
-    def _on_events_timed(self, batch: int | None, timings: _core.HandlerTimings) -> None:
-        """``_on_events`` that also records each handler call's queue wait and duration.
+    def _timed_call(self, kind: int, sid: int, timed: tuple[Any, float]) -> Awaitable[Any] | None:
+        """``_run`` with metrics on: records the call's queue wait and duration.
 
-        An event that waits in the sequencer carries its read time with it, as
-        ``(payload, read_at)``; ``_drive`` unpacks it.
+        ``timed`` is ``(payload, read_at)``. An awaitable handler's timings are
+        recorded when it has been awaited (see :meth:`_timed_await`).
         """
-        sequencer = self._sequencer
-        tracked, arrive, ran = sequencer.tracked, sequencer.arrive, sequencer.ran
-        run, record, clock = self._run, timings.record, time.perf_counter
-        queue = self.queue
-        drained_at = clock()
+        payload, read_at = timed
+        start = _clock()
+        pending = self._run(kind, sid, payload)
+        if pending is None:
+            self._record(kind, start - read_at, _clock() - start)
+            return None
+        return self._timed_await(kind, pending, read_at, start)
+
+    async def _timed_await(self, kind: int, pending: Awaitable[Any], read_at: float, start: float) -> Any:
+        """Await ``pending``, then record its timings however it ended (timeout included)."""
         try:
-            events = queue.drain(batch, timed=True)
-            # One clock read per event: a handler's end is the next one's start.
-            start = clock()
-            for kind, sid, payload, age in events:
-                self.picked_up += 1
-                read_at = drained_at - age
-                if tracked and not arrive(kind, sid, (payload, read_at)):
-                    continue
-                pending = run(kind, sid, payload)
-                end = clock()
-                if pending is not None:
-                    ran(kind, sid, True)
-                    self._spawn(self._drive(sid, kind, pending, (read_at, start)))
-                else:
-                    record(kind, start - read_at, end - start)
-                    if tracked:
-                        ran(kind, sid, False)
-                start = end
+            return await pending
         finally:
-            queue.settle()
+            self._record(kind, start - read_at, _clock() - start)
 
     def _on_inherited_events(self, orphaned: _core.WorkerQueue) -> None:
         """Run ``handle_close`` for the connections of a retired worker; drop the rest.
@@ -350,8 +359,7 @@ class Worker(threading.Thread):
         try:
             result = self._on_open(sid, ip, headers)  # type: ignore[misc]
         except Exception:
-            logger.exception("handle_open for socket %d raised; refusing with 500", sid)
-            _core.resolve_open(sid, False, 500)
+            self._refuse(sid, "raised", raised=True)
             return None
         if result is not None and inspect.isawaitable(result):
             return result
@@ -360,7 +368,7 @@ class Worker(threading.Thread):
 
     def _verdict(self, sid: int, accepted: Any) -> None:
         if not accepted:
-            _core.resolve_open(sid, False, 403)
+            _core.resolve_open(sid, False, RefusalStatus.FORBIDDEN)
             self._sequencer.forget(sid)
         elif not _core.resolve_open(sid, True, 0):
             # The client left while handle_open ran: there will be no close event.
@@ -372,39 +380,23 @@ class Worker(threading.Thread):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _drive(
-        self, sid: int, kind: int, pending: Awaitable[Any], started: tuple[float, float] | None = None
-    ) -> None:
-        """Await one connection's handler, then run what waited behind it, in order.
-
-        ``started``: with metrics on, when the handler's event was read and when
-        the handler started (``time.perf_counter``).
-        """
+    async def _drive(self, sid: int, kind: int, pending: Awaitable[Any]) -> None:
+        """Await one connection's handler, then run what waited behind it, in order."""
         sequencer = self._sequencer
-        timings, clock = self._timings, time.perf_counter
+        call = self._call
         while True:
             await self._await(sid, kind, pending)
-            if timings is not None and started is not None:
-                read_at, start = started
-                timings.record(kind, start - read_at, clock() - start)
             sequencer.finished(kind, sid)
             while True:
                 event = sequencer.next(sid)
                 if event is None:
                     return
                 kind, payload = event
-                if timings is not None:
-                    payload, read_at = payload
-                    start = clock()
-                next_pending = self._run(kind, sid, payload)
+                next_pending = call(kind, sid, payload)
                 sequencer.ran(kind, sid, next_pending is not None)
                 if next_pending is not None:
                     pending = next_pending
-                    if timings is not None:
-                        started = (read_at, start)
                     break
-                if timings is not None:
-                    timings.record(kind, start - read_at, clock() - start)
 
     async def _await(self, sid: int, kind: int, pending: Awaitable[Any]) -> None:
         try:
@@ -416,9 +408,7 @@ class Worker(threading.Thread):
             raise
         except Exception:
             if kind == OPEN:
-                logger.exception("handle_open for socket %d raised; refusing with 500", sid)
-                _core.resolve_open(sid, False, 500)
-                self._sequencer.forget(sid)
+                self._refuse(sid, "raised", raised=True)
             else:
                 self._failed(sid, kind)
             return
@@ -426,21 +416,32 @@ class Worker(threading.Thread):
             self._verdict(sid, result)
 
     def _timed_out(self, sid: int, kind: int) -> None:
-        what = _EVENT_HANDLER[kind]
         if kind == OPEN:
-            logger.error(
-                "%s for socket %d timed out after %.1f s; refusing with 500",
-                what,
-                sid,
-                self._timeout,
-            )
-            _core.resolve_open(sid, False, 500)
-            self._sequencer.forget(sid)
+            self._refuse(sid, f"timed out after {self._timeout:.1f} s", raised=False)
             return
-        logger.error("%s for socket %d timed out after %.1f s; closing with 1011", what, sid, self._timeout)
+        logger.error(
+            "%s for socket %d timed out after %.1f s; closing with %d",
+            _EVENT_HANDLER[kind],
+            sid,
+            self._timeout,
+            CloseCode.INTERNAL,
+        )
         if kind != CLOSE:
             self._sequencer.fail(sid)
-            _core.close(sid, 1011, "handler timed out")
+            _core.close(sid, CloseCode.INTERNAL, "handler timed out")
+
+    def _refuse(self, sid: int, what: str, *, raised: bool) -> None:
+        """``handle_open`` raised or timed out: refuse the upgrade with 500.
+
+        Logged with the traceback when it ``raised`` (call it in the ``except``
+        block then). The sequencer forgets ``sid``: a refused connection has no
+        more events.
+        """
+        status = RefusalStatus.INTERNAL_ERROR
+        log = logger.exception if raised else logger.error
+        log("handle_open for socket %d %s; refusing with %d", sid, what, status)
+        _core.resolve_open(sid, False, status)
+        self._sequencer.forget(sid)
 
     def _failed(self, sid: int, kind: int) -> None:
         """A handler raised: log the traceback, close with 1011, drop later messages."""
@@ -448,9 +449,9 @@ class Worker(threading.Thread):
         if kind == CLOSE:
             logger.exception("%s for socket %d raised", what, sid)
             return
-        logger.exception("%s for socket %d raised; closing with 1011", what, sid)
+        logger.exception("%s for socket %d raised; closing with %d", what, sid, CloseCode.INTERNAL)
         self._sequencer.fail(sid)
-        _core.close(sid, 1011, "handler error")
+        _core.close(sid, CloseCode.INTERNAL, "handler error")
 
 
 _EVENT_HANDLER = {
@@ -459,6 +460,10 @@ _EVENT_HANDLER = {
     BINARY: "handle_binary_message",
     CLOSE: "handle_close",
 }
+
+
+def _no_record(kind: int, waited: float, ran: float) -> None:
+    """The recorder while metrics are off: never called (the timed call is not bound)."""
 
 
 def _handler(module: ModuleType, name: str) -> Callable[..., Any] | None:

@@ -45,10 +45,14 @@ pub struct Config {
     pub compression: bool,
 }
 
+/// The address a server binds when none is given (the CLI's `--bind`
+/// default, via `_core.DEFAULT_BIND`).
+pub const DEFAULT_BIND: &str = "127.0.0.1:3000";
+
 impl Default for Config {
     fn default() -> Self {
         Config {
-            bind: vec!["127.0.0.1:3000".into()],
+            bind: vec![DEFAULT_BIND.into()],
             handlers: Handlers {
                 open: false,
                 text: true,

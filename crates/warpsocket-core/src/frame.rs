@@ -25,14 +25,26 @@ use crate::deflate::{self, InflateError};
 
 /// Close codes the server sends (API.md §5).
 pub mod close_code {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const PROTOCOL: u16 = 1002;
-    pub const UNSUPPORTED: u16 = 1003;
-    pub const INVALID_DATA: u16 = 1007;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
-    pub const INTERNAL: u16 = 1011;
+    /// Defines each code and [`ALL`], the table `warpsocket.CloseCode` is
+    /// made from: a code added here reaches Python without a second list.
+    macro_rules! codes {
+        ($($name:ident = $code:literal,)*) => {
+            $(pub const $name: u16 = $code;)*
+            /// Every code above with its name.
+            pub const ALL: &[(&str, u16)] = &[$((stringify!($name), $name)),*];
+        };
+    }
+
+    codes! {
+        NORMAL = 1000,
+        GOING_AWAY = 1001,
+        PROTOCOL = 1002,
+        UNSUPPORTED = 1003,
+        INVALID_DATA = 1007,
+        POLICY = 1008,
+        TOO_BIG = 1009,
+        INTERNAL = 1011,
+    }
 }
 
 /// Largest payload of a control frame (RFC 6455 §5.5).

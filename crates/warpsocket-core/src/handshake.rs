@@ -20,6 +20,30 @@ pub struct Upgrade {
     pub accept: String,
 }
 
+/// HTTP statuses an upgrade request is refused with: by the handshake, and
+/// through `resolve_open` by the Python layer (403 when `handle_open`
+/// refuses, 500 when it fails).
+pub mod status {
+    /// Defines each status and [`ALL`], from which the response line takes
+    /// its reason phrase and `warpsocket.RefusalStatus` is made.
+    macro_rules! statuses {
+        ($($name:ident = $status:literal $phrase:literal,)*) => {
+            $(pub const $name: u16 = $status;)*
+            /// Every status above: its name, number and reason phrase.
+            pub const ALL: &[(&str, u16, &str)] = &[$((stringify!($name), $name, $phrase)),*];
+        };
+    }
+
+    statuses! {
+        BAD_REQUEST = 400 "Bad Request",
+        FORBIDDEN = 403 "Forbidden",
+        UPGRADE_REQUIRED = 426 "Upgrade Required",
+        HEADERS_TOO_LARGE = 431 "Request Header Fields Too Large",
+        INTERNAL_ERROR = 500 "Internal Server Error",
+        UNAVAILABLE = 503 "Service Unavailable",
+    }
+}
+
 /// An HTTP answer that ends the connection instead of upgrading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refusal {
@@ -33,9 +57,12 @@ impl Refusal {
     }
 }
 
-pub const TOO_LARGE: Refusal = Refusal::new(431, "request headers too large");
+pub const TOO_LARGE: Refusal = Refusal::new(status::HEADERS_TOO_LARGE, "request headers too large");
 /// The answer to a plain HTTP request when no static files are served.
-pub const WEBSOCKET_ONLY: Refusal = Refusal::new(426, "this endpoint only speaks WebSocket");
+pub const WEBSOCKET_ONLY: Refusal = Refusal::new(
+    status::UPGRADE_REQUIRED,
+    "this endpoint only speaks WebSocket",
+);
 
 /// A complete request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +85,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, Refusal> {
         Ok(httparse::Status::Complete(used)) => used,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(TOO_LARGE),
-        Err(_) => return Err(Refusal::new(400, "malformed HTTP request")),
+        Err(_) => return Err(Refusal::new(status::BAD_REQUEST, "malformed HTTP request")),
     };
     let path = req.path.unwrap_or("/").to_owned();
     let mut pairs: Vec<(String, String)> = Vec::with_capacity(req.headers.len());
@@ -95,26 +122,42 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, Refusal> {
     }
     if req.method != Some("GET") || req.version != Some(1) {
         return Err(Refusal::new(
-            400,
+            status::BAD_REQUEST,
             "a WebSocket upgrade must be an HTTP/1.1 GET",
         ));
     }
     if !has_token("connection", "upgrade") {
-        return Err(Refusal::new(400, "missing 'Connection: upgrade'"));
+        return Err(Refusal::new(
+            status::BAD_REQUEST,
+            "missing 'Connection: upgrade'",
+        ));
     }
     let Some(key) = get("sec-websocket-key").filter(|k| !k.is_empty()) else {
-        return Err(Refusal::new(400, "missing Sec-WebSocket-Key"));
+        return Err(Refusal::new(
+            status::BAD_REQUEST,
+            "missing Sec-WebSocket-Key",
+        ));
     };
     if !is_key(key) {
         return Err(Refusal::new(
-            400,
+            status::BAD_REQUEST,
             "Sec-WebSocket-Key is not base64 of 16 bytes",
         ));
     }
     match get("sec-websocket-version") {
         Some("13") => {}
-        None => return Err(Refusal::new(400, "missing Sec-WebSocket-Version")),
-        Some(_) => return Err(Refusal::new(426, "unsupported Sec-WebSocket-Version")),
+        None => {
+            return Err(Refusal::new(
+                status::BAD_REQUEST,
+                "missing Sec-WebSocket-Version",
+            ))
+        }
+        Some(_) => {
+            return Err(Refusal::new(
+                status::UPGRADE_REQUIRED,
+                "unsupported Sec-WebSocket-Version",
+            ))
+        }
     }
     let accept = derive_accept_key(key.as_bytes());
     let upgrade = Upgrade {
@@ -163,16 +206,11 @@ pub fn accept_response(upgrade: &Upgrade, extensions: Option<&str>) -> Vec<u8> {
 
 /// A complete HTTP error response that closes the connection.
 pub fn refusal_response(refusal: Refusal) -> Vec<u8> {
-    let status_text = match refusal.status {
-        400 => "Bad Request",
-        403 => "Forbidden",
-        426 => "Upgrade Required",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
-    let extra = if refusal.status == 426 {
+    let status_text = status::ALL
+        .iter()
+        .find(|&&(_, status, _)| status == refusal.status)
+        .map_or("Error", |&(_, _, phrase)| phrase);
+    let extra = if refusal.status == status::UPGRADE_REQUIRED {
         "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
     } else {
         ""

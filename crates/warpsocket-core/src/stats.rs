@@ -84,8 +84,231 @@ impl<const FIRST: u16, const N: usize> CodeCounts<FIRST, N> {
     }
 }
 
-/// Handler kinds a [`Timings`] tells apart (open, text, binary, close).
-pub const HANDLER_KINDS: usize = 4;
+/// The event a worker runs a handler for. Its number is the event kind in
+/// the worker queue's events and the kind a [`Timings`] records under, and
+/// `warpsocket.HandlerKind` is made from [`HandlerKind::ALL`]: the worker,
+/// the histograms and their `handler` label agree because they share this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum HandlerKind {
+    Open = 0,
+    Text = 1,
+    Binary = 2,
+    Close = 3,
+}
+
+impl HandlerKind {
+    /// Every kind, in the order of its number.
+    pub const ALL: [HandlerKind; 4] = [Self::Open, Self::Text, Self::Binary, Self::Close];
+
+    /// The name the Python layer gives the kind (its lower case is the
+    /// metrics' `handler` label).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Open => "OPEN",
+            Self::Text => "TEXT",
+            Self::Binary => "BINARY",
+            Self::Close => "CLOSE",
+        }
+    }
+}
+
+/// Handler kinds a [`Timings`] tells apart.
+pub const HANDLER_KINDS: usize = HandlerKind::ALL.len();
+
+/// How `warpsocket.metrics` exposes a key of `stats()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// A value that goes up and down: `warpsocket_<key>`.
+    Gauge,
+    /// A count that only grows: `warpsocket_<key>_total`.
+    Counter,
+    /// Counts by code (a dict in `stats()`): `warpsocket_<key>_total{<label>}`.
+    Labelled(&'static str),
+}
+
+impl Metric {
+    /// The Prometheus type.
+    pub const fn kind(self) -> &'static str {
+        match self {
+            Self::Gauge => "gauge",
+            Self::Counter | Self::Labelled(_) => "counter",
+        }
+    }
+
+    /// The label of a labelled counter.
+    pub const fn label(self) -> Option<&'static str> {
+        match self {
+            Self::Labelled(label) => Some(label),
+            Self::Gauge | Self::Counter => None,
+        }
+    }
+}
+
+/// A value the engine computes when asked, rather than one of [`Counters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Live {
+    Connections,
+    VirtualSockets,
+    Channels,
+    Subscriptions,
+    /// In a cluster, asked from Redis (-1 while it cannot be asked).
+    Keys,
+    NodeId,
+    /// Only in a cluster: absent from `stats()` outside one.
+    RedisConnected,
+}
+
+/// Where a key of `stats()` takes its value from.
+#[derive(Clone, Copy)]
+pub enum Source {
+    Live(Live),
+    Counter(fn(&Counters) -> &AtomicU64),
+    /// Counts by code, as [`CodeCounts::snapshot`] gives them.
+    Codes(fn(&Counters) -> Vec<(u16, u64)>),
+}
+
+/// One key of `stats()` (all but `workers`, which the Python layer adds).
+#[derive(Clone, Copy)]
+pub struct Field {
+    pub name: &'static str,
+    pub metric: Metric,
+    /// The metric's help text.
+    pub help: &'static str,
+    pub source: Source,
+}
+
+const fn live(name: &'static str, help: &'static str, live: Live) -> Field {
+    Field {
+        name,
+        metric: Metric::Gauge,
+        help,
+        source: Source::Live(live),
+    }
+}
+
+const fn counter(
+    name: &'static str,
+    help: &'static str,
+    counter: fn(&Counters) -> &AtomicU64,
+) -> Field {
+    Field {
+        name,
+        metric: Metric::Counter,
+        help,
+        source: Source::Counter(counter),
+    }
+}
+
+const fn by_code(
+    name: &'static str,
+    label: &'static str,
+    help: &'static str,
+    codes: fn(&Counters) -> Vec<(u16, u64)>,
+) -> Field {
+    Field {
+        name,
+        metric: Metric::Labelled(label),
+        help,
+        source: Source::Codes(codes),
+    }
+}
+
+/// The keys of `stats()`, in the order it lists them. The binding builds
+/// `counters()` from this table and exports it (`_core.STATS_FIELDS`), from
+/// which `warpsocket.metrics` names, types and describes each metric; a test
+/// holds the `Stats` TypedDict, `stats()`'s docstring and the README to it.
+pub const FIELDS: &[Field] = &[
+    live(
+        "connections",
+        "Open WebSocket connections.",
+        Live::Connections,
+    ),
+    live(
+        "virtual_sockets",
+        "Live virtual sockets.",
+        Live::VirtualSockets,
+    ),
+    live(
+        "channels",
+        "Channels with at least one subscription.",
+        Live::Channels,
+    ),
+    live(
+        "subscriptions",
+        "Socket/channel subscription pairs.",
+        Live::Subscriptions,
+    ),
+    live(
+        "keys",
+        "Keys in the key/value store (absent while Redis cannot be asked).",
+        Live::Keys,
+    ),
+    counter("messages_in", "Messages received from clients.", |c| {
+        &c.messages_in
+    }),
+    counter("messages_out", "Frames queued to clients.", |c| {
+        &c.messages_out
+    }),
+    counter("bytes_in", "Payload bytes received from clients.", |c| {
+        &c.bytes_in
+    }),
+    counter("bytes_out", "Payload bytes queued to clients.", |c| {
+        &c.bytes_out
+    }),
+    counter(
+        "backpressure_closes",
+        "Connections closed with 1008 for exceeding max_backpressure.",
+        |c| &c.backpressure_closes,
+    ),
+    counter(
+        "messages_compressed",
+        "Outgoing messages deflated (once per broadcast, not per recipient).",
+        |c| &c.messages_compressed,
+    ),
+    live(
+        "node_id",
+        "This node's cluster id (0 outside a cluster).",
+        Live::NodeId,
+    ),
+    counter(
+        "cluster_messages_out",
+        "Messages handed to Redis for other cluster nodes.",
+        |c| &c.cluster_messages_out,
+    ),
+    counter(
+        "cluster_messages_in",
+        "Messages received from other cluster nodes through Redis.",
+        |c| &c.cluster_messages_in,
+    ),
+    counter(
+        "cluster_send_failures",
+        "Cross-node sends lost because Redis was unreachable.",
+        |c| &c.cluster_send_failures,
+    ),
+    live(
+        "redis_connected",
+        "1 while the cluster's Redis connection is up, else 0.",
+        Live::RedisConnected,
+    ),
+    counter(
+        "worker_retirements",
+        "Hung workers retired and replaced.",
+        |c| &c.worker_retirements,
+    ),
+    by_code(
+        "handshakes_refused",
+        "status",
+        "Upgrade requests answered with a status other than 101.",
+        |c| c.handshakes_refused.snapshot(),
+    ),
+    by_code(
+        "closes",
+        "code",
+        "Close frames the server sent, by close code.",
+        |c| c.closes.snapshot(),
+    ),
+];
 
 /// Two histograms by handler kind with the same bucket bounds: the queue
 /// wait of handler calls and how long they ran. One worker thread records
@@ -165,6 +388,17 @@ mod tests {
         statuses.count(599);
         statuses.count(600);
         assert_eq!(statuses.snapshot(), vec![(100, 1), (599, 1)]);
+    }
+
+    #[test]
+    fn handler_kinds_are_numbered_in_order_and_fields_named_once() {
+        for (number, kind) in HandlerKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, number, "{}", kind.name());
+        }
+        let mut names: Vec<_> = FIELDS.iter().map(|f| f.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), FIELDS.len(), "a stats() key is listed twice");
     }
 
     #[test]

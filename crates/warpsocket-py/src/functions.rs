@@ -7,7 +7,7 @@
 
 use pyo3::prelude::*;
 use pyo3::types::{IntoPyDict, PyBytes, PyDict};
-use warpsocket_core::stats::Counters;
+use warpsocket_core::stats::{self, Counters, Live, Source};
 use warpsocket_core::Verdict;
 
 use crate::convert::{self, CloseCode, CloseReason, Data, Delta};
@@ -179,37 +179,40 @@ fn leave_cluster(py: Python<'_>) {
     gil::run(py, Work::Long, || ENGINE.leave_cluster());
 }
 
-/// Engine counters (the Python layer adds the per-worker list).
+/// Engine counters (the Python layer adds the per-worker list): every key
+/// of the core's `stats::FIELDS`, in its order.
 #[pyfunction]
 fn counters(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let stats = ENGINE.stats();
-    let get = Counters::get;
     let dict = PyDict::new(py);
-    dict.set_item("connections", ENGINE.connection_count())?;
-    dict.set_item("virtual_sockets", ENGINE.virtual_socket_count())?;
-    dict.set_item("channels", ENGINE.channel_count())?;
-    dict.set_item("subscriptions", ENGINE.subscription_count())?;
-    // In a cluster the count comes from Redis.
-    let keys = gil::run(py, Work::Kv, || ENGINE.key_count());
-    dict.set_item("keys", errors::count_or_unknown(keys))?;
-    dict.set_item("messages_in", get(&stats.messages_in))?;
-    dict.set_item("messages_out", get(&stats.messages_out))?;
-    dict.set_item("bytes_in", get(&stats.bytes_in))?;
-    dict.set_item("bytes_out", get(&stats.bytes_out))?;
-    dict.set_item("backpressure_closes", get(&stats.backpressure_closes))?;
-    dict.set_item("messages_compressed", get(&stats.messages_compressed))?;
-    dict.set_item("node_id", ENGINE.node_id())?;
-    dict.set_item("cluster_messages_out", get(&stats.cluster_messages_out))?;
-    dict.set_item("cluster_messages_in", get(&stats.cluster_messages_in))?;
-    dict.set_item("cluster_send_failures", get(&stats.cluster_send_failures))?;
-    if let Some(up) = ENGINE.redis_connected() {
-        dict.set_item("redis_connected", u8::from(up))?;
+    for field in stats::FIELDS {
+        let value = match field.source {
+            Source::Counter(counter) => Counters::get(counter(stats)).into_pyobject(py)?.into_any(),
+            Source::Codes(snapshot) => snapshot(stats).into_py_dict(py)?.into_any(),
+            Source::Live(live) => match live_value(py, live) {
+                Some(value) => value.into_pyobject(py)?.into_any(),
+                None => continue,
+            },
+        };
+        dict.set_item(field.name, value)?;
     }
-    dict.set_item("worker_retirements", get(&stats.worker_retirements))?;
-    let refused = stats.handshakes_refused.snapshot();
-    dict.set_item("handshakes_refused", refused.into_py_dict(py)?)?;
-    dict.set_item("closes", stats.closes.snapshot().into_py_dict(py)?)?;
     Ok(dict)
+}
+
+/// A value the engine computes; None for one that is absent (Redis's state
+/// outside a cluster).
+fn live_value(py: Python<'_>, live: Live) -> Option<i64> {
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    Some(match live {
+        Live::Connections => count(ENGINE.connection_count()),
+        Live::VirtualSockets => count(ENGINE.virtual_socket_count()),
+        Live::Channels => count(ENGINE.channel_count()),
+        Live::Subscriptions => count(ENGINE.subscription_count()),
+        // In a cluster the count comes from Redis.
+        Live::Keys => errors::count_or_unknown(gil::run(py, Work::Kv, || ENGINE.key_count())),
+        Live::NodeId => i64::from(ENGINE.node_id()),
+        Live::RedisConnected => i64::from(ENGINE.redis_connected()?),
+    })
 }
 
 /// Adds the module functions to `_core`.

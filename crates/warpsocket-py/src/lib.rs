@@ -7,8 +7,8 @@
 //! values to core types), `functions` (the module functions), `queue` (the
 //! worker queue), `server` (the server object); `logs` (the engine's log
 //! records, queued for a Python thread) stands apart, `timings`
-//! (handler-call histograms) uses only the core, and `allocator` (the
-//! extension's global allocator) uses neither.
+//! (handler-call histograms) and `names` (the shared names' tables) use only
+//! the core, and `allocator` (the extension's global allocator) uses neither.
 
 use std::sync::{Arc, LazyLock};
 
@@ -21,6 +21,7 @@ mod errors;
 mod functions;
 mod gil;
 mod logs;
+mod names;
 mod queue;
 mod server;
 mod timings;
@@ -38,5 +39,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<timings::HandlerTimings>()?;
     queue::register(m)?;
     functions::register(m)?;
+    names::register(m)?;
     Ok(())
 }

@@ -9,19 +9,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use warpsocket_core::dispatch::ReadAt;
+use warpsocket_core::stats::HandlerKind;
 use warpsocket_core::{Event, OpenRequest, Payload};
 
 use crate::ENGINE;
 
-/// Event kinds as seen by `warpsocket.worker`.
-const EVENT_OPEN: u8 = 0;
-const EVENT_TEXT: u8 = 1;
-const EVENT_BINARY: u8 = 2;
-const EVENT_CLOSE: u8 = 3;
-
-/// Room for this many events stays in a queue's batch buffer between drains:
-/// a full batch of `warpsocket.worker`'s.
-const RETAINED_BATCH: usize = 1024;
+/// Events `warpsocket.worker` takes per drain (`_core.DRAIN_BATCH`); room for
+/// this many stays in a queue's batch buffer between drains.
+const DRAIN_BATCH: usize = 1024;
 
 /// One worker thread's queue of events.
 #[pyclass(frozen, module = "warpsocket._core")]
@@ -63,15 +58,16 @@ impl WorkerQueue {
     }
 
     /// Takes the waiting events (at most `max`) as `(kind, socket_id, payload)`
-    /// tuples; `timed` adds a fourth item, the seconds since the event was
-    /// read (as of this call). Drained events count as handled from `settle`
-    /// (or the next drain) on, unless held (see `hold`).
-    #[pyo3(signature = (max=None, timed=false))]
+    /// tuples. Given `read_clock`, the caller's clock now (in seconds), each
+    /// payload becomes `(payload, read_at)`: when the event was read, on that
+    /// clock. Drained events count as handled from `settle` (or the next
+    /// drain) on, unless held (see `hold`).
+    #[pyo3(signature = (max=None, read_clock=None))]
     fn drain<'py>(
         &self,
         py: Python<'py>,
         max: Option<usize>,
-        timed: bool,
+        read_clock: Option<f64>,
     ) -> PyResult<Bound<'py, PyList>> {
         let mut events = std::mem::take(&mut *self.lock_batch());
         self.inner
@@ -92,24 +88,31 @@ impl WorkerQueue {
                     dict.set_item(":path", path)?;
                     let args =
                         PyTuple::new(py, [ip.into_pyobject(py)?.into_any(), dict.into_any()])?;
-                    (EVENT_OPEN, id, args.into_any())
+                    (HandlerKind::Open, id, args.into_any())
                 }
                 Payload::Text(data) => {
                     // SAFETY: the decoder only emits text that passed UTF-8 validation.
                     let text = unsafe { std::str::from_utf8_unchecked(&data) };
-                    (EVENT_TEXT, id, PyString::new(py, text).into_any())
+                    (HandlerKind::Text, id, PyString::new(py, text).into_any())
                 }
-                Payload::Binary(data) => (EVENT_BINARY, id, PyBytes::new(py, &data).into_any()),
-                Payload::Close => (EVENT_CLOSE, id, py.None().into_bound(py)),
+                Payload::Binary(data) => {
+                    (HandlerKind::Binary, id, PyBytes::new(py, &data).into_any())
+                }
+                Payload::Close => (HandlerKind::Close, id, py.None().into_bound(py)),
             };
-            if timed {
-                let (kind, id, payload) = item;
-                list.set_item(i, (kind, id, payload, read_at.until(now).as_secs_f64()))?;
-            } else {
-                list.set_item(i, item)?;
+            let (kind, id, payload) = item;
+            let kind = kind as u8;
+            match read_clock {
+                // The same tuple shape as untimed, so the worker's loop is one:
+                // only the handler call it makes differs.
+                Some(clock) => {
+                    let read_at = clock - read_at.until(now).as_secs_f64();
+                    list.set_item(i, (kind, id, (payload, read_at)))?;
+                }
+                None => list.set_item(i, (kind, id, payload))?,
             }
         }
-        if events.capacity() <= RETAINED_BATCH {
+        if events.capacity() <= DRAIN_BATCH {
             *self.lock_batch() = events;
         }
         Ok(list)
@@ -152,12 +155,9 @@ impl WorkerQueue {
     }
 }
 
-/// Adds the queue class and the event kinds to `_core`.
+/// Adds the queue class and its drain batch size to `_core`.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<WorkerQueue>()?;
-    m.add("EVENT_OPEN", EVENT_OPEN)?;
-    m.add("EVENT_TEXT", EVENT_TEXT)?;
-    m.add("EVENT_BINARY", EVENT_BINARY)?;
-    m.add("EVENT_CLOSE", EVENT_CLOSE)?;
+    m.add("DRAIN_BATCH", DRAIN_BATCH)?;
     Ok(())
 }
