@@ -22,6 +22,7 @@ use crate::channels::{Change, Channels};
 use crate::errors::VirtualError;
 use crate::frame::{self, Kind};
 use crate::frames::Frames;
+use crate::handshake::status;
 use crate::ids::{IdGenerator, IdMap};
 use crate::links::Links;
 use crate::registry::{Entry, Prefix, Registry, VirtualSocket, MAX_PREFIX};
@@ -399,7 +400,7 @@ impl Hub {
                     self.stats.closes.count(code);
                 }
             } else if let Some(waiting) = self.opens.lock().remove(&socket.id) {
-                let _ = waiting.send(Verdict::Refuse(500));
+                let _ = waiting.send(Verdict::Refuse(status::INTERNAL_ERROR));
             }
         }
         mine.len()

@@ -32,8 +32,10 @@ const KEY: &str = "tls_key";
 
 /// The answer to plain HTTP (e.g. a `ws://` client) on a TLS port: a 400 the
 /// client can show, never a 101 or a 426.
-pub(crate) const PLAIN_HTTP: Refusal =
-    Refusal::new(400, "this port only speaks TLS: use wss:// or https://");
+pub(crate) const PLAIN_HTTP: Refusal = Refusal::new(
+    handshake::status::BAD_REQUEST,
+    "this port only speaks TLS: use wss:// or https://",
+);
 
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;

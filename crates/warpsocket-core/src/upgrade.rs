@@ -56,7 +56,12 @@ pub(crate) async fn upgrade(
     };
     upgrading.deciding();
     let Some(worker) = shared.workers.pick() else {
-        refuse(stream, shared, Refusal::new(503, "no worker is available")).await;
+        refuse(
+            stream,
+            shared,
+            Refusal::new(handshake::status::UNAVAILABLE, "no worker is available"),
+        )
+        .await;
         return None;
     };
     // The answer always asks for client_no_context_takeover: see
@@ -93,8 +98,8 @@ pub(crate) async fn upgrade(
             ReadAt::now(),
         );
         let verdict = tokio::select! {
-            v = verdict => v.unwrap_or(Verdict::Refuse(500)),
-            _ = tokio::time::sleep(shared.config.open_timeout) => Verdict::Refuse(500),
+            v = verdict => v.unwrap_or(Verdict::Refuse(handshake::status::INTERNAL_ERROR)),
+            _ = tokio::time::sleep(shared.config.open_timeout) => Verdict::Refuse(handshake::status::INTERNAL_ERROR),
             _ = shared.stopping() => return None,
         };
         if let Verdict::Refuse(status) = verdict {
