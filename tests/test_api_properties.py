@@ -1,6 +1,6 @@
 """The whole public API with arbitrary Python values (Hypothesis).
 
-Whatever is passed to a function of API.md §3, an option of ``start()``/``run()``, a
+Whatever is passed to a function of docs/api.md#functions, an option of ``start()``/``run()``, a
 CLI flag or ``stop()``/``wait()``, only the documented exceptions come out (TypeError,
 ValueError naming the argument; for ``start`` also OSError, ImportError, RuntimeError),
 never a ``PanicException`` or ``SystemError``; the process does not abort, and servers

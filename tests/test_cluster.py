@@ -1,4 +1,4 @@
-"""Cluster mode (API.md §7): several WarpSocket processes sharing one real Redis server.
+"""Cluster mode (docs/api.md#cluster): several WarpSocket processes sharing one real Redis server.
 
 Each node is a ``python -m warpsocket`` process with a control worker: a client sends
 ``{"tag": n, "fn": name, "args": [...]}`` and the handler calls ``warpsocket.<name>``

@@ -1,4 +1,4 @@
-"""permessage-deflate (API.md §9) through the public API, with real clients.
+"""permessage-deflate (docs/api.md#compression) through the public API, with real clients.
 
 ``websockets`` clients with and without compression share channels; raw sockets
 check what is on the wire (RSV1, the compressed payload) and send crafted

@@ -1,4 +1,4 @@
-"""Metrics and health end to end (API.md §11): a real server with ``metrics_bind``,
+"""Metrics and health end to end (docs/api.md#metrics): a real server with ``metrics_bind``,
 real ``websockets`` clients, the page parsed, ``promtool``, a real Prometheus, and
 ``/healthz`` through ``stop()`` and a signal.
 

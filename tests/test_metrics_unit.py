@@ -1,4 +1,4 @@
-"""The metrics listener on its own (API.md §11): real HTTP, promtool and a real Prometheus.
+"""The metrics listener on its own (docs/api.md#metrics): real HTTP, promtool and a real Prometheus.
 
 The server's stats come from a plain function returning a dict shaped like
 ``warpsocket.stats()``; the end-to-end tests drive the same code from a real server.

@@ -351,7 +351,10 @@ def test_malformed_handshake_gets_400(logging_server, log_path, case):
     ],
 )
 def test_bad_key_or_missing_version_gets_400(logging_server, log_path, headers):
-    """RFC 6455 §4.2.1: the key is base64 of 16 bytes and the version is required (API.md §8)."""
+    """RFC 6455 §4.2.1: the key is base64 of 16 bytes and the version is required.
+
+    See docs/api.md#handshake-errors.
+    """
     with RawConn(logging_server.port) as raw:
         raw.sendall(http_request_bytes("/", upgrade_headers(**headers), logging_server.port))
         status, response_headers, _ = raw.read_http_response()

@@ -1,4 +1,4 @@
-"""Graceful shutdown: stop(timeout), and run() on SIGINT/SIGTERM (API.md §6)."""
+"""Graceful shutdown: stop(timeout), and run() on SIGINT/SIGTERM (docs/api.md#shutdown)."""
 
 from __future__ import annotations
 

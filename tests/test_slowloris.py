@@ -1,4 +1,4 @@
-"""Slow handshakes cannot lock prompt clients out (API.md §8 "Slow handshakes").
+"""Slow handshakes cannot lock prompt clients out (docs/api.md#slow-handshakes).
 
 A crowd of clients that each send half an upgrade request, more of them than
 ``max_pending_upgrades``, topped up whenever the server drops one, must not keep a

@@ -147,7 +147,7 @@ def handle_text_message(text, socket_id):
 
 
 def test_bytes_out_counts_a_virtual_sockets_prefix(start_server):
-    """API.md §8: bytes_out counts payload bytes as delivered, a virtual socket's prefix included."""
+    """docs/api.md#stats: bytes_out counts payload bytes as delivered, a virtual socket's prefix included."""
     server = start_server(ID_WORKER, threads=1)
     with connect(server) as ws:
         sid = int(ask(ws, "id"))

@@ -1,4 +1,4 @@
-"""TLS (API.md §10): wss:// and https:// with a test CA made at test time (trustme).
+"""TLS (docs/api.md#tls): wss:// and https:// with a test CA made at test time (trustme).
 
 Real clients only: the ``websockets`` client over ``wss://``, ``urllib`` over
 ``https://``, raw sockets for plain HTTP and stalled handshakes, the CLI in a

@@ -346,7 +346,7 @@ def test_create_virtual_socket_on_closed_connection(server, make_client):
     gone = a.sid
     warpsocket.subscribe(gone, "late-chan")
     assert warpsocket.close(gone) is True
-    # From the moment a connection is closing it counts as gone (API.md §8).
+    # From the moment a connection is closing it counts as gone (docs/api.md#closing).
     with pytest.raises(ValueError, match="socket_id"):
         warpsocket.create_virtual_socket(gone, "late:")
     assert warpsocket.subscribe(gone, "other-chan") == []

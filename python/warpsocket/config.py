@@ -40,7 +40,7 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class Options:
-    """Validated server options (API.md §1); made by :meth:`build`."""
+    """Validated server options (docs/api.md#options); made by :meth:`build`."""
 
     bind: tuple[str, ...]
     worker: str

@@ -1,4 +1,4 @@
-"""Prometheus metrics and the health check on their own listener (API.md §11).
+"""Prometheus metrics and the health check on their own listener (docs/api.md#metrics).
 
 ``MetricsServer(bind, stats)`` serves ``GET /metrics`` (prometheus_client's default
 registry, so application metrics registered there appear on the same page) and
@@ -79,7 +79,7 @@ _HELP = {key: help_text for key, _, _, help_text in STATS_FIELDS}
 class StatsCollector(Collector):
     """Turns a ``stats()`` snapshot and the workers' timings into metric families.
 
-    ``stats`` returns a mapping with the keys of API.md §3 and optionally
+    ``stats`` returns a mapping with the keys of docs/api.md#stats and optionally
     ``worker_retirements`` (int), ``handshakes_refused`` ({status: n}), ``closes``
     ({code: n}) and the cluster keys ``node_id``, ``redis_connected``,
     ``cluster_messages_in``, ``cluster_messages_out``, ``cluster_send_failures``.

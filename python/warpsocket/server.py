@@ -147,7 +147,7 @@ class Server:
         return not self._stopped.is_set()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop gracefully (API.md §6), waiting up to ``timeout`` seconds.
+        """Stop gracefully (docs/api.md#shutdown), waiting up to ``timeout`` seconds.
 
         Stops accepting, closes every connection with 1001, lets pending handlers and
         every ``handle_close`` run, ends the worker threads and frees the ports.
@@ -228,7 +228,7 @@ def _release(server: Server) -> None:
 
 
 def stats() -> Stats:
-    """Return a snapshot of the server's counters (API.md §3).
+    """Return a snapshot of the server's counters (docs/api.md#stats).
 
     Keys: ``connections`` (open connections), ``virtual_sockets``, ``channels`` (with
     at least one subscription), ``subscriptions`` (socket/channel pairs), ``keys``,
@@ -244,7 +244,7 @@ def stats() -> Stats:
     unreachable); ``keys`` then counts the keys in Redis, -1 while Redis cannot be asked.
     It also adds ``redis_connected``: 1 while the connection to Redis is up, else 0.
 
-    For the metrics (API.md §11): ``worker_retirements`` (hung workers retired),
+    For the metrics (docs/api.md#metrics): ``worker_retirements`` (hung workers retired),
     ``handshakes_refused`` ({HTTP status: upgrade requests answered with it instead of
     101}) and ``closes`` ({close code: close frames the server sent, its own and its
     answers to the client's; 1005 for one without a code}).

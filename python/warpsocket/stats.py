@@ -22,7 +22,7 @@ class _ClusterStats(TypedDict, total=False):
 
 
 class Stats(_ClusterStats):
-    """What :func:`stats` returns (API.md §3, plus the counters the metrics report)."""
+    """What :func:`stats` returns (docs/api.md#stats, plus the counters the metrics report)."""
 
     connections: int
     virtual_sockets: int

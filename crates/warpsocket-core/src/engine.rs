@@ -171,7 +171,7 @@ impl Engine {
         self.hub.connection(id)
     }
 
-    // -- API.md §3 -----------------------------------------------------------
+    // -- docs/api.md#functions ------------------------------------------------
 
     /// Sends one message to every target (repeats count again). Returns the
     /// number of recipients it was queued for, plus, in a cluster, the

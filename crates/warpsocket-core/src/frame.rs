@@ -23,7 +23,7 @@ use tungstenite::protocol::frame::FrameHeader;
 
 use crate::deflate::{self, InflateError};
 
-/// Close codes the server sends (API.md §5).
+/// Close codes the server sends (docs/api.md#close-codes).
 pub mod close_code {
     /// Defines each code and [`ALL`], the table `warpsocket.CloseCode` is
     /// made from: a code added here reaches Python without a second list.

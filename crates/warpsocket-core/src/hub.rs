@@ -1,5 +1,5 @@
 //! The hub: this process's sockets, virtual sockets, channels, pending
-//! upgrades and counters, with the operations of API.md §3 on them (all but
+//! upgrades and counters, with the operations of docs/api.md#functions on them (all but
 //! the key/value store, which the engine routes). It knows nothing of
 //! clusters: the channels that appear or vanish here are reported through a
 //! [`ChannelWatcher`], which a cluster node installs.

@@ -1,4 +1,4 @@
-//! TLS on every bound address (API.md §10): the certificate chain and key are
+//! TLS on every bound address (docs/api.md#tls): the certificate chain and key are
 //! loaded and checked once, at start, so a bad file is a `ValueError` from
 //! `start()` rather than a failure at the first handshake; each accepted TCP
 //! connection then goes through [`Tls::accept`] before the HTTP upgrade.

@@ -1,4 +1,4 @@
-//! Every error of the core, turned into the Python exception API.md names:
+//! Every error of the core, turned into the Python exception docs/api.md#exceptions names:
 //! the one place that knows the engine's error types.
 //!
 //! May use the core's error types; used by the conversions, the module

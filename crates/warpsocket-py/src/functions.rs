@@ -1,4 +1,4 @@
-//! The module functions of API.md §3 (and the few the Python layer needs):
+//! The module functions of docs/api.md#functions (and the few the Python layer needs):
 //! each converts its arguments, calls the engine under the GIL policy, and
 //! converts the result or the error back.
 //!
@@ -127,7 +127,7 @@ fn set_key<'py>(
     Ok(previous.map(|v| PyBytes::new(py, &v)))
 }
 
-/// Compare-and-set; see API.md §3.
+/// Compare-and-set; see docs/api.md#kv.
 #[pyfunction]
 #[pyo3(signature = (key, new_value=None, check_value=None))]
 fn set_key_if(

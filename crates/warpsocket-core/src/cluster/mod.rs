@@ -1,4 +1,4 @@
-//! Cluster mode (API.md §7): this process is one node of many that share a
+//! Cluster mode (docs/api.md#cluster): this process is one node of many that share a
 //! Redis server. Local traffic never touches Redis; what names another node
 //! goes through Redis pub/sub, and the key/value store lives in Redis.
 //!
