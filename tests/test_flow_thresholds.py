@@ -1,4 +1,4 @@
-"""Incoming flow control at its exact thresholds (README, "When code or clients misbehave").
+"""Incoming flow control at its exact thresholds (docs/api.md#limits).
 
 A connection with 64 events waiting for its handlers is not read (and what was already
 read is not decoded) until they are down to 32. The handler here waits, message by

@@ -1,7 +1,6 @@
 """Waits with bounds: stop() with hung workers, and a replacement stuck in handle_start.
 
-Neither may hold up stop() or the supervisor past its timeout (README, "When code or
-clients misbehave").
+Neither may hold up stop() or the supervisor past its timeout (docs/api.md#limits).
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ class Options:
             Flag("--metrics", "ADDR"),
         ] = None,
         compression: Annotated[
-            bool, "negotiate permessage-deflate with clients that offer it (see the README)"
+            bool, "negotiate permessage-deflate with clients that offer it (docs/api.md#compression)"
         ] = False,
     ) -> Options:
         """Check every argument and return the options, raising TypeError/ValueError."""

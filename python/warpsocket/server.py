@@ -263,13 +263,13 @@ def start(options: Options) -> Server:
     ``worker`` a file path or an importable module name. ``static_dir``: a folder whose
     files answer plain HTTP GET/HEAD requests on the same port (else they get 426).
     ``cluster``: a Redis URL (``"redis://host:6379/0"``) to join a cluster of WarpSocket
-    processes sharing that Redis server (see the README, "Running on many machines").
+    processes sharing that Redis server (docs/api.md#cluster).
     ``tls_cert`` / ``tls_key``: paths of a PEM certificate chain and its private key;
     given both, every address speaks TLS only (``wss://``, ``https://``).
     ``metrics_bind``: an address (``"127.0.0.1:9100"``) serving Prometheus ``/metrics``
-    and ``/healthz`` over plain HTTP (see the README, "Running in production").
+    and ``/healthz`` over plain HTTP (docs/api.md#metrics).
     The tunables are keyword-only; the signature shows them with their defaults, and
-    the README explains them.
+    docs/api.md#options explains them.
 
     Raises ``ValueError`` naming ``tls_cert`` or ``tls_key`` when one is given without
     the other or cannot be used, ``OSError`` when an address cannot be bound, ``ConnectionError`` when the
