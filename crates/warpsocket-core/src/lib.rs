@@ -6,8 +6,8 @@
 //! The modules form layers, each using only those below it (checked by
 //! `scripts/check_layers.py`):
 //! 1. leaves: `frame`, `handshake`, `config`, `ids`, `links`, `kv`, `stats`,
-//!    `wakeup`, `errors`, `keepalive` (per-connection state), `static_files`,
-//!    `read_buffer`;
+//!    `wakeup`, `errors`, `keepalive` (per-connection state), `lifecycle`
+//!    (the close lifecycle's state machine), `static_files`, `read_buffer`;
 //! 2. `dispatch`, then `socket`, then `registry` and `channels`;
 //! 3. `hub`: this process's sockets and channels, and the operations on them;
 //! 4. `cluster`: the same operations across the nodes of a cluster;
@@ -31,6 +31,7 @@ mod hub;
 mod ids;
 mod keepalive;
 pub mod kv;
+mod lifecycle;
 mod links;
 mod read_buffer;
 mod registry;
