@@ -291,6 +291,95 @@ fn wake(mut out: MutexGuard<'_, Outbox>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lifecycle::Pending;
+
+    fn new_socket(max_backpressure: usize) -> (Socket, Workers) {
+        let workers = Workers::default();
+        workers.add().unwrap();
+        let worker = workers.pick().unwrap();
+        (Socket::new(1, worker, max_backpressure), workers)
+    }
+
+    fn is_close(frame: &Bytes) -> bool {
+        frame[0] & 0x0f == 0x8
+    }
+
+    #[test]
+    fn a_backpressure_close_drops_what_the_writer_holds_but_a_partly_written_frame() {
+        for keep_front in [false, true] {
+            let (socket, _workers) = new_socket(12);
+            let mut writer = VecDeque::new();
+            assert_eq!(socket.send(&Bytes::from_static(b"first")), Queued::Yes);
+            assert_eq!(socket.take(&mut writer, false), Lifecycle::Active);
+            assert_eq!(socket.send(&Bytes::from_static(b"second")), Queued::Yes);
+            assert_eq!(socket.send(&Bytes::from_static(b"third")), Queued::Overflow);
+            assert_eq!(socket.send(&Bytes::from_static(b"late")), Queued::No);
+            assert!(!socket.is_open());
+            assert_eq!(
+                socket.take(&mut writer, keep_front),
+                Lifecycle::ClosedByUs(Pending::Taken)
+            );
+            assert_eq!(writer.len(), 1 + usize::from(keep_front), "{writer:?}");
+            assert!(is_close(writer.back().unwrap()));
+            assert_eq!(socket.close_written(), Lifecycle::AwaitingPeer);
+        }
+    }
+
+    #[test]
+    fn the_first_close_wins_and_waits_for_the_peer() {
+        let (socket, _workers) = new_socket(1 << 20);
+        let mut writer = VecDeque::new();
+        assert!(socket.close(1000, ""));
+        assert!(!socket.close(1001, ""));
+        assert!(!socket.fail(1011, "keepalive ping timeout"));
+        assert_eq!(
+            socket.take(&mut writer, false),
+            Lifecycle::ClosedByUs(Pending::Taken)
+        );
+        assert_eq!(writer.len(), 1);
+        assert_eq!(socket.close_written(), Lifecycle::AwaitingPeer);
+        assert_eq!(socket.peer_closed(None), (false, Lifecycle::Terminated));
+    }
+
+    #[test]
+    fn the_peers_close_is_echoed_unless_ours_is_queued() {
+        let echo = || Some(frame::encode_close(1000, ""));
+        let (socket, _workers) = new_socket(1 << 20);
+        let mut writer = VecDeque::new();
+        assert_eq!(
+            socket.peer_closed(echo()),
+            (true, Lifecycle::Ending(Pending::Queued))
+        );
+        assert!(!socket.close(1001, ""));
+        assert_eq!(
+            socket.take(&mut writer, false),
+            Lifecycle::Ending(Pending::Taken)
+        );
+        assert_eq!(writer.len(), 1);
+        assert_eq!(socket.close_written(), Lifecycle::Terminated);
+
+        let (socket, _workers) = new_socket(1 << 20);
+        let mut writer = VecDeque::new();
+        assert!(socket.close(1001, ""));
+        assert_eq!(
+            socket.peer_closed(echo()),
+            (false, Lifecycle::Ending(Pending::Queued))
+        );
+        socket.take(&mut writer, false);
+        assert_eq!(writer.len(), 1, "our close answers the peer's");
+    }
+
+    #[test]
+    fn a_closed_socket_takes_nothing() {
+        let (socket, _workers) = new_socket(1 << 20);
+        let mut writer = VecDeque::new();
+        assert_eq!(socket.send(&Bytes::from_static(b"lost")), Queued::Yes);
+        assert_eq!(socket.mark_closed(), Lifecycle::Terminated);
+        assert_eq!(socket.send(&Bytes::from_static(b"late")), Queued::No);
+        assert!(!socket.close(1000, ""));
+        assert_eq!(socket.take(&mut writer, false), Lifecycle::Terminated);
+        assert!(writer.is_empty());
+    }
 
     /// Every connection has one for its whole life: keep it from growing
     /// unnoticed. With the `Arc`'s two counts and malloc's header, 168 bytes
