@@ -50,6 +50,12 @@
 //! outbox, never lead it: a close another thread queued reaches the reader
 //! when its writer takes it, so messages read until then still reach the
 //! handlers, as they were sent before the peer could see our close.
+//! The task's other transitions (the peer's close, a protocol violation, our
+//! close written, the stream failing) each lock once in a connection's life,
+//! never per frame.
+//!
+//! Flow control (the reader paused while its handlers are behind) is not
+//! here: it comes and goes in any state that reads, and is the task's alone.
 
 /// Where the connection is in its close lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,8 +146,8 @@ impl Lifecycle {
                 *self = Terminated;
                 false
             }
-            // Read after the decoder's last close or after a failure: the
-            // decoder stops at a close, so this is at most a late repeat.
+            // We are failing the connection (a keepalive verdict the reader
+            // has not taken yet): that close answers this one.
             Ending(_) | Terminated => false,
         }
     }
