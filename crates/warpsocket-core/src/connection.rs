@@ -19,8 +19,9 @@ use crate::clock;
 use crate::context::LiveGuard;
 use crate::dispatch::{Payload, ReadAt, PAUSE_READING_AT, RESUME_READING_AT};
 use crate::frame::{self, close_code, Decoder, Incoming, Kind};
+use crate::lifecycle::{Closer, Lifecycle};
 use crate::read_buffer;
-use crate::socket::{CloseTaken, Socket};
+use crate::socket::Socket;
 use crate::stats::{Counters, NO_CODE};
 use crate::tls::Stream;
 use crate::upgrade::{self, SocketGuard, Upgraded, CLOSE_TIMEOUT};
@@ -78,16 +79,6 @@ impl Future for Task {
         *task = Task::Done;
         Poll::Ready(())
     }
-}
-
-/// Where the close handshake stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    Open,
-    /// Our close frame is queued or written; waiting for the peer's.
-    Closing,
-    /// The peer closed, or broke the protocol: end once our close frame is out.
-    Ending,
 }
 
 /// Frames taken from the outbox and not yet fully written.
@@ -181,15 +172,15 @@ pub(crate) struct Connection {
     /// Armed once our close frame is written while the peer's is awaited.
     /// Only closing connections have a timer, in its own allocation.
     close_deadline: Option<Pin<Box<Sleep>>>,
-    state: State,
-    /// The last frame the writer holds is our close frame.
-    close_queued: bool,
-    /// Our close frame is on the wire.
-    close_written: bool,
-    /// Reading or writing failed, or the peer hung up.
-    broken: bool,
+    /// This task's view of the close lifecycle, whose authoritative value is
+    /// in the outbox: a copy of the state returned by each of its locked
+    /// calls to the socket, so reading it per frame takes no lock.
+    life: Lifecycle,
     /// Its handlers fell [`PAUSE_READING_AT`] events behind: neither read
-    /// nor decoded until they are down to [`RESUME_READING_AT`].
+    /// nor decoded until they are down to [`RESUME_READING_AT`]. Not part of
+    /// the lifecycle: flow control comes and goes in any state that reads,
+    /// is decided by the worker's backlog rather than by frames, and only
+    /// this task looks at it.
     paused: bool,
 }
 
@@ -214,10 +205,7 @@ impl Connection {
             decoder,
             writer: Writer::default(),
             close_deadline: None,
-            state: State::Open,
-            close_queued: false,
-            close_written: false,
-            broken: false,
+            life: Lifecycle::Active,
             paused: false,
         };
         if !early.is_empty() {
@@ -237,10 +225,10 @@ impl Connection {
     /// `poll_*` methods keep one waker each.
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            if self.broken || (self.close_written && self.state == State::Ending) {
+            if self.life.is_terminated() {
                 break;
             }
-            if self.close_written && self.close_deadline.is_none() {
+            if self.life.awaits_peer() && self.close_deadline.is_none() {
                 // Our close frame is out: the peer gets a moment to answer.
                 self.close_deadline = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
             }
@@ -257,7 +245,7 @@ impl Connection {
                 self.decode(&[]);
                 continue;
             }
-            let reading = self.state != State::Ending && !self.paused;
+            let reading = self.life.reads() && !self.paused;
             let writing = !self.writer.is_empty() || self.stream.wants_write();
             let read = reading && self.poll_read(cx).is_ready();
             let wrote = writing && self.poll_write(cx).is_ready();
@@ -282,20 +270,7 @@ impl Connection {
         // After a backpressure close, a frame already partly written must be
         // finished so the close frame after it is well-formed.
         let keep_front = self.writer.offset > 0;
-        match self.guard.socket.take(&mut self.writer.frames, keep_front) {
-            CloseTaken::No => {}
-            CloseTaken::Close => {
-                self.close_queued = true;
-                if self.state == State::Open {
-                    self.state = State::Closing;
-                }
-            }
-            CloseTaken::Fail => {
-                // Failed by the keepalive sweep: stop reading, end once written.
-                self.close_queued = true;
-                self.state = State::Ending;
-            }
-        }
+        self.life = self.guard.socket.take(&mut self.writer.frames, keep_front);
     }
 
     /// Ready once something was written or writing failed.
@@ -304,10 +279,10 @@ impl Connection {
             .writer
             .poll_flush(&mut self.stream, &self.guard.socket, cx);
         if let Poll::Ready(Err(_)) = polled {
-            self.broken = true;
+            self.life = self.guard.socket.mark_closed();
         }
-        if self.close_queued && self.writer.is_empty() && !self.stream.wants_write() {
-            self.close_written = true;
+        if self.life.close_in_writer() && self.writer.is_empty() && !self.stream.wants_write() {
+            self.life = self.guard.socket.close_written();
         }
         polled.map(drop)
     }
@@ -324,7 +299,7 @@ impl Connection {
                     buf.filled().len() < size
                 }
                 Poll::Ready(_) => {
-                    self.broken = true;
+                    self.life = self.guard.socket.mark_closed();
                     false
                 }
                 Poll::Pending => true,
@@ -387,26 +362,23 @@ impl Connection {
             }
             Incoming::Pong => {}
             Incoming::Close(code) => {
-                if self.state == State::Closing {
-                    // The answer to our close: done once ours is written.
-                    self.state = State::Ending;
-                    return;
-                }
-                let reply = match code {
+                // Past `Active` ours is under way (or out) and answers it.
+                let reply = (self.life == Lifecycle::Active).then(|| match code {
                     Some(code) => frame::encode_close(code, ""),
                     None => frame::encode_empty_close(),
-                };
-                if self.guard.socket.close_with(reply) {
+                });
+                let (echoed, life) = self.guard.socket.peer_closed(reply);
+                if echoed {
                     let stats = self.guard.shared().engine.stats();
                     stats.closes.count(code.unwrap_or(NO_CODE));
                 }
-                self.state = State::Ending;
+                self.life = life;
             }
         }
     }
 
     fn on_message(&mut self, kind: Kind, data: Vec<u8>, read_at: ReadAt) {
-        if self.state != State::Open {
+        if !self.life.delivers() {
             return;
         }
         let handlers = self.guard.shared().config.handlers;
@@ -439,10 +411,14 @@ impl Connection {
 
     /// Fails the connection: close frame with `code`, then the TCP connection.
     fn fail(&mut self, code: u16, reason: &str) {
-        if self.guard.socket.close(code, reason) {
+        let (queued, life) = self
+            .guard
+            .socket
+            .request_close(Closer::Protocol, frame::encode_close(code, reason));
+        if queued {
             self.guard.shared().engine.stats().closes.count(code);
         }
-        self.state = State::Ending;
+        self.life = life;
     }
 }
 

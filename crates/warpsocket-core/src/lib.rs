@@ -13,7 +13,8 @@
 //! <!-- layers -->
 //! 1. the pieces the rest builds on: `clock`, `shards`, `config`, `ids`,
 //!    `links`, `kv`, `stats`, `wakeup`, `errors`, `keepalive`
-//!    (per-connection state), `static_files`, `read_buffer`, `handshake`,
+//!    (per-connection state), `lifecycle` (the close lifecycle's state
+//!    machine), `static_files`, `read_buffer`, `handshake`,
 //!    `deflate`, then `frame`;
 //! 2. `verdict` (the upgrade's question and answer), `dispatch` (the worker
 //!    queues), then `socket`, then `registry` and `channels`, then `frames`
@@ -47,6 +48,7 @@ mod hub;
 mod ids;
 mod keepalive;
 pub mod kv;
+mod lifecycle;
 mod links;
 mod read_buffer;
 mod registry;

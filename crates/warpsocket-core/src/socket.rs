@@ -18,22 +18,13 @@ use crate::deflate::Negotiated;
 use crate::dispatch::{self, Backlog, RESUME_READING_AT};
 use crate::frame::{self, close_code};
 use crate::keepalive::Keepalive;
+use crate::lifecycle::{Closer, Lifecycle};
 use crate::links::Links;
 
 /// The worker queues of this crate: they carry sockets' events.
 pub type WorkerQueue = dispatch::WorkerQueue<Socket>;
 pub type Workers = dispatch::Workers<Socket>;
 pub type Event = dispatch::Event<Socket>;
-
-/// Where a connection is in its life, as far as senders are concerned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    Open,
-    /// A close frame is queued last; nothing more may be queued.
-    Closing,
-    /// The TCP connection is gone.
-    Closed,
-}
 
 /// Frames waiting for the connection's writer, and the wakeup of its task.
 struct Outbox {
@@ -49,13 +40,11 @@ struct Outbox {
     /// Something happened since the task last looked: frames queued, a close
     /// requested, or its handlers caught up so reading may resume.
     woken: bool,
-    phase: Phase,
-    /// The writer has taken the close frame.
-    close_taken: bool,
-    /// The close frame fails the connection: no waiting for the peer's.
-    fail: bool,
-    /// Frames already taken by the writer must be dropped (backpressure close).
-    discard: bool,
+    /// The connection's close lifecycle. Here, under the lock that queueing
+    /// and taking frames hold anyway, so that a close frame is queued after
+    /// exactly the frames queued before it; the connection's task keeps a
+    /// copy (see the `lifecycle` module).
+    life: Lifecycle,
 }
 
 /// The shared handle of one accepted (or upgrading) connection.
@@ -79,16 +68,6 @@ pub struct Socket {
     deflate: Option<Negotiated>,
 }
 
-/// What the writer took besides frames.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum CloseTaken {
-    No,
-    /// Our close frame, after which the peer's close is awaited.
-    Close,
-    /// Our close frame failing the connection: end once it is written.
-    Fail,
-}
-
 /// Result of queueing a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Queued {
@@ -109,10 +88,7 @@ impl Socket {
                 queued: 0,
                 waker: None,
                 woken: false,
-                phase: Phase::Open,
-                close_taken: false,
-                fail: false,
-                discard: false,
+                life: Lifecycle::Active,
             }),
             inflight: AtomicU32::new(0),
             accepted: AtomicBool::new(false),
@@ -136,18 +112,17 @@ impl Socket {
     /// Queues an encoded frame for this connection.
     pub fn send(&self, frame: &Bytes) -> Queued {
         let mut out = self.outbox.lock();
-        if out.phase != Phase::Open {
+        if !out.life.accepts_frames() {
             return Queued::No;
         }
         // A message larger than the limit still goes out to a connection that
         // has nothing waiting; the limit is on what piles up behind it.
         if out.queued != 0 && out.queued + frame.len() > self.max_backpressure {
+            out.life.close(Closer::Limit);
             out.frames.clear();
-            out.discard = true;
             let close = frame::encode_close(close_code::POLICY, "backpressure limit exceeded");
             out.queued = close.len();
             out.frames.push(close);
-            out.phase = Phase::Closing;
             wake(out);
             return Queued::Overflow;
         }
@@ -164,47 +139,62 @@ impl Socket {
     /// Queues a close frame after everything already queued. False when the
     /// connection was already closing.
     pub fn close(&self, code: u16, reason: &str) -> bool {
-        self.close_with(frame::encode_close(code, reason))
-    }
-
-    /// Like [`close`](Self::close) but with a prepared frame (an echo of the
-    /// client's close, or an empty one).
-    pub(crate) fn close_with(&self, frame: Bytes) -> bool {
-        self.queue_close(frame, false)
+        self.request_close(Closer::Handler, frame::encode_close(code, reason))
+            .0
     }
 
     /// Fails the connection from another task: like [`close`](Self::close),
     /// but the connection ends once the frame is written, without waiting
     /// for the peer's close (a keepalive timeout).
     pub(crate) fn fail(&self, code: u16, reason: &str) -> bool {
-        self.queue_close(frame::encode_close(code, reason), true)
+        self.request_close(Closer::Keepalive, frame::encode_close(code, reason))
+            .0
     }
 
-    fn queue_close(&self, frame: Bytes, fail: bool) -> bool {
+    /// Asks for a close on behalf of `by`, queueing `frame` if no close was
+    /// under way. Whether it was queued, and the state after.
+    pub(crate) fn request_close(&self, by: Closer, frame: Bytes) -> (bool, Lifecycle) {
         let mut out = self.outbox.lock();
-        if out.phase != Phase::Open {
-            return false;
+        if !out.life.close(by) {
+            return (false, out.life);
         }
-        out.fail = fail;
+        let life = out.life;
         out.queued += frame.len();
         out.frames.push(frame);
-        out.phase = Phase::Closing;
         wake(out);
-        true
+        (true, life)
+    }
+
+    /// The peer's close frame was read: queues `reply` when it is owed (no
+    /// close of ours is under way). `reply` may be `None` when the caller's
+    /// view is past `Active`: the outbox's state is too, so none is owed.
+    /// Whether it was queued, and the state after.
+    pub(crate) fn peer_closed(&self, reply: Option<Bytes>) -> (bool, Lifecycle) {
+        let mut out = self.outbox.lock();
+        let owed = out.life.peer_closed();
+        let life = out.life;
+        let Some(reply) = reply.filter(|_| owed) else {
+            debug_assert!(!owed, "the peer's close is owed an answer");
+            return (false, life);
+        };
+        out.queued += reply.len();
+        out.frames.push(reply);
+        wake(out);
+        (true, life)
     }
 
     /// Neither closing nor closed: sends would be queued.
     pub(crate) fn is_open(&self) -> bool {
-        self.outbox.lock().phase == Phase::Open
+        self.outbox.lock().life.accepts_frames()
     }
 
     /// Moves the queued frames to the writer's buffer. After a backpressure
     /// close, the frames the writer still holds are dropped first, except
     /// the front one when `keep_front` (it is partly written).
-    /// Says whether the close frame is the last of the frames just taken.
-    pub(crate) fn take(&self, into: &mut VecDeque<Bytes>, keep_front: bool) -> CloseTaken {
+    /// Returns the state after: whether the writer now holds our close frame.
+    pub(crate) fn take(&self, into: &mut VecDeque<Bytes>, keep_front: bool) -> Lifecycle {
         let mut out = self.outbox.lock();
-        if std::mem::take(&mut out.discard) {
+        if out.life.take() {
             into.truncate(usize::from(keep_front));
         }
         // Hand the whole buffer over: the outbox keeps no capacity while its
@@ -215,15 +205,7 @@ impl Socket {
         } else {
             into.extend(frames);
         }
-        if out.phase != Phase::Closing || out.close_taken {
-            return CloseTaken::No;
-        }
-        out.close_taken = true;
-        if out.fail {
-            CloseTaken::Fail
-        } else {
-            CloseTaken::Close
-        }
+        out.life
     }
 
     /// The writer put `bytes` on the wire.
@@ -232,13 +214,21 @@ impl Socket {
         out.queued = out.queued.saturating_sub(bytes);
     }
 
-    /// The connection is gone: refuse new frames and free queued ones.
-    pub(crate) fn mark_closed(&self) {
+    /// The writer has put our close frame on the wire: the state after.
+    pub(crate) fn close_written(&self) -> Lifecycle {
         let mut out = self.outbox.lock();
-        out.phase = Phase::Closed;
+        out.life.close_written();
+        out.life
+    }
+
+    /// The connection is gone: refuse new frames and free queued ones.
+    pub(crate) fn mark_closed(&self) -> Lifecycle {
+        let mut out = self.outbox.lock();
+        out.life.terminate();
         out.frames = Vec::new();
         out.queued = 0;
         out.waker = None;
+        out.life
     }
 
     /// Ready once the connection's task has something to look at (see
@@ -301,6 +291,95 @@ fn wake(mut out: MutexGuard<'_, Outbox>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lifecycle::Pending;
+
+    fn new_socket(max_backpressure: usize) -> (Socket, Workers) {
+        let workers = Workers::default();
+        workers.add().unwrap();
+        let worker = workers.pick().unwrap();
+        (Socket::new(1, worker, max_backpressure), workers)
+    }
+
+    fn is_close(frame: &Bytes) -> bool {
+        frame[0] & 0x0f == 0x8
+    }
+
+    #[test]
+    fn a_backpressure_close_drops_what_the_writer_holds_but_a_partly_written_frame() {
+        for keep_front in [false, true] {
+            let (socket, _workers) = new_socket(12);
+            let mut writer = VecDeque::new();
+            assert_eq!(socket.send(&Bytes::from_static(b"first")), Queued::Yes);
+            assert_eq!(socket.take(&mut writer, false), Lifecycle::Active);
+            assert_eq!(socket.send(&Bytes::from_static(b"second")), Queued::Yes);
+            assert_eq!(socket.send(&Bytes::from_static(b"third")), Queued::Overflow);
+            assert_eq!(socket.send(&Bytes::from_static(b"late")), Queued::No);
+            assert!(!socket.is_open());
+            assert_eq!(
+                socket.take(&mut writer, keep_front),
+                Lifecycle::ClosedByUs(Pending::Taken)
+            );
+            assert_eq!(writer.len(), 1 + usize::from(keep_front), "{writer:?}");
+            assert!(is_close(writer.back().unwrap()));
+            assert_eq!(socket.close_written(), Lifecycle::AwaitingPeer);
+        }
+    }
+
+    #[test]
+    fn the_first_close_wins_and_waits_for_the_peer() {
+        let (socket, _workers) = new_socket(1 << 20);
+        let mut writer = VecDeque::new();
+        assert!(socket.close(1000, ""));
+        assert!(!socket.close(1001, ""));
+        assert!(!socket.fail(1011, "keepalive ping timeout"));
+        assert_eq!(
+            socket.take(&mut writer, false),
+            Lifecycle::ClosedByUs(Pending::Taken)
+        );
+        assert_eq!(writer.len(), 1);
+        assert_eq!(socket.close_written(), Lifecycle::AwaitingPeer);
+        assert_eq!(socket.peer_closed(None), (false, Lifecycle::Terminated));
+    }
+
+    #[test]
+    fn the_peers_close_is_echoed_unless_ours_is_queued() {
+        let echo = || Some(frame::encode_close(1000, ""));
+        let (socket, _workers) = new_socket(1 << 20);
+        let mut writer = VecDeque::new();
+        assert_eq!(
+            socket.peer_closed(echo()),
+            (true, Lifecycle::Ending(Pending::Queued))
+        );
+        assert!(!socket.close(1001, ""));
+        assert_eq!(
+            socket.take(&mut writer, false),
+            Lifecycle::Ending(Pending::Taken)
+        );
+        assert_eq!(writer.len(), 1);
+        assert_eq!(socket.close_written(), Lifecycle::Terminated);
+
+        let (socket, _workers) = new_socket(1 << 20);
+        let mut writer = VecDeque::new();
+        assert!(socket.close(1001, ""));
+        assert_eq!(
+            socket.peer_closed(echo()),
+            (false, Lifecycle::Ending(Pending::Queued))
+        );
+        socket.take(&mut writer, false);
+        assert_eq!(writer.len(), 1, "our close answers the peer's");
+    }
+
+    #[test]
+    fn a_closed_socket_takes_nothing() {
+        let (socket, _workers) = new_socket(1 << 20);
+        let mut writer = VecDeque::new();
+        assert_eq!(socket.send(&Bytes::from_static(b"lost")), Queued::Yes);
+        assert_eq!(socket.mark_closed(), Lifecycle::Terminated);
+        assert_eq!(socket.send(&Bytes::from_static(b"late")), Queued::No);
+        assert!(!socket.close(1000, ""));
+        assert_eq!(socket.take(&mut writer, false), Lifecycle::Terminated);
+        assert!(writer.is_empty());
+    }
 
     /// Every connection has one for its whole life: keep it from growing
     /// unnoticed. With the `Arc`'s two counts and malloc's header, 168 bytes
