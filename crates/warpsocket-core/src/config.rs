@@ -2,8 +2,6 @@
 //! options into TypeError/ValueError before they get here). The defaults are
 //! for Rust callers; Python's are in `warpsocket.config`, which always passes
 //! every setting the binding takes.
-//!
-//! A leaf: uses nothing of the crate.
 
 use std::path::PathBuf;
 use std::time::Duration;

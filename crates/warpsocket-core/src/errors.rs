@@ -1,8 +1,6 @@
 //! The engine's error types, one enum per kind of call that can fail, so
 //! that callers match on variants rather than on messages or
 //! `io::ErrorKind`s.
-//!
-//! A leaf: it uses no other module of the crate.
 
 use std::fmt;
 use std::io;

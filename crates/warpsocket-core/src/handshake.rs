@@ -2,7 +2,7 @@
 //! HTTP error to answer with out. Parsing is httparse's; the accept key is
 //! tungstenite's.
 //!
-//! A leaf: uses nothing of the crate; the upgrade does the I/O around it.
+//! Sans-I/O: the upgrade does the I/O around it.
 
 use tungstenite::handshake::derive_accept_key;
 

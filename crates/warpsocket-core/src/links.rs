@@ -2,8 +2,7 @@
 //! the virtual sockets that point at it, so that deleting an id costs
 //! O(its own subscriptions).
 //!
-//! A leaf: it uses no other module of the crate. The registry and the hub
-//! keep one per id; their lock order is in `hub`.
+//! The registry and the hub keep one per id; their lock order is in `hub`.
 
 use std::collections::HashSet;
 

@@ -1,8 +1,6 @@
 //! One read buffer per I/O thread, zeroed once and reused: connections keep
 //! only the unparsed tail of a frame, and a handshake in progress keeps only
 //! a request that did not arrive in one read.
-//!
-//! A leaf: uses nothing else of the crate.
 
 use std::cell::RefCell;
 

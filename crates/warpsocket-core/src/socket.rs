@@ -2,9 +2,8 @@
 //! and its outbox. The connection's own I/O task holds the TCP stream; other
 //! threads only queue frames here and wake that task.
 //!
-//! Uses the leaves (`frame`, `deflate`, `links`, keepalive's per-connection state) and
-//! `dispatch`, whose [`Backlog`] it implements so that a busy worker pauses
-//! the connection's reader.
+//! It implements `dispatch`'s [`Backlog`] so that a busy worker pauses the
+//! connection's reader.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -5,8 +5,7 @@
 //! percent-encoded) are refused, and the resolved path — symlinks followed —
 //! must still lie inside the folder's canonical path.
 //!
-//! A leaf: uses nothing of the crate; the upgrade calls it for plain HTTP
-//! requests.
+//! The upgrade calls it for plain HTTP requests.
 
 use std::io;
 use std::path::{Path, PathBuf};

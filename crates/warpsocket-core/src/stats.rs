@@ -1,6 +1,4 @@
 //! Process-wide counters behind `stats()`.
-//!
-//! A leaf: it uses no other module of the crate.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -1,8 +1,6 @@
 //! A file descriptor that becomes readable when a worker has events waiting,
 //! so the worker's own event loop (asyncio's `add_reader`) can wait on it
 //! together with everything else it waits for.
-//!
-//! A leaf: it uses no other module of the crate.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -3,9 +3,6 @@
 //! of the wrong type and ValueError, naming the argument, for one the core
 //! cannot take (an int out of range, a str with a lone surrogate); the rules
 //! a value must meet are the core's.
-//!
-//! May use the core's types and the error mapping; used by the module
-//! functions.
 
 use std::time::Duration;
 

@@ -1,8 +1,5 @@
 //! Every error of the core, turned into the Python exception docs/api.md#exceptions names:
 //! the one place that knows the engine's error types.
-//!
-//! May use the core's error types; used by the conversions, the module
-//! functions and the server object.
 
 use std::io;
 

@@ -1,9 +1,6 @@
 //! The module functions of docs/api.md#functions (and the few the Python layer needs):
 //! each converts its arguments, calls the engine under the GIL policy, and
 //! converts the result or the error back.
-//!
-//! May use the conversions, the GIL policy, the error mapping and the
-//! process-wide engine.
 
 use pyo3::prelude::*;
 use pyo3::types::{IntoPyDict, PyBytes, PyDict};

@@ -5,9 +5,6 @@
 //! another node in a cluster, for a server's threads) or walk many sockets,
 //! so that other Python threads run meanwhile. Calls that do not go through
 //! [`run`] are short: local work, or a hand-off to the cluster's sender.
-//!
-//! May use the engine's types and the process-wide engine; used by the
-//! module functions and the server object.
 
 use pyo3::Python;
 use warpsocket_core::Target;

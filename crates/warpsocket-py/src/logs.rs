@@ -9,8 +9,6 @@
 //! Records of the engine (target `warpsocket`) are all queued, whatever the
 //! level, and Python's level decides; other crates' only from WARN up, so
 //! their per-connection chatter (rustls, say) costs nothing.
-//!
-//! May use the core's wakeup descriptor; registered by the module.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -3,8 +3,6 @@
 //! refusal statuses, the keys of `stats()` and the default bind.
 //! `warpsocket.codes` makes its `IntEnum`s from these, and
 //! `warpsocket.metrics` its metrics from `STATS_FIELDS`.
-//!
-//! Uses the core only.
 
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;

@@ -1,8 +1,6 @@
 //! The worker queue: what a worker thread drains its events from, each turned
 //! into the `(kind, socket_id, payload)` tuple `warpsocket.worker` reads,
 //! and the hold/release bookkeeping of its events.
-//!
-//! May use the core's queue and events and the process-wide engine.
 
 use std::sync::{Arc, Mutex, PoisonError};
 

@@ -1,8 +1,5 @@
 //! The server object: binds, starts and stops a core server, and hands out
 //! its worker queues.
-//!
-//! May use the core's server and config, the conversions, the worker queue,
-//! the GIL policy, the error mapping and the process-wide engine.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};

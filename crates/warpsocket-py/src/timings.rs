@@ -1,8 +1,6 @@
 //! `HandlerTimings`: a worker thread's histograms of its handler calls (see
 //! the core's `stats::Timings`), recorded without Python code per call and
 //! read by `warpsocket.metrics` at scrape time.
-//!
-//! Uses the core's stats only.
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
