@@ -164,7 +164,8 @@ class Worker(threading.Thread):
         # handler call is _timed_call, which records its timings.
         self._call: Callable[[int, int, Any], Awaitable[Any] | None] = self._run
         self._read_clock: Callable[[], float] | None = None
-        self._record: Callable[[int, float, float], None] = _no_record
+        # Bound with _timed_call, the only caller.
+        self._record: Callable[[int, float, float], None]
 
     # -- thread body ---------------------------------------------------------
 
@@ -460,10 +461,6 @@ _EVENT_HANDLER = {
     BINARY: "handle_binary_message",
     CLOSE: "handle_close",
 }
-
-
-def _no_record(kind: int, waited: float, ran: float) -> None:
-    """The recorder while metrics are off: never called (the timed call is not bound)."""
 
 
 def _handler(module: ModuleType, name: str) -> Callable[..., Any] | None:
