@@ -1,6 +1,7 @@
 """Type stubs for the native module built from crates/warpsocket-py."""
 
-from typing import Any, TypeAlias, final, overload
+from collections.abc import Callable
+from typing import Any, Literal, TypeAlias, final, overload
 
 __all__ = [
     "Server",
@@ -109,19 +110,21 @@ class WorkerQueue:
     def fileno(self) -> int:
         """The descriptor that becomes readable when events wait."""
     @overload
-    def drain(self, max: int | None = None, read_clock: None = None) -> list[tuple[int, int, Any]]:
+    def drain(self, max: int | None = None, timed: Literal[False] = False) -> list[tuple[int, int, Any]]:
         """Take the waiting events (at most ``max``) as ``(kind, socket_id, payload)``.
 
         When more wait, the descriptor stays readable. They count against their
         connections' backlogs until :meth:`settle` (or the next drain).
         """
     @overload
-    def drain(self, max: int | None, read_clock: float) -> list[tuple[int, int, tuple[Any, float]]]:
+    def drain(self, max: int | None, timed: Literal[True]) -> list[tuple[int, int, tuple[Any, int]]]:
         """Like the above, each payload as ``(payload, read_at)``.
 
-        ``read_at`` is when the event was read, on the clock that gave ``read_clock``
-        just before this call.
+        ``read_at`` is when the event was read, as :meth:`HandlerTimings.call` takes it.
         """
+    @overload
+    def drain(self, max: int | None, timed: bool) -> list[tuple[int, int, Any]]:
+        """Timed or not, as ``timed`` says."""
     def settle(self) -> None:
         """The events last drained have run or are held: they stop counting."""
     def hold(self, socket_id: int) -> None:
@@ -168,5 +171,21 @@ class HandlerTimings:
     def __new__(cls, bounds: list[float] | tuple[float, ...]) -> HandlerTimings: ...
     def record(self, kind: int, waited: float, ran: float) -> None:
         """Count one call of handler ``kind`` (see ``HANDLER_KINDS``); one thread only."""
+    def call(
+        self,
+        run: Callable[[int, int, Any], Any],
+        on_await: Callable[[int, Any, float, int], Any],
+        kind: int,
+        socket_id: int,
+        timed: tuple[Any, int],
+    ) -> Any:
+        """Run ``run(kind, socket_id, payload)`` and record its queue wait and duration.
+
+        ``timed`` is a timed drain's ``(payload, read_at)``. For an awaitable result,
+        return ``on_await(kind, result, waited, start)``, which records through
+        :meth:`finish` once awaited.
+        """
+    def finish(self, kind: int, waited: float, start: int) -> None:
+        """Count an awaited call that :meth:`call` started at ``start``."""
     def snapshot(self) -> tuple[_Histogram, _Histogram]:
         """``(wait, ran)``, each ``(counts, sums)`` per kind; counts per bucket, +Inf last."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import importlib.util
 import inspect
 import logging
@@ -41,9 +42,6 @@ logger = logging.getLogger("warpsocket")
 # Plain ints in the hot loop: comparing an event's int kind with them is the
 # cheapest comparison there is.
 OPEN, TEXT, BINARY, CLOSE = (int(kind) for kind in HandlerKind)
-
-# The clock of the handler timings (a global: one lookup less per timed call).
-_clock = time.perf_counter
 
 # Events taken per drain (the core keeps room for this many between drains).
 # When thousands of connections send at once, the worker converts and runs them
@@ -160,12 +158,10 @@ class Worker(threading.Thread):
         # Bound once when the thread starts (see run()), so the drain loop never
         # asks whether metrics are on. With metrics off, events are
         # (kind, sid, payload) and a handler call is _run; with metrics on, the
-        # drain passes the clock so each payload is (payload, read_at), and a
-        # handler call is _timed_call, which records its timings.
+        # drain is timed, so each payload is (payload, read_at), and a handler
+        # call is HandlerTimings.call, which runs _run and records its timings.
         self._call: Callable[[int, int, Any], Awaitable[Any] | None] = self._run
-        self._read_clock: Callable[[], float] | None = None
-        # Bound with _timed_call, the only caller.
-        self._record: Callable[[int, float, float], None]
+        self._timed = False
 
     # -- thread body ---------------------------------------------------------
 
@@ -197,9 +193,8 @@ class Worker(threading.Thread):
         self._on_binary = self.handlers["handle_binary_message"]
         self._on_close = self.handlers["handle_close"]
         if self._timings is not None:
-            self._record = self._timings.record
-            self._call = self._timed_call
-            self._read_clock = _clock
+            self._call = functools.partial(self._timings.call, self._run, self._timed_await)
+            self._timed = True
         loop.add_reader(self.queue.fileno(), self._on_events)
         for orphaned in self.inherited:
             loop.add_reader(orphaned.fileno(), self._on_inherited_events, orphaned)
@@ -278,9 +273,8 @@ class Worker(threading.Thread):
         tracked, arrive, ran = sequencer.tracked, sequencer.arrive, sequencer.ran
         call = self._call
         queue = self.queue
-        read_clock = self._read_clock
         try:
-            events = queue.drain(batch) if read_clock is None else queue.drain(batch, read_clock())
+            events = queue.drain(batch, self._timed)
             for kind, sid, payload in events:
                 self.picked_up += 1
                 # Most apps have no connection waiting on an async handler: skip the calls.
@@ -295,26 +289,16 @@ class Worker(threading.Thread):
         finally:
             queue.settle()
 
-    def _timed_call(self, kind: int, sid: int, timed: tuple[Any, float]) -> Awaitable[Any] | None:
-        """``_run`` with metrics on: records the call's queue wait and duration.
+    async def _timed_await(self, kind: int, pending: Awaitable[Any], waited: float, start: int) -> Any:
+        """Await the handler that ``HandlerTimings.call`` started, then record its timings.
 
-        ``timed`` is ``(payload, read_at)``. An awaitable handler's timings are
-        recorded when it has been awaited (see :meth:`_timed_await`).
+        Recorded however it ended (timeout included); ``start`` is on the core's clock.
         """
-        payload, read_at = timed
-        start = _clock()
-        pending = self._run(kind, sid, payload)
-        if pending is None:
-            self._record(kind, start - read_at, _clock() - start)
-            return None
-        return self._timed_await(kind, pending, read_at, start)
-
-    async def _timed_await(self, kind: int, pending: Awaitable[Any], read_at: float, start: float) -> Any:
-        """Await ``pending``, then record its timings however it ended (timeout included)."""
         try:
             return await pending
         finally:
-            self._record(kind, start - read_at, _clock() - start)
+            assert self._timings is not None  # only bound with metrics on
+            self._timings.finish(kind, waited, start)
 
     def _on_inherited_events(self, orphaned: _core.WorkerQueue) -> None:
         """Run ``handle_close`` for the connections of a retired worker; drop the rest.

@@ -122,6 +122,17 @@ impl ReadAt {
     pub fn until(self, later: ReadAt) -> Duration {
         Duration::from_micros(u64::from(later.0.wrapping_sub(self.0)))
     }
+
+    /// The moment as microseconds on the clock (wrapping), for a caller that
+    /// carries it outside the engine and hands it back to [`ReadAt::from_micros`].
+    pub fn micros(self) -> u32 {
+        self.0
+    }
+
+    /// The moment [`ReadAt::micros`] gave.
+    pub fn from_micros(micros: u32) -> Self {
+        ReadAt(micros)
+    }
 }
 
 /// The queue of one worker thread.

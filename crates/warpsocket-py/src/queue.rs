@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
-use warpsocket_core::dispatch::ReadAt;
 use warpsocket_core::stats::HandlerKind;
 use warpsocket_core::{Event, OpenRequest, Payload};
 
@@ -56,21 +55,20 @@ impl WorkerQueue {
     }
 
     /// Takes the waiting events (at most `max`) as `(kind, socket_id, payload)`
-    /// tuples. Given `read_clock`, the caller's clock now (in seconds), each
-    /// payload becomes `(payload, read_at)`: when the event was read, on that
-    /// clock. Drained events count as handled from `settle` (or the next
-    /// drain) on, unless held (see `hold`).
-    #[pyo3(signature = (max=None, read_clock=None))]
+    /// tuples. With `timed`, each payload becomes `(payload, read_at)`: when
+    /// the event was read, as `HandlerTimings.call` takes it. Drained events
+    /// count as handled from `settle` (or the next drain) on, unless held
+    /// (see `hold`).
+    #[pyo3(signature = (max=None, timed=false))]
     fn drain<'py>(
         &self,
         py: Python<'py>,
         max: Option<usize>,
-        read_clock: Option<f64>,
+        timed: bool,
     ) -> PyResult<Bound<'py, PyList>> {
         let mut events = std::mem::take(&mut *self.lock_batch());
         self.inner
             .drain_at_most(max.unwrap_or(usize::MAX), &mut events);
-        let now = ReadAt::now();
         // Sized once: appending would grow the list through a dozen sizes.
         let list = PyList::new(py, (0..events.len()).map(|_| py.None()))?;
         for (i, event) in events.drain(..).enumerate() {
@@ -100,14 +98,12 @@ impl WorkerQueue {
             };
             let (kind, id, payload) = item;
             let kind = kind as u8;
-            match read_clock {
-                // The same tuple shape as untimed, so the worker's loop is one:
-                // only the handler call it makes differs.
-                Some(clock) => {
-                    let read_at = clock - read_at.until(now).as_secs_f64();
-                    list.set_item(i, (kind, id, (payload, read_at)))?;
-                }
-                None => list.set_item(i, (kind, id, payload))?,
+            // The same tuple shape as untimed, so the worker's loop is one:
+            // only the handler call it makes differs.
+            if timed {
+                list.set_item(i, (kind, id, (payload, read_at.micros())))?;
+            } else {
+                list.set_item(i, (kind, id, payload))?;
             }
         }
         if events.capacity() <= DRAIN_BATCH {
