@@ -189,6 +189,25 @@ async fn read_upgrade(
     }
 }
 
+/// A static-file response, read from disk on tokio's blocking pool. `None`
+/// when there is nothing to write: the work panicked, a bug in the static-file
+/// code that is logged rather than only dropping the connection, or was
+/// cancelled by the runtime's shutdown, which is nothing to report.
+async fn off_the_io_thread<F>(respond: F) -> Option<Vec<u8>>
+where
+    F: FnOnce() -> Vec<u8> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(respond).await {
+        Ok(response) => Some(response),
+        Err(e) => {
+            if e.is_panic() {
+                log::warn!(target: "warpsocket", "static file response panicked, connection dropped: {e}");
+            }
+            None
+        }
+    }
+}
+
 /// Answers a request that is not an upgrade: a static file when a folder is
 /// configured, else 426. Boxed, like [`refuse`]: inline, this rarer path's
 /// state would enlarge every pending handshake's future.
@@ -203,21 +222,10 @@ fn plain_http(
         let Some(files) = shared.static_files.clone() else {
             return refuse(stream, shared, handshake::WEBSOCKET_ONLY).await;
         };
-        let response = match tokio::task::spawn_blocking(move || {
-            files.respond(&method, &path, &headers)
-        })
-        .await
-        {
-            Ok(response) => response,
-            Err(e) => {
-                // A panic is a bug in the static-file code: say so, rather
-                // than only drop the connection. Cancelled: the runtime
-                // is shutting down, nothing to report.
-                if e.is_panic() {
-                    log::warn!(target: "warpsocket", "static file response panicked, connection dropped: {e}");
-                }
-                return;
-            }
+        let Some(response) =
+            off_the_io_thread(move || files.respond(&method, &path, &headers)).await
+        else {
+            return;
         };
         let _ = tokio::time::timeout(shared.config.handshake_timeout, async {
             stream.write_all(&response).await?;
@@ -278,5 +286,52 @@ impl Drop for SocketGuard {
         // Last: a retired worker's successor stops watching its queue once
         // the count is 0, so every close event must already be queued.
         self.socket.worker.connection_closed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Keeps the warnings logged in this test binary (the first logger set
+    /// wins, and no other test of the crate sets one).
+    struct Warnings(Mutex<Vec<String>>);
+
+    impl log::Log for Warnings {
+        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+            metadata.level() <= log::Level::Warn
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if self.enabled(record.metadata()) {
+                if let Ok(mut kept) = self.0.lock() {
+                    kept.push(format!("{}: {}", record.target(), record.args()));
+                }
+            }
+        }
+        fn flush(&self) {}
+    }
+
+    static WARNINGS: Warnings = Warnings(Mutex::new(Vec::new()));
+
+    #[tokio::test]
+    async fn a_static_file_response_that_panics_is_logged_and_gives_nothing() {
+        let _ = log::set_logger(&WARNINGS);
+        log::set_max_level(log::LevelFilter::Warn);
+        assert_eq!(
+            off_the_io_thread(|| b"ok".to_vec()).await,
+            Some(b"ok".to_vec())
+        );
+        assert_eq!(off_the_io_thread(|| panic!("a bug")).await, None);
+        let kept = WARNINGS
+            .0
+            .lock()
+            .map(|kept| kept.clone())
+            .unwrap_or_default();
+        assert!(
+            kept.iter()
+                .any(|w| w.starts_with("warpsocket: static file response panicked")),
+            "{kept:?}"
+        );
     }
 }

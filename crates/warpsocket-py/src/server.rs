@@ -115,17 +115,39 @@ impl Server {
     fn shutdown(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
         let timeout = convert::seconds(timeout.max(0.0), "timeout")?;
         gil::run(py, Work::Long, || {
-            // A poisoned lock means an earlier call panicked while holding it.
-            // Shutting down must still happen, or the runtime, its listeners
-            // and every connection stay up: the core server's shutdown only
-            // takes what is there, so it is safe on whatever state the panic
-            // left.
-            let mut server = self.inner.lock().unwrap_or_else(|poisoned| {
-                log::warn!(target: "warpsocket", "server state poisoned by an earlier panic; shutting down anyway");
-                poisoned.into_inner()
-            });
-            server.shutdown(timeout);
+            lock_for_shutdown(&self.inner).shutdown(timeout);
         });
         Ok(())
+    }
+}
+
+/// The lock even if poisoned, which means an earlier call panicked while
+/// holding it. Shutting down must still happen, or the runtime, its listeners
+/// and every connection stay up: the core server's shutdown only takes what is
+/// there, so it is safe on whatever state the panic left.
+fn lock_for_shutdown<T>(inner: &Mutex<T>) -> MutexGuard<'_, T> {
+    inner.lock().unwrap_or_else(|poisoned| {
+        log::warn!(target: "warpsocket", "server state poisoned by an earlier panic; shutting down anyway");
+        poisoned.into_inner()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_takes_a_lock_that_a_panic_poisoned() {
+        let inner = Mutex::new(7);
+        let _ = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let _held = inner.lock();
+                    panic!("a bug while holding the server");
+                })
+                .join()
+        });
+        assert!(inner.is_poisoned());
+        assert_eq!(*lock_for_shutdown(&inner), 7);
     }
 }
