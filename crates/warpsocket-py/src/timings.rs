@@ -49,17 +49,19 @@ impl HandlerTimings {
         &self,
         run: &Bound<'py, PyAny>,
         on_await: &Bound<'py, PyAny>,
-        kind: usize,
-        socket_id: u64,
+        kind: &Bound<'py, PyAny>,
+        socket_id: &Bound<'py, PyAny>,
         timed: (Bound<'py, PyAny>, u32),
     ) -> PyResult<Bound<'py, PyAny>> {
         let (payload, read_at) = timed;
         let start = ReadAt::now();
         let waited = ReadAt::from_micros(read_at).until(start).as_secs_f64();
+        // The drained ints are passed on as they are: converting them back
+        // would allocate a new int object per call.
         let pending = run.call1((kind, socket_id, payload))?;
         if pending.is_none() {
             let ran = start.until(ReadAt::now()).as_secs_f64();
-            self.record(kind, waited, ran)?;
+            self.record(kind.extract()?, waited, ran)?;
             return Ok(pending);
         }
         on_await.call1((kind, pending, waited, start.micros()))
