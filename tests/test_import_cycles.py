@@ -10,9 +10,12 @@ of a submodule is not counted.
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "python" / "warpsocket"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "python" / "warpsocket"
+CHECK_LAYERS = ROOT / "scripts" / "check_layers.py"
 
 
 def _modules() -> dict[str, Path]:
@@ -53,38 +56,12 @@ def _imports(name: str, path: Path, modules: set[str]) -> set[str]:
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected groups of two or more modules (Tarjan's algorithm)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    groups: list[list[str]] = []
-
-    def visit(node: str) -> None:
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        on_stack.add(node)
-        for target in sorted(graph.get(node, ())):
-            if target not in index:
-                visit(target)
-                low[node] = min(low[node], low[target])
-            elif target in on_stack:
-                low[node] = min(low[node], index[target])
-        if low[node] == index[node]:
-            group = []
-            while True:
-                member = stack.pop()
-                on_stack.discard(member)
-                group.append(member)
-                if member == node:
-                    break
-            if len(group) > 1:
-                groups.append(sorted(group))
-
-    for node in sorted(graph):
-        if node not in index:
-            visit(node)
-    return groups
+    """Strongly connected groups of two or more modules: the Rust layer check's finder."""
+    spec = importlib.util.spec_from_file_location("check_layers", CHECK_LAYERS)
+    assert spec is not None and spec.loader is not None
+    check_layers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_layers)
+    return check_layers.cycles(graph)
 
 
 def test_cycle_finder_finds_a_cycle():
