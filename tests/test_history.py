@@ -14,7 +14,7 @@ import time
 
 import pytest
 import warpsocket
-from helpers import IdClient, connect, wait_for
+from helpers import IdClient, ServerProcess, connect, free_port, wait_for, warpsocket_command
 from warpsocket import History, cli
 
 WORKER = """
@@ -103,6 +103,35 @@ def test_history_flag_makes_the_option():
     for bad in ["room", "room:=0", "room:=x", "room:=5/0", "room:=5/inf", "room:=5/"]:
         with pytest.raises(SystemExit):
             parser.parse_args(["w.py", "--history", bad])
+
+
+CLI_WORKER = """
+import warpsocket
+
+def handle_text_message(text, socket_id):
+    warpsocket.subscribe(socket_id, "room:1")
+    warpsocket.subscribe(socket_id, "lobby")
+    warpsocket.send(["room:1", "lobby"], text)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_history_flag_runs_a_server_with_history(tmp_path):
+    worker = tmp_path / "cli_history_worker.py"
+    worker.write_text(CLI_WORKER)
+    port = free_port()
+    argv = warpsocket_command(worker, "--bind", f"127.0.0.1:{port}", "--history", "room:=10/60")
+    server = ServerProcess(argv, cwd=tmp_path, port=port)
+    try:
+        server.wait_listening()
+        with connect(f"ws://127.0.0.1:{port}/") as ws:
+            ws.send("a")
+            assert [ws.recv(timeout=20), ws.recv(timeout=20)] == ["1:a", "a"]
+            ws.send("b")
+            assert [ws.recv(timeout=20), ws.recv(timeout=20)] == ["2:b", "b"]
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0, server.output()
 
 
 def test_no_policy_no_history(start):
