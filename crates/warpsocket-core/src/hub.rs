@@ -1133,6 +1133,8 @@ mod tests {
                     let gone = alive.pop_front().unwrap();
                     assert!(f.hub.delete_virtual_socket(gone, Some(conn.id)));
                 }
+                // Room for sends between two recovers, so each meets live ones.
+                std::thread::sleep(std::time::Duration::from_micros(100));
             }
             drop(stopper);
             for v in alive {
@@ -1149,6 +1151,7 @@ mod tests {
                 .or_default()
                 .push(offset.parse().unwrap());
         }
+        let mut live_after = 0;
         for (prefix, since, last) in recovered {
             let offsets = seen.remove(&prefix).unwrap_or_default();
             assert!(
@@ -1157,7 +1160,12 @@ mod tests {
             );
             let expected: Vec<u64> = (since + 1..).take(offsets.len()).collect();
             assert_eq!(offsets, expected, "{prefix} since {since}");
+            live_after += usize::from(offsets.last().is_some_and(|&o| o > last));
         }
+        assert!(
+            live_after > 150,
+            "only {live_after} recovers met live sends"
+        );
     }
 
     #[derive(Default)]
