@@ -92,6 +92,9 @@ FUNCTIONS = [
     warpsocket.get_key,
     warpsocket.set_key,
     warpsocket.set_key_if,
+    warpsocket.position,
+    warpsocket.history,
+    warpsocket.recover,
     warpsocket.stats,
 ]
 
@@ -121,7 +124,9 @@ def echoes(server):
 
 @pytest.mark.timeout(180)
 def test_functions_take_any_value(worker_file):
-    with warpsocket.start(bind="127.0.0.1:0", worker=worker_file, threads=2) as server:
+    # Every channel keeps history, so that position/history/recover do their work.
+    history = {"": warpsocket.History(8)}
+    with warpsocket.start(bind="127.0.0.1:0", worker=worker_file, threads=2, history=history) as server:
         client = IdClient(server)
         virtual = warpsocket.create_virtual_socket(client.sid, "v:")
         arguments = values((client.sid, virtual))

@@ -35,6 +35,7 @@ ALL_OPTIONS = [
     "--max-backpressure",
     "--ping-interval",
     "--ping-timeout",
+    "--history",
 ]
 
 CLI_WORKER = """

@@ -19,6 +19,9 @@ from ._core import (
     delete_virtual_socket,
     get_key,
     has_subscriptions,
+    history,
+    position,
+    recover,
     send,
     set_key,
     set_key_if,
@@ -26,6 +29,7 @@ from ._core import (
     unsubscribe,
 )
 from .codes import CloseCode, RefusalStatus
+from .config import History
 from .server import Server, run, start, stats
 from .worker import WorkerRetired
 
@@ -36,6 +40,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "CloseCode",
+    "History",
     "RefusalStatus",
     "Server",
     "WorkerRetired",
@@ -44,6 +49,9 @@ __all__ = [
     "delete_virtual_socket",
     "get_key",
     "has_subscriptions",
+    "history",
+    "position",
+    "recover",
     "run",
     "send",
     "set_key",

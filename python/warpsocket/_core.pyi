@@ -17,6 +17,9 @@ __all__ = [
     "get_key",
     "set_key",
     "set_key_if",
+    "position",
+    "history",
+    "recover",
     "resolve_open",
     "counters",
     "join_cluster",
@@ -78,6 +81,26 @@ def set_key(key: _Name, value: _Name | None = None) -> bytes | None:
 
 def set_key_if(key: _Name, new_value: _Name | None = None, check_value: _Name | None = None) -> bool:
     """Compare-and-set: store ``new_value`` if the current value equals ``check_value``."""
+
+def position(channel: _Name) -> tuple[str, int]:
+    """``(epoch, offset)`` of a history channel's last message (offset 0: none yet).
+
+    Raises ValueError when no prefix of the ``history`` option covers ``channel``.
+    """
+
+def history(channel: _Name, since: int = 0, limit: int | None = None) -> list[tuple[int, str | bytes]]:
+    """The kept ``(offset, data)`` of a history channel with offset above ``since``, oldest first.
+
+    At most ``limit`` of them (the oldest); ``data`` is str for text, bytes for binary.
+    """
+
+def recover(target: int | list[int] | tuple[int, ...], channel: _Name, since: tuple[str, int]) -> bool:
+    """Subscribe ``target`` to ``channel`` and deliver what it missed since ``(epoch, offset)``.
+
+    Atomic with live sends: every message after ``since`` arrives once, in offset order.
+    False (nothing from history delivered, still subscribed) when something was missed
+    that is no longer kept.
+    """
 
 def resolve_open(socket_id: int, accept: bool, status: int) -> bool:
     """Deliver ``handle_open``'s verdict; False if the upgrade no longer waits."""
@@ -155,6 +178,7 @@ class Server:
         static_dir: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        history: list[tuple[bytes, int, float, bool]] | None = None,
     ) -> Server: ...
     def addresses(self) -> list[tuple[str, int]]: ...
     def add_worker(self) -> WorkerQueue: ...

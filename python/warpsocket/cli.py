@@ -7,11 +7,28 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from ._core import DEFAULT_BIND
 from .config import TUNABLES, default_threads
 from .server import run
+
+
+class _Collect(argparse.Action):
+    """A repeatable flag whose uses give ``(key, value)`` pairs: the option is their dict."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        collected = dict(getattr(namespace, self.dest) or {})
+        key, value = values
+        collected[key] = value
+        setattr(namespace, self.dest, collected)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             tunable.flag,
             dest=tunable.name,
+            action=_Collect if tunable.repeat else "store",
             type=tunable.type,
             default=tunable.default,
             metavar=tunable.metavar,

@@ -15,9 +15,9 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any, NamedTuple, ParamSpec, TypeVar
 
 from .addresses import parse_bind
 
@@ -31,6 +31,23 @@ MAX_THREADS = 1024
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class History(NamedTuple):
+    """What a history channel keeps (docs/api.md#history): the ``history`` option's values.
+
+    ``size``: the latest messages kept (at least 1); ``ttl``: seconds each is kept, and
+    how long a channel's sequence lives without a message; ``stamp``: every delivery
+    carries its offset (``"17:"`` before the data). A plain tuple works too.
+    """
+
+    size: int
+    ttl: float = 300.0
+    stamp: bool = True
+
+
+#: A channel-name prefix and what its channels keep, as ``Options.history`` holds them.
+HistoryRule = tuple[str | bytes, History]
 
 
 def default_threads() -> int:
@@ -59,6 +76,7 @@ class Options:
     max_pending_upgrades: int
     metrics_bind: str | None
     compression: bool
+    history: tuple[HistoryRule, ...] = ()
 
     @classmethod
     def build(
@@ -93,6 +111,12 @@ class Options:
         compression: Annotated[
             bool, "negotiate permessage-deflate with clients that offer it (docs/api.md#compression)"
         ] = False,
+        history: Annotated[
+            Mapping[str | bytes, History | tuple[Any, ...]] | None,
+            "keep the last SIZE messages (each for TTL seconds, default 300) of the channels"
+            " whose name starts with PREFIX, for recover() (docs/api.md#history); repeatable",
+            Flag("--history", "PREFIX=SIZE[/TTL]", parse=parse_history_flag, repeat=True),
+        ] = None,
     ) -> Options:
         """Check every argument and return the options, raising TypeError/ValueError."""
         binds = _check_bind(bind)
@@ -116,6 +140,9 @@ class Options:
         _check_int("threads", threads, MAX_THREADS)
         if metrics_bind is not None:
             parse_bind(metrics_bind)
+        rules = _check_history(history)
+        if rules and cluster is not None:
+            raise ValueError("history with cluster mode is not supported yet (docs/api.md#history)")
         return cls(
             bind=binds,
             worker=worker,
@@ -134,6 +161,7 @@ class Options:
             max_pending_upgrades=_check_int("max_pending_upgrades", max_pending_upgrades, sys.maxsize),
             metrics_bind=metrics_bind,
             compression=_check_bool("compression", compression),
+            history=rules,
         )
 
 
@@ -149,6 +177,45 @@ def _check_bind(bind: object) -> tuple[str, ...]:
     for address in binds:
         _check_text("bind", address)
     return binds
+
+
+def _check_history(history: object) -> tuple[HistoryRule, ...]:
+    """The ``history`` option as (prefix, :class:`History`) pairs, checked."""
+    if history is None:
+        return ()
+    if not isinstance(history, Mapping):
+        raise TypeError(f"history must be a dict of channel prefix -> History, not {type(history).__name__}")
+    rules: list[HistoryRule] = []
+    for prefix, policy in history.items():
+        if isinstance(prefix, str):
+            _check_text("history's prefix", prefix)
+        elif not isinstance(prefix, bytes):
+            raise TypeError(f"history's prefixes must be str or bytes, not {type(prefix).__name__}")
+        rules.append((prefix, _check_policy(f"history[{prefix!r}]", policy)))
+    return tuple(rules)
+
+
+def _check_policy(name: str, policy: object) -> History:
+    if not isinstance(policy, tuple):
+        raise TypeError(f"{name} must be a History (or a tuple), not {type(policy).__name__}")
+    if not 1 <= len(policy) <= len(History._fields):
+        raise ValueError(f"{name} must be (size, ttl=300.0, stamp=True), got {len(policy)} items")
+    given = History(*policy)
+    return History(
+        size=_check_int(f"{name}.size", given.size, sys.maxsize),
+        ttl=check_seconds(f"{name}.ttl", given.ttl),
+        stamp=_check_bool(f"{name}.stamp", given.stamp),
+    )
+
+
+def parse_history_flag(text: str) -> tuple[str, History]:
+    """``--history PREFIX=SIZE[/TTL]`` as a (prefix, :class:`History`) pair; ValueError if malformed."""
+    prefix, equals, policy = text.rpartition("=")
+    if not equals:
+        raise ValueError(f"--history takes PREFIX=SIZE[/TTL], got {text!r}")
+    size, slash, ttl = policy.partition("/")
+    rule = History(int(size), float(ttl) if slash else 300.0)
+    return prefix, _check_policy("--history", rule)
 
 
 def _check_text(name: str, value: str) -> None:
@@ -234,10 +301,17 @@ def _show(value: object) -> str:
 
 @dataclass(frozen=True)
 class Flag:
-    """In a keyword-only option's ``Annotated``: its CLI flag, when not ``--<name>``."""
+    """In a keyword-only option's ``Annotated``: its CLI flag, when not ``--<name>``.
+
+    ``parse`` turns the flag's text into a value (for an option that is not an int,
+    float, bool or str); with ``repeat``, each use gives a ``(key, value)`` pair and the
+    option is the dict of them.
+    """
 
     flag: str
     metavar: str | None = None
+    parse: Callable[[str], Any] | None = None
+    repeat: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,11 +320,13 @@ class Tunable:
 
     name: str
     #: What the CLI converts the flag's text with (``X`` for an ``X | None`` option).
-    type: type[int] | type[float] | type[bool] | type[str]
+    type: type[int] | type[float] | type[bool] | type[str] | Callable[[str], Any]
     default: int | float | bool | str | None
     help: str
     flag: str
     metavar: str | None = None
+    #: Repeatable: each use converts to a ``(key, value)`` pair, the option is their dict.
+    repeat: bool = False
 
 
 def _tunables() -> tuple[Tunable, ...]:
@@ -262,7 +338,11 @@ def _tunables() -> tuple[Tunable, ...]:
             if typing.get_origin(kind) in (typing.Union, types.UnionType):
                 (kind,) = (arg for arg in typing.get_args(kind) if arg is not type(None))
             flag = next((e for e in extra if isinstance(e, Flag)), Flag("--" + param.name.replace("_", "-")))
-            tunables.append(Tunable(param.name, kind, param.default, help_text, flag.flag, flag.metavar))
+            if flag.parse is not None:
+                kind = flag.parse
+            tunables.append(
+                Tunable(param.name, kind, param.default, help_text, flag.flag, flag.metavar, flag.repeat)
+            )
     return tuple(tunables)
 
 

@@ -248,6 +248,10 @@ def stats() -> Stats:
     ``handshakes_refused`` ({HTTP status: upgrade requests answered with it instead of
     101}) and ``closes`` ({close code: close frames the server sent, its own and its
     answers to the client's; 1005 for one without a code}).
+
+    With the ``history`` option (docs/api.md#history): ``history_channels`` (channels
+    whose history this process keeps) and ``history_messages`` (messages kept, over
+    every channel); both 0 without it.
     """
     running = _running
     workers = running.stats_workers() if running is not None else []
@@ -268,6 +272,9 @@ def start(options: Options) -> Server:
     given both, every address speaks TLS only (``wss://``, ``https://``).
     ``metrics_bind``: an address (``"127.0.0.1:9100"``) serving Prometheus ``/metrics``
     and ``/healthz`` over plain HTTP (docs/api.md#metrics).
+    ``history``: ``{channel prefix: History(size, ttl=300.0, stamp=True)}``, the channels
+    whose messages get offsets and are kept for :func:`recover` (docs/api.md#history);
+    not with ``cluster`` yet (``ValueError``).
     The tunables are keyword-only; the signature shows them with their defaults, and
     docs/api.md#options explains them.
 
@@ -327,6 +334,10 @@ def _start_joined(options: Options, metrics: MetricsServer | None) -> Server:
         static_dir=options.static_dir,
         tls_cert=options.tls_cert,
         tls_key=options.tls_key,
+        history=[
+            (prefix.encode() if isinstance(prefix, str) else prefix, rule.size, rule.ttl, rule.stamp)
+            for prefix, rule in options.history
+        ],
     )
     workers: list[Worker] = []
     try:

@@ -29,6 +29,8 @@ class Stats(_ClusterStats):
     channels: int
     subscriptions: int
     keys: int
+    history_channels: int
+    history_messages: int
     messages_in: int
     messages_out: int
     bytes_in: int

@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::history::Policies;
+
 /// Which handlers the worker module defines: the core answers for the missing
 /// ones itself (accept without asking, close with 1003) instead of a round
 /// trip through a worker.
@@ -41,6 +43,9 @@ pub struct Config {
     pub static_dir: Option<PathBuf>,
     /// Negotiate permessage-deflate with clients that offer it (RFC 7692).
     pub compression: bool,
+    /// The channels that keep history (docs/api.md#history), set on the
+    /// engine when the server binds and cleared when it shuts down.
+    pub history: Policies,
 }
 
 /// The address a server binds when none is given (the CLI's `--bind`
@@ -66,6 +71,7 @@ impl Default for Config {
             static_dir: None,
             max_pending_upgrades: 1024,
             compression: false,
+            history: Policies::default(),
         }
     }
 }

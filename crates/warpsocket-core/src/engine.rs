@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use crate::cluster::Cluster;
 use crate::errors::{JoinError, Unreachable, VirtualError};
 use crate::frame::Kind;
+use crate::history::Policies;
 use crate::hub::{Hub, Target};
 use crate::kv::Kv;
 use crate::registry::MAX_PREFIX;
@@ -239,6 +240,59 @@ impl Engine {
             |hub| hub.delete_virtual_socket(id, expected_target),
             |cluster, hub| cluster.delete_virtual_socket(hub, id, expected_target),
         )
+    }
+
+    // -- docs/api.md#history ----------------------------------------------------
+    //
+    // This process's history only: the Python layer refuses history with
+    // cluster mode, whose sequencer will be Redis.
+
+    /// Sets the history policies (a server's, when it binds; none when it
+    /// shuts down). Every channel's history so far is forgotten.
+    pub fn set_history(&self, policies: Policies) {
+        self.hub.set_history(policies);
+    }
+
+    /// `(epoch, offset of the last message)` of a history channel; None
+    /// when no policy covers it.
+    pub fn position(&self, channel: &[u8]) -> Option<(Arc<str>, u64)> {
+        self.hub.position(channel)
+    }
+
+    /// The kept messages `(offset, kind, data)` with an offset above
+    /// `since`, oldest first, at most `limit`; None when no policy covers
+    /// the channel.
+    pub fn history(
+        &self,
+        channel: &[u8],
+        since: u64,
+        limit: usize,
+    ) -> Option<Vec<(u64, Kind, Bytes)>> {
+        self.hub.history(channel, since, limit)
+    }
+
+    /// Subscribes `targets` to `channel` and delivers them the messages
+    /// kept after `since` (epoch, offset), atomically with live sends;
+    /// whether it could (nothing missed). None when no policy covers the
+    /// channel.
+    pub fn recover(&self, targets: &[u64], channel: &Bytes, since: (&str, u64)) -> Option<bool> {
+        self.hub.recover(targets, channel, since)
+    }
+
+    /// Channels whose history this process keeps.
+    pub fn history_channel_count(&self) -> usize {
+        self.hub.history_channel_count()
+    }
+
+    /// Messages this process keeps, over every history channel.
+    pub fn history_message_count(&self) -> usize {
+        self.hub.history_message_count()
+    }
+
+    /// Returns the memory of expired history (does something at most once a
+    /// second, however often called).
+    pub(crate) fn sweep_history(&self) {
+        self.hub.sweep_history();
     }
 
     pub fn get_key(&self, key: &[u8]) -> Result<Option<Bytes>, Unreachable> {

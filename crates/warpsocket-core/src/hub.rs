@@ -6,9 +6,9 @@
 //!
 //! It outlives servers: ids are never reused within a process.
 //!
-//! Lock order, to stay deadlock-free: a socket's links, then a channel shard,
-//! then registry shards, then an outbox. Nothing is held while calling out
-//! (to the log, or to the watcher).
+//! Lock order, to stay deadlock-free: a history channel's log, then a
+//! socket's links, then a channel shard, then registry shards, then an
+//! outbox. Nothing is held while calling out (to the log, or to the watcher).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,10 +19,12 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::channels::{Change, Channels};
+use crate::clock;
 use crate::errors::VirtualError;
 use crate::frame::{self, Kind};
 use crate::frames::Frames;
 use crate::handshake::status;
+use crate::history::{self, History, Log, Policies};
 use crate::ids::{IdGenerator, IdMap};
 use crate::links::Links;
 use crate::registry::{Entry, Prefix, Registry, VirtualSocket, MAX_PREFIX};
@@ -57,6 +59,17 @@ pub(crate) struct Hub {
     virtual_sockets: AtomicUsize,
     /// Boxed because `ArcSwapOption` holds sized types only.
     watcher: ArcSwapOption<Box<dyn ChannelWatcher>>,
+    /// The history channels' sequences and kept messages.
+    history: History,
+}
+
+/// A subscription that began or ended, for the watcher.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Edge {
+    /// `first`: the channel had no subscription before.
+    Began { first: bool },
+    /// `last`: it was the channel's last.
+    Ended { last: bool },
 }
 
 impl Hub {
@@ -177,35 +190,103 @@ impl Hub {
 
     /// Sends one message to every target (repeats count again); returns the
     /// number of recipients it was queued for. Each frame is encoded once
-    /// and shared: see [`Frames`].
+    /// and shared: see [`Frames`]. A history channel takes its next offset
+    /// (each time it is named) and gets its own, stamped frames: see
+    /// [`send_kept`](Self::send_kept).
     pub(crate) fn send(&self, targets: &[Target], kind: Kind, payload: &[u8]) -> usize {
-        let mut frames = Frames::new(kind, payload, &self.stats.messages_compressed);
+        // Made on first use: a send to history channels only needs none.
+        let mut frames: Option<Frames<'_>> = None;
         let mut sent = 0;
         let mut overflowed = Vec::new();
-        let mut deliver = |id: u64| match self.deliver(id, &mut frames, payload.len()) {
+        for target in targets {
+            match target {
+                Target::Socket(id) => {
+                    let frames = frames.get_or_insert_with(|| self.frames(kind, payload));
+                    sent +=
+                        usize::from(self.deliver_to(*id, frames, payload.len(), &mut overflowed));
+                }
+                Target::Channel(name) => {
+                    // While no history policy is set, one atomic load.
+                    if let Some(log) = self.history.log(name) {
+                        sent += self.send_kept(&log, name, kind, payload, &mut overflowed);
+                        continue;
+                    }
+                    let frames = frames.get_or_insert_with(|| self.frames(kind, payload));
+                    let view = self.channels.subscribers(name);
+                    sent += view
+                        .ids()
+                        .filter(|&id| self.deliver_to(id, frames, payload.len(), &mut overflowed))
+                        .count();
+                }
+            }
+        }
+        self.report_overflows(overflowed);
+        sent
+    }
+
+    fn frames<'a>(&'a self, kind: Kind, payload: &'a [u8]) -> Frames<'a> {
+        Frames::new(kind, payload, &self.stats.messages_compressed)
+    }
+
+    /// Sends to a history channel. The offset is taken and every
+    /// subscriber's frame queued under the channel's log lock: every outbox
+    /// then gets the channel's messages in offset order, and a
+    /// [`recover`](Self::recover), which subscribes under the same lock,
+    /// finds each message either kept before it or delivered live after it.
+    /// Queueing is a push onto an outbox per recipient, so the lock is short.
+    fn send_kept(
+        &self,
+        log: &Mutex<Log>,
+        name: &[u8],
+        kind: Kind,
+        payload: &[u8],
+        overflowed: &mut Vec<u64>,
+    ) -> usize {
+        let mut log = log.lock();
+        let offset = self.history.push(&mut log, kind, payload, clock::now_ms());
+        let stamped;
+        let data = if log.stamps() {
+            stamped = history::stamp(offset, payload);
+            &stamped[..]
+        } else {
+            payload
+        };
+        let mut frames = self.frames(kind, data);
+        let view = self.channels.subscribers(name);
+        let sent = view
+            .ids()
+            .filter(|&id| self.deliver_to(id, &mut frames, data.len(), overflowed))
+            .count();
+        sent
+    }
+
+    /// [`deliver`](Self::deliver), noting a connection that went over its
+    /// backpressure limit; true when queued.
+    fn deliver_to(
+        &self,
+        id: u64,
+        frames: &mut Frames<'_>,
+        payload_len: usize,
+        overflowed: &mut Vec<u64>,
+    ) -> bool {
+        match self.deliver(id, frames, payload_len) {
             (_, Queued::Yes) => true,
             (socket, Queued::Overflow) => {
                 overflowed.push(socket);
                 false
             }
             (_, Queued::No) => false,
-        };
-        for target in targets {
-            match target {
-                Target::Socket(id) => sent += usize::from(deliver(*id)),
-                Target::Channel(name) => {
-                    let view = self.channels.subscribers(name);
-                    sent += view.ids().filter(|&id| deliver(id)).count();
-                }
-            }
         }
-        // Logged after every lock is released: the log may call into Python.
+    }
+
+    /// Counts and logs the backpressure closes of a send, once every lock
+    /// is released: the log may call into Python.
+    fn report_overflows(&self, overflowed: Vec<u64>) {
         for socket in overflowed {
             Counters::add(&self.stats.backpressure_closes, 1);
             self.stats.closes.count(frame::close_code::POLICY);
             log::warn!(target: "warpsocket", "socket {socket}: closed with 1008, outgoing backpressure limit exceeded");
         }
-        sent
     }
 
     /// Queues the message for the connection `id` resolves to; returns that
@@ -274,38 +355,49 @@ impl Hub {
     /// True when `id` became subscribed (`delta > 0`) or unsubscribed
     /// (`delta < 0`): a count change in one direction can only do that.
     fn subscribe_one(&self, id: u64, channel: &Bytes, delta: i64) -> bool {
-        let Some(entry) = self.sockets.get(id) else {
-            return false;
-        };
+        let edge = self.change_subscription(id, channel, delta);
+        if let Some(edge) = edge {
+            self.announce(channel, edge);
+        }
+        edge.is_some()
+    }
+
+    /// Changes `id`'s count on `channel`; the subscription that began or
+    /// ended, for the caller to [`announce`](Self::announce) once it holds
+    /// no lock.
+    fn change_subscription(&self, id: u64, channel: &Bytes, delta: i64) -> Option<Edge> {
+        let entry = self.sockets.get(id)?;
         if !self.resolves_open(id) {
-            return false;
+            return None;
         }
         // Holding the links while the channel changes keeps the two indexes in
         // step with a concurrent delete, which marks the links dead first.
         let mut links = entry.links().lock();
         if links.dead {
-            return false;
+            return None;
         }
         match self.channels.update(channel, id, delta) {
             // The name as the channel stores it: every subscriber's links
             // share one allocation of it.
             Change::Added { name, first } => {
                 links.add_channel(name);
-                drop(links);
-                if first {
-                    self.channel_appeared(channel);
-                }
+                Some(Edge::Began { first })
             }
             Change::Removed { last } => {
                 links.remove_channel(channel);
-                drop(links);
-                if last {
-                    self.channel_vanished(channel);
-                }
+                Some(Edge::Ended { last })
             }
-            Change::Kept => return false,
+            Change::Kept => None,
         }
-        true
+    }
+
+    /// Tells the watcher of a channel that appeared or vanished.
+    fn announce(&self, channel: &Bytes, edge: Edge) {
+        match edge {
+            Edge::Began { first: true } => self.channel_appeared(channel),
+            Edge::Ended { last: true } => self.channel_vanished(channel),
+            Edge::Began { first: false } | Edge::Ended { last: false } => {}
+        }
     }
 
     /// True if a local subscriber of `channel` resolves to an open connection.
@@ -321,6 +413,113 @@ impl Hub {
         self.sockets
             .resolve(id)
             .is_some_and(|(socket, _)| socket.is_open())
+    }
+
+    // -- history ------------------------------------------------------------
+
+    /// Sets the history policies; every channel's history so far is
+    /// forgotten (the sequences that follow have new epochs).
+    pub(crate) fn set_history(&self, policies: Policies) {
+        self.history.configure(policies);
+    }
+
+    /// Returns the memory of expired history (at most once a second).
+    pub(crate) fn sweep_history(&self) {
+        self.history.sweep(clock::now_ms());
+    }
+
+    pub(crate) fn history_channel_count(&self) -> usize {
+        self.history.channel_count()
+    }
+
+    pub(crate) fn history_message_count(&self) -> usize {
+        self.history.message_count()
+    }
+
+    /// `(epoch, offset of the last message)` of a history channel; None
+    /// when no policy covers it.
+    pub(crate) fn position(&self, channel: &[u8]) -> Option<(Arc<str>, u64)> {
+        let log = self.history.log(channel)?;
+        let mut log = log.lock();
+        self.history.refresh(&mut log, clock::now_ms());
+        Some((log.epoch().clone(), log.last()))
+    }
+
+    /// The kept messages of a history channel with an offset above `since`,
+    /// oldest first, at most `limit` (the oldest); None when no policy
+    /// covers the channel.
+    pub(crate) fn history(
+        &self,
+        channel: &[u8],
+        since: u64,
+        limit: usize,
+    ) -> Option<Vec<(u64, Kind, Bytes)>> {
+        let log = self.history.log(channel)?;
+        let mut log = log.lock();
+        self.history.refresh(&mut log, clock::now_ms());
+        let kept = log
+            .after(since)
+            .take(limit)
+            .map(|kept| (kept.offset, kept.kind, kept.data.clone()))
+            .collect();
+        Some(kept)
+    }
+
+    /// Subscribes `targets` to the history channel `channel` (as
+    /// `subscribe`, delta 1) and, when the client that saw `since` (epoch,
+    /// offset) missed nothing that is not kept, queues them every kept
+    /// message after it, stamped like live ones. Returns whether it did;
+    /// None when no policy covers the channel.
+    ///
+    /// Atomic with sends: the channel's log stays locked from before the
+    /// subscription until the last kept frame is queued, and a send queues
+    /// under the same lock (see [`send_kept`](Self::send_kept)), so each
+    /// message reaches the targets once, in offset order: kept if sent
+    /// before, live if after.
+    pub(crate) fn recover(
+        &self,
+        targets: &[u64],
+        channel: &Bytes,
+        since: (&str, u64),
+    ) -> Option<bool> {
+        let log = self.history.log(channel)?;
+        let mut edges = Vec::new();
+        let mut overflowed = Vec::new();
+        let recovered = {
+            let mut log = log.lock();
+            self.history.refresh(&mut log, clock::now_ms());
+            edges.extend(
+                targets
+                    .iter()
+                    .filter_map(|&id| self.change_subscription(id, channel, 1)),
+            );
+            let recovered = log.recoverable(since.0, since.1);
+            if recovered {
+                // Once per socket, as a channel delivers once per subscriber.
+                let mut distinct = targets.to_vec();
+                distinct.sort_unstable();
+                distinct.dedup();
+                for kept in log.after(since.1) {
+                    let stamped;
+                    let data = if log.stamps() {
+                        stamped = history::stamp(kept.offset, &kept.data);
+                        &stamped[..]
+                    } else {
+                        &kept.data[..]
+                    };
+                    let mut frames = self.frames(kept.kind, data);
+                    for &id in &distinct {
+                        self.deliver_to(id, &mut frames, data.len(), &mut overflowed);
+                    }
+                }
+            }
+            recovered
+        };
+        for edge in edges {
+            self.announce(channel, edge);
+        }
+        self.report_overflows(overflowed);
+        Some(recovered)
     }
 
     // -- virtual sockets -----------------------------------------------------
@@ -790,6 +989,182 @@ mod tests {
         assert_eq!(
             f.hub.subscribe(&[Target::Socket(b.id)], &ch("w"), 1),
             vec![]
+        );
+    }
+
+    fn policy(size: usize, stamp: bool) -> crate::history::Policy {
+        crate::history::Policy {
+            size,
+            ttl: std::time::Duration::from_secs(600),
+            stamp,
+        }
+    }
+
+    /// Sets `stop` when dropped, so that a failed assertion ends the senders.
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn history_channels_stamp_in_offset_order_and_recover_what_was_missed() {
+        let f = Fixture::new();
+        f.hub.set_history(Policies::new([
+            (ch("h:"), policy(3, true)),
+            (ch("plain:"), policy(3, false)),
+        ]));
+        let (a, b) = (f.connect(), f.connect());
+        let v = f.hub.create_virtual_socket(b.id, Some(b"v|")).unwrap();
+        let room = ch("h:1");
+        let to_room = [Target::Channel(room.clone())];
+        f.hub.subscribe(&[Target::Socket(a.id)], &room, 1);
+        for m in ["m1", "m2", "m3", "m4"] {
+            assert_eq!(f.hub.send(&to_room, Kind::Text, m.as_bytes()), 1);
+        }
+        let stamped: Vec<(u8, Vec<u8>)> =
+            (1..=4).map(|i| (1, format!("{i}:m{i}").into())).collect();
+        assert_eq!(received(&a), stamped);
+        let (epoch, last) = f.hub.position(&room).unwrap();
+        assert_eq!(last, 4);
+        // Kept: 2, 3, 4.
+        assert_eq!(f.hub.recover(&[v, v], &room, (&epoch, 1)), Some(true));
+        assert_eq!(
+            received(&b),
+            vec![
+                (1, b"v|2:m2".to_vec()),
+                (1, b"v|3:m3".to_vec()),
+                (1, b"v|4:m4".to_vec())
+            ],
+            "once per socket, prefixed and stamped"
+        );
+        f.hub.send(&to_room, Kind::Binary, b"m5");
+        assert_eq!(received(&b), vec![(2, b"v|5:m5".to_vec())]);
+        assert_eq!(received(&a), vec![(2, b"5:m5".to_vec())]);
+        let c = f.connect();
+        for since in [(&*epoch, 1), ("another", 5), (&*epoch, 6)] {
+            assert_eq!(
+                f.hub.recover(&[c.id], &room, since),
+                Some(false),
+                "{since:?}"
+            );
+        }
+        assert_eq!(received(&c), vec![], "nothing from history");
+        f.hub.send(&to_room, Kind::Text, b"m6");
+        assert_eq!(received(&c), vec![(1, b"6:m6".to_vec())], "but subscribed");
+        assert_eq!(received(&a), vec![(1, b"6:m6".to_vec())]);
+        let kept = f.hub.history(&room, 0, usize::MAX).unwrap();
+        assert_eq!(
+            kept,
+            vec![
+                (4, Kind::Text, Bytes::from_static(b"m4")),
+                (5, Kind::Binary, Bytes::from_static(b"m5")),
+                (6, Kind::Text, Bytes::from_static(b"m6"))
+            ],
+            "as sent"
+        );
+        assert_eq!(f.hub.history(&room, 4, 1).unwrap()[0].0, 5);
+        // Sockets are never stamped; stamp=false channels are numbered but unchanged.
+        f.hub.send(&[Target::Socket(c.id)], Kind::Text, b"direct");
+        f.hub.subscribe(&[Target::Socket(c.id)], &ch("plain:1"), 1);
+        f.hub
+            .send(&[Target::Channel(ch("plain:1"))], Kind::Text, b"as is");
+        assert_eq!(
+            received(&c),
+            vec![(1, b"direct".to_vec()), (1, b"as is".to_vec())]
+        );
+        assert_eq!(f.hub.position(b"plain:1").unwrap().1, 1);
+        assert_eq!(f.hub.position(b"other"), None);
+        assert_eq!(f.hub.recover(&[c.id], &ch("other"), (&epoch, 0)), None);
+        assert_eq!(
+            (f.hub.history_channel_count(), f.hub.history_message_count()),
+            (2, 4)
+        );
+        f.hub.set_history(Policies::default());
+        assert_eq!(f.hub.history_channel_count(), 0);
+        f.hub.send(&to_room, Kind::Text, b"m7");
+        assert_eq!(received(&a), vec![(1, b"m7".to_vec())], "no policy: plain");
+    }
+
+    /// Senders that never pause and recovers of fresh virtual sockets at once:
+    /// each virtual socket gets every offset after its `since`, once, in order.
+    #[test]
+    fn recovers_and_sends_meet_without_a_seam() {
+        let f = Fixture::new();
+        f.hub
+            .set_history(Policies::new([(Bytes::new(), policy(1 << 20, true))]));
+        let worker = f.workers.pick().unwrap();
+        let conn = f.hub.add_socket(|id| Socket::new(id, worker, 1 << 30));
+        let room = ch("room");
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let mut recovered = Vec::new();
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        // In bursts: the outbox, read only at the end, stays small.
+                        for _ in 0..10 {
+                            f.hub
+                                .send(&[Target::Channel(room.clone())], Kind::Text, b"x");
+                        }
+                        std::thread::sleep(std::time::Duration::from_micros(50));
+                    }
+                });
+            }
+            let stopper = StopOnDrop(&stop);
+            let mut alive = VecDeque::new();
+            while f.hub.position(&room).unwrap().1 < 100 {
+                std::thread::yield_now();
+            }
+            for i in 0..300u64 {
+                let prefix = format!("{i}|");
+                let v = f
+                    .hub
+                    .create_virtual_socket(conn.id, Some(prefix.as_bytes()))
+                    .unwrap();
+                let (epoch, last) = f.hub.position(&room).unwrap();
+                let since = last.saturating_sub(i % 37);
+                assert_eq!(f.hub.recover(&[v], &room, (&epoch, since)), Some(true));
+                recovered.push((prefix, since, last));
+                alive.push_back(v);
+                if alive.len() > 4 {
+                    let gone = alive.pop_front().unwrap();
+                    assert!(f.hub.delete_virtual_socket(gone, Some(conn.id)));
+                }
+                // Room for sends between two recovers, so each meets live ones.
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+            drop(stopper);
+            for v in alive {
+                f.hub.delete_virtual_socket(v, Some(conn.id));
+            }
+        });
+        let mut seen: std::collections::HashMap<String, Vec<u64>> = Default::default();
+        for frame in taken(&conn) {
+            // Small frames: a 2-byte header, then "i|offset:x".
+            let text = std::str::from_utf8(&frame[2..]).unwrap();
+            let (prefix, rest) = text.split_once('|').unwrap();
+            let (offset, _) = rest.split_once(':').unwrap();
+            seen.entry(format!("{prefix}|"))
+                .or_default()
+                .push(offset.parse().unwrap());
+        }
+        let mut live_after = 0;
+        for (prefix, since, last) in recovered {
+            let offsets = seen.remove(&prefix).unwrap_or_default();
+            assert!(
+                offsets.len() as u64 >= last - since,
+                "{prefix}: every kept one"
+            );
+            let expected: Vec<u64> = (since + 1..).take(offsets.len()).collect();
+            assert_eq!(offsets, expected, "{prefix} since {since}");
+            live_after += usize::from(offsets.last().is_some_and(|&o| o > last));
+        }
+        assert!(
+            live_after > 150,
+            "only {live_after} recovers met live sends"
         );
     }
 

@@ -11,11 +11,13 @@
 //! backticks, nothing else in backticks there).
 //!
 //! <!-- layers -->
-//! 1. the pieces the rest builds on: `clock`, `shards`, `config`, `ids`,
+//! 1. the pieces the rest builds on: `clock`, `shards`, `ids`,
 //!    `links`, `kv`, `stats`, `wakeup`, `errors`, `keepalive`
 //!    (per-connection state), `lifecycle` (the close lifecycle's state
 //!    machine), `static_files`, `read_buffer`, `handshake`,
-//!    `deflate`, then `frame`;
+//!    `deflate`, then `frame`, then `history` (history channels' offsets
+//!    and kept messages), then `config` (a server's settings, its history
+//!    policies included);
 //! 2. `verdict` (the upgrade's question and answer), `dispatch` (the worker
 //!    queues), then `socket`, then `registry` and `channels`, then `frames`
 //!    (one message's frames for many recipients);
@@ -44,6 +46,7 @@ pub mod errors;
 pub mod frame;
 mod frames;
 pub mod handshake;
+pub mod history;
 mod hub;
 mod ids;
 mod keepalive;

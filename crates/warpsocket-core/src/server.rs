@@ -71,6 +71,8 @@ impl Server {
             .on_thread_stop(dispatch::flush_wakeups)
             .enable_all()
             .build()?;
+        // Before the workers start: their handle_start may use the history.
+        engine.set_history(config.history.clone());
         Ok(Server {
             engine,
             config: Some(config),
@@ -148,6 +150,8 @@ impl Server {
         }
         // Tasks still running are dropped here; their guards queue the close events.
         runtime.shutdown_timeout(Duration::from_secs(1));
+        // The history was this server's: a server started later begins anew.
+        self.engine.set_history(Default::default());
     }
 }
 

@@ -155,6 +155,9 @@ pub enum Live {
     NodeId,
     /// Only in a cluster: absent from `stats()` outside one.
     RedisConnected,
+    /// Channels whose history this process keeps, and the messages kept.
+    HistoryChannels,
+    HistoryMessages,
 }
 
 /// Where a key of `stats()` takes its value from.
@@ -241,6 +244,16 @@ pub const FIELDS: &[Field] = &[
         "keys",
         "Keys in the key/value store (absent while Redis cannot be asked).",
         Live::Keys,
+    ),
+    live(
+        "history_channels",
+        "Channels whose history this process keeps.",
+        Live::HistoryChannels,
+    ),
+    live(
+        "history_messages",
+        "Messages kept in history, over every channel.",
+        Live::HistoryMessages,
     ),
     counter("messages_in", "Messages received from clients.", |c| {
         &c.messages_in

@@ -1,7 +1,8 @@
 //! The keepalive sweep: one task per server that wakes every [`tick`] and
 //! walks the server's connections, queueing a ping to those due for one and
 //! failing with 1011 those silent for `ping_timeout` after their ping. A ping
-//! or a timeout therefore fires up to one tick late (never early).
+//! or a timeout therefore fires up to one tick late (never early). It also
+//! returns the memory of expired history (`history`'s sweep).
 //!
 //! It walks every connection of the engine: one server runs per process
 //! (`warpsocket.start()` refuses a second while one runs, and a stopped
@@ -44,6 +45,8 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             _ = shared.stopping() => return,
         }
         let now = clock::now_ms();
+        // The expired history's memory goes back too (once a second at most).
+        shared.engine.sweep_history();
         shared.engine.for_each_connection(|socket| {
             if let Some(action) = socket.keepalive.check(now, interval, timeout) {
                 due.push((socket.clone(), action));

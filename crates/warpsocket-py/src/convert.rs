@@ -156,6 +156,112 @@ pub(crate) fn targets(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<Targe
     Ok(vec![target(value, arg)?])
 }
 
+/// Socket ids only: one, or a list (or tuple) of them (`recover`'s target).
+pub(crate) fn socket_ids(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<u64>> {
+    if let Ok(list) = value.cast::<PyList>() {
+        return list.iter().map(|item| socket_id_only(&item, arg)).collect();
+    }
+    if let Ok(tuple) = value.cast::<PyTuple>() {
+        return tuple
+            .iter()
+            .map(|item| socket_id_only(&item, arg))
+            .collect();
+    }
+    Ok(vec![socket_id_only(value, arg)?])
+}
+
+/// A socket id where a channel name is no target either.
+fn socket_id_only(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<u64> {
+    if !value.is_instance_of::<PyInt>() {
+        return Err(PyTypeError::new_err(format!(
+            "{arg} must be a socket id or a list of them, not {}",
+            type_name(value)
+        )));
+    }
+    socket_id(value, arg)
+}
+
+/// A history offset: an int >= 0 (`bool` refused); one beyond any offset
+/// is taken as the largest.
+pub(crate) fn offset(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<u64> {
+    if value.is_instance_of::<PyBool>() || !value.is_instance_of::<PyInt>() {
+        return Err(PyTypeError::new_err(format!(
+            "{arg} must be an int offset, not {}",
+            type_name(value)
+        )));
+    }
+    if value.lt(0)? {
+        return Err(PyValueError::new_err(format!(
+            "{arg} must be an offset >= 0, got {}",
+            repr(value)
+        )));
+    }
+    Ok(value.extract::<u64>().unwrap_or(u64::MAX))
+}
+
+/// `history()`'s `since`: an offset, 0 by default.
+pub(crate) struct Since(pub(crate) u64);
+
+impl Since {
+    pub(crate) const ZERO: Since = Since(0);
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Since {
+    type Error = PyErr;
+
+    fn extract(since: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        offset(&since, "since").map(Since)
+    }
+}
+
+/// `history()`'s `limit`: None for no limit, else an int >= 0.
+pub(crate) fn limit(value: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<usize> {
+    match value {
+        Some(v) if !v.is_none() => {
+            let n = offset(v, arg).map_err(|e| {
+                if e.is_instance_of::<PyTypeError>(v.py()) {
+                    PyTypeError::new_err(format!(
+                        "{arg} must be an int or None, not {}",
+                        type_name(v)
+                    ))
+                } else {
+                    e
+                }
+            })?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        }
+        _ => Ok(usize::MAX),
+    }
+}
+
+/// `recover()`'s `since`: `(epoch, offset)`, as `position()` returns it.
+pub(crate) fn since(value: &Bound<'_, PyAny>, arg: &str) -> PyResult<(String, u64)> {
+    let wrong = || {
+        PyTypeError::new_err(format!(
+            "{arg} must be an (epoch, offset) tuple as position() returns, not {}",
+            type_name(value)
+        ))
+    };
+    let items: Vec<Bound<'_, PyAny>> = if let Ok(tuple) = value.cast::<PyTuple>() {
+        tuple.iter().collect()
+    } else if let Ok(list) = value.cast::<PyList>() {
+        list.iter().collect()
+    } else {
+        return Err(wrong());
+    };
+    let [epoch, offset_value] = items.as_slice() else {
+        return Err(wrong());
+    };
+    let epoch = epoch.cast::<PyString>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{arg}'s epoch must be a str, not {}",
+            type_name(epoch)
+        ))
+    })?;
+    let epoch = utf8(epoch, arg)?.to_owned();
+    Ok((epoch, offset(offset_value, arg)?))
+}
+
 /// A subscription count change: any int, saturated to the counts' range
 /// (no count gets anywhere near it).
 pub(crate) struct Delta(pub(crate) i64);

@@ -61,3 +61,11 @@ pub(crate) fn bind(e: io::Error) -> PyErr {
 pub(crate) fn os(e: io::Error) -> PyErr {
     e.into()
 }
+
+/// A history call on a channel that no history policy covers.
+pub(crate) fn no_history(channel: &[u8]) -> PyErr {
+    PyValueError::new_err(format!(
+        "channel {:?} keeps no history: no prefix of start()'s history option matches it",
+        String::from_utf8_lossy(channel)
+    ))
+}

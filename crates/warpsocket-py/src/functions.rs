@@ -3,11 +3,11 @@
 //! converts the result or the error back.
 
 use pyo3::prelude::*;
-use pyo3::types::{IntoPyDict, PyBytes, PyDict};
+use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyString};
 use warpsocket_core::stats::{self, Counters, Live, Source};
-use warpsocket_core::Verdict;
+use warpsocket_core::{Kind, Verdict};
 
-use crate::convert::{self, CloseCode, CloseReason, Data, Delta};
+use crate::convert::{self, CloseCode, CloseReason, Data, Delta, Since};
 use crate::errors;
 use crate::gil::{self, Work};
 use crate::ENGINE;
@@ -142,6 +142,62 @@ fn set_key_if(
     .map_err(errors::unreachable)
 }
 
+/// `(epoch, offset)` of a history channel's last message (0: none yet).
+#[pyfunction]
+fn position(py: Python<'_>, channel: &Bound<'_, PyAny>) -> PyResult<(String, u64)> {
+    let channel = convert::name_bytes(channel, "channel")?;
+    // Waits for the channel's lock, which a send to many holds a while.
+    gil::run(py, Work::Long, || ENGINE.position(&channel))
+        .map(|(epoch, offset)| (epoch.to_string(), offset))
+        .ok_or_else(|| errors::no_history(&channel))
+}
+
+/// The kept messages `(offset, data)` of a history channel with an offset
+/// above `since`, oldest first, at most `limit`.
+#[pyfunction]
+#[pyo3(signature = (channel, since=Since::ZERO, limit=None), text_signature = "(channel, since=0, limit=None)")]
+fn history<'py>(
+    py: Python<'py>,
+    channel: &Bound<'py, PyAny>,
+    since: Since,
+    limit: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Vec<(u64, Bound<'py, PyAny>)>> {
+    let channel = convert::name_bytes(channel, "channel")?;
+    let limit = convert::limit(limit, "limit")?;
+    let kept = gil::run(py, Work::Long, || ENGINE.history(&channel, since.0, limit))
+        .ok_or_else(|| errors::no_history(&channel))?;
+    Ok(kept
+        .into_iter()
+        .map(|(offset, kind, data)| {
+            let data = match kind {
+                // Text was sent as text, so it is UTF-8; lossy rather than a panic all the same.
+                Kind::Text => PyString::new(py, &String::from_utf8_lossy(&data)).into_any(),
+                Kind::Binary => PyBytes::new(py, &data).into_any(),
+            };
+            (offset, data)
+        })
+        .collect())
+}
+
+/// Subscribes `target` to a history channel and delivers it what it missed
+/// since `(epoch, offset)`, atomically with live sends; True when nothing
+/// was missed that is not kept.
+#[pyfunction]
+fn recover(
+    py: Python<'_>,
+    target: &Bound<'_, PyAny>,
+    channel: &Bound<'_, PyAny>,
+    since: &Bound<'_, PyAny>,
+) -> PyResult<bool> {
+    let targets = convert::socket_ids(target, "target")?;
+    let channel = convert::name_bytes(channel, "channel")?;
+    let (epoch, offset) = convert::since(since, "since")?;
+    gil::run(py, Work::Long, || {
+        ENGINE.recover(&targets, &channel, (&epoch, offset))
+    })
+    .ok_or_else(|| errors::no_history(&channel))
+}
+
 /// Starts closing a connection; True if one was found open.
 #[pyfunction]
 #[pyo3(
@@ -209,6 +265,8 @@ fn live_value(py: Python<'_>, live: Live) -> Option<i64> {
         Live::Keys => errors::count_or_unknown(gil::run(py, Work::Kv, || ENGINE.key_count())),
         Live::NodeId => i64::from(ENGINE.node_id()),
         Live::RedisConnected => i64::from(ENGINE.redis_connected()?),
+        Live::HistoryChannels => count(ENGINE.history_channel_count()),
+        Live::HistoryMessages => count(ENGINE.history_message_count()),
     })
 }
 
@@ -224,6 +282,9 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_key, m)?)?;
     m.add_function(wrap_pyfunction!(set_key, m)?)?;
     m.add_function(wrap_pyfunction!(set_key_if, m)?)?;
+    m.add_function(wrap_pyfunction!(position, m)?)?;
+    m.add_function(wrap_pyfunction!(history, m)?)?;
+    m.add_function(wrap_pyfunction!(recover, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_open, m)?)?;
     m.add_function(wrap_pyfunction!(counters, m)?)?;
     m.add_function(wrap_pyfunction!(join_cluster, m)?)?;

@@ -6,6 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+use warpsocket_core::history::{Policies, Policy};
 use warpsocket_core::tls::Tls;
 use warpsocket_core::{Config, Handlers};
 
@@ -14,6 +15,10 @@ use crate::errors;
 use crate::gil::{self, Work};
 use crate::queue::WorkerQueue;
 use crate::ENGINE;
+
+/// One entry of the `history` option as `warpsocket.server` passes it:
+/// `(prefix, size, ttl, stamp)`, checked there.
+type HistoryRule = (Vec<u8>, usize, f64, bool);
 
 /// A bound (and, after `serve()`, accepting) server.
 #[pyclass(frozen, module = "warpsocket._core")]
@@ -32,7 +37,7 @@ impl Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades, compression, io_threads=None, static_dir=None, tls_cert=None, tls_key=None))]
+    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades, compression, io_threads=None, static_dir=None, tls_cert=None, tls_key=None, history=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -48,7 +53,23 @@ impl Server {
         static_dir: Option<PathBuf>,
         tls_cert: Option<PathBuf>,
         tls_key: Option<PathBuf>,
+        history: Option<Vec<HistoryRule>>,
     ) -> PyResult<Self> {
+        let history = history
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(prefix, size, ttl, stamp)| {
+                let ttl = convert::seconds(ttl, "history")?;
+                Ok((
+                    bytes::Bytes::from(prefix),
+                    Policy {
+                        size: size.max(1),
+                        ttl,
+                        stamp,
+                    },
+                ))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
         let mut config = Config {
             bind,
             max_message_size,
@@ -59,6 +80,7 @@ impl Server {
             static_dir,
             max_pending_upgrades,
             compression,
+            history: Policies::new(history),
             ..Config::default()
         };
         if let Some(n) = io_threads {
