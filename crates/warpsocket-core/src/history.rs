@@ -18,7 +18,6 @@
 //! where it matters, so the rules here are tested without sleeping.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -78,12 +77,15 @@ impl Policies {
 }
 
 /// One kept message: the data as sent, before any prefix or stamp.
+///
+/// 32 bytes and the data's own allocation: its offset follows from its place
+/// in the log, and the data is a boxed slice (16 bytes) rather than a
+/// reference-counted `Bytes` (32), as only the log owns it.
 pub(crate) struct Kept {
-    pub(crate) offset: u64,
-    pub(crate) kind: Kind,
-    pub(crate) data: Bytes,
+    pub(crate) data: Box<[u8]>,
     /// When it was sent.
     at: u64,
+    pub(crate) kind: Kind,
 }
 
 /// One history channel's sequence and kept messages. Lock it (see the
@@ -141,12 +143,14 @@ impl Log {
         self.last + 1 - self.kept.len() as u64
     }
 
-    /// The kept messages with an offset above `since`, oldest first.
-    pub(crate) fn after(&self, since: u64) -> impl Iterator<Item = &Kept> {
+    /// The kept messages with an offset above `since` and their offsets,
+    /// oldest first.
+    pub(crate) fn after(&self, since: u64) -> impl Iterator<Item = (u64, &Kept)> {
         // Offsets are consecutive, so the first wanted one is found by index.
-        let skip = since.saturating_add(1).saturating_sub(self.first());
-        self.kept
-            .iter()
+        let first = self.first();
+        let skip = since.saturating_add(1).saturating_sub(first);
+        (first..)
+            .zip(self.kept.iter())
             .skip(usize::try_from(skip).unwrap_or(usize::MAX))
     }
 
@@ -166,9 +170,22 @@ impl Log {
 /// The payload of a stamped delivery: the offset in ASCII decimal, `:`,
 /// then the data (a virtual socket's prefix goes before all of it).
 pub(crate) fn stamp(offset: u64, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(21 + data.len());
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "{offset}:");
+    // The digits by hand: `write!` goes through the formatting machinery,
+    // a measurable part of a history send.
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut rest = offset;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let mut out = Vec::with_capacity(digits.len() - start + 1 + data.len());
+    out.extend_from_slice(&digits[start..]);
+    out.push(b':');
     out.extend_from_slice(data);
     out
 }
@@ -287,11 +304,22 @@ impl History {
             log.kept.pop_front();
             self.forget(log, 1);
         }
+        if log.kept.len() == log.kept.capacity() {
+            // Grow by doubling, as usual, but never past `size`: a full log
+            // then holds no spare slots (a quarter of the ring, on average,
+            // with plain doubling).
+            let room = log
+                .kept
+                .len()
+                .max(4)
+                .min(log.policy.size.saturating_sub(log.kept.len()))
+                .max(1);
+            log.kept.reserve_exact(room);
+        }
         log.kept.push_back(Kept {
-            offset: log.last,
-            kind,
-            data: Bytes::copy_from_slice(data),
+            data: data.into(),
             at: now,
+            kind,
         });
         if !log.retired {
             self.messages.fetch_add(1, Ordering::Relaxed);
@@ -385,7 +413,7 @@ mod tests {
     }
 
     fn offsets(log: &Log, since: u64) -> Vec<u64> {
-        log.after(since).map(|k| k.offset).collect()
+        log.after(since).map(|(offset, _)| offset).collect()
     }
 
     #[test]
@@ -416,6 +444,20 @@ mod tests {
     }
 
     #[test]
+    fn a_full_log_holds_no_spare_slots() {
+        let h = history(&[("", policy(100, 1000))]);
+        let log = h.covered_log(b"c", Some(1)).unwrap();
+        let mut log = log.lock();
+        for i in 0..250 {
+            h.push(&mut log, Kind::Binary, b"x", 2 + i);
+            assert!(log.kept.capacity() <= 100, "{}", log.kept.capacity());
+        }
+        assert_eq!(log.kept.len(), 100);
+        assert_eq!(offsets(&log, 0), (151..=250).collect::<Vec<u64>>());
+        assert_eq!(std::mem::size_of::<Kept>(), 32);
+    }
+
+    #[test]
     fn offsets_are_gapless_and_the_ring_keeps_the_last_size() {
         let h = history(&[("", policy(3, 1000))]);
         let log = h.covered_log(b"c", Some(1)).unwrap();
@@ -429,7 +471,7 @@ mod tests {
         assert_eq!(offsets(&log, 3), [4, 5]);
         assert_eq!(offsets(&log, 5), Vec::<u64>::new());
         assert_eq!(offsets(&log, u64::MAX), Vec::<u64>::new());
-        assert_eq!(&log.after(4).next().unwrap().data[..], b"m4");
+        assert_eq!(&log.after(4).next().unwrap().1.data[..], b"m4");
         assert_eq!(h.message_count(), 3);
     }
 

@@ -460,7 +460,7 @@ impl Hub {
         let kept = log
             .after(since)
             .take(limit)
-            .map(|kept| (kept.offset, kept.kind, kept.data.clone()))
+            .map(|(offset, kept)| (offset, kept.kind, Bytes::copy_from_slice(&kept.data)))
             .collect();
         Some(kept)
     }
@@ -499,10 +499,10 @@ impl Hub {
                 let mut distinct = targets.to_vec();
                 distinct.sort_unstable();
                 distinct.dedup();
-                for kept in log.after(since.1) {
+                for (offset, kept) in log.after(since.1) {
                     let stamped;
                     let data = if log.stamps() {
-                        stamped = history::stamp(kept.offset, &kept.data);
+                        stamped = history::stamp(offset, &kept.data);
                         &stamped[..]
                     } else {
                         &kept.data[..]
