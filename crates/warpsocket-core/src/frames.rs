@@ -24,6 +24,9 @@ use crate::stats::Counters;
 /// distinct prefix of the virtual sockets it goes through.
 pub(crate) struct Frames<'a> {
     kind: Kind,
+    /// A history channel's stamp (`17:`), between a virtual socket's prefix
+    /// and the payload; empty for every other message.
+    stamp: &'a [u8],
     payload: &'a [u8],
     plain: Forms,
     prefixed: HashMap<Prefix, Forms>,
@@ -41,10 +44,23 @@ struct Forms {
 
 impl<'a> Frames<'a> {
     pub(crate) fn new(kind: Kind, payload: &'a [u8], compressions: &'a AtomicU64) -> Self {
+        Self::stamped(kind, &[], payload, compressions)
+    }
+
+    /// The frames of a history channel's message: `stamp` goes into each
+    /// frame as it is encoded, so the stamped payload is never a copy of
+    /// its own.
+    pub(crate) fn stamped(
+        kind: Kind,
+        stamp: &'a [u8],
+        payload: &'a [u8],
+        compressions: &'a AtomicU64,
+    ) -> Self {
         Frames {
             kind,
+            stamp,
             payload,
-            plain: Forms::new(frame::encode_message(kind, payload)),
+            plain: Forms::new(frame::encode_prefixed(kind, stamp, payload)),
             prefixed: HashMap::new(),
             compressions,
         }
@@ -54,6 +70,7 @@ impl<'a> Frames<'a> {
     pub(crate) fn for_socket(&mut self, socket: &Socket, prefix: Option<Prefix>) -> &Bytes {
         let Frames {
             kind,
+            stamp,
             payload,
             plain,
             prefixed,
@@ -63,13 +80,15 @@ impl<'a> Frames<'a> {
             None => (*kind, Prefix::new(), plain),
             Some(prefix) => {
                 let kind = prefixed_kind(*kind, &prefix);
-                let forms = prefixed
-                    .entry(prefix.clone())
-                    .or_insert_with(|| Forms::new(frame::encode_prefixed(kind, &prefix, payload)));
+                let forms = prefixed.entry(prefix.clone()).or_insert_with(|| {
+                    with_head(&prefix, stamp, |head| {
+                        Forms::new(frame::encode_prefixed(kind, head, payload))
+                    })
+                });
                 (kind, prefix, forms)
             }
         };
-        let len = prefix.len() + payload.len();
+        let len = prefix.len() + stamp.len() + payload.len();
         if len < MIN_COMPRESS_SIZE || !socket.deflate().is_some_and(|n| n.fits_window(len)) {
             return &forms.plain;
         }
@@ -77,7 +96,9 @@ impl<'a> Frames<'a> {
             .compressed
             .get_or_insert_with(|| {
                 Counters::add(compressions, 1);
-                frame::encode_compressed(kind, &prefix, payload)
+                with_head(&prefix, stamp, |head| {
+                    frame::encode_compressed(kind, head, payload)
+                })
             })
             .as_ref()
             .unwrap_or(&forms.plain)
@@ -90,6 +111,18 @@ impl Forms {
             plain,
             compressed: None,
         }
+    }
+}
+
+/// Calls `f` with what goes before the payload: a virtual socket's prefix,
+/// then a history channel's stamp (copied together only when there are both).
+fn with_head<R>(prefix: &[u8], stamp: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
+    if stamp.is_empty() {
+        f(prefix)
+    } else if prefix.is_empty() {
+        f(stamp)
+    } else {
+        f(&[prefix, stamp].concat())
     }
 }
 

@@ -24,7 +24,7 @@ use crate::errors::VirtualError;
 use crate::frame::{self, Kind};
 use crate::frames::Frames;
 use crate::handshake::status;
-use crate::history::{self, History, Log, Policies};
+use crate::history::{History, Log, Policies, Stamp};
 use crate::ids::{IdGenerator, IdMap};
 use crate::links::Links;
 use crate::registry::{Entry, Prefix, Registry, VirtualSocket, MAX_PREFIX};
@@ -228,6 +228,10 @@ impl Hub {
         Frames::new(kind, payload, &self.stats.messages_compressed)
     }
 
+    fn stamped_frames<'a>(&'a self, kind: Kind, stamp: &'a [u8], payload: &'a [u8]) -> Frames<'a> {
+        Frames::stamped(kind, stamp, payload, &self.stats.messages_compressed)
+    }
+
     /// Sends to a history channel. The offset is taken and every
     /// subscriber's frame queued under the channel's log lock: every outbox
     /// then gets the channel's messages in offset order, and a
@@ -244,18 +248,14 @@ impl Hub {
     ) -> usize {
         let mut log = log.lock();
         let offset = self.history.push(&mut log, kind, payload, clock::now_ms());
-        let stamped;
-        let data = if log.stamps() {
-            stamped = history::stamp(offset, payload);
-            &stamped[..]
-        } else {
-            payload
-        };
-        let mut frames = self.frames(kind, data);
+        let stamp = log.stamps().then(|| Stamp::new(offset));
+        let stamp = stamp.as_deref().unwrap_or_default();
+        let mut frames = self.stamped_frames(kind, stamp, payload);
+        let len = stamp.len() + payload.len();
         let view = self.channels.subscribers(name);
         let sent = view
             .ids()
-            .filter(|&id| self.deliver_to(id, &mut frames, data.len(), overflowed))
+            .filter(|&id| self.deliver_to(id, &mut frames, len, overflowed))
             .count();
         sent
     }
@@ -500,16 +500,12 @@ impl Hub {
                 distinct.sort_unstable();
                 distinct.dedup();
                 for (offset, kept) in log.after(since.1) {
-                    let stamped;
-                    let data = if log.stamps() {
-                        stamped = history::stamp(offset, &kept.data);
-                        &stamped[..]
-                    } else {
-                        &kept.data[..]
-                    };
-                    let mut frames = self.frames(kept.kind, data);
+                    let stamp = log.stamps().then(|| Stamp::new(offset));
+                    let stamp = stamp.as_deref().unwrap_or_default();
+                    let mut frames = self.stamped_frames(kept.kind, stamp, &kept.data);
+                    let len = stamp.len() + kept.data.len();
                     for &id in &distinct {
-                        self.deliver_to(id, &mut frames, data.len(), &mut overflowed);
+                        self.deliver_to(id, &mut frames, len, &mut overflowed);
                     }
                 }
             }
