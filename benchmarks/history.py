@@ -46,6 +46,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from metrics_cost import callgrind_control, total_instructions  # noqa: E402 - the same callgrind plumbing
+
 WORKER = """\
 import warpsocket
 
@@ -96,27 +99,6 @@ def serve() -> int:
                 elif command[0] == "stats":
                     print(json.dumps(warpsocket.stats()), flush=True)
     return 0
-
-
-def callgrind_control(pid: int, *args: str) -> None:
-    done = subprocess.run(
-        ["callgrind_control", *args, str(pid)], check=True, capture_output=True, text=True, timeout=600
-    )
-    # It exits with 0 also when it found no such run.
-    if "OK" not in done.stdout:
-        raise RuntimeError(f"callgrind_control {args} {pid}: {done.stdout} {done.stderr}")
-
-
-def total_instructions(out_dir: Path) -> int:
-    """Sum of the ``totals:`` lines of callgrind's output files (what was counted)."""
-    total = 0
-    for path in out_dir.glob("callgrind.out.*"):
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("totals:"):
-                total += int(line.split()[1])
-    if total == 0:
-        raise RuntimeError("callgrind counted nothing: did callgrind_control reach the server?")
-    return total
 
 
 async def drive(proc: subprocess.Popen[str], port: int, mode: str, sends: int) -> None:
