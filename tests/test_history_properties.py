@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
+import socket
 import sys
 
 import pytest
@@ -333,10 +335,24 @@ def flag_texts():
     return st.one_of(structured, st.text(max_size=12))
 
 
-def test_the_history_flag_takes_any_text():
-    parser = cli.build_parser()
+@pytest.fixture
+def occupied_port():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
 
-    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+
+def test_the_history_flag_takes_any_text(write_worker, occupied_port):
+    """Parsed into a valid History or a usage error (2); a parsed one runs, failing only at bind (1).
+
+    A prefix the engine cannot take (a lone surrogate, as undecodable argv bytes give) is
+    refused by run() (1) too.
+    """
+    parser = cli.build_parser()
+    worker = str(write_worker(WORKER))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
     @given(text=flag_texts())
     def check(text):
         try:
@@ -347,6 +363,15 @@ def test_the_history_flag_takes_any_text():
         [(prefix, policy)] = args.history.items()
         assert prefix == text.rpartition("=")[0]
         assert type(policy) is History and policy.size >= 1 and 0 < policy.ttl <= MAX_SECONDS
+        root = logging.getLogger()
+        saved = (root.level, list(root.handlers))
+        try:
+            with pytest.raises(SystemExit) as exited:
+                cli.main([worker, "--bind", f"127.0.0.1:{occupied_port}", "--history", text])
+            assert exited.value.code == 1
+        finally:
+            root.setLevel(saved[0])
+            root.handlers[:] = saved[1]
 
     with contextlib.redirect_stderr(io.StringIO()):
         check()
