@@ -9,7 +9,9 @@
 //! A recover puts its targets on hold: from the moment they are subscribed,
 //! the live messages for them are kept aside instead of delivered; once the
 //! recover has read the channel from Redis it queues the kept messages it
-//! read, then those held that came after its read. The relay's lock, held
+//! read, then those held that came after its read. The pub/sub stream may
+//! lag behind the read: the messages the read covered that arrive after it
+//! are then not delivered to the targets again. The relay's lock, held
 //! for every delivery and for both ends of a hold, is what makes the
 //! hand-over exact: each message reaches a recovering target once, in order.
 //!
@@ -46,7 +48,17 @@ struct Relay {
 struct Hold {
     token: u64,
     ids: Vec<u64>,
-    held: Vec<Held>,
+    state: HoldState,
+}
+
+enum HoldState {
+    /// The recover has not read the channel yet: live messages are kept
+    /// aside.
+    Holding(Vec<Held>),
+    /// The recover queued what it read, up to `last` of `epoch`, but this
+    /// node's pub/sub stream is behind its read: the messages up to there
+    /// still to come are not for the targets again.
+    Covered { epoch: Bytes, last: u64 },
 }
 
 struct Held {
@@ -105,15 +117,27 @@ impl Relays {
             }
             relay.delivered = message.offset;
             let mut skip = Vec::new();
-            for hold in &mut relay.holds {
-                skip.extend_from_slice(&hold.ids);
-                hold.held.push(Held {
-                    epoch: relay.epoch.clone(),
-                    offset: message.offset,
-                    kind: message.kind,
-                    payload: Bytes::copy_from_slice(message.payload),
-                });
-            }
+            let epoch = &relay.epoch;
+            relay.holds.retain_mut(|hold| match &mut hold.state {
+                HoldState::Holding(held) => {
+                    skip.extend_from_slice(&hold.ids);
+                    held.push(Held {
+                        epoch: epoch.clone(),
+                        offset: message.offset,
+                        kind: message.kind,
+                        payload: Bytes::copy_from_slice(message.payload),
+                    });
+                    true
+                }
+                HoldState::Covered { epoch: covered, last } => {
+                    let replayed = *covered == *epoch && message.offset <= *last;
+                    if replayed {
+                        skip.extend_from_slice(&hold.ids);
+                    }
+                    // Past what the read covered: the hold is over.
+                    replayed
+                }
+            });
             hub.relay_kept(
                 channel,
                 &skip,
@@ -140,7 +164,7 @@ impl Relays {
         relay.holds.push(Hold {
             token,
             ids: distinct,
-            held: Vec::new(),
+            state: HoldState::Holding(Vec::new()),
         });
         let targets: Vec<Target> = ids.iter().map(|&id| Target::Socket(id)).collect();
         hub.subscribe(&targets, channel, 1);
@@ -169,11 +193,25 @@ impl Relays {
             let Some(at) = relay.holds.iter().position(|h| h.token == token.0) else {
                 return false;
             };
-            let hold = relay.holds.swap_remove(at);
             let Some(read) = read else {
+                let hold = relay.holds.swap_remove(at);
                 let targets: Vec<Target> = hold.ids.iter().map(|&id| Target::Socket(id)).collect();
                 hub.subscribe(&targets, channel, -1);
                 return false;
+            };
+            // A relay that has delivered nothing yet (the node just began
+            // to listen) may be behind too.
+            let behind = !(*relay.epoch == *read.epoch && relay.delivered >= read.last);
+            let hold = &mut relay.holds[at];
+            let held = match std::mem::replace(
+                &mut hold.state,
+                HoldState::Covered {
+                    epoch: read.epoch.clone(),
+                    last: read.last,
+                },
+            ) {
+                HoldState::Holding(held) => held,
+                HoldState::Covered { .. } => Vec::new(),
             };
             let stamp = |offset| policy.stamp.then_some(offset);
             let recovered = read.recoverable(since.0, since.1);
@@ -184,8 +222,10 @@ impl Relays {
                     }
                 }
             }
-            for held in &hold.held {
+            let mut past = false;
+            for held in &held {
                 if held.epoch != read.epoch || held.offset > read.last {
+                    past = true;
                     hub.replay_kept(
                         &hold.ids,
                         stamp(held.offset),
@@ -194,6 +234,10 @@ impl Relays {
                         &mut overflowed,
                     );
                 }
+            }
+            // Unless messages the read covered are still to come here.
+            if past || !behind {
+                relay.holds.swap_remove(at);
             }
             if relay.holds.is_empty() && !hub.has_channel(channel) {
                 relays.remove(&channel[..]);
