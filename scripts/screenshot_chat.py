@@ -101,6 +101,7 @@ def main() -> None:
         worker=str(ROOT / "examples" / "chat" / "worker.py"),
         static_dir=str(ROOT / "examples" / "chat" / "static"),
         threads=2,
+        history={"room:": warpsocket.History(50, 86400.0)},  # as README runs it
     )
     url = f"http://127.0.0.1:{server.port}/"
     drivers = []
