@@ -372,6 +372,8 @@ def test_reconnect_while_the_room_is_busy_misses_nothing_and_repeats_nothing(cli
         talk.join()
     got = again.messages_until(room, f"busy {count - 1}")
     assert [m["text"] for m in got] == [f"busy {i}" for i in range(count)]
+    # bob's own copies too (read, so that his client's queue lets it close promptly)
+    assert bob.messages_until(room, f"busy {count - 1}")[-count:] == got
     assert [m["id"] for m in got] == list(range(2, count + 2))
     assert not any(m["type"] == "history" for _, m in again.seen)
 
