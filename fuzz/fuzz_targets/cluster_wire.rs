@@ -2,7 +2,8 @@
 //! what one node reads from Redis pub/sub, published by another node (or by
 //! anything else that can publish on the Redis server).
 //!
-//! Each input is decoded as a channel broadcast and as a request to a node.
+//! Each input is decoded as a channel broadcast, as a request to a node and
+//! as a history channel's message (sequenced by Redis: epoch, offset, body).
 //! Besides not panicking (or allocating from an announced count: the ids of a
 //! subscribe request are bounded by the bytes present), whatever decodes must
 //! encode back to a prefix of the input (requests of a fixed size, `D` and
@@ -18,7 +19,7 @@ use warpsocket_core::cluster::reencode_message;
 fuzz_target!(|data: &[u8]| {
     let decoded = reencode_message(data);
     for (slot, encoded) in decoded.into_iter().enumerate() {
-        let what = ["broadcast", "request"][slot];
+        let what = ["broadcast", "request", "history message"][slot];
         let Some(encoded) = encoded else { continue };
         assert!(
             data.starts_with(&encoded),

@@ -141,8 +141,6 @@ class Options:
         if metrics_bind is not None:
             parse_bind(metrics_bind)
         rules = _check_history(history)
-        if rules and cluster is not None:
-            raise ValueError("history with cluster mode is not supported yet (docs/api.md#history)")
         return cls(
             bind=binds,
             worker=worker,

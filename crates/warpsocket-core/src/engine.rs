@@ -244,19 +244,22 @@ impl Engine {
 
     // -- docs/api.md#history ----------------------------------------------------
     //
-    // This process's history only: the Python layer refuses history with
-    // cluster mode, whose sequencer will be Redis.
+    // In a cluster the history lives in Redis, which sequences every history
+    // channel's messages; on its own, the process keeps it.
 
     /// Sets the history policies (a server's, when it binds; none when it
-    /// shuts down). Every channel's history so far is forgotten.
+    /// shuts down). Every channel's history kept here so far is forgotten.
     pub fn set_history(&self, policies: Policies) {
         self.hub.set_history(policies);
     }
 
     /// `(epoch, offset of the last message)` of a history channel; None
     /// when no policy covers it.
-    pub fn position(&self, channel: &[u8]) -> Option<(Arc<str>, u64)> {
-        self.hub.position(channel)
+    pub fn position(&self, channel: &[u8]) -> Result<Option<(Arc<str>, u64)>, Unreachable> {
+        self.route(
+            |hub| Ok(hub.position(channel)),
+            |cluster, hub| cluster.position(hub, channel),
+        )
     }
 
     /// The kept messages `(offset, kind, data)` with an offset above
@@ -267,16 +270,27 @@ impl Engine {
         channel: &[u8],
         since: u64,
         limit: usize,
-    ) -> Option<Vec<(u64, Kind, Bytes)>> {
-        self.hub.history(channel, since, limit)
+    ) -> Result<Option<Vec<(u64, Kind, Bytes)>>, Unreachable> {
+        self.route(
+            |hub| Ok(hub.history(channel, since, limit)),
+            |cluster, hub| cluster.history(hub, channel, since, limit),
+        )
     }
 
     /// Subscribes `targets` to `channel` and delivers them the messages
     /// kept after `since` (epoch, offset), atomically with live sends;
     /// whether it could (nothing missed). None when no policy covers the
     /// channel.
-    pub fn recover(&self, targets: &[u64], channel: &Bytes, since: (&str, u64)) -> Option<bool> {
-        self.hub.recover(targets, channel, since)
+    pub fn recover(
+        &self,
+        targets: &[u64],
+        channel: &Bytes,
+        since: (&str, u64),
+    ) -> Result<Option<bool>, Unreachable> {
+        self.route(
+            |hub| Ok(hub.recover(targets, channel, since)),
+            |cluster, hub| cluster.recover(hub, targets, channel, since),
+        )
     }
 
     /// Channels whose history this process keeps.

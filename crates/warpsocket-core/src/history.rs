@@ -262,6 +262,14 @@ impl History {
         self.enabled.store(enabled, Ordering::Release);
     }
 
+    /// The policy covering `channel`, if any.
+    pub(crate) fn policy(&self, channel: &[u8]) -> Option<Policy> {
+        if !self.enabled.load(Ordering::Acquire) {
+            return None;
+        }
+        self.policies.load().find(channel)
+    }
+
     /// The log of `channel`, made (with a new epoch) if it has none; None
     /// when no policy covers the channel.
     #[inline]

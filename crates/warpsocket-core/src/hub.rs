@@ -24,7 +24,7 @@ use crate::errors::VirtualError;
 use crate::frame::{self, Kind};
 use crate::frames::Frames;
 use crate::handshake::status;
-use crate::history::{History, Log, Policies, Stamp};
+use crate::history::{History, Log, Policies, Policy, Stamp};
 use crate::ids::{IdGenerator, IdMap};
 use crate::links::Links;
 use crate::registry::{Entry, Prefix, Registry, VirtualSocket, MAX_PREFIX};
@@ -260,6 +260,58 @@ impl Hub {
         sent
     }
 
+    /// Queues one message of a history channel whose offset was assigned
+    /// elsewhere (a cluster's Redis) to every local subscriber of `channel`
+    /// but those in `skip` (held by a recover); stamped with `offset` when
+    /// given. Returns the number of recipients.
+    pub(crate) fn relay_kept(
+        &self,
+        channel: &[u8],
+        skip: &[u64],
+        offset: Option<u64>,
+        kind: Kind,
+        payload: &[u8],
+        overflowed: &mut Vec<u64>,
+    ) -> usize {
+        let stamp = offset.map(Stamp::new);
+        let stamp = stamp.as_deref().unwrap_or_default();
+        let mut frames = self.stamped_frames(kind, stamp, payload);
+        let len = stamp.len() + payload.len();
+        let view = self.channels.subscribers(channel);
+        let sent = view
+            .ids()
+            .filter(|id| !skip.contains(id))
+            .filter(|&id| self.deliver_to(id, &mut frames, len, overflowed))
+            .count();
+        sent
+    }
+
+    /// Queues one message of a history channel to each of `ids` (distinct),
+    /// as [`relay_kept`](Self::relay_kept) does to subscribers.
+    pub(crate) fn replay_kept(
+        &self,
+        ids: &[u64],
+        offset: Option<u64>,
+        kind: Kind,
+        payload: &[u8],
+        overflowed: &mut Vec<u64>,
+    ) {
+        let stamp = offset.map(Stamp::new);
+        let stamp = stamp.as_deref().unwrap_or_default();
+        let mut frames = self.stamped_frames(kind, stamp, payload);
+        let len = stamp.len() + payload.len();
+        for &id in ids {
+            self.deliver_to(id, &mut frames, len, overflowed);
+        }
+    }
+
+    /// Local subscription entries of `channel` (what a send to it reaches here).
+    pub(crate) fn subscriber_count(&self, channel: &[u8]) -> usize {
+        let view = self.channels.subscribers(channel);
+        let count = view.ids().count();
+        count
+    }
+
     /// [`deliver`](Self::deliver), noting a connection that went over its
     /// backpressure limit; true when queued.
     fn deliver_to(
@@ -281,7 +333,7 @@ impl Hub {
 
     /// Counts and logs the backpressure closes of a send, once every lock
     /// is released: the log may call into Python.
-    fn report_overflows(&self, overflowed: Vec<u64>) {
+    pub(crate) fn report_overflows(&self, overflowed: Vec<u64>) {
         for socket in overflowed {
             Counters::add(&self.stats.backpressure_closes, 1);
             self.stats.closes.count(frame::close_code::POLICY);
@@ -421,6 +473,11 @@ impl Hub {
     /// forgotten (the sequences that follow have new epochs).
     pub(crate) fn set_history(&self, policies: Policies) {
         self.history.configure(policies);
+    }
+
+    /// The history policy covering `channel`, if any.
+    pub(crate) fn history_policy(&self, channel: &[u8]) -> Option<Policy> {
+        self.history.policy(channel)
     }
 
     /// Returns the memory of expired history (at most once a second).

@@ -22,8 +22,9 @@
 //!    queues), then `socket`, then `registry` and `channels`, then `frames`
 //!    (one message's frames for many recipients);
 //! 3. `hub`: this process's sockets and channels, and the operations on them;
-//! 4. `cluster::wire`, `cluster::link`, then `cluster`: the same operations
-//!    across the nodes of a cluster;
+//! 4. `cluster::wire`, `cluster::kept` (history channels in Redis),
+//!    `cluster::relay` (their in-order delivery on a node), `cluster::link`,
+//!    then `cluster`: the same operations across the nodes of a cluster;
 //! 5. `engine`: the façade that routes each call to the hub or the cluster;
 //! 6. the server side, which serves connections into the engine:
 //!    `request_head` and `tls` (before the WebSocket upgrade), `admission`

@@ -148,6 +148,7 @@ fn position(py: Python<'_>, channel: &Bound<'_, PyAny>) -> PyResult<(String, u64
     let channel = convert::name_bytes(channel, "channel")?;
     // Waits for the channel's lock, which a send to many holds a while.
     gil::run(py, Work::Long, || ENGINE.position(&channel))
+        .map_err(errors::unreachable)?
         .map(|(epoch, offset)| (epoch.to_string(), offset))
         .ok_or_else(|| errors::no_history(&channel))
 }
@@ -165,6 +166,7 @@ fn history<'py>(
     let channel = convert::name_bytes(channel, "channel")?;
     let limit = convert::limit(limit, "limit")?;
     let kept = gil::run(py, Work::Long, || ENGINE.history(&channel, since.0, limit))
+        .map_err(errors::unreachable)?
         .ok_or_else(|| errors::no_history(&channel))?;
     Ok(kept
         .into_iter()
@@ -195,6 +197,7 @@ fn recover(
     gil::run(py, Work::Long, || {
         ENGINE.recover(&targets, &channel, (&epoch, offset))
     })
+    .map_err(errors::unreachable)?
     .ok_or_else(|| errors::no_history(&channel))
 }
 

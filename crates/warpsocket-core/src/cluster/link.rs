@@ -16,7 +16,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::{Msg, RedisResult, Script};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::wire::{channel_key, node_key, Broadcast, Op, ALL_NODES, CHANNEL_PREFIX, NODE_COUNTER};
+use super::kept;
+use super::relay::{Arrival, Relays};
+use super::wire::{
+    node_key, pubsub_key, Broadcast, Op, Sequenced, ALL_NODES, CHANNEL_PREFIX, HISTORY_PREFIX,
+    NODE_COUNTER,
+};
+use crate::history::Policy;
 use crate::hub::{Hub, Target};
 use crate::ids::node_number;
 use crate::stats::Counters;
@@ -63,6 +69,28 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// PUBLISH commands sent to Redis in one pipeline.
 const BATCH: usize = 256;
 
+/// What the publisher sends, in queue order.
+pub(super) enum Outgoing {
+    /// A PUBLISH of `message` on the pub/sub channel `channel`.
+    Publish { channel: Bytes, message: Bytes },
+    /// A message for the history channel `name`, which Redis sequences,
+    /// keeps and publishes (`body`: the kind byte and the data).
+    Kept {
+        name: Bytes,
+        policy: Policy,
+        body: Bytes,
+    },
+}
+
+/// What the listener is told about the channels it should listen on.
+pub(super) enum Interest {
+    /// The channel appeared or vanished locally.
+    Changed(Bytes),
+    /// As `Changed`, and answered once the node listens on the channel (a
+    /// recover waits for it: what Redis publishes from then on reaches it).
+    Confirm(Bytes, oneshot::Sender<()>),
+}
+
 /// The command connection and this node's number.
 pub(super) async fn connect(client: &redis::Client) -> RedisResult<(ConnectionManager, u16)> {
     let config = ConnectionManagerConfig::new()
@@ -71,6 +99,7 @@ pub(super) async fn connect(client: &redis::Client) -> RedisResult<(ConnectionMa
         .set_number_of_retries(2)
         .set_max_delay(500);
     let mut commands = client.get_connection_manager_with_config(config).await?;
+    kept::load(&mut commands).await?;
     let n: u64 = redis::cmd("INCR")
         .arg(NODE_COUNTER)
         .query_async(&mut commands)
@@ -83,7 +112,7 @@ pub(super) async fn connect(client: &redis::Client) -> RedisResult<(ConnectionMa
 pub(super) async fn publish(
     hub: Arc<Hub>,
     mut commands: ConnectionManager,
-    mut queue: mpsc::Receiver<(Bytes, Bytes)>,
+    mut queue: mpsc::Receiver<Outgoing>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
@@ -92,19 +121,51 @@ pub(super) async fn publish(
             n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
             _ = stopped(&mut stop) => return,
         }
-        let mut pipe = redis::pipe();
-        for (channel, message) in &batch {
-            pipe.cmd("PUBLISH")
-                .arg(&channel[..])
-                .arg(&message[..])
-                .ignore();
+        let mut sent = send_batch(&mut commands, &batch, true).await;
+        if matches!(&sent, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
+            // Redis restarted and forgot the scripts: nothing of the batch
+            // that runs one ran, so those go again.
+            sent = match kept::load(&mut commands).await {
+                Ok(()) => send_batch(&mut commands, &batch, false).await,
+                Err(e) => Err(e),
+            };
         }
-        let sent = tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<()>(&mut commands)).await;
-        if !matches!(sent, Ok(Ok(()))) {
+        if let Err(e) = sent {
             Counters::add(&hub.stats.cluster_send_failures, batch.len() as u64);
-            log::debug!(target: "warpsocket", "cluster: {} messages not published: Redis unreachable", batch.len());
+            log::debug!(target: "warpsocket", "cluster: {} messages not published: {e}", batch.len());
         }
         batch.clear();
+    }
+}
+
+/// One pipeline of `batch` (without its plain publishes unless `publishes`).
+async fn send_batch(
+    commands: &mut ConnectionManager,
+    batch: &[Outgoing],
+    publishes: bool,
+) -> RedisResult<()> {
+    let mut pipe = redis::pipe();
+    for outgoing in batch {
+        match outgoing {
+            Outgoing::Publish { channel, message } => {
+                if publishes {
+                    pipe.cmd("PUBLISH")
+                        .arg(&channel[..])
+                        .arg(&message[..])
+                        .ignore();
+                }
+            }
+            Outgoing::Kept { name, policy, body } => {
+                kept::add_send(&mut pipe, name, policy, &pubsub_key(name, true), body);
+            }
+        }
+    }
+    match tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<()>(commands)).await {
+        Ok(sent) => sent,
+        Err(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::IoError,
+            "no answer in time",
+        ))),
     }
 }
 
@@ -114,6 +175,7 @@ pub(super) struct Listener {
     pub(super) commands: ConnectionManager,
     /// Set while the pub/sub connection is up.
     pub(super) up: Arc<AtomicBool>,
+    pub(super) relays: Arc<Relays>,
 }
 
 /// Keeps this node listening on Redis: its own channel, the all-nodes
@@ -123,9 +185,9 @@ pub(super) struct Listener {
 pub(super) async fn listen(
     hub: Arc<Hub>,
     node: Listener,
-    apply: impl Fn(&Hub, Op<'_>) + Send + 'static,
+    apply: impl Fn(&Arc<Hub>, Op<'_>) + Send + 'static,
     client: redis::Client,
-    mut interest: mpsc::UnboundedReceiver<Bytes>,
+    mut interest: mpsc::UnboundedReceiver<Interest>,
     mut stop: watch::Receiver<bool>,
     ready: oneshot::Sender<()>,
 ) {
@@ -150,12 +212,19 @@ pub(super) async fn listen(
             loop {
                 tokio::select! {
                     msg = stream.next() => match msg {
-                        Some(msg) => receive(&hub, node.node, &apply, &msg),
+                        Some(msg) => receive(&hub, &node, &apply, &msg).await,
                         None => break,
                     },
-                    Some(channel) = interest.recv() => {
-                        if update_interest(&hub, &mut sink, &mut listening, channel).await.is_err() {
+                    Some(change) = interest.recv() => {
+                        let (channel, confirm) = match change {
+                            Interest::Changed(channel) => (channel, None),
+                            Interest::Confirm(channel, confirm) => (channel, Some(confirm)),
+                        };
+                        if update_interest(&hub, &node.relays, &mut sink, &mut listening, channel).await.is_err() {
                             break;
+                        }
+                        if let Some(confirm) = confirm {
+                            let _ = confirm.send(());
                         }
                     }
                     _ = stopped(&mut stop) => return,
@@ -187,10 +256,12 @@ async fn listen_once(hub: &Hub, node: &Listener, client: &redis::Client) -> Redi
     sink.subscribe(ALL_NODES).await?;
     let mut listening = HashSet::new();
     for name in hub.channel_names() {
-        sink.subscribe(&channel_key(&name)[..]).await?;
+        let history = hub.history_policy(&name).is_some();
+        sink.subscribe(&pubsub_key(&name, history)[..]).await?;
         listening.insert(name);
     }
     let mut commands = node.commands.clone();
+    kept::load(&mut commands).await?;
     KEEP_COUNTER_PAST
         .key(NODE_COUNTER)
         .arg(node.node)
@@ -203,29 +274,44 @@ async fn listen_once(hub: &Hub, node: &Listener, client: &redis::Client) -> Redi
 /// has local subscribers now (first in, last out).
 async fn update_interest(
     hub: &Hub,
+    relays: &Relays,
     sink: &mut PubSubSink,
     listening: &mut HashSet<Bytes>,
     channel: Bytes,
 ) -> RedisResult<()> {
     let wanted = hub.has_channel(&channel);
+    let key = pubsub_key(&channel, hub.history_policy(&channel).is_some());
     if wanted && !listening.contains(&channel) {
-        sink.subscribe(&channel_key(&channel)[..]).await?;
+        sink.subscribe(&key[..]).await?;
         listening.insert(channel);
     } else if !wanted && listening.remove(&channel) {
-        sink.unsubscribe(&channel_key(&channel)[..]).await?;
+        relays.forget(&channel);
+        sink.unsubscribe(&key[..]).await?;
     }
     Ok(())
 }
 
-fn receive(hub: &Hub, node: u16, apply: &impl Fn(&Hub, Op<'_>), msg: &Msg) {
+async fn receive(hub: &Arc<Hub>, node: &Listener, apply: &impl Fn(&Arc<Hub>, Op<'_>), msg: &Msg) {
     let Ok(channel) = msg.get_channel::<Vec<u8>>() else {
         return;
     };
     let payload = msg.get_payload_bytes();
+    if let Some(name) = channel.strip_prefix(HISTORY_PREFIX) {
+        match (Sequenced::decode(payload), hub.history_policy(name)) {
+            (Some(message), Some(policy)) => {
+                Counters::add(&hub.stats.cluster_messages_in, 1);
+                relay(hub, node, name, &policy, &message).await;
+            }
+            (None, _) => log::warn!(target: "warpsocket", "cluster: undecodable history message dropped"),
+            // The policies changed since the node listened on it.
+            (_, None) => {}
+        }
+        return;
+    }
     if let Some(name) = channel.strip_prefix(CHANNEL_PREFIX) {
         match Broadcast::decode(payload) {
             // Its own broadcasts were delivered locally already.
-            Some(b) if b.origin == node => {}
+            Some(b) if b.origin == node.node => {}
             Some(b) => {
                 Counters::add(&hub.stats.cluster_messages_in, 1);
                 let target = [Target::Channel(Bytes::copy_from_slice(name))];
@@ -242,6 +328,40 @@ fn receive(hub: &Hub, node: u16, apply: &impl Fn(&Hub, Op<'_>), msg: &Msg) {
         }
         None => log::warn!(target: "warpsocket", "cluster: undecodable request dropped"),
     }
+}
+
+/// Delivers a history channel's message in offset order: when messages are
+/// missing before it (published while this node's pub/sub connection was
+/// down), those still kept in Redis go first.
+async fn relay(hub: &Hub, node: &Listener, name: &[u8], policy: &Policy, message: &Sequenced<'_>) {
+    let Arrival::Gap { after } = node.relays.arrive(hub, name, policy, message, true) else {
+        return;
+    };
+    let missing = usize::try_from(message.offset - after - 1).unwrap_or(usize::MAX);
+    let mut commands = node.commands.clone();
+    let read = tokio::time::timeout(
+        REDIS_TIMEOUT,
+        kept::read(&mut commands, name, policy, after, missing, Some(message.epoch)),
+    )
+    .await;
+    match read {
+        Ok(Ok(read)) => {
+            for (offset, kind, data) in &read.kept {
+                let filled = Sequenced {
+                    epoch: message.epoch,
+                    offset: *offset,
+                    kind: *kind,
+                    payload: data,
+                };
+                if *offset < message.offset {
+                    node.relays.arrive(hub, name, policy, &filled, false);
+                }
+            }
+            log::warn!(target: "warpsocket", "cluster: filled a gap of {missing} messages in a history channel from Redis ({} still kept)", read.kept.len());
+        }
+        _ => log::warn!(target: "warpsocket", "cluster: {missing} messages of a history channel missed and not read back from Redis"),
+    }
+    node.relays.arrive(hub, name, policy, message, false);
 }
 
 /// Completes once the node leaves (the watch guard must not live across an

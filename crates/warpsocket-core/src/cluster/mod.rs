@@ -20,7 +20,9 @@
 //! channels appear or vanish here) and the leaves; never the engine, which
 //! sits above it and decides when a call goes through here.
 
+mod kept;
 mod link;
+mod relay;
 mod wire;
 
 #[doc(hidden)]
@@ -41,11 +43,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::errors::{JoinError, Unreachable, VirtualError};
 use crate::frame::Kind;
+use crate::history::Policy;
 use crate::hub::{ChannelWatcher, Hub, Target};
 use crate::ids::owner;
 use crate::stats::Counters;
-use link::REDIS_TIMEOUT;
-use wire::{channel_key, node_key, Broadcast, Op, ALL_NODES, KV_HASH};
+use kept::Read;
+use link::{Interest, Outgoing, REDIS_TIMEOUT};
+use relay::Relays;
+use wire::{node_key, pubsub_key, Broadcast, Op, Sequenced, ALL_NODES, KV_HASH};
 
 /// Publishes waiting for the Redis connection; more count as failed sends.
 const OUTGOING_CAPACITY: usize = 65_536;
@@ -54,7 +59,11 @@ pub struct Cluster {
     node: u16,
     /// Commands (kv, PUBLISH, PUBSUB NUMSUB); reconnects by itself.
     commands: ConnectionManager,
-    outgoing: mpsc::Sender<(Bytes, Bytes)>,
+    outgoing: mpsc::Sender<Outgoing>,
+    /// To the listener, for a recover that must know the node listens.
+    interest: mpsc::UnboundedSender<Interest>,
+    /// History channels' in-order delivery here, shared with the listener.
+    relays: Arc<Relays>,
     /// True while the pub/sub connection is up; sends made while it is down
     /// fail at once instead of queueing.
     up: Arc<AtomicBool>,
@@ -92,15 +101,15 @@ impl Drop for CallGuard<'_> {
 
 /// Channels that appeared or vanished locally go to the listener task,
 /// which checks whether this node should (still) listen to them on Redis.
-struct Interest(mpsc::UnboundedSender<Bytes>);
+struct Watcher(mpsc::UnboundedSender<Interest>);
 
-impl ChannelWatcher for Interest {
+impl ChannelWatcher for Watcher {
     fn channel_appeared(&self, name: &Bytes) {
-        let _ = self.0.send(name.clone());
+        let _ = self.0.send(Interest::Changed(name.clone()));
     }
 
     fn channel_vanished(&self, name: &Bytes) {
-        let _ = self.0.send(name.clone());
+        let _ = self.0.send(Interest::Changed(name.clone()));
     }
 }
 
@@ -132,10 +141,13 @@ impl Cluster {
         let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_CAPACITY);
         let (interest, interest_rx) = mpsc::unbounded_channel();
         let (stop, stop_rx) = watch::channel(false);
+        let relays = Arc::new(Relays::default());
         let cluster = Arc::new(Cluster {
             node,
             commands: commands.clone(),
             outgoing,
+            interest: interest.clone(),
+            relays: relays.clone(),
             up: Arc::new(AtomicBool::new(false)),
             requests: Mutex::default(),
             next_request: AtomicU64::new(1),
@@ -147,7 +159,7 @@ impl Cluster {
         });
         // Watched before the listener takes its first snapshot of the
         // channels, so that no change falls between the two.
-        hub.set_watcher(Some(Box::new(Interest(interest))));
+        hub.set_watcher(Some(Box::new(Watcher(interest))));
         hub.set_node(node);
         handle.spawn(link::publish(
             hub.clone(),
@@ -160,12 +172,13 @@ impl Cluster {
             node,
             commands: cluster.commands.clone(),
             up: cluster.up.clone(),
+            relays,
         };
         let applier = cluster.clone();
         handle.spawn(link::listen(
             hub.clone(),
             listener,
-            move |hub: &Hub, op: Op<'_>| applier.apply(hub, op),
+            move |hub: &Arc<Hub>, op: Op<'_>| applier.apply(hub, op),
             client,
             interest_rx,
             stop_rx,
@@ -221,7 +234,11 @@ impl Cluster {
     /// Hands one message to the publisher; 1 when it was, 0 (and a failure
     /// counted) when Redis is down or the queue is full.
     fn publish(&self, hub: &Hub, channel: Bytes, message: Bytes) -> usize {
-        if self.up.load(Ordering::Acquire) && self.outgoing.try_send((channel, message)).is_ok() {
+        self.queue(hub, Outgoing::Publish { channel, message })
+    }
+
+    fn queue(&self, hub: &Hub, outgoing: Outgoing) -> usize {
+        if self.up.load(Ordering::Acquire) && self.outgoing.try_send(outgoing).is_ok() {
             Counters::add(&hub.stats.cluster_messages_out, 1);
             1
         } else {
@@ -250,8 +267,22 @@ impl Cluster {
                     sent += usize::from(self.forward(hub, *id, &op));
                 }
                 Target::Channel(name) => {
+                    if let Some(policy) = hub.history_policy(name) {
+                        // Delivered here too only once Redis has sequenced
+                        // it: see `relay`.
+                        let body = Sequenced::body(kind, payload);
+                        let kept = Outgoing::Kept {
+                            name: name.clone(),
+                            policy,
+                            body,
+                        };
+                        if self.queue(hub, kept) == 1 {
+                            sent += 1 + hub.subscriber_count(name);
+                        }
+                        continue;
+                    }
                     let message = Broadcast::encode(self.node, kind, payload);
-                    sent += self.publish(hub, channel_key(name), message);
+                    sent += self.publish(hub, pubsub_key(name, false), message);
                     local.push(target.clone());
                 }
                 Target::Socket(_) => local.push(target.clone()),
@@ -314,7 +345,7 @@ impl Cluster {
             return Err(Unreachable("not connected".into()));
         }
         let mut commands = self.commands.clone();
-        let key = channel_key(channel);
+        let key = pubsub_key(channel, hub.history_policy(channel).is_some());
         let listening: Vec<(Vec<u8>, u64)> = self.wait(async move {
             redis::cmd("PUBSUB")
                 .arg("NUMSUB")
@@ -389,7 +420,7 @@ impl Cluster {
     }
 
     /// Applies a request from another node. Runs on the Redis task.
-    fn apply(&self, hub: &Hub, op: Op<'_>) {
+    fn apply(self: &Arc<Self>, hub: &Arc<Hub>, op: Op<'_>) {
         match op {
             Op::Send { id, kind, payload } => {
                 hub.send(&[Target::Socket(id)], kind, payload);
@@ -431,7 +462,160 @@ impl Cluster {
                 self.publish(hub, node_key(reply_to), answer.encode());
             }
             Op::Created { request, id } => self.answer(request, id),
+            Op::Recover {
+                epoch,
+                offset,
+                ids,
+                channel,
+            } => {
+                let Some(policy) = hub.history_policy(channel) else {
+                    return;
+                };
+                let channel = Bytes::copy_from_slice(channel);
+                let epoch = epoch.to_vec();
+                let (cluster, hub) = (self.clone(), hub.clone());
+                // This runs on the listener, which the recover's Redis
+                // calls must not hold up.
+                tokio::spawn(async move {
+                    let since = (&epoch[..], offset);
+                    let _ = cluster
+                        .recover_here(&hub, &ids, &channel, &policy, since)
+                        .await;
+                });
+            }
         }
+    }
+
+    // -- docs/api.md#history: sequenced and kept by Redis -------------------
+
+    /// `(epoch, last offset)` of a history channel; None when no policy
+    /// covers it.
+    pub(crate) fn position(
+        &self,
+        hub: &Hub,
+        channel: &[u8],
+    ) -> Result<Option<(Arc<str>, u64)>, Unreachable> {
+        let Some(read) = self.read(hub, channel, 0, 0, None)? else {
+            return Ok(None);
+        };
+        Ok(Some((epoch_str(&read.epoch), read.last)))
+    }
+
+    /// The kept messages after `since`, at most `limit`.
+    pub(crate) fn history(
+        &self,
+        hub: &Hub,
+        channel: &[u8],
+        since: u64,
+        limit: usize,
+    ) -> Result<Option<Vec<(u64, Kind, Bytes)>>, Unreachable> {
+        Ok(self
+            .read(hub, channel, since, limit, None)?
+            .map(|read| read.kept))
+    }
+
+    fn read(
+        &self,
+        hub: &Hub,
+        channel: &[u8],
+        since: u64,
+        limit: usize,
+        epoch: Option<&[u8]>,
+    ) -> Result<Option<Read>, Unreachable> {
+        let Some(policy) = hub.history_policy(channel) else {
+            return Ok(None);
+        };
+        let mut commands = self.commands.clone();
+        let (channel, epoch) = (channel.to_vec(), epoch.map(<[u8]>::to_vec));
+        self.wait(async move {
+            kept::read(&mut commands, &channel, &policy, since, limit, epoch.as_deref()).await
+        })
+        .map(Some)
+    }
+
+    /// `recover` (docs/api.md#history): this node's targets are recovered
+    /// here; another node's are sent to it, and the answer is then what
+    /// this node reads from Redis.
+    pub(crate) fn recover(
+        &self,
+        hub: &Hub,
+        targets: &[u64],
+        channel: &Bytes,
+        since: (&str, u64),
+    ) -> Result<Option<bool>, Unreachable> {
+        let Some(policy) = hub.history_policy(channel) else {
+            return Ok(None);
+        };
+        if !self.up.load(Ordering::Acquire) {
+            return Err(Unreachable("not connected".into()));
+        }
+        let (local, remote): (Vec<u64>, Vec<u64>) =
+            targets.iter().partition(|&&id| !self.is_remote(id));
+        let mut by_node: HashMap<u16, Vec<u64>> = HashMap::new();
+        for id in remote {
+            by_node.entry(owner(id)).or_default().push(id);
+        }
+        for ids in by_node.into_values() {
+            let first = ids[0];
+            let op = Op::Recover {
+                epoch: since.0.as_bytes(),
+                offset: since.1,
+                ids,
+                channel,
+            };
+            self.forward(hub, first, &op);
+        }
+        let since = (since.0.as_bytes(), since.1);
+        if local.is_empty() {
+            let read = self.read(hub, channel, since.1, 0, Some(since.0))?;
+            return Ok(read.map(|read| read.recoverable(since.0, since.1)));
+        }
+        self.wait(self.recover_here(hub, &local, channel, &policy, since))
+            .map(Some)
+    }
+
+    /// Recovers this node's `ids`: holds their live messages from the
+    /// subscription on, makes sure the node listens on the channel, reads
+    /// it from Redis and hands over (see `relay`). On the Redis runtime.
+    async fn recover_here(
+        &self,
+        hub: &Hub,
+        ids: &[u64],
+        channel: &Bytes,
+        policy: &Policy,
+        since: (&[u8], u64),
+    ) -> redis::RedisResult<bool> {
+        let mut hold = Holding {
+            relays: &self.relays,
+            hub,
+            channel,
+            policy,
+            since,
+            token: Some(self.relays.hold(hub, channel, ids)),
+        };
+        let listening = async {
+            let (confirm, confirmed) = oneshot::channel();
+            let _ = self
+                .interest
+                .send(Interest::Confirm(channel.clone(), confirm));
+            confirmed.await.is_ok()
+        };
+        let read = async {
+            if !listening.await {
+                return Err(redis::RedisError::from(io::Error::other(
+                    "the node lost its Redis connection",
+                )));
+            }
+            let mut commands = self.commands.clone();
+            kept::read(&mut commands, channel, policy, since.1, usize::MAX, Some(since.0)).await
+        };
+        // Within the caller's timeout, so that the hold ends here.
+        let read = match tokio::time::timeout(REDIS_TIMEOUT - Duration::from_millis(100), read).await
+        {
+            Ok(read) => read,
+            Err(_) => Err(redis::RedisError::from(io::Error::other("no answer in time"))),
+        }?;
+        Ok(hold.release(Some(&read)))
     }
 
     // -- the key/value store -------------------------------------------------
@@ -524,4 +708,36 @@ impl Cluster {
             ))),
         }
     }
+}
+
+/// A recover's hold on its targets; ended by `release`, or on drop (the
+/// recover failed) with the subscription undone.
+struct Holding<'a> {
+    relays: &'a Relays,
+    hub: &'a Hub,
+    channel: &'a Bytes,
+    policy: &'a Policy,
+    since: (&'a [u8], u64),
+    token: Option<relay::HoldToken>,
+}
+
+impl Holding<'_> {
+    fn release(&mut self, read: Option<&Read>) -> bool {
+        let Some(token) = self.token.take() else {
+            return false;
+        };
+        self.relays
+            .release(self.hub, self.channel, self.policy, token, read, self.since)
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.release(None);
+    }
+}
+
+/// Epochs are made by the scripts from digits and dots.
+fn epoch_str(epoch: &[u8]) -> Arc<str> {
+    String::from_utf8_lossy(epoch).into()
 }

@@ -22,6 +22,33 @@ pub(super) fn channel_key(name: &[u8]) -> Bytes {
     [CHANNEL_PREFIX, name].concat().into()
 }
 
+/// The pub/sub channel of a history channel: its messages come with their
+/// offsets, so it is not the plain one.
+pub(super) const HISTORY_PREFIX: &[u8] = b"warpsocket:h:";
+/// Where Redis keeps a history channel's epoch and last offset (a hash), and
+/// its kept messages (a list).
+const HISTORY_META_PREFIX: &[u8] = b"warpsocket:hm:";
+const HISTORY_LIST_PREFIX: &[u8] = b"warpsocket:hl:";
+/// The counter that makes epochs unique (with Redis's clock).
+pub(super) const EPOCH_COUNTER: &str = "warpsocket:epochs";
+
+/// The pub/sub channel a node listens on for a WarpSocket channel.
+pub(super) fn pubsub_key(name: &[u8], history: bool) -> Bytes {
+    if history {
+        [HISTORY_PREFIX, name].concat().into()
+    } else {
+        channel_key(name)
+    }
+}
+
+/// The Redis keys of a history channel: its meta hash and its list.
+pub(super) fn history_keys(name: &[u8]) -> [Vec<u8>; 2] {
+    [
+        [HISTORY_META_PREFIX, name].concat(),
+        [HISTORY_LIST_PREFIX, name].concat(),
+    ]
+}
+
 /// The pub/sub channel of one node, for requests to it.
 pub(super) fn node_key(node: u16) -> Bytes {
     format!("warpsocket:n:{node}").into_bytes().into()
@@ -53,6 +80,75 @@ impl Broadcast<'_> {
             payload: r.rest(),
         })
     }
+}
+
+/// A history channel's message as Redis publishes it, once it has its
+/// offset: `epoch NUL offset NUL kind payload`, the offset in ASCII decimal
+/// (the Lua script that sequences it writes it so).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Sequenced<'a> {
+    pub(crate) epoch: &'a [u8],
+    pub(crate) offset: u64,
+    pub(crate) kind: Kind,
+    pub(crate) payload: &'a [u8],
+}
+
+impl Sequenced<'_> {
+    /// What the sender hands the script: the kind and the payload.
+    pub(crate) fn body(kind: Kind, payload: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(1 + payload.len());
+        out.put_u8(kind_byte(kind));
+        out.put_slice(payload);
+        out.freeze()
+    }
+
+    pub(crate) fn encode(&self) -> Bytes {
+        let offset = self.offset.to_string();
+        let mut out = BytesMut::with_capacity(self.epoch.len() + offset.len() + 3 + self.payload.len());
+        out.put_slice(self.epoch);
+        out.put_u8(0);
+        out.put_slice(offset.as_bytes());
+        out.put_u8(0);
+        out.put_slice(&Self::body(self.kind, self.payload));
+        out.freeze()
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Sequenced<'_>> {
+        let (epoch, rest) = split_at_nul(bytes)?;
+        let (offset, rest) = split_at_nul(rest)?;
+        let (kind, payload) = decode_body(rest)?;
+        Some(Sequenced {
+            epoch,
+            offset: decimal(offset)?,
+            kind,
+            payload,
+        })
+    }
+}
+
+/// A kept message as Redis's list holds it: `millis:` then the body.
+pub(crate) fn decode_kept(entry: &[u8]) -> Option<(Kind, &[u8])> {
+    let colon = entry.iter().position(|&b| b == b':')?;
+    decode_body(&entry[colon + 1..])
+}
+
+fn decode_body(body: &[u8]) -> Option<(Kind, &[u8])> {
+    let (&kind, payload) = body.split_first()?;
+    Some((byte_kind(kind)?, payload))
+}
+
+fn split_at_nul(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let nul = bytes.iter().position(|&b| b == 0)?;
+    Some((&bytes[..nul], &bytes[nul + 1..]))
+}
+
+/// A positive decimal without leading zeros (the only spelling the script
+/// writes, so that what decodes encodes back the same).
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.first().is_none_or(|&d| d == b'0') || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// A request for the node that owns a socket (on that node's own Redis
@@ -97,6 +193,13 @@ pub(crate) enum Op<'a> {
     Created {
         request: u64,
         id: Option<u64>,
+    },
+    /// `recover` for sockets of the node it is sent to.
+    Recover {
+        epoch: &'a [u8],
+        offset: u64,
+        ids: Vec<u64>,
+        channel: &'a [u8],
     },
 }
 
@@ -164,6 +267,22 @@ impl Op<'_> {
                 out.put_u64(*request);
                 out.put_u64(id.unwrap_or(0));
             }
+            Op::Recover {
+                epoch,
+                offset,
+                ids,
+                channel,
+            } => {
+                out.put_u8(b'H');
+                out.put_u64(*offset);
+                out.put_u32(epoch.len() as u32);
+                out.put_slice(epoch);
+                out.put_u32(ids.len() as u32);
+                for id in ids {
+                    out.put_u64(*id);
+                }
+                out.put_slice(channel);
+            }
         }
         out.freeze()
     }
@@ -181,12 +300,7 @@ impl Op<'_> {
             }
             b'U' => {
                 let delta = r.i64()?;
-                let count = r.u32()? as usize;
-                // Bounded by the bytes present, not by the announced count.
-                let mut ids = Vec::with_capacity(count.min(r.0.len() / 8));
-                for _ in 0..count {
-                    ids.push(r.u64()?);
-                }
+                let ids = r.ids()?;
                 Op::Subscribe {
                     delta,
                     ids,
@@ -223,21 +337,35 @@ impl Op<'_> {
                 request: r.u64()?,
                 id: Some(r.u64()?).filter(|&id| id != 0),
             },
+            b'H' => {
+                let offset = r.u64()?;
+                let len = r.u32()? as usize;
+                let epoch = r.take(len)?;
+                let ids = r.ids()?;
+                Op::Recover {
+                    epoch,
+                    offset,
+                    ids,
+                    channel: r.rest(),
+                }
+            }
             _ => return None,
         };
         Some(op)
     }
 }
 
-/// Decodes `bytes` as a broadcast and as a request, and encodes again what
+/// Decodes `bytes` as a broadcast, a request and a history channel's
+/// message, and encodes again what
 /// decoded: the entry point of the `cluster_wire` fuzz target (`fuzz/`), which
 /// checks that decoding never panics and that a decoded message encodes back
 /// to exactly the bytes it came from (nothing skipped, misread or invented).
 #[doc(hidden)]
-pub fn reencode_message(bytes: &[u8]) -> [Option<Bytes>; 2] {
+pub fn reencode_message(bytes: &[u8]) -> [Option<Bytes>; 3] {
     [
         Broadcast::decode(bytes).map(|b| Broadcast::encode(b.origin, b.kind, b.payload)),
         Op::decode(bytes).map(|op| op.encode()),
+        Sequenced::decode(bytes).map(|m| m.encode()),
     ]
 }
 
@@ -290,6 +418,17 @@ impl<'a> Reader<'a> {
 
     fn i64(&mut self) -> Option<i64> {
         Some(i64::from_be_bytes(self.array()?))
+    }
+
+    /// A count, then that many ids.
+    fn ids(&mut self) -> Option<Vec<u64>> {
+        let count = self.u32()? as usize;
+        // Bounded by the bytes present, not by the announced count.
+        let mut ids = Vec::with_capacity(count.min(self.0.len() / 8));
+        for _ in 0..count {
+            ids.push(self.u64()?);
+        }
+        Some(ids)
     }
 
     fn rest(&mut self) -> &'a [u8] {
@@ -347,6 +486,12 @@ mod tests {
                 request: 78,
                 id: None,
             },
+            Op::Recover {
+                epoch: b"1733.5.2",
+                offset: u64::MAX,
+                ids: vec![3, 4],
+                channel: b"room:1",
+            },
         ];
         for op in ops {
             assert_eq!(Op::decode(&op.encode()), Some(op));
@@ -360,6 +505,33 @@ mod tests {
                 payload: b"\x00\x01"
             })
         );
+    }
+
+    #[test]
+    fn sequenced_messages_survive_a_round_trip_and_refuse_odd_spellings() {
+        let m = Sequenced {
+            epoch: b"1733.5.2",
+            offset: 17,
+            kind: Kind::Text,
+            payload: b"a\0b",
+        };
+        let bytes = m.encode();
+        assert_eq!(&bytes[..], b"1733.5.2\x0017\x00\x01a\x00b");
+        assert_eq!(Sequenced::decode(&bytes), Some(m));
+        for odd in [
+            &b"e\x00017\x00\x01x"[..],
+            b"e\x00\x00\x01x",
+            b"e\x00+1\x00\x01x",
+            b"e\x0099999999999999999999\x00\x01x",
+            b"e\x001\x00\x03x",
+            b"e\x001\x00",
+            b"e\x001",
+        ] {
+            assert_eq!(Sequenced::decode(odd), None, "{odd:?}");
+        }
+        assert_eq!(decode_kept(b"1733:\x02\x00:"), Some((Kind::Binary, &b"\x00:"[..])));
+        assert_eq!(decode_kept(b"1733"), None);
+        assert_eq!(decode_kept(b"1733:"), None);
     }
 
     #[test]
