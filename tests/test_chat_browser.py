@@ -405,7 +405,9 @@ def test_the_page_moves_to_another_node_when_its_node_is_killed(chat_nodes, open
     for text in before:
         bob.say(text)
     alice.wait_messages(before)
+    alice.wait(lambda: "bob joined" in alice.notices(), "join notice")
     assert alice.js("return ws.url").startswith(f"ws://127.0.0.1:{port_a}/")
+    epoch = alice.epoch(room)
 
     a.kill()  # SIGKILL: no close frame, no goodbye
     # bob talks on while alice's page finds out, tries node A again, and moves to B,
@@ -416,6 +418,9 @@ def test_the_page_moves_to_another_node_when_its_node_is_killed(chat_nodes, open
     alice.wait(lambda: alice.online() and alice.js("return ws.url").startswith(other), "reconnected to B")
     bob.say("after")
     alice.wait_messages([*before, *away, "after"])
+    # Recovered, not reloaded: a history page would have replaced the room's notices too.
+    assert "bob joined" in alice.notices()
+    assert alice.epoch(room) == epoch
     alice.say("alice on B")
     bob.wait_messages([*before, *away, "after", "alice on B"])
     assert alice.console_errors(failed_connections_ok=True) == []
