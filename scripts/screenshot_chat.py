@@ -101,6 +101,7 @@ def main() -> None:
         worker=str(ROOT / "examples" / "chat" / "worker.py"),
         static_dir=str(ROOT / "examples" / "chat" / "static"),
         threads=2,
+        history={"room:": warpsocket.History(50, 86400.0)},  # as README runs it
     )
     url = f"http://127.0.0.1:{server.port}/"
     drivers = []
@@ -118,7 +119,7 @@ def main() -> None:
             until(alice, "document.querySelectorAll('#members li').length === 2")
             say(alice, "Hi Bob! The page and the WebSocket come from the same port.", bob)
             say(bob, "Nice, no nginx in front. Are we on different worker threads?", alice)
-            say(alice, "We are: rooms are channels, presence and history live in the kv store.", bob)
+            say(alice, "We are: rooms are history channels, members live in the kv store.", bob)
             say(bob, "And if I close this tab, you will see me leave.", alice)
             # something in the other room: Alice sees an unread badge there
             bob.execute_script("document.querySelector(`#rooms li[data-room='random']`).click()")

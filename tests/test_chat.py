@@ -2,13 +2,14 @@
 
 Servers run with threads=2, so consecutive connections land on different workers
 (round-robin): everything two members see of each other crosses worker threads and
-goes through channels and the shared key/value store.
+goes through channels, the rooms' history and the shared key/value store.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_WORKER = ROOT / "examples" / "chat" / "worker.py"
+# What README's command gives the chat: --history 'room:=50/86400'
+CHAT_HISTORY = {"room:": warpsocket.History(50, 86400.0)}
+STAMP = re.compile(r"^(\d+):")
 
 
 class Chat:
@@ -43,7 +47,15 @@ class Chat:
         else:
             room, sep, body = data.partition("|")
             assert sep, f"unroutable message {data!r}"
-            item = (room, json.loads(body))
+            stamp = STAMP.match(body)
+            if stamp:
+                # A chat message, stamped with its offset in the room's history: its id.
+                msg = json.loads(body[stamp.end() :])
+                assert msg["type"] == "message" and "id" not in msg, data
+                item = (room, {**msg, "id": int(stamp.group(1))})
+            else:
+                item = (room, json.loads(body))
+                assert item[1]["type"] != "message", f"unstamped chat message {data!r}"
         self.seen.append(item)
         return item
 
@@ -90,8 +102,21 @@ class Chat:
         return welcome
 
     def join(self, room):
+        """Join ``room``; the ``joined`` message (the room's history page stays in the backlog)."""
         self.send(type="join", room=room)
         return self.expect("joined", room)
+
+    def join_with_history(self, room):
+        """Join ``room`` for the first time: ``(joined, history page)``."""
+        joined = self.join(room)
+        return joined, self.expect("history", room)
+
+    def messages_until(self, room, text, timeout=60.0):
+        """Every chat message of ``room`` received until the one saying ``text`` (included)."""
+        got = []
+        while not got or got[-1]["text"] != text:
+            got.append(self.expect("message", room, timeout=timeout))
+        return got
 
     def close(self):
         self.ws.close()
@@ -99,15 +124,16 @@ class Chat:
 
 @pytest.fixture
 def chat_server(start_server):
-    return start_server(worker=str(CHAT_WORKER), threads=2)
+    return start_server(worker=str(CHAT_WORKER), threads=2, history=CHAT_HISTORY)
 
 
 @pytest.fixture
 def clients(chat_server):
+    """``clients(name=None, server=chat_server) -> Chat``, said hello as ``name``; closed at teardown."""
     opened = []
 
-    def _open(name=None, **kwargs):
-        client = Chat(chat_server, **kwargs)
+    def _open(name=None, server=chat_server, **kwargs):
+        client = Chat(server, **kwargs)
         opened.append(client)
         if name is not None:
             client.hello(name)
@@ -142,10 +168,12 @@ def test_hello_then_join(clients):
     assert welcome["name"] == "Alice Liddell"
     assert isinstance(welcome["id"], int) and welcome["id"] > 0
     room = new_chat_room()
-    joined = alice.join(room)
+    joined, page = alice.join_with_history(room)
     assert joined["members"] == [{"id": alice.id, "name": "Alice Liddell"}]
-    assert joined["history"] == []
     assert joined["v"] >= 1
+    assert page["messages"] == []
+    assert page["offset"] == 0
+    assert isinstance(page["epoch"], str) and page["epoch"]
 
 
 def test_broadcast_reaches_every_member_across_workers(clients):
@@ -238,10 +266,16 @@ def test_history_keeps_the_last_50_messages(clients):
     alice.expect("message", room, text="m59", timeout=60)
 
     carol = clients("carol")
-    history = carol.join(room)["history"]
+    _, page = carol.join_with_history(room)
+    history = page["messages"]
     assert [m["text"] for m in history] == [f"m{i}" for i in range(10, 60)]
     assert [m["id"] for m in history] == list(range(11, 61))
+    assert page["offset"] == 60
     assert all(m["name"] == "alice" and m["from"] == alice.id for m in history)
+    assert warpsocket.get_key(f"chat:history:{room}") is None  # kept by the channel, not in kv
+    # live messages go on from the page's offset
+    alice.send(type="say", room=room, text="after the page")
+    assert carol.expect("message", room)["id"] == 61
 
 
 def test_concurrent_senders_on_different_workers_lose_no_message(clients):
@@ -264,9 +298,9 @@ def test_concurrent_senders_on_different_workers_lose_no_message(clients):
         for other in senders:
             client.expect("message", room, text=f"{other.name}-{per_sender - 1}", timeout=60)
 
-    history = clients("late").join(room)["history"]
+    history = clients("late").join_with_history(room)[1]["messages"]
     assert len(history) == len(senders) * per_sender
-    assert sorted(m["id"] for m in history) == list(range(1, len(history) + 1))
+    assert [m["id"] for m in history] == list(range(1, len(history) + 1))
     assert sorted(m["text"] for m in history) == sorted(
         f"{c.name}-{j}" for c in senders for j in range(per_sender)
     )
@@ -274,6 +308,136 @@ def test_concurrent_senders_on_different_workers_lose_no_message(clients):
     for client in senders:
         mine = [m["text"] for m in history if m["from"] == client.id]
         assert mine == [f"{client.name}-{j}" for j in range(per_sender)]
+
+
+# --------------------------------------------------------------------------
+# reconnecting: recover() or a fresh history page
+# --------------------------------------------------------------------------
+
+
+def rejoin(clients, name, room, since, server=None):
+    """A new connection for ``name`` joining ``room`` again from ``since``, as the page does."""
+    client = clients(name) if server is None else clients(name, server=server)
+    client.send(type="join", room=room, since=list(since))
+    client.expect("joined", room)
+    return client
+
+
+def test_reconnect_gets_the_missed_messages_once_in_order(clients):
+    room = new_chat_room()
+    alice, bob = clients("alice"), clients("bob")
+    _, page = alice.join_with_history(room)
+    bob.join(room)
+    for i in range(3):
+        bob.send(type="say", room=room, text=f"before {i}")
+    seen = alice.messages_until(room, "before 2")
+    since = (page["epoch"], seen[-1]["id"])
+    assert since[1] == 3
+    alice.close()
+
+    for i in range(5):
+        bob.send(type="say", room=room, text=f"missed {i}")
+    bob.expect("message", room, text="missed 4")
+    again = rejoin(clients, "alice", room, since)
+    bob.send(type="say", room=room, text="live")
+    got = again.messages_until(room, "live")
+    assert [(m["id"], m["text"]) for m in got] == [
+        *((4 + i, f"missed {i}") for i in range(5)),
+        (9, "live"),
+    ]
+    # recovered: no history page, nothing repeated
+    assert [m["type"] for _, m in again.seen].count("history") == 0
+    assert [m["id"] for _, m in again.seen if m["type"] == "message"] == list(range(4, 10))
+
+
+def test_reconnect_while_the_room_is_busy_misses_nothing_and_repeats_nothing(clients):
+    room = new_chat_room()
+    alice, bob = clients("alice"), clients("bob")
+    _, page = alice.join_with_history(room)
+    bob.join(room)
+    bob.send(type="say", room=room, text="first")
+    since = (page["epoch"], alice.expect("message", room, text="first")["id"])
+    alice.close()
+
+    # bob talks on while alice's new connection recovers: the seam between the
+    # replayed and the live messages must hold (at most 40 in flight: all kept).
+    count = 40
+    talk = threading.Thread(
+        target=lambda: [bob.send(type="say", room=room, text=f"busy {i}") for i in range(count)]
+    )
+    talk.start()
+    try:
+        again = rejoin(clients, "alice", room, since)
+    finally:
+        talk.join()
+    got = again.messages_until(room, f"busy {count - 1}")
+    assert [m["text"] for m in got] == [f"busy {i}" for i in range(count)]
+    # bob's own copies too (read, so that his client's queue lets it close promptly)
+    assert bob.messages_until(room, f"busy {count - 1}")[-count:] == got
+    assert [m["id"] for m in got] == list(range(2, count + 2))
+    assert not any(m["type"] == "history" for _, m in again.seen)
+
+
+def test_too_far_behind_gets_a_fresh_history_page(clients):
+    room = new_chat_room()
+    alice, bob = clients("alice"), clients("bob")
+    _, page = alice.join_with_history(room)
+    bob.join(room)
+    alice.close()
+    for i in range(60):  # more than the 50 kept: recover() cannot fill the gap
+        bob.send(type="say", room=room, text=f"m{i}")
+    bob.expect("message", room, text="m59", timeout=60)
+
+    again = rejoin(clients, "alice", room, (page["epoch"], 0))
+    fresh = again.expect("history", room)
+    assert fresh["epoch"] == page["epoch"]
+    assert fresh["offset"] == 60
+    assert [m["text"] for m in fresh["messages"]] == [f"m{i}" for i in range(10, 60)]
+    bob.send(type="say", room=room, text="live")
+    assert again.expect("message", room)["id"] == 61
+
+
+def test_a_restarted_server_has_a_new_epoch_and_sends_a_fresh_page(chat_server, start_server, clients):
+    room = new_chat_room()
+    alice, bob = clients("alice"), clients("bob")
+    _, page = alice.join_with_history(room)
+    bob.join(room)
+    for i in range(3):
+        bob.send(type="say", room=room, text=f"old {i}")
+    since = (page["epoch"], alice.messages_until(room, "old 2")[-1]["id"])
+    port = chat_server.port
+    chat_server.stop(timeout=10)
+
+    # A new process-like start on the same port: the history is gone, its epoch is new.
+    restarted = start_server(
+        worker=str(CHAT_WORKER), threads=2, history=CHAT_HISTORY, bind=f"127.0.0.1:{port}"
+    )
+    carol = clients("carol", server=restarted)
+    carol.join(room)
+    carol.send(type="say", room=room, text="new 0")
+    carol.expect("message", room, text="new 0")
+
+    again = rejoin(clients, "alice", room, since, server=restarted)
+    fresh = again.expect("history", room)
+    assert fresh["epoch"] != page["epoch"]
+    assert fresh["offset"] == 1
+    assert [(m["id"], m["text"]) for m in fresh["messages"]] == [(1, "new 0")]
+    carol.send(type="say", room=room, text="new 1")
+    assert [(m["id"], m["text"]) for m in again.messages_until(room, "new 1")] == [(2, "new 1")]
+
+
+def test_a_bad_since_is_an_error(clients):
+    client = clients("dave")
+    room = new_chat_room()
+    for since in ("epoch 3", ["e"], ["e", -1], ["", 1], ["e", True], [1, 2], ["e", 1.5]):
+        client.send(type="join", room=room, since=since)
+        assert "since" in client.expect("error")["message"]
+    assert client.join(room)["members"] == [{"id": client.id, "name": "dave"}]
+
+
+def test_the_chat_refuses_to_start_without_room_history(start_server):
+    with pytest.raises(RuntimeError, match="--history 'room:=50/86400'"):
+        start_server(worker=str(CHAT_WORKER))
 
 
 def test_closing_the_connection_leaves_every_room(clients):
@@ -396,7 +560,9 @@ def test_origin_rule(chat_module, origin, host, ok):
 
 def test_extra_origins_from_worker_arg(start_server):
     server = start_server(
-        worker=str(CHAT_WORKER), worker_arg={"allowed_origins": ["https://app.example.com/"]}
+        worker=str(CHAT_WORKER),
+        history=CHAT_HISTORY,
+        worker_arg={"allowed_origins": ["https://app.example.com/"]},
     )
     client = Chat(server, origin="https://app.example.com")
     try:

@@ -4,17 +4,19 @@ WarpSocket serves the page (``static_dir``) and the WebSocket on one port. Uses 
 system's ``chromium`` and ``chromium-driver`` (Debian packages) and the ``selenium``
 package; it never downloads a browser or a driver (the driver path is given
 explicitly, so Selenium Manager does not run). Without them the tests skip, except
-under CI (``CI`` set), where they fail.
+under CI (``CI`` set), where they fail. The cluster test also needs ``redis-server``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-from helpers import new_chat_room
+from helpers import ServerProcess, free_port, new_chat_room, warpsocket_command
+from test_chat import CHAT_HISTORY, Chat
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_WORKER = ROOT / "examples" / "chat" / "worker.py"
@@ -82,18 +84,23 @@ def browser_tools():
 
 @pytest.fixture
 def chat_server(browser_tools, start_server):
-    return start_server(worker=str(CHAT_WORKER), static_dir=str(CHAT_STATIC), threads=2)
+    return start_server(worker=str(CHAT_WORKER), static_dir=str(CHAT_STATIC), threads=2, history=CHAT_HISTORY)
 
 
 @pytest.fixture
-def open_page(chat_server, tmp_path):
-    """``open_page(name) -> Page``: a fresh headless browser showing the chat."""
+def open_page(browser_tools, request, tmp_path):
+    """``open_page(name, url=None) -> Page``: a fresh headless browser showing the chat.
+
+    ``url`` defaults to the page of the test's ``chat_server``.
+    """
     drivers = []
 
-    def _open(label):
+    def _open(label, url=None):
+        if url is None:
+            url = f"http://127.0.0.1:{request.getfixturevalue('chat_server').port}/"
         driver = chromium(tmp_path / f"profile-{label}-{len(drivers)}")
         drivers.append(driver)
-        driver.get(f"http://127.0.0.1:{chat_server.port}/")
+        driver.get(url)
         return Page(driver)
 
     yield _open
@@ -138,11 +145,11 @@ class Page:
 
         self.driver.find_element(By.ID, element_id).click()
 
+    def online(self):
+        return self.js("return document.getElementById('status').className.includes('online')")
+
     def login(self, name):
-        self.wait(
-            lambda: self.js("return document.getElementById('status').className.includes('online')"),
-            "connected",
-        )
+        self.wait(self.online, "connected")
         self.type_into("name-input", name)
         self.click("name-button")
         self.wait(lambda: self.js("return document.getElementById('me').textContent") == name, "logged in")
@@ -180,6 +187,10 @@ class Page:
     def typing(self):
         return self.js("return document.getElementById('typing').textContent")
 
+    def epoch(self, room):
+        """The epoch of ``room``'s offsets the page keeps (from its last history page)."""
+        return self.js("return rooms.get(arguments[0]).epoch", room)
+
     def wait_members(self, expected):
         expected = sorted(expected)
         self.wait(lambda: sorted(self.members()) == expected, f"members {expected} (have {self.members()})")
@@ -187,8 +198,17 @@ class Page:
     def wait_message(self, text):
         self.wait(lambda: text in self.messages(), f"message {text!r} (have {self.messages()})")
 
-    def console_errors(self):
-        return [e for e in self.driver.get_log("browser") if e.get("level") == "SEVERE"]
+    def wait_messages(self, expected):
+        """Wait until the room on screen shows exactly ``expected``, in that order."""
+        self.wait(lambda: self.messages() == expected, f"messages {expected} (have {self.messages()})")
+
+    def console_errors(self, failed_connections_ok=False):
+        """Severe console entries; with ``failed_connections_ok``, not Chromium's note of
+        each WebSocket attempt that failed while the server was away."""
+        errors = [e for e in self.driver.get_log("browser") if e.get("level") == "SEVERE"]
+        if failed_connections_ok:
+            errors = [e for e in errors if "WebSocket connection to" not in e.get("message", "")]
+        return errors
 
     def quit(self):
         self.driver.quit()
@@ -269,4 +289,139 @@ def test_late_joiner_sees_history_and_leaving_updates_presence(open_page):
     )
     alice.wait_members(["alice", "bob"])
     assert alice.console_errors() == []
+    assert bob.console_errors() == []
+
+
+def say_until(sender, room, stop, *, texts, at_least, at_most):
+    """``sender`` (a websockets :class:`Chat`) says ``texts`` one by one in ``room``, each
+    once it got the previous back, until ``stop()`` holds (checked between messages)
+    and it said ``at_least``; never more than ``at_most``. Returns what it said."""
+    said = []
+    for text in texts:
+        if len(said) >= at_most or (len(said) >= at_least and stop()):
+            break
+        sender.send(type="say", room=room, text=text)
+        sender.expect("message", room, text=text)
+        said.append(text)
+    return said
+
+
+def test_the_page_reconnects_to_a_restarted_server(chat_server, start_server, open_page):
+    room = new_chat_room()
+    alice = open_page("alice")
+    alice.login("alice")
+    alice.join(room)
+    alice.say("said before the restart")
+    epoch = alice.epoch(room)
+    port = chat_server.port
+
+    chat_server.stop(timeout=10)
+    alice.wait(lambda: not alice.online(), "the drop noticed")
+    restarted = start_server(
+        worker=str(CHAT_WORKER),
+        static_dir=str(CHAT_STATIC),
+        threads=2,
+        history=CHAT_HISTORY,
+        bind=f"127.0.0.1:{port}",
+    )
+    bob = Chat(restarted)
+    try:
+        bob.hello("bob")
+        bob.join(room)
+        # bob talks while the page reconnects (new epoch: recover() says False, the page
+        # gets the new server's history page) and on after it: every message once, in order.
+        said = say_until(
+            bob, room, alice.online, texts=(f"new {i}" for i in range(40)), at_least=3, at_most=30
+        )
+        said += say_until(bob, room, lambda: True, texts=("after 0", "after 1"), at_least=2, at_most=2)
+        alice.wait_messages(said)  # the first server's messages went with it
+        assert alice.epoch(room) not in (None, epoch)
+        alice.say("alice is back")
+        bob.expect("message", room, text="alice is back")
+        alice.wait_messages([*said, "alice is back"])
+        alice.wait_members(["alice", "bob"])
+    finally:
+        bob.close()
+    assert alice.console_errors(failed_connections_ok=True) == []
+
+
+# --------------------------------------------------------------------------
+# a cluster: the page moves to another node when its node dies
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis(browser_tools, tmp_path):
+    from test_cluster import REDIS_CLI, REDIS_SERVER, Redis
+
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    server = Redis(tmp_path)
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def chat_nodes(redis):
+    """``chat_nodes(n) -> [(ServerProcess, port), ...]``: chat nodes on ``redis`` that
+    accept each other's pages (Origin); all stopped at teardown."""
+    nodes = []
+
+    def _start(count):
+        ports = [free_port() for _ in range(count)]
+        origins = {"allowed_origins": [f"http://127.0.0.1:{port}" for port in ports]}
+        started = []
+        for port in ports:
+            argv = warpsocket_command(
+                CHAT_WORKER, "--bind", f"127.0.0.1:{port}", "--static", CHAT_STATIC,
+                "--history", "room:=50/86400", "--cluster", redis.url, "--threads", "2",
+                "--worker-arg", json.dumps(origins),
+            )  # fmt: skip
+            node = ServerProcess(argv, port=port)
+            nodes.append(node)
+            node.wait_listening()
+            started.append((node, port))
+        return started
+
+    yield _start
+    for node in nodes:
+        node.stop()
+
+
+def test_the_page_moves_to_another_node_when_its_node_is_killed(chat_nodes, open_page):
+    room = new_chat_room()
+    (a, port_a), (_, port_b) = chat_nodes(2)
+    other = f"ws://127.0.0.1:{port_b}/chat"
+    alice = open_page("alice", f"http://127.0.0.1:{port_a}/?ws={other}")
+    bob = open_page("bob", f"http://127.0.0.1:{port_b}/")
+    alice.login("alice")
+    bob.login("bob")
+    alice.join(room)
+    bob.join(room)
+    alice.wait_members(["alice", "bob"])
+    before = [f"before {i}" for i in range(3)]
+    for text in before:
+        bob.say(text)
+    alice.wait_messages(before)
+    alice.wait(lambda: "bob joined" in alice.notices(), "join notice")
+    assert alice.js("return ws.url").startswith(f"ws://127.0.0.1:{port_a}/")
+    epoch = alice.epoch(room)
+
+    a.kill()  # SIGKILL: no close frame, no goodbye
+    # bob talks on while alice's page finds out, tries node A again, and moves to B,
+    # where recover() replays what it missed from the history kept in Redis.
+    away = [f"while away {i}" for i in range(5)]
+    for text in away:
+        bob.say(text)
+    alice.wait(lambda: alice.online() and alice.js("return ws.url").startswith(other), "reconnected to B")
+    bob.say("after")
+    alice.wait_messages([*before, *away, "after"])
+    # Recovered, not reloaded: a history page would have replaced the room's notices too.
+    assert "bob joined" in alice.notices()
+    assert alice.epoch(room) == epoch
+    alice.say("alice on B")
+    bob.wait_messages([*before, *away, "after", "alice on B"])
+    assert alice.console_errors(failed_connections_ok=True) == []
     assert bob.console_errors() == []

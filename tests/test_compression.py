@@ -302,11 +302,13 @@ def test_cli_flag():
 
 
 def test_chromium_negotiates_compression_with_the_chat(start_server, tmp_path):
-    from test_chat_browser import CHAT_STATIC, CHAT_WORKER, Page, chromium, require_browser
+    from test_chat_browser import CHAT_HISTORY, CHAT_STATIC, CHAT_WORKER, Page, chromium, require_browser
 
     require_browser()
 
-    server = start_server(worker=str(CHAT_WORKER), static_dir=str(CHAT_STATIC), compression=True)
+    server = start_server(
+        worker=str(CHAT_WORKER), static_dir=str(CHAT_STATIC), history=CHAT_HISTORY, compression=True
+    )
     driver = chromium(tmp_path / "profile")
     try:
         driver.get(f"http://127.0.0.1:{server.port}/")

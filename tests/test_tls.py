@@ -326,13 +326,15 @@ def spki_sha256(cert_pem: bytes) -> str:
 
 @pytest.mark.timeout(300)
 def test_chat_in_chromium_over_https_and_wss(ca, start_server, cert_files, tmp_path):
-    from test_chat_browser import CHAT_STATIC, CHAT_WORKER, Page, chromium, require_browser
+    from test_chat_browser import CHAT_HISTORY, CHAT_STATIC, CHAT_WORKER, Page, chromium, require_browser
 
     require_browser()
 
     leaf = ca.issue_cert("localhost")
     cert, key = cert_files(leaf)
-    server = start_server(worker=str(CHAT_WORKER), static_dir=str(CHAT_STATIC), tls_cert=cert, tls_key=key)
+    server = start_server(
+        worker=str(CHAT_WORKER), static_dir=str(CHAT_STATIC), history=CHAT_HISTORY, tls_cert=cert, tls_key=key
+    )
     # Chromium trusts exactly this key (certificate errors for any other stay fatal),
     # without a global "ignore certificate errors".
     pin = spki_sha256(leaf.cert_chain_pems[0].bytes())

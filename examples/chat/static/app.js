@@ -2,11 +2,18 @@
 //
 // Messages for the connection itself arrive as JSON ("{...}"); messages for one of
 // its room memberships arrive as "ROOM|{...}" (the membership's virtual socket
-// prefix), so routing is a split at the first "|". See worker.py for the protocol.
+// prefix), so routing is a split at the first "|". Chat messages are stamped with
+// their offset in the room's history, "ROOM|17:{...}". See worker.py for the protocol.
+//
+// The page keeps each room's epoch and last offset. When its connection drops it
+// reconnects by itself and joins its rooms again with them; the server then sends
+// exactly what was missed, or a fresh history page that replaces the room's messages.
 "use strict";
 
 const TYPING_SEND_EVERY = 2000; // ms between our own "typing" notes
 const TYPING_SHOW_FOR = 3500; // ms a "typing" note from someone else stays visible
+const RETRY_FIRST = 250; // ms before the first reconnect attempt after a drop
+const RETRY_MAX = 5000; // ms between attempts at most (the delay doubles per failure)
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -18,33 +25,58 @@ const ui = {
   error: $("error"),
 };
 
+const servers = serverUrls();
+let server = 0; // index in servers of the one we use
 let ws = null;
 let myId = null; // our socket id, from "welcome"
 let myName = null; // the name we asked for / got
 let active = null; // the room on screen
-let retryDelay = 500;
+let retryDelay = RETRY_FIRST;
 let lastTypingSent = 0;
 let errorTimer = null;
-// room -> {items: [...], ids: Set, members: [...], v, unread, typing: Map}
+// room -> {items: [...], epoch, offset, members: [...], v, unread, typing: Map}
+// items are messages ({id: offset, ...}, in offset order) and notices ({notice}).
 const rooms = new Map();
 
 // ---------------------------------------------------------------- connection
 
-function connect() {
+// Where to connect: this page's own server, then the alternatives given as
+// `?ws=ws://HOST:PORT/chat` (repeatable), e.g. the other nodes of a cluster. Only
+// other ports of the page's own host are taken, so that a link cannot point the
+// page at somebody else's server.
+function serverUrls() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  ws = new WebSocket(`${scheme}://${location.host}/chat`);
+  const urls = [`${scheme}://${location.host}/chat`];
+  for (const alternative of new URLSearchParams(location.search).getAll("ws")) {
+    let url;
+    try {
+      url = new URL(alternative);
+    } catch {
+      continue;
+    }
+    if ((url.protocol === "ws:" || url.protocol === "wss:") && url.hostname === location.hostname &&
+        !urls.includes(url.href)) urls.push(url.href);
+  }
+  return urls;
+}
+
+function connect() {
+  const socket = new WebSocket(servers[server]);
+  ws = socket;
   setStatus("connecting", "connecting…");
-  ws.onopen = () => {
-    retryDelay = 500;
+  socket.onopen = () => {
+    retryDelay = RETRY_FIRST;
     setStatus("online", "online");
     if (myName !== null) send({type: "hello", name: myName}); // reconnected: start over
   };
-  ws.onmessage = (event) => route(event.data);
-  ws.onclose = () => {
+  socket.onmessage = (event) => route(event.data);
+  socket.onclose = () => {
     setStatus("offline", "offline — reconnecting");
     myId = null;
+    // A drop or a failed attempt: try the next server (the same one if there is only one).
+    server = (server + 1) % servers.length;
     setTimeout(connect, retryDelay);
-    retryDelay = Math.min(retryDelay * 2, 10000);
+    retryDelay = Math.min(retryDelay * 2, RETRY_MAX);
   };
 }
 
@@ -57,7 +89,11 @@ function route(data) {
   if (data.startsWith("{")) return onDirect(JSON.parse(data));
   const bar = data.indexOf("|");
   if (bar < 0) return;
-  onRoom(data.slice(0, bar), JSON.parse(data.slice(bar + 1)));
+  const name = data.slice(0, bar);
+  const body = data.slice(bar + 1);
+  const stamp = /^(\d+):/.exec(body);
+  if (stamp) return onMessage(name, Number(stamp[1]), JSON.parse(body.slice(stamp[0].length)));
+  onRoom(name, JSON.parse(body));
 }
 
 // ---------------------------------------------------------------- messages from the server
@@ -72,10 +108,17 @@ function onDirect(msg) {
       ui.login.hidden = true;
       ui.chat.hidden = false;
       if (reconnect) {
-        // A new connection (maybe a restarted server): rebuild every room from scratch.
+        // A new connection (maybe to a restarted server or another node): join every
+        // room again from where we are. The messages stay; the server sends what we
+        // missed, or a history page that replaces them. Member lists start over (a
+        // restarted server counts their versions from scratch).
         for (const [name, room] of rooms) {
-          rooms.set(name, newRoom(room.unread));
-          send({type: "join", room: name});
+          room.members = [];
+          room.v = -1;
+          room.typing.clear();
+          const join = {type: "join", room: name};
+          if (room.epoch !== null) join.since = [room.epoch, room.offset];
+          send(join);
         }
         render();
       }
@@ -93,16 +136,31 @@ function onDirect(msg) {
   }
 }
 
+// A chat message: stamped with its offset, which is its id.
+function onMessage(name, offset, msg) {
+  const room = roomState(name);
+  // The server sends each offset once and in order; this only guards the page.
+  if (offset <= room.offset) return;
+  room.offset = offset;
+  room.items.push({...msg, id: offset});
+  room.typing.delete(msg.from);
+  if (name !== active) room.unread += 1;
+  render();
+}
+
 function onRoom(name, msg) {
   const room = roomState(name);
   switch (msg.type) {
     case "joined":
       setMembers(room, msg.v, msg.members);
-      for (const entry of msg.history) addMessage(room, entry);
       break;
-    case "message":
-      room.typing.delete(msg.from);
-      if (addMessage(room, msg) && name !== active) room.unread += 1;
+    case "history":
+      // The room's kept messages up to msg.offset; later ones follow, stamped. It
+      // replaces what the page had: after a reconnect the server could not say what
+      // we missed (a new epoch: its offsets start again), so start from its page.
+      room.epoch = msg.epoch;
+      room.offset = msg.offset;
+      room.items = msg.messages.slice();
       break;
     case "presence":
       setMembers(room, msg.v, msg.members);
@@ -120,8 +178,8 @@ function onRoom(name, msg) {
   render();
 }
 
-function newRoom(unread = 0) {
-  return {items: [], ids: new Set(), members: [], v: -1, unread, typing: new Map()};
+function newRoom() {
+  return {items: [], epoch: null, offset: 0, members: [], v: -1, unread: 0, typing: new Map()};
 }
 
 function roomState(name) {
@@ -136,16 +194,6 @@ function setMembers(room, v, members) {
     room.v = v;
     room.members = members;
   }
-}
-
-function addMessage(room, msg) {
-  // History and live messages may overlap or arrive out of order: merge by id.
-  if (room.ids.has(msg.id)) return false;
-  room.ids.add(msg.id);
-  let i = room.items.length;
-  while (i > 0 && room.items[i - 1].id > msg.id) i--;
-  room.items.splice(i, 0, msg);
-  return true;
 }
 
 // ---------------------------------------------------------------- rendering
