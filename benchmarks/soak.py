@@ -751,7 +751,8 @@ class Soak:
                         self.report.recovers_interrupted += 1
                     stream.disconnected()
             # The disconnect window: the channels go on without this client.
-            await asyncio.sleep(self.rng.uniform(0, self.settings.max_window))
+            window = self.rng.uniform(0, self.settings.max_window)
+            await asyncio.sleep(min(window, max(self.deadline - time.monotonic(), 0)))
 
     def take_history(self, who: Recoverer, routes: dict[str, HistoryStream], message: str | bytes) -> None:
         """Check one message a recovering client got: a ``!rec`` answer or a stamped delivery."""

@@ -8,6 +8,12 @@ reordered broadcast, wrong close code, handle_open/handle_close not run exactly 
 compare-and-set anomaly, state, thread or fd left behind fails the test; the report
 lists each violation.
 
+Alongside, recovering clients follow history channels across connections that they
+drop at random (clean close, abort, RST, sometimes before the recover answered), and
+recover from the last offset they saw: every offset is checked, across every reconnect,
+and so is each ``recover`` result (``True`` on the channels that keep more than a
+disconnect window, ``False`` counted and re-based on ``tiny0``, which keeps 16 messages).
+
 Memory growth is only checked for gross leaks here: 60 seconds (40 after the warm-up)
 on a shared 2-core machine are too short for a tight slope (a fresh process's RSS grows
 in steps as the allocator and Python's arenas settle, which over 40 s reads as tens of
@@ -37,6 +43,7 @@ def test_soak_60_seconds_finds_no_violation():
         warmup=20,
         sample_every=2,
         max_growth=50 * MB,
+        recoverers=12,
     )
     report = run_soak(settings)
     assert report.ok, report.summary()
@@ -45,3 +52,12 @@ def test_soak_60_seconds_finds_no_violation():
     assert report.messages_checked > 10_000, report.summary()
     assert report.cas_checked > 0, report.summary()
     assert len(report.faults) == 4, report.summary()
+    # Recovery across every kind of disconnect, both results, exact offsets.
+    assert report.recovers["True"] > 50, report.summary()
+    assert report.recovers["False"] > 0, report.summary()
+    assert report.recovers["False on hist"] == 0, report.summary()
+    assert report.recovers_interrupted > 0, report.summary()
+    assert set(report.drops) == {"close", "abort", "rst"}, report.summary()
+    assert report.history_checked > 5_000, report.summary()
+    assert report.history_replayed > 0, report.summary()
+    assert report.gaps == 0 and report.duplicates == 0, report.summary()
