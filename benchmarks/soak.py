@@ -372,7 +372,7 @@ class HistoryStream:
         # After a False recover: the offsets the first live delivery may have.
         self.rebase: tuple[int, int] | None = None
         # While a recover's answer has not come: the deliveries of this connection so far.
-        self.pending: list[tuple[int, int]] | None = None
+        self.pending: list[int] | None = None
 
     def since(self) -> str:
         """The ``rec`` command's epoch and offset: where this client is."""
@@ -385,9 +385,13 @@ class HistoryStream:
         """Check a stamped delivery (``seq``: the number the publisher put in the data)."""
         if seq != offset:
             report.violation(f"{self.name}: message {seq} stamped with offset {offset}")
-        if self.pending is not None:
-            self.pending.append((offset, seq))
-            return
+        if self.pending is None:
+            self.sequence(offset, report)
+        else:
+            self.pending.append(offset)
+
+    def sequence(self, offset: int, report: Report) -> None:
+        """Check that ``offset`` comes next in this client's sequence."""
         report.history_checked += 1
         if self.last is None:
             if self.rebase is None:
@@ -399,7 +403,7 @@ class HistoryStream:
                     report.violation(
                         f"{self.name}: first offset {offset} after a False recover, at most {high} expected"
                     )
-                elif offset < low:
+                elif offset < low:  # a replay, which False must not do: duplicates for the client
                     report.duplicates += 1
                     report.violation(
                         f"{self.name}: first offset {offset} after a False recover, at least {low} expected"
@@ -446,9 +450,9 @@ class HistoryStream:
             self.last, self.rebase = since, None
         else:
             self.last, self.rebase = None, (before + 1, after + 1)
-        report.history_replayed += sum(offset <= before for offset, _ in pending)
-        for offset, seq in pending:
-            self.deliver(offset, seq, report)
+        report.history_replayed += sum(offset <= before for offset in pending)
+        for offset in pending:
+            self.sequence(offset, report)
 
     def disconnected(self) -> None:
         """The connection is gone: forget an unanswered recover, settle a re-base."""

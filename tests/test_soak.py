@@ -31,7 +31,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from soak import MB, Settings, run_soak  # noqa: E402
+from soak import MB, HistoryStream, Report, Settings, run_soak  # noqa: E402
 
 
 @pytest.mark.timeout(300)
@@ -61,3 +61,50 @@ def test_soak_60_seconds_finds_no_violation():
     assert report.history_checked > 5_000, report.summary()
     assert report.history_replayed > 0, report.summary()
     assert report.gaps == 0 and report.duplicates == 0, report.summary()
+
+
+def test_history_checks_catch_gaps_duplicates_and_wrong_recover_results():
+    """The recovering clients' checks are not vacuous: each kind of error is reported.
+
+    No server: the soak's checker is fed the answers (``!rec`` words: result, since, epoch
+    and position before, epoch and position after) and stamped offsets a broken server
+    could send.
+    """
+    report = Report(Settings())
+    stream = HistoryStream("s", "hist0", size=10)
+
+    def recover(answer: str, *early: int) -> None:
+        """One connection's recover: deliveries before its answer, then the answer."""
+        stream.disconnected()
+        stream.pending = []
+        for offset in early:
+            stream.deliver(offset, offset, report)
+        stream.answered(answer.split(), report)
+
+    recover("1 5 E 5 E 5", 6)  # first time, from position() = 5
+    for offset in (7, 9, 9):
+        stream.deliver(offset, offset, report)
+    assert (report.gaps, report.duplicates, report.violation_count) == (1, 1, 2)
+    assert report.history_checked == 4
+
+    recover("1 9 E 12 E 12", 11, 12)  # True from 9, but the replay starts at 11
+    assert (report.gaps, report.violation_count) == (2, 3)
+    assert report.history_replayed == 2
+
+    recover("0 12 E 14 E 14")  # 13 and 14 are kept (size 10): False is wrong
+    assert report.violation_count == 4
+    stream.deliver(15, 15, report)  # re-based: the first live one is right
+    assert report.violation_count == 4
+
+    recover("1 15 E 40 E 41")  # 16 is gone (the channel keeps 31 or 32 onwards): True is wrong
+    assert report.violation_count == 5
+
+    recover("0 15 E 60 E 60", 55)  # False must not replay: 61 expected
+    assert (report.duplicates, report.violation_count) == (2, 6)
+
+    recover("1 55 F 70 F 70")  # another epoch: True is wrong, and the epoch must not change
+    assert report.violation_count == 8
+
+    stream.deliver(56, 7, report)  # data that is not the stamped message
+    assert report.violation_count == 9
+    assert report.recovers == {"True": 4, "False": 2, "False on hist": 2}
