@@ -16,6 +16,15 @@ Each client runs one scenario, then starts again as a new connection:
   while the client does not read: it must be closed with 1008 (backpressure limit);
 - zombie: stop reading entirely (pings go unanswered): closed with 1011.
 
+Besides these, ``--recoverers`` clients each follow 1-3 history channels (``hist0``, ...,
+``History(--history-size)``, and ``tiny0``, ``History(--tiny-size)``) across connection
+after connection: connect, ask the worker to ``recover`` each channel (directly or through
+a new prefixed virtual socket) from the last offset they saw (the first time from
+``position()``), read the stamped deliveries for a while, drop the connection (a clean
+close, an abort or an RST; sometimes before the recover answers came), wait a random
+disconnect window and start again. ``tiny0`` keeps fewer messages than a window lasts,
+so its recovers are often ``False``; the ``hist`` channels keep more than any window.
+
 Checks, each a violation that makes the run fail (exit status 1):
 
 - per client and stream (a channel subscribed directly, or through one virtual socket):
@@ -31,12 +40,22 @@ Checks, each a violation that makes the run fail (exit status 1):
   with kv keys per socket), and both counts equal to the connections the clients made;
 - compare-and-set: every increment a client was told about is a distinct value, and
   the shared counter equals the increments the workers made;
+- per recovering client and history channel, across all its connections: the offsets
+  received are consecutive (a gap or a duplicate is a violation, and counted) and the
+  number in each message equals its stamp; ``recover`` returned what it must (``True``
+  exactly when the offset given was from the current epoch and at most ``size`` behind
+  the channel's last offset when recover ran, which the worker brackets with
+  ``position()`` before and after); after ``True`` the first delivery is the offset given
+  plus one, after ``False`` (counted, then the client re-bases) it is the last offset at
+  the time of the call plus one;
 - afterwards: no connection, virtual socket, channel, subscription or per-socket key
   left, and the server's threads and open fds back to what they were before the load;
 - the growth of the server's RSS and C heap (glibc mallinfo2) after the warm-up, as a
   least-squares slope, below ``--max-growth`` MB per hour.
 
     python benchmarks/soak.py [--duration 600] [--clients 96] [--channels 8] [--rate 20]
+                              [--recoverers 16] [--history-channels 2] [--history-size 1000]
+                              [--tiny-size 16]
 """
 
 from __future__ import annotations
@@ -84,6 +103,13 @@ class Settings:
     warmup: float = 120.0  # seconds left out of the growth slopes
     max_growth: float = 20 * MB  # bytes per hour, for RSS and for the C heap
     seed: int = 1
+    recoverers: int = 16  # clients that disconnect and recover history channels
+    history_channels: int = 2  # hist0, hist1, ... (besides tiny0)
+    # 50 s of messages at 20/s: far more than a disconnect window (at most ~3 s).
+    history_size: int = 1000
+    # 0.8 s of messages at 20/s: windows are often longer, so recover says False.
+    tiny_size: int = 16
+    max_window: float = 2.0  # the longest pause between two connections of a recovering client
 
 
 @dataclass
@@ -108,6 +134,13 @@ class Report:
     loop_lag: float = 0.0  # the longest the clients' event loop was late (a starved process)
     server_cpu: float = 0.0  # ... and of the server process
     heap_per_hour: float | None = None
+    recovers: Counter[str] = field(default_factory=Counter)  # "True", "False", "False on hist*"
+    drops: Counter[str] = field(default_factory=Counter)  # how recovering clients disconnected
+    recovers_interrupted: int = 0  # connections dropped before a recover's answer came
+    history_checked: int = 0  # stamped deliveries checked in offset sequence
+    history_replayed: int = 0  # ... of which recover replayed (offset <= position before it)
+    gaps: int = 0  # offsets missing in a recovering client's sequence
+    duplicates: int = 0  # offsets it received twice (or out of order)
 
     def violation(self, text: str) -> None:
         """Record one violation (the first ``MAX_LISTED`` are kept in full)."""
@@ -131,6 +164,13 @@ class Report:
             f"messages checked: {self.messages_checked:,} broadcasts in sequence, "
             f"{self.cas_checked:,} compare-and-set results, {self.flood_messages:,} flood messages",
             f"faults injected: {sum(self.faults.values()):,} ({faults})",
+            f"history: {s.recoverers} recovering clients dropped {self.drops['close']:,} times with a "
+            f"clean close, {self.drops['abort']:,} aborts, {self.drops['rst']:,} RSTs; "
+            f"recovers True {self.recovers['True']:,}, False {self.recovers['False']:,} "
+            f"({self.recovers['False on hist']:,} on hist*, size {s.history_size}; the rest on tiny0, "
+            f"size {s.tiny_size}), {self.recovers_interrupted:,} dropped before the answer",
+            f"history: {self.history_checked:,} stamped messages checked in offset sequence "
+            f"({self.history_replayed:,} replayed), gaps {self.gaps}, duplicates {self.duplicates}",
             f"CPU: clients {self.client_cpu / max(self.elapsed, 1):.0%} of a core, "
             f"server {self.server_cpu / max(self.elapsed, 1):.0%}; "
             f"clients' event loop late by up to {self.loop_lag:.2f} s",
@@ -320,6 +360,117 @@ class Client:
             stream.settle(self.report)
 
 
+class HistoryStream:
+    """One recovering client's view of one history channel, across all its connections."""
+
+    def __init__(self, name: str, channel: str, size: int) -> None:
+        self.name = name
+        self.channel = channel
+        self.size = size
+        self.epoch: str | None = None  # None until a recover answered
+        self.last: int | None = None  # offset of the last message seen (None: re-basing)
+        # After a False recover: the offsets the first live delivery may have.
+        self.rebase: tuple[int, int] | None = None
+        # While a recover's answer has not come: the deliveries of this connection so far.
+        self.pending: list[int] | None = None
+
+    def since(self) -> str:
+        """The ``rec`` command's epoch and offset: where this client is."""
+        if self.epoch is None:
+            return "- -"
+        assert self.last is not None
+        return f"{self.epoch} {self.last}"
+
+    def deliver(self, offset: int, seq: int, report: Report) -> None:
+        """Check a stamped delivery (``seq``: the number the publisher put in the data)."""
+        if seq != offset:
+            report.violation(f"{self.name}: message {seq} stamped with offset {offset}")
+        if self.pending is None:
+            self.sequence(offset, report)
+        else:
+            self.pending.append(offset)
+
+    def sequence(self, offset: int, report: Report) -> None:
+        """Check that ``offset`` comes next in this client's sequence."""
+        report.history_checked += 1
+        if self.last is None:
+            if self.rebase is None:
+                report.violation(f"{self.name}: offset {offset} before any recover answered")
+            else:
+                low, high = self.rebase
+                if offset > high:
+                    report.gaps += offset - high
+                    report.violation(
+                        f"{self.name}: first offset {offset} after a False recover, at most {high} expected"
+                    )
+                elif offset < low:  # a replay, which False must not do: duplicates for the client
+                    report.duplicates += 1
+                    report.violation(
+                        f"{self.name}: first offset {offset} after a False recover, at least {low} expected"
+                    )
+            self.rebase = None
+        elif offset > self.last + 1:
+            report.gaps += offset - self.last - 1
+            report.violation(f"{self.name}: offset {offset} after {self.last} (gap)")
+        elif offset <= self.last:
+            report.duplicates += 1
+            report.violation(f"{self.name}: offset {offset} after {self.last} (duplicate or reordered)")
+        self.last = offset
+
+    def answered(self, words: list[str], report: Report) -> None:
+        """Check a ``!rec`` answer, then the deliveries kept aside for it."""
+        recovered, since = words[0] == "1", int(words[1])
+        epoch, before, epoch_after, after = words[2], int(words[3]), words[4], int(words[5])
+        pending, self.pending = self.pending, None
+        if pending is None:
+            report.violation(f"{self.name}: a recover answer nobody asked for: {words}")
+            return
+        if epoch_after != epoch:
+            report.violation(f"{self.name}: epoch {epoch} became {epoch_after} during a recover")
+        if self.epoch is not None and self.epoch != epoch:
+            # One process, a publisher that never pauses for the ttl: the sequence never restarts.
+            report.violation(f"{self.name}: epoch {self.epoch} became {epoch}")
+        if self.epoch is not None and since != self.last:
+            report.violation(f"{self.name}: recovered from {since}, but the client sent {self.last}")
+        same = self.epoch is None or self.epoch == epoch
+        # The channel's last offset when recover held its lock is in [before, after]; True
+        # means since+1 ... that offset were all kept, i.e. since >= last - size.
+        must = same and after - self.size <= since <= before
+        must_not = not same or since < before - self.size or since > after
+        if recovered and must_not or not recovered and must:
+            report.violation(
+                f"{self.name}: recover from {since} returned {recovered} with the channel at "
+                f"{before}..{after}, size {self.size}"
+            )
+        report.recovers[str(recovered)] += 1
+        if not recovered and self.channel.startswith("hist"):
+            report.recovers["False on hist"] += 1
+        self.epoch = epoch
+        if recovered:
+            self.last, self.rebase = since, None
+        else:
+            self.last, self.rebase = None, (before + 1, after + 1)
+        report.history_replayed += sum(offset <= before for offset in pending)
+        for offset in pending:
+            self.sequence(offset, report)
+
+    def disconnected(self) -> None:
+        """The connection is gone: forget an unanswered recover, settle a re-base."""
+        self.pending = None
+        if self.last is None and self.rebase is not None:
+            # False, then no delivery: resume from the last offset before that recover
+            # (what a client re-based from ``position()`` would know).
+            self.last, self.rebase = self.rebase[0] - 1, None
+
+
+class Recoverer:
+    """A client that follows history channels across connections."""
+
+    def __init__(self, index: int, streams: list[HistoryStream]) -> None:
+        self.index = index
+        self.streams = {stream.channel: stream for stream in streams}
+
+
 # Newer websockets read proxies from the environment; the soak talks to loopback only.
 _NO_PROXY: dict[str, Any] = {"proxy": None} if "proxy" in inspect.signature(connect).parameters else {}
 
@@ -371,6 +522,9 @@ class Soak:
             f"--max-backpressure={s.max_backpressure}",
             f"--ping-interval={s.ping_interval}",
             f"--ping-timeout={s.ping_timeout}",
+            f"--history-channels={s.history_channels}",
+            f"--history-size={s.history_size}",
+            f"--tiny-size={s.tiny_size}",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -385,7 +539,10 @@ class Soak:
             self.deadline = start + s.duration
             background = [asyncio.create_task(self.sample()), asyncio.create_task(self.watch_loop())]
             try:
-                await asyncio.gather(*(self.client_loop(i) for i in range(s.clients)))
+                await asyncio.gather(
+                    *(self.client_loop(i) for i in range(s.clients)),
+                    *(self.recoverer_loop(i) for i in range(s.recoverers)),
+                )
             finally:
                 for task in background:
                     task.cancel()
@@ -558,6 +715,123 @@ class Soak:
         if code not in (1011, None):  # None: the server dropped the TCP connection
             self.report.violation(f"{label}: a client not answering pings was closed with {code}")
 
+    # -- recovering clients -------------------------------------------------------
+
+    def recoverer(self, index: int) -> Recoverer:
+        s = self.settings
+        sized = [f"hist{i}" for i in range(s.history_channels)]
+        channels = self.rng.sample(sized, self.rng.randint(min(1, len(sized)), min(2, len(sized))))
+        # Every other client also follows tiny0, so that both recover results come up.
+        if index % 2 == 0 or not channels:
+            channels.append("tiny0")
+        return Recoverer(
+            index,
+            [
+                HistoryStream(
+                    f"recoverer {index} {channel}",
+                    channel,
+                    s.history_size if channel.startswith("hist") else s.tiny_size,
+                )
+                for channel in channels
+            ],
+        )
+
+    async def recoverer_loop(self, index: int) -> None:
+        who = self.recoverer(index)
+        for round_ in itertools.count():
+            if time.monotonic() >= self.deadline:
+                return
+            label = f"recoverer {index}.{round_}"
+            try:
+                await self.recover_once(who, label)
+            except Exception as exc:  # anything unexpected is a finding
+                client = self.clients.get(label)
+                where = "" if client is None else f" ({client.where()})"
+                self.report.violation(f"{label}: {type(exc).__name__}: {exc}{where}")
+            finally:
+                self.clients.pop(label, None)
+                for stream in who.streams.values():
+                    if stream.pending is not None:
+                        self.report.recovers_interrupted += 1
+                    stream.disconnected()
+            # The disconnect window: the channels go on without this client.
+            window = self.rng.uniform(0, self.settings.max_window)
+            await asyncio.sleep(min(window, max(self.deadline - time.monotonic(), 0)))
+
+    def take_history(self, who: Recoverer, routes: dict[str, HistoryStream], message: str | bytes) -> None:
+        """Check one message a recovering client got: a ``!rec`` answer or a stamped delivery."""
+        if isinstance(message, bytes):
+            raise Unexpected(f"binary message {message[:20]!r}")
+        if message.startswith("!rec "):
+            channel, *words = message[5:].split(" ")
+            stream = who.streams.get(channel)
+            if stream is None:
+                raise Unexpected(f"answer {message!r} for a channel not asked for")
+            stream.answered(words, self.report)
+            return
+        # "<prefix>|<offset>:<channel> <seq> ..." or "<offset>:<channel> <seq> ..."
+        key, bar, rest = message.partition("|")
+        if not bar:
+            rest = message
+        stamp, colon, data = rest.partition(":")
+        channel, _, tail = data.partition(" ")
+        if not (colon and stamp.isdigit()):
+            raise Unexpected(f"unstamped message {message[:60]!r}")
+        stream = routes.get(key if bar else channel)
+        if stream is None or stream.channel != channel:
+            raise Unexpected(f"message {message[:60]!r} for no recovered channel of this connection")
+        stream.deliver(int(stamp), int(tail.split(" ", 1)[0]), self.report)
+
+    async def recover_once(self, who: Recoverer, label: str) -> None:
+        """One connection of a recovering client: recover, read, then drop it somehow."""
+        # An unbounded queue: with websockets' default (16) reading stops while the client
+        # does not call recv(), and a clean close then never hears the server's close frame.
+        client = await self.open(label, max_queue=None)
+        if client is None:
+            return
+        ws = client.ws
+        routes: dict[str, HistoryStream] = {}  # a delivery's prefix (or channel) -> its stream
+        try:
+            for stream in who.streams.values():
+                command = f"rec {stream.channel} {stream.since()}"
+                key = stream.channel
+                if self.rng.random() < 0.4:
+                    key = f"r{next(Client.prefixes)}"
+                    command += f" {key}|"
+                routes[key] = stream
+                stream.pending = []
+                await ws.send(command)
+            how = self.rng.choice(["close", "abort", "rst"])
+            if self.rng.random() < 0.1:
+                how += " before the answers"  # the recovers are still running, or their replays in flight
+            else:
+                client.doing = "waiting for the recover answers"
+                deadline = time.monotonic() + 30
+                while any(stream.pending is not None for stream in routes.values()):
+                    message = await asyncio.wait_for(ws.recv(), deadline - time.monotonic())
+                    self.take_history(who, routes, message)
+                seconds = self.rng.uniform(0.05, 3.0)
+                client.doing = f"reading for {seconds:.1f} s from {time.monotonic() - client.opened:.1f} s"
+                deadline = time.monotonic() + seconds
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        message = await asyncio.wait_for(ws.recv(), left)
+                    except asyncio.TimeoutError:
+                        break
+                    self.take_history(who, routes, message)
+            self.report.drops[how.split()[0]] += 1
+            if how.startswith("close"):
+                client.doing = "closing"
+                await ws.close()
+                rcvd = ws.protocol.close_rcvd
+                if rcvd is None or rcvd.code != 1000:
+                    self.report.violation(f"{label}: the server answered a 1000 close with {rcvd}")
+            elif how.startswith("rst"):
+                sock = ws.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            ws.transport.abort()
+
     # -- after the load -------------------------------------------------------------
 
     async def settled(
@@ -614,6 +888,20 @@ class Soak:
                 r.violation(f"no {name} client ran: the run was too short to test it")
         if not r.messages_checked:
             r.violation("no broadcast was checked")
+        if s.recoverers and not (r.recovers["True"] and r.history_checked):
+            r.violation("no recover returned True, or no stamped message was checked")
+        # History memory is bounded: each channel keeps its last `size` messages, no more.
+        sizes = {f"hist{i}": s.history_size for i in range(s.history_channels)} | {"tiny0": s.tiny_size}
+        if stats["history_channels"] != len(sizes):
+            r.violation(f"stats()['history_channels'] is {stats['history_channels']}, {len(sizes)} expected")
+        if stats["history_messages"] > sum(sizes.values()) or (
+            all(after["positions"][channel] >= size for channel, size in sizes.items())
+            and stats["history_messages"] != sum(sizes.values())
+        ):
+            r.violation(
+                f"stats()['history_messages'] is {stats['history_messages']} for sizes {sizes} "
+                f"and positions {after['positions']}"
+            )
 
         loaded = [x for x in r.samples if x["time"] - before["time"] >= s.warmup]
         r.rss_per_hour = slope_per_hour([(x["time"], x["rss"]) for x in loaded])
@@ -645,6 +933,12 @@ def main() -> None:
         "--max-growth", type=float, default=defaults.max_growth / MB, help="MB/h allowed (RSS, C heap)"
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--recoverers", type=int, default=defaults.recoverers, help="clients recovering history channels"
+    )
+    parser.add_argument("--history-channels", type=int, default=defaults.history_channels)
+    parser.add_argument("--history-size", type=int, default=defaults.history_size)
+    parser.add_argument("--tiny-size", type=int, default=defaults.tiny_size, help="history of tiny0")
     args = parser.parse_args()
     settings = Settings(
         duration=args.duration,
@@ -656,6 +950,10 @@ def main() -> None:
         warmup=args.warmup,
         max_growth=args.max_growth * MB,
         seed=args.seed,
+        recoverers=args.recoverers,
+        history_channels=args.history_channels,
+        history_size=args.history_size,
+        tiny_size=args.tiny_size,
     )
     report = run_soak(settings)
     print(report.summary())

@@ -11,7 +11,11 @@ on stdout each:
 
 The publisher numbers each channel's broadcasts 1, 2, 3, ... and stores the number in
 kv *before* sending it (``soak:seq:<channel>``): see soak_worker.py for why the checks
-built on that are exact. The first line on stdout is ``{"port": PORT}``.
+built on that are exact. It also publishes to the history channels ``hist0``, ``hist1``,
+... (``History(--history-size)``) and ``tiny0`` (``History(--tiny-size)``, small enough
+that recovering clients miss messages it no longer keeps); there it is the only sender,
+so the number in each message equals the offset WarpSocket stamps it with, and no kv is
+needed. The first line on stdout is ``{"port": PORT}``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from typing import Any
 import warpsocket
 
 WORKER = Path(__file__).resolve().parent / "soak_worker.py"
+# Prefixes of the history policies: ``hist0``, ``hist1``, ... and ``tiny0``.
+HISTORY = ("hist", "tiny")
+# Far longer than any disconnect window: messages leave history by count, not by age.
+HISTORY_TTL = 3600.0
 PADDING = "." * 48
 
 
@@ -59,7 +67,9 @@ def proc_status(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def publish(channels: list[str], rate: float, stop: threading.Event, counts: dict[str, int]) -> None:
+def publish(
+    channels: list[str], history: list[str], rate: float, stop: threading.Event, counts: dict[str, int]
+) -> None:
     """Broadcast ``rate`` numbered messages per second on every channel until ``stop``."""
     period = 1.0 / rate
     next_round = time.monotonic()
@@ -67,6 +77,10 @@ def publish(channels: list[str], rate: float, stop: threading.Event, counts: dic
         for channel in channels:
             seq = counts[channel] + 1
             warpsocket.set_key(f"soak:seq:{channel}", str(seq))
+            warpsocket.send(channel, f"{channel} {seq} {PADDING}")
+            counts[channel] = seq
+        for channel in history:
+            seq = counts[channel] + 1
             warpsocket.send(channel, f"{channel} {seq} {PADDING}")
             counts[channel] = seq
         next_round += period
@@ -100,6 +114,9 @@ def sample(counts: dict[str, int]) -> dict[str, Any]:
         "published": sum(counts.values()),
         "violations": violations.splitlines(),
         "workers": workers,
+        "positions": {
+            channel: warpsocket.position(channel)[1] for channel in counts if channel.startswith(HISTORY)
+        },
     }
 
 
@@ -119,12 +136,16 @@ def main() -> None:
     parser.add_argument("--max-backpressure", type=int, required=True)
     parser.add_argument("--ping-interval", type=float, required=True)
     parser.add_argument("--ping-timeout", type=float, required=True)
+    parser.add_argument("--history-channels", type=int, required=True)
+    parser.add_argument("--history-size", type=int, required=True)
+    parser.add_argument("--tiny-size", type=int, required=True)
     args = parser.parse_args()
 
     # Every slow reader's 1008 is a warning; errors (a handler that raised) still show.
     logging.getLogger("warpsocket").setLevel(logging.ERROR)
     channels = [f"ch{i}" for i in range(args.channels)]
-    counts = dict.fromkeys(channels, 0)
+    history = [f"hist{i}" for i in range(args.history_channels)] + ["tiny0"]
+    counts = dict.fromkeys(channels + history, 0)
     stop = threading.Event()
     server = warpsocket.start(
         "127.0.0.1:0",
@@ -133,9 +154,13 @@ def main() -> None:
         max_backpressure=args.max_backpressure,
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
+        history={
+            "hist": warpsocket.History(args.history_size, ttl=HISTORY_TTL),
+            "tiny": warpsocket.History(args.tiny_size, ttl=HISTORY_TTL),
+        },
     )
     publisher = threading.Thread(
-        target=publish, args=(channels, args.rate, stop, counts), name="soak-publisher", daemon=True
+        target=publish, args=(channels, history, args.rate, stop, counts), name="soak-publisher", daemon=True
     )
     publisher.start()
     print(json.dumps({"port": server.port}), flush=True)

@@ -9,6 +9,9 @@ with the virtual socket's prefix when they arrive through one):
     vsub CH P       virtual socket with prefix P, in CH     -> !vsub P K
     vdel P          delete that virtual socket              -> !vdel P M
     cas             increment the shared counter (set_key_if loop) -> !cas VALUE
+    rec CH E O [P]  recover CH from (E, O) for this socket, or for a new virtual socket with
+                    prefix P; E and O ``-`` the first time: from ``position(CH)``
+                    -> !rec CH OK SINCE EPOCH1 POS1 EPOCH2 POS2
     bye             the server closes the connection with 4000
     flood           send 8 KiB binary messages to this socket until the server stops
                     queueing them (the client does not read: backpressure limit, 1008)
@@ -16,6 +19,15 @@ with the virtual socket's prefix when they arrive through one):
 K is the publisher's sequence number of CH read *after* subscribing: every broadcast
 numbered K+1 or later must reach the subscriber. M is read *before* unsubscribing: every
 broadcast up to M-1 was queued before the answer. benchmarks/soak.py checks both.
+
+``rec`` is for the history channels (stamped deliveries ``"<offset>:<channel> <seq> ..."``).
+OK is 1 or 0 (what ``recover`` returned), SINCE the offset it was given, (EPOCH1, POS1)
+``position(CH)`` just before the call and (EPOCH2, POS2) just after. ``recover`` queues its
+replay inside the call, so the answer, queued after it, reaches the client after every
+replayed message (and maybe after some live ones): the client keeps that channel's
+deliveries aside until the answer comes, then checks them against it. The channel's last
+offset when ``recover`` held its lock is between POS1 and POS2, which makes both the
+expected result and the first offset the client must get exact (see benchmarks/soak.py).
 
 What the worker checks itself goes to the kv list ``soak:violations``: handle_open and
 handle_close exactly once per socket (a ``soak:live:<id>`` key is created and deleted with
@@ -118,6 +130,27 @@ def handle_text_message(text: str, socket_id: int) -> None:
         if not warpsocket.delete_virtual_socket(virtual_id, expected_target=socket_id):
             violation(f"virtual socket {virtual_id} of socket {socket_id} was not deleted")
         warpsocket.send(socket_id, f"!vdel {prefix} {last}")
+    elif command == "rec":
+        channel, epoch, offset, *route = args
+        target = socket_id
+        if route:
+            try:
+                target = warpsocket.create_virtual_socket(socket_id, route[0])
+            except ValueError:
+                # The client may drop the connection before the answer: a gone connection
+                # gets no virtual socket. A connection that still takes messages must.
+                if warpsocket.send(socket_id, "!gone"):
+                    violation(f"no virtual socket for socket {socket_id}, which is open")
+                return
+            virtual[socket_id][route[0]] = (target, channel)
+        before = warpsocket.position(channel)
+        since = before if epoch == "-" else (epoch, int(offset))
+        recovered = warpsocket.recover(target, channel, since)
+        after = warpsocket.position(channel)
+        warpsocket.send(
+            socket_id,
+            f"!rec {channel} {int(recovered)} {since[1]} {before[0]} {before[1]} {after[0]} {after[1]}",
+        )
     elif command == "cas":
         value = increment("soak:cas")
         cas_done += 1
