@@ -16,7 +16,16 @@ import textwrap
 
 import pytest
 import warpsocket
-from helpers import ECHO_WORKER, IdClient, LogCollector, forget_chat_rooms, wait_no_warpsocket_threads
+from helpers import (
+    ECHO_WORKER,
+    REDIS_CLI,
+    REDIS_SERVER,
+    IdClient,
+    LogCollector,
+    Redis,
+    forget_chat_rooms,
+    wait_no_warpsocket_threads,
+)
 
 DEFAULT_TEST_TIMEOUT = 120
 
@@ -125,3 +134,14 @@ def warpsocket_log():
         yield handler
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.fixture
+def redis(tmp_path):
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (.ci/run installs Debian's redis-server)")
+        pytest.skip("redis-server is not installed")
+    server = Redis(tmp_path)
+    yield server
+    server.kill()

@@ -9,6 +9,7 @@ import inspect
 import itertools
 import logging
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -546,3 +547,45 @@ def handle_close(socket_id):
     log("close", socket_id)
 """
 )
+
+
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_CLI = shutil.which("redis-cli")
+
+
+class Redis:
+    """A private ``redis-server`` on a free port, without persistence."""
+
+    def __init__(self, workdir):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self.proc = None
+        self.start()
+
+    def start(self):
+        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir)]  # fmt: skip
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: self.cli("PING") == "PONG", timeout=30, message="redis-server to answer")
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def cli(self, *args):
+        result = subprocess.run(
+            [REDIS_CLI, "-p", str(self.port), *args], capture_output=True, text=True, timeout=10
+        )
+        return result.stdout.strip()
+
+    def listeners(self, channel):
+        """How many connections (nodes) listen on a WarpSocket channel's Redis channel."""
+        out = self.cli("PUBSUB", "NUMSUB", f"warpsocket:c:{channel}").splitlines()
+        return int(out[1]) if len(out) == 2 else -1

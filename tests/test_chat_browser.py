@@ -352,7 +352,7 @@ def test_the_page_reconnects_to_a_restarted_server(chat_server, start_server, op
 
 @pytest.fixture
 def redis(browser_tools, tmp_path):
-    from test_cluster import REDIS_CLI, REDIS_SERVER, Redis
+    from helpers import REDIS_CLI, REDIS_SERVER, Redis
 
     if REDIS_SERVER is None or REDIS_CLI is None:
         if os.environ.get("CI"):

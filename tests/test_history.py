@@ -85,16 +85,6 @@ def test_bad_policies_name_history(write_worker, value, error):
         warpsocket.start(bind="127.0.0.1:0", worker=str(write_worker(WORKER)), history=value)
 
 
-def test_history_with_cluster_mode_is_refused(write_worker):
-    with pytest.raises(ValueError, match="history with cluster mode is not supported yet"):
-        warpsocket.start(
-            bind="127.0.0.1:0",
-            worker=str(write_worker(WORKER)),
-            cluster="redis://127.0.0.1:1/0",
-            history={"room:": History(10)},
-        )
-
-
 def test_history_flag_makes_the_option():
     parser = cli.build_parser()
     args = parser.parse_args(["w.py", "--history", "room:=100/30", "--history", "=5", "--history", "a=b=7"])

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use crate::cluster::Cluster;
 use crate::errors::{JoinError, Unreachable, VirtualError};
 use crate::frame::Kind;
-use crate::history::Policies;
+use crate::history::{Message, Policies};
 use crate::hub::{Hub, Target};
 use crate::kv::Kv;
 use crate::registry::MAX_PREFIX;
@@ -270,7 +270,7 @@ impl Engine {
         channel: &[u8],
         since: u64,
         limit: usize,
-    ) -> Result<Option<Vec<(u64, Kind, Bytes)>>, Unreachable> {
+    ) -> Result<Option<Vec<Message>>, Unreachable> {
         self.route(
             |hub| Ok(hub.history(channel, since, limit)),
             |cluster, hub| cluster.history(hub, channel, since, limit),

@@ -76,6 +76,9 @@ impl Policies {
     }
 }
 
+/// A kept message as `history()` returns it: its offset, kind and data.
+pub type Message = (u64, Kind, Bytes);
+
 /// One kept message: the data as sent, before any prefix or stamp.
 ///
 /// 32 bytes and the data's own allocation: its offset follows from its place

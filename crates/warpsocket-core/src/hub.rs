@@ -24,7 +24,7 @@ use crate::errors::VirtualError;
 use crate::frame::{self, Kind};
 use crate::frames::Frames;
 use crate::handshake::status;
-use crate::history::{History, Log, Policies, Policy, Stamp};
+use crate::history::{History, Log, Message, Policies, Policy, Stamp};
 use crate::ids::{IdGenerator, IdMap};
 use crate::links::Links;
 use crate::registry::{Entry, Prefix, Registry, VirtualSocket, MAX_PREFIX};
@@ -505,12 +505,7 @@ impl Hub {
     /// The kept messages of a history channel with an offset above `since`,
     /// oldest first, at most `limit` (the oldest); None when no policy
     /// covers the channel.
-    pub(crate) fn history(
-        &self,
-        channel: &[u8],
-        since: u64,
-        limit: usize,
-    ) -> Option<Vec<(u64, Kind, Bytes)>> {
+    pub(crate) fn history(&self, channel: &[u8], since: u64, limit: usize) -> Option<Vec<Message>> {
         let log = self.history.log(channel)?;
         let mut log = log.lock();
         self.history.refresh(&mut log, clock::now_ms());

@@ -18,8 +18,7 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
 use super::wire::{decode_kept, history_keys, EPOCH_COUNTER};
-use crate::frame::Kind;
-use crate::history::Policy;
+use crate::history::{Message, Policy};
 
 /// KEYS: meta hash, list. ARGV: size, ttl in ms, the pub/sub channel, the
 /// body (kind byte and data). Returns the offset.
@@ -97,7 +96,13 @@ pub(super) async fn load(commands: &mut ConnectionManager) -> redis::RedisResult
 }
 
 /// Adds one message's [`SEND`] to a pipeline.
-pub(super) fn add_send(pipe: &mut redis::Pipeline, name: &[u8], policy: &Policy, pubsub: &[u8], body: &[u8]) {
+pub(super) fn add_send(
+    pipe: &mut redis::Pipeline,
+    name: &[u8],
+    policy: &Policy,
+    pubsub: &[u8],
+    body: &[u8],
+) {
     let [meta, list] = history_keys(name);
     pipe.cmd("EVALSHA")
         .arg(SEND.get_hash())
@@ -120,7 +125,7 @@ pub(crate) struct Read {
     /// The offset of the oldest kept message (`last + 1` when none is).
     pub(crate) first: u64,
     /// The kept messages asked for, oldest first.
-    pub(crate) kept: Vec<(u64, Kind, Bytes)>,
+    pub(crate) kept: Vec<Message>,
 }
 
 impl Read {
@@ -143,7 +148,10 @@ pub(super) async fn read(
 ) -> redis::RedisResult<Read> {
     let [meta, list] = history_keys(name);
     // Lua's numbers are doubles: an unbounded limit is spelled -1.
-    let limit = i64::try_from(limit).ok().filter(|&l| l < 1 << 50).unwrap_or(-1);
+    let limit = i64::try_from(limit)
+        .ok()
+        .filter(|&l| l < 1 << 50)
+        .unwrap_or(-1);
     let reply: Value = READ
         .key(meta)
         .key(list)

@@ -302,7 +302,9 @@ async fn receive(hub: &Arc<Hub>, node: &Listener, apply: &impl Fn(&Arc<Hub>, Op<
                 Counters::add(&hub.stats.cluster_messages_in, 1);
                 relay(hub, node, name, &policy, &message).await;
             }
-            (None, _) => log::warn!(target: "warpsocket", "cluster: undecodable history message dropped"),
+            (None, _) => {
+                log::warn!(target: "warpsocket", "cluster: undecodable history message dropped")
+            }
             // The policies changed since the node listened on it.
             (_, None) => {}
         }
@@ -341,7 +343,14 @@ async fn relay(hub: &Hub, node: &Listener, name: &[u8], policy: &Policy, message
     let mut commands = node.commands.clone();
     let read = tokio::time::timeout(
         REDIS_TIMEOUT,
-        kept::read(&mut commands, name, policy, after, missing, Some(message.epoch)),
+        kept::read(
+            &mut commands,
+            name,
+            policy,
+            after,
+            missing,
+            Some(message.epoch),
+        ),
     )
     .await;
     match read {
@@ -359,7 +368,9 @@ async fn relay(hub: &Hub, node: &Listener, name: &[u8], policy: &Policy, message
             }
             log::warn!(target: "warpsocket", "cluster: filled a gap of {missing} messages in a history channel from Redis ({} still kept)", read.kept.len());
         }
-        _ => log::warn!(target: "warpsocket", "cluster: {missing} messages of a history channel missed and not read back from Redis"),
+        _ => {
+            log::warn!(target: "warpsocket", "cluster: {missing} messages of a history channel missed and not read back from Redis")
+        }
     }
     node.relays.arrive(hub, name, policy, message, false);
 }

@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::errors::{JoinError, Unreachable, VirtualError};
 use crate::frame::Kind;
-use crate::history::Policy;
+use crate::history::{Message, Policy};
 use crate::hub::{ChannelWatcher, Hub, Target};
 use crate::ids::owner;
 use crate::stats::Counters;
@@ -508,7 +508,7 @@ impl Cluster {
         channel: &[u8],
         since: u64,
         limit: usize,
-    ) -> Result<Option<Vec<(u64, Kind, Bytes)>>, Unreachable> {
+    ) -> Result<Option<Vec<Message>>, Unreachable> {
         Ok(self
             .read(hub, channel, since, limit, None)?
             .map(|read| read.kept))
@@ -528,7 +528,15 @@ impl Cluster {
         let mut commands = self.commands.clone();
         let (channel, epoch) = (channel.to_vec(), epoch.map(<[u8]>::to_vec));
         self.wait(async move {
-            kept::read(&mut commands, &channel, &policy, since, limit, epoch.as_deref()).await
+            kept::read(
+                &mut commands,
+                &channel,
+                &policy,
+                since,
+                limit,
+                epoch.as_deref(),
+            )
+            .await
         })
         .map(Some)
     }
@@ -607,14 +615,24 @@ impl Cluster {
                 )));
             }
             let mut commands = self.commands.clone();
-            kept::read(&mut commands, channel, policy, since.1, usize::MAX, Some(since.0)).await
+            kept::read(
+                &mut commands,
+                channel,
+                policy,
+                since.1,
+                usize::MAX,
+                Some(since.0),
+            )
+            .await
         };
         // Within the caller's timeout, so that the hold ends here.
-        let read = match tokio::time::timeout(REDIS_TIMEOUT - Duration::from_millis(100), read).await
-        {
-            Ok(read) => read,
-            Err(_) => Err(redis::RedisError::from(io::Error::other("no answer in time"))),
-        }?;
+        let read =
+            match tokio::time::timeout(REDIS_TIMEOUT - Duration::from_millis(100), read).await {
+                Ok(read) => read,
+                Err(_) => Err(redis::RedisError::from(io::Error::other(
+                    "no answer in time",
+                ))),
+            }?;
         Ok(hold.release(Some(&read)))
     }
 

@@ -75,7 +75,9 @@ pub(super) enum Arrival {
     /// Delivered before (a gap's filling raced with it): dropped.
     Duplicate,
     /// Messages after `after` are missing before it: not delivered yet.
-    Gap { after: u64 },
+    Gap {
+        after: u64,
+    },
 }
 
 /// A recover's hold on its targets, from [`Relays::hold`].
@@ -99,9 +101,7 @@ impl Relays {
             let mut relays = self.relays.shard(channel).lock();
             let relay = match relays.get_mut(channel) {
                 Some(relay) => relay,
-                None => relays
-                    .entry(Bytes::copy_from_slice(channel))
-                    .or_default(),
+                None => relays.entry(Bytes::copy_from_slice(channel)).or_default(),
             };
             let same_epoch = *relay.epoch == *message.epoch;
             if same_epoch && message.offset <= relay.delivered {
@@ -129,7 +129,10 @@ impl Relays {
                     });
                     true
                 }
-                HoldState::Covered { epoch: covered, last } => {
+                HoldState::Covered {
+                    epoch: covered,
+                    last,
+                } => {
                     let replayed = *covered == *epoch && message.offset <= *last;
                     if replayed {
                         skip.extend_from_slice(&hold.ids);

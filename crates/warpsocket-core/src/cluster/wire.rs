@@ -104,7 +104,8 @@ impl Sequenced<'_> {
 
     pub(crate) fn encode(&self) -> Bytes {
         let offset = self.offset.to_string();
-        let mut out = BytesMut::with_capacity(self.epoch.len() + offset.len() + 3 + self.payload.len());
+        let mut out =
+            BytesMut::with_capacity(self.epoch.len() + offset.len() + 3 + self.payload.len());
         out.put_slice(self.epoch);
         out.put_u8(0);
         out.put_slice(offset.as_bytes());
@@ -529,7 +530,10 @@ mod tests {
         ] {
             assert_eq!(Sequenced::decode(odd), None, "{odd:?}");
         }
-        assert_eq!(decode_kept(b"1733:\x02\x00:"), Some((Kind::Binary, &b"\x00:"[..])));
+        assert_eq!(
+            decode_kept(b"1733:\x02\x00:"),
+            Some((Kind::Binary, &b"\x00:"[..]))
+        );
         assert_eq!(decode_kept(b"1733"), None);
         assert_eq!(decode_kept(b"1733:"), None);
     }
