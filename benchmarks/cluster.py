@@ -81,6 +81,8 @@ class Outcome:
     lost_probes: int = 0
     publishes: int | None = None
     sequenced: int | None = None
+    #: Redis commands over the window: name -> (calls, usec per call) from INFO commandstats.
+    commands: dict[str, tuple[int, float]] = field(default_factory=dict)
     server_cpu_s: float | None = None
     redis_cpu_s: float | None = None
     peak_rss_mib: float | None = None
@@ -112,17 +114,21 @@ class Redis:
         done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True)
         return done.stdout.strip()
 
-    def calls(self) -> dict[str, int]:
-        """``INFO commandstats``: command name -> calls (commands run by scripts included)."""
+    def calls(self) -> dict[str, tuple[int, int]]:
+        """``INFO commandstats``: command -> (calls, usec), commands run by scripts included.
+
+        A script's ``usec`` covers the commands it runs, which count their own too.
+        """
         found = {}
         for line in self.cli("INFO", "commandstats").splitlines():
             if line.startswith("cmdstat_"):
                 name, rest = line[len("cmdstat_") :].split(":", 1)
-                found[name] = int(rest.split("calls=")[1].split(",")[0])
+                fields = dict(kv.split("=", 1) for kv in rest.split(","))
+                found[name] = (int(fields["calls"]), int(fields["usec"]))
         return found
 
     def publishes(self) -> int:
-        return self.calls().get("publish", 0)
+        return self.calls().get("publish", (0, 0))[0]
 
     def listeners(self, channel: str) -> int:
         """Nodes listening on ``channel``, plain (``warpsocket:c:``) or history (``:h:``)."""
@@ -224,7 +230,8 @@ def run_one(setup: str, conns: int, run: int, ports: list[int], args: argparse.N
             ["taskset", "-c", args.client_cpu, str(args.bench),
              *[a for p in ports for a in ("--port", str(p))],
              "--connections", str(conns), "--warmup", str(args.warmup),
-             "--duration", str(args.duration), "--source-ips", str(args.source_ips)],
+             "--duration", str(args.duration), "--source-ips", str(args.source_ips),
+             *(["--rate", str(args.rate)] if args.rate else [])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         marks: dict[str, tuple] = {}
@@ -273,8 +280,12 @@ def run_one(setup: str, conns: int, run: int, ports: list[int], args: argparse.N
                 out.server_cpu_s = sum(deltas)
                 out.redis_cpu_s = deltas[-1] if redis else None
             if redis:
-                out.publishes = pub1.get("publish", 0) - pub0.get("publish", 0)
-                out.sequenced = pub1.get("evalsha", 0) - pub0.get("evalsha", 0)
+                for name, (calls1, usec1) in pub1.items():
+                    calls0, usec0 = pub0.get(name, (0, 0))
+                    if calls1 > calls0:
+                        out.commands[name] = (calls1 - calls0, (usec1 - usec0) / (calls1 - calls0))
+                out.publishes = out.commands.get("publish", (0, 0.0))[0]
+                out.sequenced = out.commands.get("evalsha", (0, 0.0))[0]
         rss = [bench.peak_rss_mib(pid) for pid in pids]
         out.peak_rss_mib = sum(r for r in rss if r is not None)
     except Exception as exc:  # noqa: BLE001 - record and go on with the next run
@@ -292,7 +303,8 @@ def run_one(setup: str, conns: int, run: int, ports: list[int], args: argparse.N
         f"idle delivery p50 {pct(out.idle_ms, 50)} ms, loaded p50 {pct(out.loaded_ms, 50)} ms, "
         f"publishes {out.publishes}, evalsha {out.sequenced}, "
         f"node CPU/request {fmt_us(node_cpu_per_request(out))} µs, "
-        f"Redis CPU/message {fmt_us(redis_cpu_per_message(out))} µs {out.note}"
+        f"Redis CPU/message {fmt_us(redis_cpu_per_message(out))} µs, frames/ack "
+        f"{bench.fmt(frames_per_ack(out), 2)}, Redis commands (calls, usec/call) {commands(out)} {out.note}"
     )
     return out
 
@@ -320,6 +332,12 @@ def redis_cpu_per_message(o: Outcome) -> float | None:
 def frames_per_ack(o: Outcome) -> float | None:
     acks, frames = o.figures.get("acks"), o.figures.get("frames_received")
     return frames / acks if acks and frames is not None else None
+
+
+def commands(o: Outcome) -> str:
+    """The window's Redis commands, busiest first: ``name calls × usec``."""
+    ranked = sorted(o.commands.items(), key=lambda kv: -kv[1][0] * kv[1][1])
+    return ", ".join(f"{name} {calls}×{usec:.2f}" for name, (calls, usec) in ranked[:8])
 
 
 def spread(values: list[float], digits: int) -> str:
@@ -382,6 +400,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--duration", type=float, default=10.0, help="measurement window, seconds")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds of load before the window")
+    parser.add_argument("--rate", type=float, help="open loop: requests/s in all (default: closed loop)")
     parser.add_argument("--ports", type=int, default=4, help="server ports per run (split over the nodes)")
     parser.add_argument("--base-port", type=int, default=23000)
     parser.add_argument("--source-ips", type=int, default=8, help="client source IPs 127.0.0.1..N")
@@ -467,6 +486,22 @@ def main() -> int:
             ratios = [h / p if h and p else None for h, p in zip(hist, plain, strict=True)]
             node, red = (bench.fmt(r, 3) for r in ratios)
             print(f"- {conns:,} connections: node CPU per request {node}×, Redis CPU per message {red}×")
+    print(
+        "\nRedis commands over the window, per message (calls / messages; median of the runs), and "
+        "Redis's own usec per call (commands run by a script count inside its EVALSHA too):\n"
+    )
+    for conns in counts:
+        for setup in setups:
+            ok = [o for o in outcomes if o.setup == setup and o.connections == conns and messages(o)]
+            names = sorted({n for o in ok for n in o.commands}, key=lambda n: -sum(
+                o.commands.get(n, (0, 0.0))[0] * o.commands.get(n, (0, 0.0))[1] for o in ok))  # fmt: skip
+            cells = []
+            for name in names:
+                per_msg = statistics.median(o.commands.get(name, (0, 0.0))[0] / messages(o) for o in ok)
+                usec = statistics.median(o.commands[name][1] for o in ok if name in o.commands)
+                cells.append(f"{name} {per_msg:.2f} × {usec:.2f} µs")
+            if cells:
+                print(f"- {setup}, {conns:,}: " + "; ".join(cells))
     return 0 if all(o.figures and not o.note for o in outcomes) else 1
 
 
