@@ -42,6 +42,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import random
 import resource
 import shutil
 import signal
@@ -53,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -87,7 +88,10 @@ class ClientResult:
     back_at: float | None = None  # time.monotonic() when that recover's answer arrived
     last: int = 0
     tail_missing: int = 0
+    #: Where it was when the run ended: joining, live, connecting, awaiting (a recover's answer).
+    phase: str = "joining"
     error: str = ""
+    retries: int = 0  # handshakes that failed and were tried again
 
 
 class StormClient:
@@ -108,13 +112,14 @@ class StormClient:
         port = self.ports[self.result.home]
         request = f"rec {self.channel} - -"
         while True:
+            self.result.phase = "connecting"
             try:
                 ws = await self.connect(port)
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
                 self.fail(f"connect to {port}: {exc!r}")
                 return
             try:
-                self.awaiting = True
+                self.awaiting, self.result.phase = True, "awaiting"
                 await ws.send(request)
                 async for message in ws:
                     self.on_message(message)
@@ -131,16 +136,24 @@ class StormClient:
             request = f"rec {self.channel} {self.epoch} {self.last if self.last is not None else 0}"
 
     async def connect(self, port: int) -> ClientConnection:
+        """Connect, retrying as a real client would (with jitter) until RECONNECT_GIVE_UP_S.
+
+        A node holds at most ``max_pending_upgrades`` (1024) handshakes at once; beyond
+        that a newcomer takes the slot of the oldest one of the busiest address (every
+        client here is 127.0.0.1), which the server closes: a storm of more reconnects
+        than that at once needs retries.
+        """
         deadline = time.monotonic() + RECONNECT_GIVE_UP_S
         while True:
             try:
                 return await connect(
                     f"ws://127.0.0.1:{port}/", open_timeout=30, ping_interval=None, max_queue=None
                 )
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError, InvalidHandshake):
                 if time.monotonic() > deadline:
                     raise
-                await asyncio.sleep(0.05)
+                self.result.retries += 1
+                await asyncio.sleep(random.uniform(0.05, 0.25))
 
     def fail(self, why: str) -> None:
         self.result.error = self.result.error or why
@@ -178,7 +191,7 @@ class StormClient:
     def on_recovered(self, message: str) -> None:
         _, _, ok, since, took_us, epoch = message.split(" ", 5)
         first = not self.result.recovers
-        self.awaiting = False
+        self.awaiting, self.result.phase = False, "live"
         self.result.recovers.append(ok)
         if not first:
             self.result.recover_us = float(took_us)
@@ -368,7 +381,8 @@ def run_once(run: int, args: argparse.Namespace) -> dict:
                 wait_listening(port, node)
             for p in range(args.procs):
                 mine, theirs = ctx.Pipe()
-                indexes = list(range(p, args.clients, args.procs))
+                # Pairs of clients (one per node) go round-robin over the processes.
+                indexes = [i for i in range(args.clients) if (i // 2) % args.procs == p]
                 proc = ctx.Process(
                     target=generator_process, args=(theirs, indexes, args.channels, ports), daemon=True
                 )
@@ -460,7 +474,12 @@ async def storm(
         "duplicates": sum(c["duplicates"] for c in clients),
         "tail_missing": sum(c["tail_missing"] for c in clients),
         "client_errors": [c["error"] for c in clients if c["error"]][:5],
+        "phases": {
+            phase: sum(1 for c in clients if c["phase"] == phase)
+            for phase in sorted({c["phase"] for c in clients})
+        },
         "deliveries": sum(c["received"] for c in clients),
+        "handshake_retries": sum(c["retries"] for c in clients),
         "published": publisher.sent,
         "published_after_kill": publisher.sent - sent_before,
         "last_offsets_sum": sum(finals.values()),
