@@ -3,6 +3,7 @@
 
     python3 benchmarks/cluster.py                   # {1000, 10000} x {single, cluster} x 2
     python3 benchmarks/cluster.py --connections 1000 --repeat 1
+    python3 benchmarks/cluster.py --connections 1000 --setups cluster,cluster-history --repeat 3
 
 Both setups run ``examples/performance/worker.py`` with ``{"buckets": "shared"}``: bucket
 numbers come from a counter in the kv store, so in the cluster each channel of 10 holds
@@ -12,6 +13,15 @@ node) and every request's broadcast crosses Redis once.
 - ``single``: one WarpSocket process (``--threads 1``) on every port, no Redis.
 - ``cluster``: ``redis-server`` and two WarpSocket nodes (``--threads 1`` each,
   ``--cluster``), half of the ports each.
+- ``cluster-history``: ``cluster`` with every channel a history channel
+  (``--history '=100/300'``, stamps on): each broadcast is sequenced by one Lua script in
+  Redis (``EVALSHA``) and every node, the sender's included, delivers it when it comes
+  back from Redis pub/sub. The events arrive stamped (``OFFSET:{"type":"evt",...}``);
+  the generator finds the ``"type"`` field wherever it is in the payload, so it counts
+  them as it does unstamped ones.
+
+Rounds alternate the setups (the order flips every round), so a drift of the shared
+machine's load hits every setup alike.
 
 Every server process (Redis included) is pinned to core 0 (``--server-cpu``), the
 ``warpsocket-bench`` load generator and this script to core 1, as in ``run.py``. Besides
@@ -21,8 +31,14 @@ the generator's figures (acks/s, frames/s, req → ack latency) it measures:
   channel whose only subscriber is a client on the first port (node A), and times
   request → event at that subscriber; 200 probes with the server idle before the load,
   and probes every 20 ms during the measurement window;
-* cross-node messages/s: Redis ``PUBLISH`` calls over the window (``INFO commandstats``);
-* server CPU s: all server processes together, Redis included, over the window.
+* cross-node messages/s: Redis ``PUBLISH`` calls over the window (``INFO commandstats``;
+  for ``cluster-history`` the ``EVALSHA`` calls, one per message sequenced, whose script
+  does the ``PUBLISH``);
+* server CPU s: all server processes together, Redis included, over the window; node
+  CPU per request (the two nodes' CPU over the window / acks) and Redis CPU per message
+  (Redis's CPU / messages published or sequenced);
+* frames per ack: every request's broadcast reaches the 10 members of its channel and
+  the sender gets its ack, so a complete delivery reads close to 11.
 """
 
 from __future__ import annotations
@@ -48,6 +64,7 @@ import run as bench  # noqa: E402 - the runner's helpers: same measurement as ru
 from websockets.asyncio.client import connect  # noqa: E402
 
 SHARED = json.dumps({"buckets": "shared"})
+SETUPS = ("single", "cluster", "cluster-history")
 BUCKET_SIZE = 10
 IDLE_PROBES = 200
 PROBE_INTERVAL_S = 0.02
@@ -63,6 +80,9 @@ class Outcome:
     loaded_ms: list[float] = field(default_factory=list)
     lost_probes: int = 0
     publishes: int | None = None
+    sequenced: int | None = None
+    #: Redis commands over the window: name -> (calls, usec per call) from INFO commandstats.
+    commands: dict[str, tuple[int, float]] = field(default_factory=dict)
     server_cpu_s: float | None = None
     redis_cpu_s: float | None = None
     peak_rss_mib: float | None = None
@@ -94,20 +114,40 @@ class Redis:
         done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True)
         return done.stdout.strip()
 
-    def publishes(self) -> int:
+    def calls(self) -> dict[str, tuple[int, int]]:
+        """``INFO commandstats``: command -> (calls, usec), commands run by scripts included.
+
+        A script's ``usec`` covers the commands it runs, which count their own too.
+        """
+        found = {}
         for line in self.cli("INFO", "commandstats").splitlines():
-            if line.startswith("cmdstat_publish:"):
-                return int(line.split("calls=")[1].split(",")[0])
-        return 0
+            if line.startswith("cmdstat_"):
+                name, rest = line[len("cmdstat_") :].split(":", 1)
+                fields = dict(kv.split("=", 1) for kv in rest.split(","))
+                found[name] = (int(fields["calls"]), int(fields["usec"]))
+        return found
+
+    def publishes(self) -> int:
+        return self.calls().get("publish", (0, 0))[0]
 
     def listeners(self, channel: str) -> int:
-        out = self.cli("PUBSUB", "NUMSUB", f"warpsocket:c:{channel}").splitlines()
-        return int(out[1]) if len(out) == 2 else 0
+        """Nodes listening on ``channel``, plain (``warpsocket:c:``) or history (``:h:``)."""
+        total = 0
+        for kind in "ch":
+            out = self.cli("PUBSUB", "NUMSUB", f"warpsocket:{kind}:{channel}").splitlines()
+            total += int(out[1]) if len(out) == 2 else 0
+        return total
 
 
-def node_command(ports: list[int], cpu: str, cluster: str | None) -> list[str]:
+#: The history policy of the ``cluster-history`` setup: every channel, 100 kept, 300 s.
+HISTORY = "=100/300"
+
+
+def node_command(ports: list[int], cpu: str, cluster: str | None, history: bool = False) -> list[str]:
     binds = [arg for p in ports for arg in ("--bind", f"127.0.0.1:{p}")]
     extra = ["--cluster", cluster] if cluster else []
+    if history:
+        extra += ["--history", HISTORY]
     return [
         "taskset", "-c", cpu, sys.executable, "-m", "warpsocket", str(bench.WORKER), *binds,
         "--threads", "1", "--worker-arg", SHARED, "--log-level", "WARNING", *extra,
@@ -162,7 +202,7 @@ def run_one(setup: str, conns: int, run: int, ports: list[int], args: argparse.N
     out = Outcome(setup, conns, run)
     bench.log(f"{setup}: {conns} connections, run {run}, ports {ports[0]}-{ports[-1]}")
     log_file = open(args.log_dir / f"cluster-{setup}-{conns}-{run}.log", "w")  # noqa: SIM115
-    redis = Redis(args.server_cpu, log_file) if setup == "cluster" else None
+    redis = Redis(args.server_cpu, log_file) if setup.startswith("cluster") else None
     if redis is None:
         groups = [ports]
     else:
@@ -171,7 +211,7 @@ def run_one(setup: str, conns: int, run: int, ports: list[int], args: argparse.N
         groups = [ports[0::2], ports[1::2]]
     nodes = [
         subprocess.Popen(
-            node_command(group, args.server_cpu, redis.url if redis else None),
+            node_command(group, args.server_cpu, redis.url if redis else None, setup == "cluster-history"),
             cwd=bench.ROOT,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -190,7 +230,8 @@ def run_one(setup: str, conns: int, run: int, ports: list[int], args: argparse.N
             ["taskset", "-c", args.client_cpu, str(args.bench),
              *[a for p in ports for a in ("--port", str(p))],
              "--connections", str(conns), "--warmup", str(args.warmup),
-             "--duration", str(args.duration), "--source-ips", str(args.source_ips)],
+             "--duration", str(args.duration), "--source-ips", str(args.source_ips),
+             *(["--rate", str(args.rate)] if args.rate else [])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         marks: dict[str, tuple] = {}
@@ -198,7 +239,7 @@ def run_one(setup: str, conns: int, run: int, ports: list[int], args: argparse.N
 
         def sample() -> tuple:
             cpu = [bench.cpu_seconds(pid) for pid in pids]
-            return cpu, redis.publishes() if redis else 0
+            return cpu, redis.calls() if redis else {}
 
         def read_stderr() -> None:
             assert gen.stderr is not None
@@ -238,7 +279,13 @@ def run_one(setup: str, conns: int, run: int, ports: list[int], args: argparse.N
                 deltas = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
                 out.server_cpu_s = sum(deltas)
                 out.redis_cpu_s = deltas[-1] if redis else None
-            out.publishes = pub1 - pub0 if redis else None
+            if redis:
+                for name, (calls1, usec1) in pub1.items():
+                    calls0, usec0 = pub0.get(name, (0, 0))
+                    if calls1 > calls0:
+                        out.commands[name] = (calls1 - calls0, (usec1 - usec0) / (calls1 - calls0))
+                out.publishes = out.commands.get("publish", (0, 0.0))[0]
+                out.sequenced = out.commands.get("evalsha", (0, 0.0))[0]
         rss = [bench.peak_rss_mib(pid) for pid in pids]
         out.peak_rss_mib = sum(r for r in rss if r is not None)
     except Exception as exc:  # noqa: BLE001 - record and go on with the next run
@@ -254,9 +301,57 @@ def run_one(setup: str, conns: int, run: int, ports: list[int], args: argparse.N
     bench.log(
         f"  -> acks/s {f.get('acks_per_s', 0):.0f}, p50 {f.get('p50_ms', 0)} ms, "
         f"idle delivery p50 {pct(out.idle_ms, 50)} ms, loaded p50 {pct(out.loaded_ms, 50)} ms, "
-        f"publishes {out.publishes} {out.note}"
+        f"publishes {out.publishes}, evalsha {out.sequenced}, "
+        f"node CPU/request {fmt_us(node_cpu_per_request(out))} µs, "
+        f"Redis CPU/message {fmt_us(redis_cpu_per_message(out))} µs, frames/ack "
+        f"{bench.fmt(frames_per_ack(out), 2)}, Redis commands (calls, usec/call) {commands(out)} {out.note}"
     )
     return out
+
+
+def node_cpu_per_request(o: Outcome) -> float | None:
+    """Seconds of the nodes' CPU (Redis not included) per acked request in the window."""
+    acks = o.figures.get("acks")
+    if not acks or o.server_cpu_s is None:
+        return None
+    return (o.server_cpu_s - (o.redis_cpu_s or 0.0)) / acks
+
+
+def messages(o: Outcome) -> int | None:
+    """Messages Redis handled: sequenced (EVALSHA) for history, else PUBLISH calls."""
+    return o.sequenced if o.setup == "cluster-history" else o.publishes
+
+
+def redis_cpu_per_message(o: Outcome) -> float | None:
+    n = messages(o)
+    if not n or o.redis_cpu_s is None:
+        return None
+    return o.redis_cpu_s / n
+
+
+def frames_per_ack(o: Outcome) -> float | None:
+    acks, frames = o.figures.get("acks"), o.figures.get("frames_received")
+    return frames / acks if acks and frames is not None else None
+
+
+def commands(o: Outcome) -> str:
+    """The window's Redis commands, busiest first: ``name calls × usec``."""
+    ranked = sorted(o.commands.items(), key=lambda kv: -kv[1][0] * kv[1][1])
+    return ", ".join(f"{name} {calls}×{usec:.2f}" for name, (calls, usec) in ranked[:8])
+
+
+def spread(values: list[float], digits: int) -> str:
+    """``median (min–max)`` of ``values``."""
+    if not values:
+        return "–"
+    med = bench.fmt(statistics.median(values), digits)
+    if len(values) == 1:
+        return med
+    return f"{med} ({bench.fmt(min(values), digits)}–{bench.fmt(max(values), digits)})"
+
+
+def fmt_us(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds * 1e6:.2f}"
 
 
 def pct(samples: list[float], p: float) -> float | None:
@@ -269,7 +364,8 @@ def pct(samples: list[float], p: float) -> float | None:
 HEADER = [
     "setup", "connections", "run", "acks/s", "frames/s", "req→ack p50 ms", "p99 ms",
     "idle delivery p50 / p99 ms", "loaded delivery p50 / p99 ms", "cross-node msgs/s",
-    "server CPU s (Redis)", "acks per CPU-s", "peak RSS MiB", "note",
+    "server CPU s (Redis)", "acks per CPU-s", "node CPU µs/req", "Redis CPU µs/msg",
+    "frames per ack", "peak RSS MiB", "note",
 ]  # fmt: skip
 
 
@@ -284,9 +380,11 @@ def row(o: Outcome, duration: float) -> list[str]:
         fmt(f.get("p50_ms"), 1), fmt(f.get("p99_ms"), 1),
         f"{fmt(pct(o.idle_ms, 50), 2)} / {fmt(pct(o.idle_ms, 99), 2)}",
         f"{fmt(pct(o.loaded_ms, 50), 1)} / {fmt(pct(o.loaded_ms, 99), 1)}",
-        fmt(o.publishes / window if o.publishes is not None else None),
+        fmt(messages(o) / window if messages(o) is not None else None),
         fmt(o.server_cpu_s, 2) + redis,
         fmt(acks / o.server_cpu_s if acks and o.server_cpu_s else None),
+        fmt_us(node_cpu_per_request(o)), fmt_us(redis_cpu_per_message(o)),
+        fmt(frames_per_ack(o), 2),
         fmt(o.peak_rss_mib), (o.note + lost).replace("|", "/"),
     ]  # fmt: skip
 
@@ -296,10 +394,13 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--connections", default="1000,10000", help="comma-separated counts")
-    parser.add_argument("--setups", default="single,cluster", help="comma-separated: single, cluster")
+    parser.add_argument(
+        "--setups", default="single,cluster", help="comma-separated: single, cluster, cluster-history"
+    )
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--duration", type=float, default=10.0, help="measurement window, seconds")
     parser.add_argument("--warmup", type=float, default=8.0, help="seconds of load before the window")
+    parser.add_argument("--rate", type=float, help="open loop: requests/s in all (default: closed loop)")
     parser.add_argument("--ports", type=int, default=4, help="server ports per run (split over the nodes)")
     parser.add_argument("--base-port", type=int, default=23000)
     parser.add_argument("--source-ips", type=int, default=8, help="client source IPs 127.0.0.1..N")
@@ -311,11 +412,12 @@ def main() -> int:
 
     counts = [int(c) for c in args.connections.split(",")]
     setups = [s.strip() for s in args.setups.split(",") if s.strip()]
-    if any(s not in ("single", "cluster") for s in setups):
-        parser.error("--setups takes single and/or cluster")
+    if any(s not in SETUPS for s in setups):
+        parser.error(f"--setups takes {', '.join(SETUPS)}")
     if any(c % BUCKET_SIZE for c in counts):
         parser.error("connection counts must be multiples of 10 (whole buckets)")
-    if "cluster" in setups and not (shutil.which("redis-server") and shutil.which("redis-cli")):
+    needs_redis = any(s.startswith("cluster") for s in setups)
+    if needs_redis and not (shutil.which("redis-server") and shutil.which("redis-cli")):
         parser.error("the cluster setup needs redis-server and redis-cli (apt-get install redis-server)")
     args.log_dir.mkdir(parents=True, exist_ok=True)
     os.sched_setaffinity(0, {int(c) for c in args.client_cpu.split(",")})
@@ -326,8 +428,9 @@ def main() -> int:
     load_at_start = Path("/proc/loadavg").read_text().split()[0]
     outcomes, port = [], args.base_port
     for conns in counts:
-        for setup in setups:
-            for run in range(1, args.repeat + 1):
+        for run in range(1, args.repeat + 1):
+            # Round by round, the setups alternate and their order flips.
+            for setup in setups if run % 2 else setups[::-1]:
                 ports = list(range(port, port + args.ports))
                 port += args.ports
                 outcomes.append(run_one(setup, conns, run, ports, args))
@@ -340,28 +443,65 @@ def main() -> int:
     print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER))
     for o in outcomes:
         print("| " + " | ".join(row(o, args.duration)) + " |")
-    print("\nMedian of the runs:\n")
+    print("\nMedian of the runs (min–max):\n")
     print(
-        "| setup | connections | acks/s | idle delivery p50 ms | loaded delivery p50 ms | cross-node msgs/s |"
+        "| setup | connections | runs | acks/s | idle delivery p50 ms | loaded delivery p50 ms "
+        "| cross-node msgs/s | node CPU µs/req | Redis CPU µs/msg | frames per ack |"
     )
-    print("|---|---|---|---|---|---|")
-    med = statistics.median
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    medians: dict[tuple[str, int], tuple[float | None, float | None]] = {}
     for conns in counts:
         for setup in setups:
             ok = [o for o in outcomes if o.setup == setup and o.connections == conns and o.figures]
             if not ok:
-                print(f"| {setup} | {conns:,} | failed | | | |")
+                print(f"| {setup} | {conns:,} | 0 | failed | | | | | | |")
                 continue
             idle = [v for o in ok if (v := pct(o.idle_ms, 50)) is not None]
             loaded = [v for o in ok if (v := pct(o.loaded_ms, 50)) is not None]
-            pubs = [o.publishes / o.figures["duration_s"] for o in ok if o.publishes is not None]
+            msgs = [n / o.figures["duration_s"] for o in ok if (n := messages(o)) is not None]
+            node = [v * 1e6 for o in ok if (v := node_cpu_per_request(o)) is not None]
+            red = [v * 1e6 for o in ok if (v := redis_cpu_per_message(o)) is not None]
+            fpa = [v for o in ok if (v := frames_per_ack(o)) is not None]
+            medians[setup, conns] = (
+                statistics.median(node) if node else None,
+                statistics.median(red) if red else None,
+            )
             cells = [
-                bench.fmt(med(o.figures["acks_per_s"] for o in ok)),
-                bench.fmt(med(idle) if idle else None, 2),
-                bench.fmt(med(loaded) if loaded else None, 1),
-                bench.fmt(med(pubs) if pubs else None),
+                str(len(ok)),
+                spread([o.figures["acks_per_s"] for o in ok], 0),
+                spread(idle, 2),
+                spread(loaded, 1),
+                spread(msgs, 0),
+                spread(node, 2),
+                spread(red, 2),
+                spread(fpa, 2),
             ]
             print(f"| {setup} | {conns:,} | " + " | ".join(cells) + " |")
+    if "cluster" in setups and "cluster-history" in setups:
+        print("\ncluster-history / cluster, at the medians (targets: node ≤ 1.3, Redis ≤ 1.25):\n")
+        for conns in counts:
+            hist, plain = medians.get(("cluster-history", conns)), medians.get(("cluster", conns))
+            if not hist or not plain:
+                continue
+            ratios = [h / p if h and p else None for h, p in zip(hist, plain, strict=True)]
+            node, red = (bench.fmt(r, 3) for r in ratios)
+            print(f"- {conns:,} connections: node CPU per request {node}×, Redis CPU per message {red}×")
+    print(
+        "\nRedis commands over the window, per message (calls / messages; median of the runs), and "
+        "Redis's own usec per call (commands run by a script count inside its EVALSHA too):\n"
+    )
+    for conns in counts:
+        for setup in setups:
+            ok = [o for o in outcomes if o.setup == setup and o.connections == conns and messages(o)]
+            names = sorted({n for o in ok for n in o.commands}, key=lambda n: -sum(
+                o.commands.get(n, (0, 0.0))[0] * o.commands.get(n, (0, 0.0))[1] for o in ok))  # fmt: skip
+            cells = []
+            for name in names:
+                per_msg = statistics.median(o.commands.get(name, (0, 0.0))[0] / messages(o) for o in ok)
+                usec = statistics.median(o.commands[name][1] for o in ok if name in o.commands)
+                cells.append(f"{name} {per_msg:.2f} × {usec:.2f} µs")
+            if cells:
+                print(f"- {setup}, {conns:,}: " + "; ".join(cells))
     return 0 if all(o.figures and not o.note for o in outcomes) else 1
 
 
