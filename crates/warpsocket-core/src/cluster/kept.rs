@@ -1,7 +1,7 @@
 //! History channels in Redis (docs/api.md#history): Redis is the cluster's
-//! sequencer. One Lua script per message assigns the channel's next offset,
-//! keeps the message and publishes it, atomically; another reads a channel's
-//! epoch, last offset and kept messages in one step.
+//! sequencer. One Lua script per batch of the publisher gives each message
+//! its channel's next offset, keeps it and publishes it, atomically; another
+//! reads a channel's epoch, last offset and kept messages in one step.
 //!
 //! Per channel, a hash (`e`: the epoch, `o`: the last offset) and a list of
 //! the kept messages, oldest first, each `millis:` then the kind byte and
@@ -17,28 +17,45 @@ use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
-use super::wire::{decode_kept, history_keys, EPOCH_COUNTER};
+use super::wire::{decode_kept, history_keys, pubsub_key, EPOCH_COUNTER};
 use crate::history::{Message, Policy};
 
-/// KEYS: meta hash, list. ARGV: size, ttl in ms, the pub/sub channel, the
-/// body (kind byte and data). Returns the offset.
+/// Sequences a batch of messages, for any number of channels: KEYS are each
+/// channel's meta hash and list; ARGV, per channel in the same order: size,
+/// ttl in ms, the pub/sub channel, the number of messages, then their bodies
+/// (kind byte and data), oldest first. One call per batch, not per message:
+/// calling a script costs Redis far more than the few commands each message
+/// needs (one `PUBLISH`, its share of one `RPUSH`), and the per-channel steps
+/// (the offset, trimming, expiry) are done once per channel.
 pub(super) static SEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = t[1] .. '.' .. t[2] .. '.' .. redis.call('INCR', '{EPOCH_COUNTER}')
-  redis.call('HSET', KEYS[1], 'e', epoch)
-  redis.call('DEL', KEYS[2])
+local kept_at = string.format('%d:', t[1] * 1000 + math.floor(t[2] / 1000))
+local a = 1
+for c = 1, #KEYS, 2 do
+  local meta, list = KEYS[c], KEYS[c + 1]
+  local size, ttl, pubsub, count = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  a = a + 4
+  local epoch = redis.call('HGET', meta, 'e')
+  if not epoch then
+    epoch = t[1] .. '.' .. t[2] .. '.' .. redis.call('INCR', '{EPOCH_COUNTER}')
+    redis.call('HSET', meta, 'e', epoch)
+    redis.call('DEL', list)
+  end
+  local first = redis.call('HINCRBY', meta, 'o', count) - count + 1
+  local entries = {{}}
+  for i = 0, count - 1 do
+    local body = ARGV[a + i]
+    redis.call('PUBLISH', pubsub, epoch .. '\0' .. string.format('%d', first + i) .. '\0' .. body)
+    if i >= count - size then entries[#entries + 1] = kept_at .. body end
+  end
+  redis.call('RPUSH', list, unpack(entries))
+  redis.call('LTRIM', list, -size, -1)
+  redis.call('PEXPIRE', meta, ttl)
+  redis.call('PEXPIRE', list, ttl)
+  a = a + count
 end
-local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
-redis.call('RPUSH', KEYS[2], string.format('%d:', now) .. ARGV[4])
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[1]), -1)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-redis.call('PUBLISH', ARGV[3], epoch .. '\0' .. string.format('%d', offset) .. '\0' .. ARGV[4])
-return offset"
+return 1"
     ))
 });
 
@@ -95,25 +112,55 @@ pub(super) async fn load(commands: &mut ConnectionManager) -> redis::RedisResult
     Ok(())
 }
 
-/// Adds one message's [`SEND`] to a pipeline.
-pub(super) fn add_send(
-    pipe: &mut redis::Pipeline,
-    name: &[u8],
-    policy: &Policy,
-    pubsub: &[u8],
-    body: &[u8],
-) {
-    let [meta, list] = history_keys(name);
-    pipe.cmd("EVALSHA")
-        .arg(SEND.get_hash())
-        .arg(2)
-        .arg(meta)
-        .arg(list)
-        .arg(policy.size)
-        .arg(ttl_ms(policy))
-        .arg(pubsub)
-        .arg(body)
-        .ignore();
+/// Messages for history channels, grouped by channel in first-seen order
+/// (each channel's in the order sent), for one [`SEND`].
+#[derive(Default)]
+pub(super) struct Batch<'a> {
+    channels: Vec<Group<'a>>,
+}
+
+struct Group<'a> {
+    name: &'a [u8],
+    policy: &'a Policy,
+    bodies: Vec<&'a [u8]>,
+}
+
+impl<'a> Batch<'a> {
+    pub(super) fn add(&mut self, name: &'a [u8], policy: &'a Policy, body: &'a [u8]) {
+        // A batch is at most a few hundred messages over few channels.
+        match self.channels.iter_mut().find(|group| group.name == name) {
+            Some(group) => group.bodies.push(body),
+            None => self.channels.push(Group {
+                name,
+                policy,
+                bodies: vec![body],
+            }),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.channels.is_empty()
+    }
+
+    /// Adds the batch's one [`SEND`] to a pipeline.
+    pub(super) fn add_to(&self, pipe: &mut redis::Pipeline) {
+        let cmd = pipe.cmd("EVALSHA");
+        cmd.arg(SEND.get_hash()).arg(self.channels.len() * 2);
+        for group in &self.channels {
+            let [meta, list] = history_keys(group.name);
+            cmd.arg(meta).arg(list);
+        }
+        for group in &self.channels {
+            cmd.arg(group.policy.size.min(1 << 50))
+                .arg(ttl_ms(group.policy))
+                .arg(&pubsub_key(group.name, true)[..])
+                .arg(group.bodies.len());
+            for body in &group.bodies {
+                cmd.arg(*body);
+            }
+        }
+        pipe.ignore();
+    }
 }
 
 /// A history channel as a read found it.

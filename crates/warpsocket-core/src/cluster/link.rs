@@ -145,6 +145,7 @@ async fn send_batch(
     publishes: bool,
 ) -> RedisResult<()> {
     let mut pipe = redis::pipe();
+    let mut kept = kept::Batch::default();
     for outgoing in batch {
         match outgoing {
             Outgoing::Publish { channel, message } => {
@@ -155,10 +156,11 @@ async fn send_batch(
                         .ignore();
                 }
             }
-            Outgoing::Kept { name, policy, body } => {
-                kept::add_send(&mut pipe, name, policy, &pubsub_key(name, true), body);
-            }
+            Outgoing::Kept { name, policy, body } => kept.add(name, policy, body),
         }
+    }
+    if !kept.is_empty() {
+        kept.add_to(&mut pipe);
     }
     match tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<()>(commands)).await {
         Ok(sent) => sent,
