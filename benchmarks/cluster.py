@@ -16,9 +16,9 @@ node) and every request's broadcast crosses Redis once.
 - ``cluster-history``: ``cluster`` with every channel a history channel
   (``--history '=100/300'``, stamps on): each broadcast is sequenced in Redis by a Lua
   script (``EVALSHA``, one per batch of the node's publisher) and every node, the
-  sender's included, delivers it when it comes back from Redis pub/sub. The events arrive stamped (``OFFSET:{"type":"evt",...}``);
-  the generator finds the ``"type"`` field wherever it is in the payload, so it counts
-  them as it does unstamped ones.
+  sender's included, delivers it when it comes back from Redis pub/sub. The events
+  arrive stamped (``OFFSET:{"type":"evt",...}``); the generator finds the ``"type"``
+  field wherever it is in the payload, so it counts them as it does unstamped ones.
 
 Rounds alternate the setups (the order flips every round), so a drift of the shared
 machine's load hits every setup alike.
