@@ -9,6 +9,7 @@
 #    `websockets` client come.
 # 2. The sdist, into another fresh venv, on this machine with its Rust toolchain: pip
 #    builds it from source (maturin from PyPI, a release build: minutes).
+# Before both, it checks that every wheel and the sdist in DIST carry LICENSE.
 # Each venv then starts a server (`warpsocket.start`, an echo worker, port 0), talks to
 # it with `websockets` (text and binary), stops it, and checks that `__version__` and
 # `warpsocket --version` are the artifact's version. PYTHON picks the interpreter.
@@ -33,6 +34,28 @@ one() {
 wheel=$(one "warpsocket-*-cp310-abi3-*_x86_64.whl")
 sdist=$(one "warpsocket-*.tar.gz")
 version=$(basename "$wheel" | cut -d- -f2)
+
+# Every artifact carries the license text (MIT, as the metadata says).
+"$PYTHON" - "$DIST" <<'EOF'
+import pathlib
+import sys
+import tarfile
+import zipfile
+
+license_text = pathlib.Path("LICENSE").read_text()
+artifacts = sorted(pathlib.Path(sys.argv[1]).glob("warpsocket-*"))
+for artifact in artifacts:
+    if artifact.suffix == ".whl":
+        with zipfile.ZipFile(artifact) as wheel:
+            names = [n for n in wheel.namelist() if n.endswith(".dist-info/licenses/LICENSE")]
+            found = [wheel.read(n).decode() for n in names]
+    else:
+        with tarfile.open(artifact) as sdist:
+            members = [m for m in sdist.getmembers() if m.name.count("/") == 1 and m.name.endswith("/LICENSE")]
+            found = [sdist.extractfile(m).read().decode() for m in members]
+    assert found == [license_text], f"{artifact.name}: no LICENSE, or not this one"
+print(f"[smoke-wheels] LICENSE in all {len(artifacts)} artifacts")
+EOF
 
 # Start a server from the venv $1, talk to it, stop it; run from $WORK so that nothing
 # of this checkout can be imported instead of what was installed.
