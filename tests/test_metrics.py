@@ -8,6 +8,7 @@ real ``websockets`` clients, the page parsed, ``promtool``, a real Prometheus, a
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -388,8 +389,9 @@ def test_metrics_bind_is_checked_and_a_taken_address_leaves_nothing_running(star
         warpsocket.start(bind="127.0.0.1:0", worker=worker, metrics_bind=9100)
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match=f"metrics_bind 127.0.0.1:{port}: Address already in use") as caught:
             warpsocket.start(bind="127.0.0.1:0", worker=worker, metrics_bind=f"127.0.0.1:{port}")
+        assert caught.value.errno == errno.EADDRINUSE
     assert not warpsocket_threads()
     # Nothing was left running: a server starts, and without metrics_bind has no listener.
     server = start_server(worker=worker)

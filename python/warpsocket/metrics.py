@@ -263,7 +263,12 @@ class MetricsServer:
         # prometheus_client's own app: content negotiation (text or OpenMetrics),
         # gzip and ?name[]= filtering come with it.
         self._metrics_app = make_wsgi_app(REGISTRY)
-        self._httpd = _HTTPServer(host, port, self._app)
+        try:
+            self._httpd = _HTTPServer(host, port, self._app)
+        except OSError as exc:
+            # The socket's own error names no address ("[Errno 98] Address already in use").
+            where = format_address(host, port)
+            raise OSError(exc.errno, f"metrics_bind {where}: {exc.strerror or exc}") from exc
         try:
             REGISTRY.register(self.collector)
         except BaseException:
