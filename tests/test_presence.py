@@ -98,10 +98,15 @@ def wait_change(log_path, channel, member, joined):
 
 def wait_line(log_path, prefix):
     """Wait until a logged line starts with ``prefix``; return its index."""
-    return wait_for(
-        lambda: next((i + 1 for i, line in enumerate(read_lines(log_path)) if line.startswith(prefix)), None),
-        message=repr(prefix),
-    ) - 1
+    return (
+        wait_for(
+            lambda: next(
+                (i + 1 for i, line in enumerate(read_lines(log_path)) if line.startswith(prefix)), None
+            ),
+            message=repr(prefix),
+        )
+        - 1
+    )
 
 
 def worker_of(log_path, sid):
@@ -170,7 +175,9 @@ def test_virtual_sockets_are_tracked_apart_from_their_connection(make_client, lo
         ("'room'", "ada", False),
     ]
     worker = worker_of(log_path, a.sid)
-    assert {c[4] for c in changes(log_path)} == {worker}, "a virtual socket's changes run on its connection's worker"
+    assert {c[4] for c in changes(log_path)} == {worker}, (
+        "a virtual socket's changes run on its connection's worker"
+    )
 
 
 def test_tracking_again_replaces_the_member_and_its_info(make_client, log_path):
@@ -193,10 +200,21 @@ def test_tracking_again_replaces_the_member_and_its_info(make_client, log_path):
 
 def test_presence_values_info_types_and_channel_names(server, make_client, log_path):
     a = make_client()
-    for member, info in [("s", "text"), ("b", b"\x00\xff"), ("ba", bytearray(b"ba")), ("m", memoryview(b"mv"))]:
+    for member, info in [
+        ("s", "text"),
+        ("b", b"\x00\xff"),
+        ("ba", bytearray(b"ba")),
+        ("m", memoryview(b"mv")),
+    ]:
         assert warpsocket.track(warpsocket.create_virtual_socket(a.sid), "kinds", member, info)
     assert warpsocket.track(a.sid, "kinds", "none")
-    assert warpsocket.presence(b"kinds") == {"s": "text", "b": b"\x00\xff", "ba": b"ba", "m": b"mv", "none": None}
+    assert warpsocket.presence(b"kinds") == {
+        "s": "text",
+        "b": b"\x00\xff",
+        "ba": b"ba",
+        "m": b"mv",
+        "none": None,
+    }
     assert warpsocket.presence_count("kinds") == 5
     assert warpsocket.presence("nobody here") == {}
     # A channel name that is not UTF-8 reaches handle_presence as bytes.
@@ -312,7 +330,10 @@ def test_the_four_functions_take_any_value(start_server, log_path):
     virtual = warpsocket.create_virtual_socket(client.sid)
     ids = st.sampled_from([client.sid, virtual, NO_SUCH_ID, 0, -1, 2**64])
     names = st.one_of(
-        st.text(max_size=4), st.binary(max_size=4), st.binary(max_size=4).map(bytearray), st.sampled_from(["", "c"])
+        st.text(max_size=4),
+        st.binary(max_size=4),
+        st.binary(max_size=4).map(bytearray),
+        st.sampled_from(["", "c"]),
     )
     anything = st.one_of(
         ids,
