@@ -1408,6 +1408,97 @@ mod tests {
         );
     }
 
+    /// Tracks, untracks, virtual socket deletes and closes from many threads
+    /// at once: the changes reach the (one) worker queue alternating for
+    /// every (channel, member), each close event before the changes of its
+    /// close, and nothing is left once every socket is gone.
+    #[test]
+    fn concurrent_presence_changes_stay_in_order_and_leave_nothing_behind() {
+        let f = Fixture::new();
+        let sockets: Vec<Arc<Socket>> = (0..8).map(|_| f.connect()).collect();
+        let queue = sockets[0].worker.clone();
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                let (f, sockets, queue) = (&f, &sockets, &queue);
+                scope.spawn(move || {
+                    let mut seed = 0x9e37_79b9_7f4a_7c15_u64 ^ t;
+                    let mut next = move || {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        seed
+                    };
+                    for i in 0..3000 {
+                        let socket = &sockets[(next() % 8) as usize];
+                        let channel = [b'a' + (next() % 3) as u8];
+                        let member = ["x", "y"][(next() % 2) as usize];
+                        if t == 0 && i % 500 == 499 {
+                            f.hub.remove_socket(socket.id, || {
+                                queue.push(socket, Payload::Close, ReadAt::now());
+                            });
+                            continue;
+                        }
+                        match next() % 5 {
+                            0 | 1 => {
+                                let _ = f.hub.track(socket.id, &channel, member, None);
+                            }
+                            2 => {
+                                f.hub.untrack(socket.id, &channel);
+                            }
+                            3 => {
+                                if let Ok(v) = f.hub.create_virtual_socket(socket.id, None) {
+                                    let _ = f.hub.track(v, &channel, member, None);
+                                    if i % 2 == 0 {
+                                        f.hub.delete_virtual_socket(v, None);
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                });
+            }
+        });
+        for socket in &sockets {
+            f.hub.remove_socket(socket.id, || {
+                queue.push(socket, Payload::Close, ReadAt::now());
+            });
+        }
+        assert_eq!(f.hub.presence_member_count(), 0);
+        assert_eq!(f.hub.virtual_socket_count(), 0);
+        let mut present: std::collections::HashMap<(Bytes, Arc<str>), bool> = Default::default();
+        let mut closed = std::collections::HashSet::new();
+        for event in queue.drain() {
+            let id = event.socket_id();
+            match event.payload {
+                Payload::Presence(change) => {
+                    let was = present
+                        .insert(
+                            (change.channel.clone(), change.member.clone()),
+                            change.joined,
+                        )
+                        .unwrap_or(false);
+                    assert_ne!(was, change.joined, "{change:?} alternates");
+                    if !change.joined {
+                        continue;
+                    }
+                    assert!(
+                        !closed.contains(&id),
+                        "a join through a socket after its close"
+                    );
+                }
+                Payload::Close => {
+                    closed.insert(id);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(present.len() >= 6, "{present:?}");
+        // Every socket closed once at the end; those closed mid-run twice.
+        assert_eq!(closed.len(), sockets.len());
+        assert!(present.values().all(|&p| !p), "every join has its leave");
+    }
+
     #[derive(Default)]
     struct Seen(Mutex<Vec<String>>);
 
