@@ -132,10 +132,12 @@ impl Hub {
     /// Forgets a connection: out of every channel, untracked from every
     /// channel's presence, its virtual sockets deleted, its pending upgrade
     /// dropped. O(its subscriptions and tracks). `closed` runs (once)
-    /// with the presence table locked, just before the presence changes of
-    /// the close are queued: the connection's close event, queued there,
+    /// just before the presence changes of the close are queued, with the
+    /// presence table locked: the connection's close event, queued there,
     /// reaches its worker before them (`handle_close` runs first) and
-    /// before any later change of the same members.
+    /// before any later change of the same members. A connection that was
+    /// never tracked (nor any of its virtual sockets) causes no change, and
+    /// `closed` runs without the lock.
     pub(crate) fn remove_socket(&self, id: u64, closed: impl FnOnce()) {
         self.opens.lock().remove(&id);
         if self.delete(id, closed) {
@@ -152,10 +154,15 @@ impl Hub {
             return false;
         };
         let mut deleted = Vec::new();
+        let mut tracked = false;
         let mut pending = vec![(id, entry)];
         while let Some((id, entry)) = pending.pop() {
             deleted.push(id);
-            let (channels, children) = entry.links().lock().kill();
+            let (channels, children) = {
+                let mut links = entry.links().lock();
+                tracked |= links.tracked;
+                links.kill()
+            };
             for channel in &channels {
                 if self.channels.update(channel, id, i64::MIN) == (Change::Removed { last: true }) {
                     self.channel_vanished(channel);
@@ -169,6 +176,12 @@ impl Hub {
                     .into_iter()
                     .filter_map(|child| Some((child, self.sockets.remove(child)?))),
             );
+        }
+        // A `track` marks the links before it locks the table, and fails on
+        // dead ones: one that got past them is seen here.
+        if !tracked {
+            then();
+            return true;
         }
         // Untracked once out of the registry: a `track` checks the registry
         // with the presence table locked, so it either ran before this (and
@@ -675,6 +688,15 @@ impl Hub {
         member: &str,
         info: Option<Info>,
     ) -> Result<bool, PresenceError> {
+        let entry = self.sockets.get(id).ok_or(PresenceError::NoSuchSocket)?;
+        {
+            // Marked first, so that a delete from here on takes the table (see `delete`).
+            let mut links = entry.links().lock();
+            if links.dead {
+                return Err(PresenceError::NoSuchSocket);
+            }
+            links.tracked = true;
+        }
         let mut changes = Vec::new();
         let mut presence = self.presence.lock();
         // Checked with the table locked: see `delete`.
