@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 WORKER = (
     LOGGING_PRELUDE
     + """
-import json, threading
+import json, threading, time
 
 def me():
-    return threading.current_thread().name
+    return f"{threading.current_thread().name}:{threading.get_ident()}"
 
 def handle_open(socket_id, ip, headers):
     path = headers[":path"]
@@ -36,6 +36,8 @@ def handle_text_message(text, socket_id):
     if text == "id":
         log("worker", socket_id, me())
         warpsocket.send(socket_id, str(socket_id))
+    elif text.startswith("sleep "):
+        time.sleep(float(text.split()[1]))
 
 def handle_close(socket_id):
     log("close", socket_id, warpsocket.presence_count("room"))
@@ -325,6 +327,25 @@ def last_changes(log_path, pairs):
         assert last.get((channel, member), False) != joined, f"{channel} {member} alternates"
         last[(channel, member)] = joined
     return not any(last.get(pair, True) for pair in pairs) and not any(last.values())
+
+
+@pytest.mark.timeout(120)
+def test_a_retired_workers_changes_run_on_its_replacement(start_server, log_path):
+    server = start_server(WORKER, threads=2, worker_arg=str(log_path), hang_timeout=1.0)
+    a = IdClient(server)
+    try:
+        hung = worker_of(log_path, a.sid)
+        assert warpsocket.track(a.sid, "room", "ada")
+        wait_change(log_path, "room", "ada", True)
+        a.ws.send("sleep 4")
+        # Retired after 1 s: its connection is closed with 1011, and the replacement
+        # runs the close and the presence change it causes.
+        left = wait_change(log_path, "room", "ada", False)
+        assert left[4] != hung
+        assert wait_line(log_path, f"close {a.sid} ") < left[0]
+    finally:
+        with contextlib.suppress(Exception):
+            a.close()
 
 
 @pytest.mark.timeout(180)
