@@ -95,6 +95,10 @@ FUNCTIONS = [
     warpsocket.position,
     warpsocket.history,
     warpsocket.recover,
+    warpsocket.track,
+    warpsocket.untrack,
+    warpsocket.presence,
+    warpsocket.presence_count,
     warpsocket.stats,
 ]
 

@@ -82,7 +82,7 @@ async def handle_close(socket_id):
             await asyncio.sleep(0.01)
 """
 
-KINDS = ("open", "text", "binary", "close")
+KINDS = ("open", "text", "binary", "close", "presence")
 HISTOGRAMS = ("warpsocket_handler_duration_seconds", "warpsocket_queue_wait_seconds")
 
 
@@ -192,7 +192,7 @@ def test_the_page_promtool_and_a_real_prometheus(start_server, app, tmp_path):
 
     # Every handler call: 5 opens (one refused), 5 texts, 3 closes; the binary
     # message had no handler. A call is recorded just after its handler returns.
-    calls = {"open": 5, "text": 5, "binary": 0, "close": 3}
+    calls = {"open": 5, "text": 5, "binary": 0, "close": 3, "presence": 0}
     body, page = scrape_until(
         address,
         lambda page: all(histogram_counts(page, n) == calls for n in HISTOGRAMS),

@@ -23,7 +23,7 @@ from warpsocket.addresses import parse_bind
 from warpsocket.codes import HandlerKind
 from warpsocket.metrics import BUCKETS, MetricsServer
 
-OPEN, TEXT, BINARY, CLOSE = HandlerKind
+OPEN, TEXT, BINARY, CLOSE, PRESENCE = HandlerKind
 
 
 class FakeStats:
@@ -176,7 +176,7 @@ def test_histograms(metrics):
     for name in ("warpsocket_handler_duration_seconds", "warpsocket_queue_wait_seconds"):
         assert page[name].type == "histogram"
         handlers = {s.labels["handler"] for s in page[name].samples}
-        assert handlers == {"open", "text", "binary", "close"}
+        assert handlers == {"open", "text", "binary", "close", "presence"}
         les = [s.labels["le"] for s in page[name].samples
                if s.name.endswith("_bucket") and s.labels["handler"] == "close"]  # fmt: skip
         assert [float(le) for le in les] == [*BUCKETS, float("inf")]

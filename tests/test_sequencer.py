@@ -9,7 +9,7 @@ import pytest
 from warpsocket.codes import HandlerKind
 from warpsocket.sequencer import Sequencer
 
-OPEN, TEXT, BINARY, CLOSE = HandlerKind
+OPEN, TEXT, BINARY, CLOSE, PRESENCE = HandlerKind
 
 
 class Holds:
@@ -233,5 +233,45 @@ def test_random_interleavings_keep_order_and_release_every_hold(seed):
         )
         expected = script if failed_at is None else [*script[: failed_at + 1], script[-1]]
         assert log[sid] == expected, f"socket {sid}, script {script}"
+    assert holds.held() == 0
+    assert not seq.tracked
+
+
+def test_presence_changes_after_an_awaited_close_still_run():
+    seq, holds = new_sequencer()
+    assert seq.arrive(CLOSE, 1, None)
+    seq.ran(CLOSE, 1, True)
+    assert not seq.arrive(PRESENCE, 1, ("room", "ada", False))
+    seq.finished(CLOSE, 1)
+    assert drain_backlog(seq, 1) == [(PRESENCE, ("room", "ada", False))]
+    assert holds.held() == 0
+    assert not seq.tracked
+
+
+def test_presence_changes_behind_a_close_in_the_backlog_still_run():
+    seq, holds = new_sequencer()
+    assert seq.arrive(TEXT, 1, "slow")
+    seq.ran(TEXT, 1, True)
+    assert not seq.arrive(CLOSE, 1, None)
+    assert not seq.arrive(PRESENCE, 1, ("room", "ada", False))
+    seq.finished(TEXT, 1)
+    assert drain_backlog(seq, 1) == [(CLOSE, None), (PRESENCE, ("room", "ada", False))]
+    assert holds.held() == 0
+    assert not seq.tracked
+
+
+def test_presence_changes_of_a_failed_connection_are_not_dropped():
+    seq, holds = new_sequencer()
+    assert seq.arrive(TEXT, 1, "boom")
+    seq.ran(TEXT, 1, True)
+    seq.fail(1)
+    assert not seq.arrive(TEXT, 1, "dropped")
+    assert not seq.arrive(PRESENCE, 1, ("room", "ada", True))
+    seq.finished(TEXT, 1)
+    assert drain_backlog(seq, 1) == [(PRESENCE, ("room", "ada", True))]
+    assert seq.arrive(PRESENCE, 1, ("room", "ada", False)), "a failure drops messages only"
+    assert not seq.arrive(TEXT, 1, "still dropped")
+    assert seq.arrive(CLOSE, 1, None)
+    seq.ran(CLOSE, 1, False)
     assert holds.held() == 0
     assert not seq.tracked

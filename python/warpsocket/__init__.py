@@ -21,12 +21,16 @@ from ._core import (
     has_subscriptions,
     history,
     position,
+    presence,
+    presence_count,
     recover,
     send,
     set_key,
     set_key_if,
     subscribe,
+    track,
     unsubscribe,
+    untrack,
 )
 from .codes import CloseCode, RefusalStatus
 from .config import History
@@ -51,6 +55,8 @@ __all__ = [
     "has_subscriptions",
     "history",
     "position",
+    "presence",
+    "presence_count",
     "recover",
     "run",
     "send",
@@ -59,5 +65,7 @@ __all__ = [
     "start",
     "stats",
     "subscribe",
+    "track",
     "unsubscribe",
+    "untrack",
 ]

@@ -20,6 +20,10 @@ __all__ = [
     "position",
     "history",
     "recover",
+    "track",
+    "untrack",
+    "presence",
+    "presence_count",
     "resolve_open",
     "counters",
     "join_cluster",
@@ -101,6 +105,23 @@ def recover(target: int | list[int] | tuple[int, ...], channel: _Name, since: tu
     False (nothing from history delivered, still subscribed) when something was missed
     that is no longer kept.
     """
+
+def track(target: int, channel: _Name, member: str, info: _Name | None = None) -> bool:
+    """Track socket ``target`` in ``channel`` as ``member`` with ``info``; True if ``member`` became present.
+
+    A socket is tracked as one member per channel: tracking it again replaces the member
+    and info. Raises ValueError when ``target`` is not an open connection or live virtual
+    socket, or ``member`` is empty.
+    """
+
+def untrack(target: int, channel: _Name) -> bool:
+    """Untrack socket ``target`` from ``channel``; True if its member left (its last socket there)."""
+
+def presence(channel: _Name) -> dict[str, str | bytes | None]:
+    """The members present in ``channel``, each with the info of its latest ``track``."""
+
+def presence_count(channel: _Name) -> int:
+    """How many members are present in ``channel``."""
 
 def resolve_open(socket_id: int, accept: bool, status: int) -> bool:
     """Deliver ``handle_open``'s verdict; False if the upgrade no longer waits."""

@@ -30,6 +30,7 @@ class HandlerKind(IntEnum):
     TEXT = _KINDS["TEXT"]
     BINARY = _KINDS["BINARY"]
     CLOSE = _KINDS["CLOSE"]
+    PRESENCE = _KINDS["PRESENCE"]
 
 
 class CloseCode(IntEnum):

@@ -4,7 +4,9 @@ A worker runs each connection's handlers one after another: ``handle_open``, the
 messages in arrival order, then ``handle_close``. While an async handler of a
 connection is awaited, that connection's next events wait in a backlog (other
 connections go on); once a handler raised or timed out, the connection's later
-messages are dropped and only its close still runs.
+messages are dropped and only its close still runs. The presence changes a
+connection causes (``handle_presence``) are never dropped, and its close may be
+followed by some: those of the close itself.
 
 :class:`Sequencer` decides, for every event, whether it runs now, waits or is
 dropped, and which waiting event runs when an awaited handler ends. It calls no
@@ -23,8 +25,9 @@ from typing import Any
 
 from .codes import HandlerKind
 
-# A plain int: compared with each event's int kind.
+# Plain ints: compared with each event's int kind.
 EVENT_CLOSE = int(HandlerKind.CLOSE)
+EVENT_PRESENCE = int(HandlerKind.PRESENCE)
 
 
 class _Connection:
@@ -73,7 +76,7 @@ class Sequencer:
             conn.backlog.append((kind, payload))
             self._hold(sid)
             return False
-        return not conn.failed or kind == EVENT_CLOSE
+        return not conn.failed or kind == EVENT_CLOSE or kind == EVENT_PRESENCE
 
     def ran(self, kind: int, sid: int, awaiting: bool) -> None:
         """The handler of an event from :meth:`arrive` or :meth:`next` returned.
@@ -94,13 +97,25 @@ class Sequencer:
         if from_backlog:
             self._release(sid)
         if kind == EVENT_CLOSE:
-            conns.pop(sid, None)
+            self._closed(sid, conn if from_backlog else None)
 
     def finished(self, kind: int, sid: int) -> None:
         """The awaited handler of ``sid`` ended (returned, raised or timed out)."""
         self._release(sid)
         if kind == EVENT_CLOSE:
+            self._closed(sid, self._conns.get(sid))
+
+    def _closed(self, sid: int, busy: _Connection | None) -> None:
+        """``handle_close`` of ``sid`` ran; ``busy``: its state, while it is being driven.
+
+        A driven connection's backlog can only hold presence changes after its close:
+        they still run (``next`` returns them, then forgets it). Otherwise nothing of it
+        is left to keep.
+        """
+        if busy is None:
             self._conns.pop(sid, None)
+        else:
+            busy.failed = False
 
     def next(self, sid: int) -> tuple[int, Any] | None:
         """The next waiting event of ``sid`` to run, as ``(kind, payload)``; None when none waits.
@@ -114,7 +129,7 @@ class Sequencer:
         backlog = conn.backlog
         while backlog:
             kind, payload = backlog.popleft()
-            if conn.failed and kind != EVENT_CLOSE:
+            if conn.failed and kind != EVENT_CLOSE and kind != EVENT_PRESENCE:
                 self._release(sid)
                 continue
             return kind, payload

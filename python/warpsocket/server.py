@@ -252,6 +252,9 @@ def stats() -> Stats:
     With the ``history`` option (docs/api.md#history): ``history_channels`` (channels
     whose history this process keeps) and ``history_messages`` (messages kept, over
     every channel); both 0 without it.
+
+    With presence (docs/api.md#presence): ``presence_members``, the (channel, member)
+    pairs present through this process's sockets.
     """
     running = _running
     workers = running.stats_workers() if running is not None else []

@@ -31,6 +31,7 @@ class Stats(_ClusterStats):
     keys: int
     history_channels: int
     history_messages: int
+    presence_members: int
     messages_in: int
     messages_out: int
     bytes_in: int

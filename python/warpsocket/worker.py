@@ -41,7 +41,7 @@ logger = logging.getLogger("warpsocket")
 
 # Plain ints in the hot loop: comparing an event's int kind with them is the
 # cheapest comparison there is.
-OPEN, TEXT, BINARY, CLOSE = (int(kind) for kind in HandlerKind)
+OPEN, TEXT, BINARY, CLOSE, PRESENCE = (int(kind) for kind in HandlerKind)
 
 # Events taken per drain (the core keeps room for this many between drains).
 # When thousands of connections send at once, the worker converts and runs them
@@ -55,6 +55,7 @@ HANDLER_NAMES = (
     "handle_text_message",
     "handle_binary_message",
     "handle_close",
+    "handle_presence",
 )
 
 # Module execution temporarily registers the module in sys.modules, and a worker file's
@@ -192,6 +193,7 @@ class Worker(threading.Thread):
         self._on_text = self.handlers["handle_text_message"]
         self._on_binary = self.handlers["handle_binary_message"]
         self._on_close = self.handlers["handle_close"]
+        self._on_presence = self.handlers["handle_presence"]
         if self._timings is not None:
             self._call = functools.partial(self._timings.call, self._run, self._timed_await)
             self._timed = True
@@ -301,17 +303,18 @@ class Worker(threading.Thread):
             self._timings.finish(kind, waited, start)
 
     def _on_inherited_events(self, orphaned: _core.WorkerQueue) -> None:
-        """Run ``handle_close`` for the connections of a retired worker; drop the rest.
+        """Run ``handle_close`` and ``handle_presence`` for a retired worker's connections.
 
         Those connections were closed with 1011 when the worker was retired, so only
-        their close events matter. Stops watching the queue once all are gone.
+        their close events and the presence changes they cause matter; their messages
+        are dropped. Stops watching the queue once all are gone.
         """
         done = orphaned.connections == 0
-        for kind, sid, _payload in orphaned.drain():
-            if kind == CLOSE:
-                pending = self._run(CLOSE, sid, None)
+        for kind, sid, payload in orphaned.drain():
+            if kind == CLOSE or kind == PRESENCE:
+                pending = self._run(kind, sid, payload)
                 if pending is not None:
-                    self._spawn(self._await(sid, CLOSE, pending))
+                    self._spawn(self._await(sid, kind, pending))
         orphaned.settle()
         # Every close event was queued before the count reached 0 (see the core),
         # so once it was 0 before this drain, nothing more can come.
@@ -330,6 +333,11 @@ class Worker(threading.Thread):
                 if self._on_close is None:
                     return None
                 result = self._on_close(sid)
+            elif kind == PRESENCE:
+                if self._on_presence is None:
+                    return None
+                channel, member, joined = payload
+                result = self._on_presence(channel, member, joined)
             else:
                 return self._open(sid, payload)
         except Exception:
@@ -404,6 +412,10 @@ class Worker(threading.Thread):
         if kind == OPEN:
             self._refuse(sid, f"timed out after {self._timeout:.1f} s", raised=False)
             return
+        if kind == PRESENCE:
+            # The connection is not to blame for a presence change's handler.
+            logger.error("%s for socket %d timed out after %.1f s", _EVENT_HANDLER[kind], sid, self._timeout)
+            return
         logger.error(
             "%s for socket %d timed out after %.1f s; closing with %d",
             _EVENT_HANDLER[kind],
@@ -429,9 +441,13 @@ class Worker(threading.Thread):
         self._sequencer.forget(sid)
 
     def _failed(self, sid: int, kind: int) -> None:
-        """A handler raised: log the traceback, close with 1011, drop later messages."""
+        """A handler raised: log the traceback, close with 1011, drop later messages.
+
+        Only logged for ``handle_close`` (the connection is gone) and ``handle_presence``
+        (the connection is not to blame).
+        """
         what = _EVENT_HANDLER[kind]
-        if kind == CLOSE:
+        if kind == CLOSE or kind == PRESENCE:
             logger.exception("%s for socket %d raised", what, sid)
             return
         logger.exception("%s for socket %d raised; closing with %d", what, sid, CloseCode.INTERNAL)
@@ -444,6 +460,7 @@ _EVENT_HANDLER = {
     TEXT: "handle_text_message",
     BINARY: "handle_binary_message",
     CLOSE: "handle_close",
+    PRESENCE: "handle_presence",
 }
 
 

@@ -25,6 +25,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 
 use crate::clock::{self, now_ms};
+use crate::presence::Change;
 use crate::verdict::OpenRequest;
 use crate::wakeup::Wakeup;
 
@@ -88,6 +89,10 @@ pub enum Payload {
     Binary(Vec<u8>),
     /// The connection is gone; `handle_close` must run.
     Close,
+    /// A member became present in a channel or left it, through a track,
+    /// untrack or close of this connection or of a virtual socket resolving
+    /// to it: `handle_presence` must run. Boxed, as `Open`: rare.
+    Presence(Box<Change>),
 }
 
 /// Something a worker's handlers must see, in the order it happened.

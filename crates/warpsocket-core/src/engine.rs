@@ -12,11 +12,12 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::cluster::Cluster;
-use crate::errors::{JoinError, Unreachable, VirtualError};
+use crate::errors::{JoinError, PresenceError, Unreachable, VirtualError};
 use crate::frame::Kind;
 use crate::history::{Message, Policies};
 use crate::hub::{Hub, Target};
 use crate::kv::Kv;
+use crate::presence::{Info, Members};
 use crate::registry::MAX_PREFIX;
 use crate::socket::Socket;
 use crate::stats::Counters;
@@ -134,10 +135,11 @@ impl Engine {
         self.hub.add_socket(make)
     }
 
-    /// Forgets a connection: out of every channel, its virtual sockets
-    /// deleted, its pending upgrade dropped.
-    pub(crate) fn remove_socket(&self, id: u64) {
-        self.hub.remove_socket(id);
+    /// Forgets a connection: out of every channel and every channel's
+    /// presence, its virtual sockets deleted, its pending upgrade dropped.
+    /// `closed` queues its close event: see [`Hub::remove_socket`].
+    pub(crate) fn remove_socket(&self, id: u64, closed: impl FnOnce()) {
+        self.hub.remove_socket(id, closed);
     }
 
     /// Open connections (accepted or upgrading) on this node.
@@ -240,6 +242,55 @@ impl Engine {
             |hub| hub.delete_virtual_socket(id, expected_target),
             |cluster, hub| cluster.delete_virtual_socket(hub, id, expected_target),
         )
+    }
+
+    // -- docs/api.md#presence ---------------------------------------------------
+    //
+    // A process on its own only, so far: a cluster's presence (kept in
+    // Redis) is refused rather than answered for this node alone.
+
+    /// Tracks the socket `target` in `channel` as `member` with `info`;
+    /// true if `member` became present.
+    pub fn track(
+        &self,
+        target: u64,
+        channel: &[u8],
+        member: &str,
+        info: Option<Info>,
+    ) -> Result<bool, PresenceError> {
+        self.route(
+            |hub| hub.track(target, channel, member, info),
+            |_, _| Err(PresenceError::ClusterMode),
+        )
+    }
+
+    /// Untracks the socket `target` from `channel`; true if its member left.
+    pub fn untrack(&self, target: u64, channel: &[u8]) -> Result<bool, PresenceError> {
+        self.route(
+            |hub| Ok(hub.untrack(target, channel)),
+            |_, _| Err(PresenceError::ClusterMode),
+        )
+    }
+
+    /// The members present in `channel`, with the info of their latest track.
+    pub fn presence(&self, channel: &[u8]) -> Result<Members, PresenceError> {
+        self.route(
+            |hub| Ok(hub.presence(channel)),
+            |_, _| Err(PresenceError::ClusterMode),
+        )
+    }
+
+    /// How many members are present in `channel`.
+    pub fn presence_count(&self, channel: &[u8]) -> Result<usize, PresenceError> {
+        self.route(
+            |hub| Ok(hub.presence_count(channel)),
+            |_, _| Err(PresenceError::ClusterMode),
+        )
+    }
+
+    /// (channel, member) pairs present through this process's sockets.
+    pub fn presence_member_count(&self) -> usize {
+        self.hub.presence_member_count()
     }
 
     // -- docs/api.md#history ----------------------------------------------------

@@ -49,3 +49,12 @@ impl fmt::Display for JoinError {
 }
 
 impl std::error::Error for JoinError {}
+
+/// Why a presence call could not be answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceError {
+    /// `track`'s target is not an open connection or live virtual socket.
+    NoSuchSocket,
+    /// Presence across a cluster's nodes is not implemented yet.
+    ClusterMode,
+}

@@ -7,8 +7,14 @@
 //! It outlives servers: ids are never reused within a process.
 //!
 //! Lock order, to stay deadlock-free: a history channel's log, then a
-//! socket's links, then a channel shard, then registry shards, then an
-//! outbox. Nothing is held while calling out (to the log, or to the watcher).
+//! socket's links, then a channel shard, then the presence table, then
+//! registry shards, then an outbox, then a worker queue. Nothing is held
+//! while calling out (to the log, or to the watcher).
+//!
+//! Presence changes are queued for the workers with the presence table
+//! locked, so that every worker queue gets them in the order they happened;
+//! a closing connection's close event is queued under the same lock, just
+//! before the changes its close makes (see [`Hub::remove_socket`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,13 +26,15 @@ use tokio::sync::oneshot;
 
 use crate::channels::{Change, Channels};
 use crate::clock;
-use crate::errors::VirtualError;
+use crate::dispatch::{Payload, ReadAt};
+use crate::errors::{PresenceError, VirtualError};
 use crate::frame::{self, Kind};
 use crate::frames::Frames;
 use crate::handshake::status;
 use crate::history::{History, Log, Message, Policies, Policy, Stamp};
 use crate::ids::{IdGenerator, IdMap};
 use crate::links::Links;
+use crate::presence::{Change as PresenceChange, Info, Members, Presence};
 use crate::registry::{Entry, Prefix, Registry, VirtualSocket, MAX_PREFIX};
 use crate::socket::{Queued, Socket};
 use crate::stats::Counters;
@@ -61,6 +69,11 @@ pub(crate) struct Hub {
     watcher: ArcSwapOption<Box<dyn ChannelWatcher>>,
     /// The history channels' sequences and kept messages.
     history: History,
+    /// Who is present in which channel, through which sockets (each tracked
+    /// socket with the connection whose worker hears of its changes). One
+    /// mutex: tracks are rare next to messages, and one lock orders every
+    /// change (see the lock order above).
+    presence: Mutex<Presence<Arc<Socket>>>,
 }
 
 /// A subscription that began or ended, for the watcher.
@@ -116,23 +129,40 @@ impl Hub {
         socket
     }
 
-    /// Forgets a connection: out of every channel, its virtual sockets
-    /// deleted, its pending upgrade dropped. O(its subscriptions).
-    pub(crate) fn remove_socket(&self, id: u64) {
+    /// Forgets a connection: out of every channel, untracked from every
+    /// channel's presence, its virtual sockets deleted, its pending upgrade
+    /// dropped. O(its subscriptions and tracks). `closed` runs (once)
+    /// just before the presence changes of the close are queued, with the
+    /// presence table locked: the connection's close event, queued there,
+    /// reaches its worker before them (`handle_close` runs first) and
+    /// before any later change of the same members. A connection that was
+    /// never tracked (nor any of its virtual sockets) causes no change, and
+    /// `closed` runs without the lock.
+    pub(crate) fn remove_socket(&self, id: u64, closed: impl FnOnce()) {
         self.opens.lock().remove(&id);
-        if self.delete(id) {
+        if self.delete(id, closed) {
             self.connections.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
-    /// Deletes `id` and, transitively, the virtual sockets pointing at it.
-    fn delete(&self, id: u64) -> bool {
+    /// Deletes `id` and, transitively, the virtual sockets pointing at it;
+    /// then untracks them all, calling `then` first (see
+    /// [`remove_socket`](Self::remove_socket)).
+    fn delete(&self, id: u64, then: impl FnOnce()) -> bool {
         let Some(entry) = self.sockets.remove(id) else {
+            then();
             return false;
         };
+        let mut deleted = Vec::new();
+        let mut tracked = false;
         let mut pending = vec![(id, entry)];
         while let Some((id, entry)) = pending.pop() {
-            let (channels, children) = entry.links().lock().kill();
+            deleted.push(id);
+            let (channels, children) = {
+                let mut links = entry.links().lock();
+                tracked |= links.tracked;
+                links.kill()
+            };
             for channel in &channels {
                 if self.channels.update(channel, id, i64::MIN) == (Change::Removed { last: true }) {
                     self.channel_vanished(channel);
@@ -147,6 +177,23 @@ impl Hub {
                     .filter_map(|child| Some((child, self.sockets.remove(child)?))),
             );
         }
+        // A `track` marks the links before it locks the table, and fails on
+        // dead ones: one that got past them is seen here.
+        if !tracked {
+            then();
+            return true;
+        }
+        // Untracked once out of the registry: a `track` checks the registry
+        // with the presence table locked, so it either ran before this (and
+        // is undone here) or finds them gone.
+        let mut changes = Vec::new();
+        let mut presence = self.presence.lock();
+        then();
+        for id in deleted {
+            presence.remove(id, &mut changes);
+        }
+        Self::report_presence(changes);
+        drop(presence);
         true
     }
 
@@ -603,7 +650,7 @@ impl Hub {
         let mut links = parent.links().lock();
         if links.dead {
             drop(links);
-            self.delete(id);
+            self.delete(id, || {});
             return Err(VirtualError::NoSuchSocket);
         }
         links.add_child(id);
@@ -619,13 +666,90 @@ impl Hub {
         if expected_target.is_some_and(|t| t != v.target) {
             return false;
         }
-        if !self.delete(id) {
+        if !self.delete(id, || {}) {
             return false;
         }
         if let Some(parent) = self.sockets.get(v.target) {
             parent.links().lock().remove_child(id);
         }
         true
+    }
+
+    // -- presence ------------------------------------------------------------
+
+    /// Tracks the socket `id` (a connection or a virtual socket, which is
+    /// tracked apart from its connection) in `channel` as `member` with
+    /// `info`, replacing the member it was tracked as there. True if
+    /// `member` became present.
+    pub(crate) fn track(
+        &self,
+        id: u64,
+        channel: &[u8],
+        member: &str,
+        info: Option<Info>,
+    ) -> Result<bool, PresenceError> {
+        let entry = self.sockets.get(id).ok_or(PresenceError::NoSuchSocket)?;
+        {
+            // Marked first, so that a delete from here on takes the table (see `delete`).
+            let mut links = entry.links().lock();
+            if links.dead {
+                return Err(PresenceError::NoSuchSocket);
+            }
+            links.tracked = true;
+        }
+        let mut changes = Vec::new();
+        let mut presence = self.presence.lock();
+        // Checked with the table locked: see `delete`.
+        let socket = match self.sockets.resolve(id) {
+            Some((socket, _)) if socket.is_open() => socket,
+            _ => return Err(PresenceError::NoSuchSocket),
+        };
+        let joined = presence.track(id, &socket, channel, member, info, &mut changes);
+        Self::report_presence(changes);
+        drop(presence);
+        Ok(joined)
+    }
+
+    /// Untracks the socket `id` from `channel`. True if its member left
+    /// (it was the member's last tracked socket there); false too when it
+    /// was not tracked there, or is gone (and so untracked already).
+    pub(crate) fn untrack(&self, id: u64, channel: &[u8]) -> bool {
+        let mut presence = self.presence.lock();
+        let left = presence.untrack(id, channel);
+        let was = left.is_some();
+        Self::report_presence(left.into_iter().collect());
+        drop(presence);
+        was
+    }
+
+    /// The members present in `channel`, with the info of their latest track.
+    pub(crate) fn presence(&self, channel: &[u8]) -> Members {
+        self.presence.lock().members(channel)
+    }
+
+    /// How many members are present in `channel`.
+    pub(crate) fn presence_count(&self, channel: &[u8]) -> usize {
+        self.presence.lock().count(channel)
+    }
+
+    /// (channel, member) pairs present through this process's sockets.
+    pub(crate) fn presence_member_count(&self) -> usize {
+        self.presence.lock().pairs()
+    }
+
+    /// Queues each change for the worker of the connection it came
+    /// through; called with the presence table locked, so that each worker
+    /// queue gets the changes in the order they happened.
+    fn report_presence(changes: Vec<(Arc<Socket>, PresenceChange)>) {
+        if changes.is_empty() {
+            return;
+        }
+        let now = ReadAt::now();
+        for (socket, change) in changes {
+            socket
+                .worker
+                .push(&socket, Payload::Presence(Box::new(change)), now);
+        }
     }
 
     // -- upgrades and worker bookkeeping -------------------------------------
@@ -1011,7 +1135,7 @@ mod tests {
                 1,
             );
         }
-        f.hub.remove_socket(a.id);
+        f.hub.remove_socket(a.id, || {});
         assert_eq!(f.hub.connection_count(), 1);
         assert_eq!(f.hub.virtual_socket_count(), 0);
         assert_eq!(f.hub.subscription_count(), 3);
@@ -1216,6 +1340,187 @@ mod tests {
         );
     }
 
+    /// The events queued for `socket`'s worker, as text: `close 7`,
+    /// `+room ada` (joined), `-room ada` (left).
+    fn worker_events(socket: &Socket) -> Vec<String> {
+        socket
+            .worker
+            .drain()
+            .into_iter()
+            .map(|e| match &e.payload {
+                Payload::Close => format!("close {}", e.socket_id()),
+                Payload::Presence(c) => format!(
+                    "{}{} {}",
+                    if c.joined { '+' } else { '-' },
+                    String::from_utf8_lossy(&c.channel),
+                    c.member
+                ),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn presence_counts_members_once_and_untracks_what_closes_or_is_deleted() {
+        let f = Fixture::new();
+        let (a, b) = (f.connect(), f.connect());
+        let va = f.hub.create_virtual_socket(a.id, None).unwrap();
+        let vva = f.hub.create_virtual_socket(va, None).unwrap();
+        let text = |s: &str| Some(Info::Text(ch(s)));
+        assert_eq!(f.hub.track(a.id, b"room", "ada", text("1")), Ok(true));
+        assert_eq!(f.hub.track(b.id, b"room", "ada", text("2")), Ok(false));
+        assert_eq!(f.hub.track(va, b"room", "bob", None), Ok(true));
+        assert_eq!(f.hub.track(vva, b"room", "cy", None), Ok(true));
+        assert_eq!(f.hub.track(vva, b"hall", "cy", None), Ok(true));
+        assert_eq!(
+            f.hub.track(9999, b"room", "x", None),
+            Err(PresenceError::NoSuchSocket)
+        );
+        assert_eq!(
+            (f.hub.presence_count(b"room"), f.hub.presence_member_count()),
+            (3, 4)
+        );
+        assert_eq!(
+            worker_events(&a),
+            ["+room ada", "+room bob", "+room cy", "+hall cy"],
+            "a virtual socket's changes go to its connection's worker"
+        );
+        // Deleting va deletes vva too: both are untracked.
+        assert!(f.hub.delete_virtual_socket(va, None));
+        let mut left = worker_events(&a);
+        left.sort();
+        assert_eq!(left, ["-hall cy", "-room bob", "-room cy"]);
+        assert!(!f.hub.untrack(vva, b"room"), "gone, so untracked already");
+        let closed = std::cell::Cell::new(false);
+        f.hub.remove_socket(a.id, || {
+            closed.set(true);
+            a.worker.push(&a, Payload::Close, ReadAt::now());
+        });
+        assert!(closed.get());
+        assert_eq!(
+            worker_events(&a),
+            [format!("close {}", a.id)],
+            "b keeps ada"
+        );
+        assert_eq!(f.hub.presence(b"room"), vec![("ada".into(), text("2"))]);
+        let v = f.hub.create_virtual_socket(b.id, None).unwrap();
+        assert_eq!(f.hub.track(v, b"room", "dee", None), Ok(true));
+        f.hub.remove_socket(b.id, || {
+            b.worker.push(&b, Payload::Close, ReadAt::now());
+        });
+        let events = worker_events(&b);
+        assert_eq!(
+            events[..2],
+            [String::from("+room dee"), format!("close {}", b.id)]
+        );
+        let mut left = events[2..].to_vec();
+        left.sort();
+        assert_eq!(left, ["-room ada", "-room dee"], "after the close event");
+        assert_eq!(
+            (f.hub.presence_count(b"room"), f.hub.presence_member_count()),
+            (0, 0)
+        );
+        assert_eq!(f.hub.presence(b"room"), vec![]);
+        let c = f.connect();
+        assert!(f.hub.close(c.id, 1000, ""));
+        assert_eq!(
+            f.hub.track(c.id, b"room", "x", None),
+            Err(PresenceError::NoSuchSocket),
+            "a closing connection counts as gone"
+        );
+    }
+
+    /// Tracks, untracks, virtual socket deletes and closes from many threads
+    /// at once: the changes reach the (one) worker queue alternating for
+    /// every (channel, member), each close event before the changes of its
+    /// close, and nothing is left once every socket is gone.
+    #[test]
+    fn concurrent_presence_changes_stay_in_order_and_leave_nothing_behind() {
+        let f = Fixture::new();
+        let sockets: Vec<Arc<Socket>> = (0..8).map(|_| f.connect()).collect();
+        let queue = sockets[0].worker.clone();
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                let (f, sockets, queue) = (&f, &sockets, &queue);
+                scope.spawn(move || {
+                    let mut seed = 0x9e37_79b9_7f4a_7c15_u64 ^ t;
+                    let mut next = move || {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        seed
+                    };
+                    for i in 0..3000 {
+                        let socket = &sockets[(next() % 8) as usize];
+                        let channel = [b'a' + (next() % 3) as u8];
+                        let member = ["x", "y"][(next() % 2) as usize];
+                        if t == 0 && i % 500 == 499 {
+                            f.hub.remove_socket(socket.id, || {
+                                queue.push(socket, Payload::Close, ReadAt::now());
+                            });
+                            continue;
+                        }
+                        match next() % 5 {
+                            0 | 1 => {
+                                let _ = f.hub.track(socket.id, &channel, member, None);
+                            }
+                            2 => {
+                                f.hub.untrack(socket.id, &channel);
+                            }
+                            3 => {
+                                if let Ok(v) = f.hub.create_virtual_socket(socket.id, None) {
+                                    let _ = f.hub.track(v, &channel, member, None);
+                                    if i % 2 == 0 {
+                                        f.hub.delete_virtual_socket(v, None);
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                });
+            }
+        });
+        for socket in &sockets {
+            f.hub.remove_socket(socket.id, || {
+                queue.push(socket, Payload::Close, ReadAt::now());
+            });
+        }
+        assert_eq!(f.hub.presence_member_count(), 0);
+        assert_eq!(f.hub.virtual_socket_count(), 0);
+        let mut present: std::collections::HashMap<(Bytes, Arc<str>), bool> = Default::default();
+        let mut closed = std::collections::HashSet::new();
+        for event in queue.drain() {
+            let id = event.socket_id();
+            match event.payload {
+                Payload::Presence(change) => {
+                    let was = present
+                        .insert(
+                            (change.channel.clone(), change.member.clone()),
+                            change.joined,
+                        )
+                        .unwrap_or(false);
+                    assert_ne!(was, change.joined, "{change:?} alternates");
+                    if !change.joined {
+                        continue;
+                    }
+                    assert!(
+                        !closed.contains(&id),
+                        "a join through a socket after its close"
+                    );
+                }
+                Payload::Close => {
+                    closed.insert(id);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(present.len() >= 6, "{present:?}");
+        // Every socket closed once at the end; those closed mid-run twice.
+        assert_eq!(closed.len(), sockets.len());
+        assert!(present.values().all(|&p| !p), "every join has its leave");
+    }
+
     #[derive(Default)]
     struct Seen(Mutex<Vec<String>>);
 
@@ -1246,9 +1551,9 @@ mod tests {
         f.hub.subscribe(&[Target::Socket(a.id)], &ch("x"), -2);
         f.hub.subscribe(&[Target::Socket(b.id)], &ch("x"), -2);
         f.hub.subscribe(&[Target::Socket(b.id)], &ch("y"), 1);
-        f.hub.remove_socket(a.id);
+        f.hub.remove_socket(a.id, || {});
         assert_eq!(*seen.0.lock(), ["+x", "+y", "-x"]);
-        f.hub.remove_socket(b.id);
+        f.hub.remove_socket(b.id, || {});
         f.hub.set_watcher(None);
         f.hub
             .subscribe(&[Target::Socket(f.connect().id)], &ch("z"), 1);

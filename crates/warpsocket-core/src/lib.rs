@@ -12,7 +12,8 @@
 //!
 //! <!-- layers -->
 //! 1. the pieces the rest builds on: `clock`, `shards`, `ids`,
-//!    `links`, `kv`, `stats`, `wakeup`, `errors`, `keepalive`
+//!    `links`, `kv`, `presence` (who is present in which channel),
+//!    `stats`, `wakeup`, `errors`, `keepalive`
 //!    (per-connection state), `lifecycle` (the close lifecycle's state
 //!    machine), `static_files`, `read_buffer`, `handshake`,
 //!    `deflate`, then `frame`, then `history` (history channels' offsets
@@ -54,6 +55,7 @@ mod keepalive;
 pub mod kv;
 mod lifecycle;
 mod links;
+pub mod presence;
 mod read_buffer;
 mod registry;
 mod request_head;
@@ -71,7 +73,7 @@ mod wakeup;
 pub use config::{Config, Handlers};
 pub use dispatch::Payload;
 pub use engine::Engine;
-pub use errors::{JoinError, Unreachable, VirtualError};
+pub use errors::{JoinError, PresenceError, Unreachable, VirtualError};
 pub use frame::Kind;
 pub use hub::Target;
 pub use registry::MAX_PREFIX;

@@ -23,6 +23,9 @@ pub(crate) struct Links(Mutex<LinkState>);
 pub(crate) struct LinkState {
     /// Set once the id is deleted; no subscription or child may be added.
     pub(crate) dead: bool,
+    /// Set (for good) by the id's first presence `track`: only then does
+    /// its delete need the presence table. Fits in `dead`'s padding.
+    pub(crate) tracked: bool,
     sets: Sets,
 }
 

@@ -93,11 +93,18 @@ pub enum HandlerKind {
     Text = 1,
     Binary = 2,
     Close = 3,
+    Presence = 4,
 }
 
 impl HandlerKind {
     /// Every kind, in the order of its number.
-    pub const ALL: [HandlerKind; 4] = [Self::Open, Self::Text, Self::Binary, Self::Close];
+    pub const ALL: [HandlerKind; 5] = [
+        Self::Open,
+        Self::Text,
+        Self::Binary,
+        Self::Close,
+        Self::Presence,
+    ];
 
     /// The name the Python layer gives the kind (its lower case is the
     /// metrics' `handler` label).
@@ -107,6 +114,7 @@ impl HandlerKind {
             Self::Text => "TEXT",
             Self::Binary => "BINARY",
             Self::Close => "CLOSE",
+            Self::Presence => "PRESENCE",
         }
     }
 }
@@ -158,6 +166,8 @@ pub enum Live {
     /// Channels whose history this process keeps, and the messages kept.
     HistoryChannels,
     HistoryMessages,
+    /// (channel, member) pairs present through this process's sockets.
+    PresenceMembers,
 }
 
 /// Where a key of `stats()` takes its value from.
@@ -254,6 +264,11 @@ pub const FIELDS: &[Field] = &[
         "history_messages",
         "Messages kept in history, over every channel.",
         Live::HistoryMessages,
+    ),
+    live(
+        "presence_members",
+        "(Channel, member) pairs present through this process's sockets.",
+        Live::PresenceMembers,
     ),
     counter("messages_in", "Messages received from clients.", |c| {
         &c.messages_in

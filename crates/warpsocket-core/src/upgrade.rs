@@ -275,14 +275,15 @@ impl SocketGuard {
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        let id = self.socket.id;
-        self.shared().engine.remove_socket(id);
-        self.socket.mark_closed();
-        if self.socket.is_accepted() {
-            self.socket
-                .worker
-                .push(&self.socket, Payload::Close, ReadAt::now());
-        }
+        let socket = &self.socket;
+        // The close event is queued by the engine, just before the presence
+        // changes of this close: `handle_close` runs before `handle_presence`.
+        self.shared().engine.remove_socket(socket.id, || {
+            socket.mark_closed();
+            if socket.is_accepted() {
+                socket.worker.push(socket, Payload::Close, ReadAt::now());
+            }
+        });
         // Last: a retired worker's successor stops watching its queue once
         // the count is 0, so every close event must already be queued.
         self.socket.worker.connection_closed();

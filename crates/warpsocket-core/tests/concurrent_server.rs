@@ -131,6 +131,7 @@ fn handle(engine: &Engine, seen: &Seen, id: u64, payload: Payload) {
                 "socket {id}: still subscribed at its close event"
             );
         }
+        Payload::Presence(change) => panic!("socket {id}: nothing is tracked here: {change:?}"),
     }
 }
 

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyByteArray, PyBytes, PyInt, PyList, PyMemoryView, PyString, PyTuple};
+use warpsocket_core::presence::Info;
 use warpsocket_core::{frame, Kind, Target};
 
 use crate::errors;
@@ -360,4 +361,39 @@ pub(crate) fn optional_socket_id(
         Some(v) if !v.is_none() => Ok(Some(socket_id(v, arg)?)),
         _ => Ok(None),
     }
+}
+
+/// A presence member: a non-empty `str`.
+pub(crate) fn member<'a>(value: &'a Bound<'_, PyAny>, arg: &str) -> PyResult<&'a str> {
+    let text = value.cast::<PyString>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{arg} must be a non-empty str, not {}",
+            type_name(value)
+        ))
+    })?;
+    let text = utf8(text, arg)?;
+    if text.is_empty() {
+        return Err(PyValueError::new_err(format!(
+            "{arg} must be a non-empty str, got ''"
+        )));
+    }
+    Ok(text)
+}
+
+/// A presence member's info: `str` (kept as text), bytes-like, or None.
+pub(crate) fn info(value: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<Option<Info>> {
+    let Some(value) = value.filter(|v| !v.is_none()) else {
+        return Ok(None);
+    };
+    let data = Data::extract(value, arg).map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{arg} must be str, bytes-like or None, not {}",
+            type_name(value)
+        ))
+    })?;
+    let bytes = Bytes::copy_from_slice(data.bytes(arg)?);
+    Ok(Some(match data.kind() {
+        Kind::Text => Info::Text(bytes),
+        Kind::Binary => Info::Binary(bytes),
+    }))
 }

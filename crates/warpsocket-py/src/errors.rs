@@ -7,7 +7,7 @@ use pyo3::exceptions::{PyConnectionError, PyOSError, PyValueError};
 use pyo3::PyErr;
 use warpsocket_core::frame::BadClose;
 use warpsocket_core::tls::TlsError;
-use warpsocket_core::{JoinError, Unreachable, VirtualError, MAX_PREFIX};
+use warpsocket_core::{JoinError, PresenceError, Unreachable, VirtualError, MAX_PREFIX};
 
 /// Redis (in a cluster) could not be asked.
 pub(crate) fn unreachable(e: Unreachable) -> PyErr {
@@ -68,4 +68,17 @@ pub(crate) fn no_history(channel: &[u8]) -> PyErr {
         "channel {:?} keeps no history: no prefix of start()'s history option matches it",
         String::from_utf8_lossy(channel)
     ))
+}
+
+/// A presence call failed; `target` is `track`'s target, when it has one.
+pub(crate) fn presence(e: PresenceError, target: Option<u64>) -> PyErr {
+    match e {
+        PresenceError::NoSuchSocket => PyValueError::new_err(format!(
+            "target {} is not an open connection or live virtual socket",
+            target.unwrap_or_default()
+        )),
+        PresenceError::ClusterMode => {
+            PyValueError::new_err("presence in cluster mode is not supported yet")
+        }
+    }
 }

@@ -4,6 +4,7 @@
 
 use pyo3::prelude::*;
 use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyString};
+use warpsocket_core::presence::Info;
 use warpsocket_core::stats::{self, Counters, Live, Source};
 use warpsocket_core::{Kind, Verdict};
 
@@ -99,6 +100,65 @@ fn delete_virtual_socket(
     let id = convert::socket_id(virtual_socket_id, "virtual_socket_id")?;
     let expected = convert::optional_socket_id(expected_target, "expected_target")?;
     Ok(ENGINE.delete_virtual_socket(id, expected))
+}
+
+/// Tracks the socket `target` in `channel` as `member` with `info`; True if
+/// `member` became present (docs/api.md#presence).
+#[pyfunction]
+#[pyo3(signature = (target, channel, member, info=None))]
+fn track(
+    target: &Bound<'_, PyAny>,
+    channel: &Bound<'_, PyAny>,
+    member: &Bound<'_, PyAny>,
+    info: Option<&Bound<'_, PyAny>>,
+) -> PyResult<bool> {
+    let id = convert::socket_id(target, "target")?;
+    let channel = convert::name_bytes(channel, "channel")?;
+    let member = convert::member(member, "member")?;
+    let info = convert::info(info, "info")?;
+    ENGINE
+        .track(id, &channel, member, info)
+        .map_err(|e| errors::presence(e, Some(id)))
+}
+
+/// Untracks the socket `target` from `channel`; True if its member left.
+#[pyfunction]
+fn untrack(target: &Bound<'_, PyAny>, channel: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let id = convert::socket_id(target, "target")?;
+    let channel = convert::name_bytes(channel, "channel")?;
+    ENGINE
+        .untrack(id, &channel)
+        .map_err(|e| errors::presence(e, Some(id)))
+}
+
+/// The members present in `channel`: member -> info of its latest track
+/// (str, bytes or None).
+#[pyfunction]
+fn presence<'py>(py: Python<'py>, channel: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    let channel = convert::name_bytes(channel, "channel")?;
+    let members = ENGINE
+        .presence(&channel)
+        .map_err(|e| errors::presence(e, None))?;
+    let dict = PyDict::new(py);
+    for (member, info) in members {
+        let info = match info {
+            // Given as str, so UTF-8; lossy rather than a panic all the same.
+            Some(Info::Text(text)) => PyString::new(py, &String::from_utf8_lossy(&text)).into_any(),
+            Some(Info::Binary(data)) => PyBytes::new(py, &data).into_any(),
+            None => py.None().into_bound(py),
+        };
+        dict.set_item(&*member, info)?;
+    }
+    Ok(dict)
+}
+
+/// How many members are present in `channel`.
+#[pyfunction]
+fn presence_count(channel: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let channel = convert::name_bytes(channel, "channel")?;
+    ENGINE
+        .presence_count(&channel)
+        .map_err(|e| errors::presence(e, None))
 }
 
 /// The value stored under `key`, or None.
@@ -270,6 +330,7 @@ fn live_value(py: Python<'_>, live: Live) -> Option<i64> {
         Live::RedisConnected => i64::from(ENGINE.redis_connected()?),
         Live::HistoryChannels => count(ENGINE.history_channel_count()),
         Live::HistoryMessages => count(ENGINE.history_message_count()),
+        Live::PresenceMembers => count(ENGINE.presence_member_count()),
     })
 }
 
@@ -282,6 +343,10 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(has_subscriptions, m)?)?;
     m.add_function(wrap_pyfunction!(create_virtual_socket, m)?)?;
     m.add_function(wrap_pyfunction!(delete_virtual_socket, m)?)?;
+    m.add_function(wrap_pyfunction!(track, m)?)?;
+    m.add_function(wrap_pyfunction!(untrack, m)?)?;
+    m.add_function(wrap_pyfunction!(presence, m)?)?;
+    m.add_function(wrap_pyfunction!(presence_count, m)?)?;
     m.add_function(wrap_pyfunction!(get_key, m)?)?;
     m.add_function(wrap_pyfunction!(set_key, m)?)?;
     m.add_function(wrap_pyfunction!(set_key_if, m)?)?;

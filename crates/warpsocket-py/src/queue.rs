@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
 use warpsocket_core::stats::HandlerKind;
 use warpsocket_core::{Event, OpenRequest, Payload};
 
@@ -95,6 +95,17 @@ impl WorkerQueue {
                     (HandlerKind::Binary, id, PyBytes::new(py, &data).into_any())
                 }
                 Payload::Close => (HandlerKind::Close, id, py.None().into_bound(py)),
+                Payload::Presence(change) => {
+                    // A channel name that is not UTF-8 stays bytes.
+                    let channel = match std::str::from_utf8(&change.channel) {
+                        Ok(name) => PyString::new(py, name).into_any(),
+                        Err(_) => PyBytes::new(py, &change.channel).into_any(),
+                    };
+                    let member = PyString::new(py, &change.member).into_any();
+                    let joined = PyBool::new(py, change.joined).to_owned().into_any();
+                    let args = PyTuple::new(py, [channel, member, joined])?;
+                    (HandlerKind::Presence, id, args.into_any())
+                }
             };
             let (kind, id, payload) = item;
             let kind = kind as u8;
