@@ -28,6 +28,7 @@ from ._core import (
     subscribe,
     unsubscribe,
 )
+from .cluster import Cluster
 from .codes import CloseCode, RefusalStatus
 from .config import History
 from .server import Server, run, start, stats
@@ -40,6 +41,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "CloseCode",
+    "Cluster",
     "History",
     "RefusalStatus",
     "Server",
