@@ -210,3 +210,14 @@ impl Drop for Client {
         self.conn.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{node_number, MAX_NODE};
+
+    #[test]
+    fn no_node_takes_the_clients_origin_so_every_node_delivers_its_broadcasts() {
+        assert!((1..=2 * MAX_NODE + 1).all(|n| node_number(n) != CLIENT_ORIGIN));
+    }
+}
