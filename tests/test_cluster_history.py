@@ -221,6 +221,10 @@ def test_redis_outage_refuses_history_calls_and_a_lost_sequence_has_a_new_epoch(
     assert client.received() == "direct"
 
     redis.start()  # without its data: the sequence is lost
+    # Both connections back: the command one (position answers) and the pub/sub one,
+    # which recover needs and which may still be in its reconnect backoff.
+    wait_for(lambda: other.call("stats")["redis_connected"] == 1, timeout=30,
+             message="the node's pub/sub connection to Redis again")  # fmt: skip
     wait_for(lambda: other.reply("position", "room:3").get("result") is not None, timeout=30,
              message="the node to reach Redis again")  # fmt: skip
     new_epoch, last = other.call("position", "room:3")

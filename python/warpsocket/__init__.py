@@ -32,6 +32,7 @@ from ._core import (
     unsubscribe,
     untrack,
 )
+from .cluster import Cluster
 from .codes import CloseCode, RefusalStatus
 from .config import History
 from .server import Server, run, start, stats
@@ -44,6 +45,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "CloseCode",
+    "Cluster",
     "History",
     "RefusalStatus",
     "Server",

@@ -3,8 +3,11 @@
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias, final, overload
 
+from typing_extensions import Self, disjoint_base
+
 __all__ = [
     "Server",
+    "Cluster",
     "WorkerQueue",
     "HandlerTimings",
     "send",
@@ -206,6 +209,44 @@ class Server:
     def retire_worker(self, worker_id: int) -> int: ...
     def serve(self, *, handle_open: bool, handle_text: bool, handle_binary: bool) -> None: ...
     def shutdown(self, timeout: float) -> None: ...
+
+@disjoint_base
+class Cluster:
+    """A connection to a cluster's Redis server from a process that is not a WarpSocket server.
+
+    ``warpsocket.Cluster`` subclasses it (the ``history`` option checked, the context manager).
+    """
+
+    def __new__(cls, url: str, history: list[tuple[bytes, int, float, bool]] | None = None) -> Self: ...
+    def send(self, target: _Target, data: _Name) -> int:
+        """Hand ``data`` for ``target`` to Redis; return the number of messages handed."""
+    def subscribe(self, target: _Target, channel: _Name, delta: int = 1) -> list[int]:
+        """Forward the subscription to the sockets' nodes (a channel: to every node); return []."""
+    def unsubscribe(self, target: _Target, channel: _Name, delta: int = 1) -> list[int]:
+        """``subscribe(target, channel, -delta)``."""
+    def close(self, socket_id: int, code: int = 1000, reason: str = "") -> bool:
+        """Forward a close to the socket's node; True when handed to Redis."""
+    def has_subscriptions(self, channel: _Name) -> bool:
+        """True if any node has subscribers for ``channel`` (False while Redis is unreachable)."""
+    def get_key(self, key: _Name) -> bytes | None:
+        """Return the value stored under ``key``, or None."""
+    def set_key(self, key: _Name, value: _Name | None = None) -> bytes | None:
+        """Store ``value`` (None deletes); return the previous value."""
+    def set_key_if(
+        self, key: _Name, new_value: _Name | None = None, check_value: _Name | None = None
+    ) -> bool:
+        """Compare-and-set: store ``new_value`` if the current value equals ``check_value``."""
+    def position(self, channel: _Name) -> tuple[str, int]:
+        """``(epoch, offset)`` of a history channel's last message (offset 0: none yet)."""
+    def history(
+        self, channel: _Name, since: int = 0, limit: int | None = None
+    ) -> list[tuple[int, str | bytes]]:
+        """The kept ``(offset, data)`` of a history channel with offset above ``since``, oldest first."""
+    @property
+    def disconnected(self) -> bool:
+        """True once :meth:`disconnect` was called."""
+    def disconnect(self) -> None:
+        """Close the Redis connections; every other method raises RuntimeError afterwards."""
 
 _Histogram: TypeAlias = tuple[list[list[int]], list[float]]
 

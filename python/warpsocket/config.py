@@ -193,6 +193,14 @@ def _check_history(history: object) -> tuple[HistoryRule, ...]:
     return tuple(rules)
 
 
+def check_history(history: object) -> tuple[HistoryRule, ...]:
+    """The ``history`` option (of ``start()``, or of ``Cluster``) as (prefix, :class:`History`) pairs.
+
+    Raises TypeError or ValueError, naming the part at fault, as ``start()`` does.
+    """
+    return _check_history(history)
+
+
 def _check_policy(name: str, policy: object) -> History:
     if not isinstance(policy, tuple):
         raise TypeError(f"{name} must be a History (or a tuple), not {type(policy).__name__}")

@@ -24,7 +24,10 @@
 //!    (one message's frames for many recipients);
 //! 3. `hub`: this process's sockets and channels, and the operations on them;
 //! 4. `cluster::wire`, `cluster::kept` (history channels in Redis),
-//!    `cluster::relay` (their in-order delivery on a node), `cluster::link`,
+//!    `cluster::conn` (the Redis side a node and a client share: the
+//!    command connection, the batched publisher, the runtime),
+//!    `cluster::relay` (history channels' in-order delivery on a node), `cluster::link`,
+//!    `cluster::client` (a process that is no node, talking to a cluster),
 //!    then `cluster`: the same operations across the nodes of a cluster;
 //! 5. `engine`: the façade that routes each call to the hub or the cluster;
 //! 6. the server side, which serves connections into the engine:

@@ -1,5 +1,6 @@
 //! Python values to core types: socket ids, message data, names, targets,
-//! deltas, close codes and reasons, durations. Raises TypeError for a value
+//! deltas, close codes and reasons, durations, history policies (and kept
+//! messages back to Python). Raises TypeError for a value
 //! of the wrong type and ValueError, naming the argument, for one the core
 //! cannot take (an int out of range, a str with a lone surrogate); the rules
 //! a value must meet are the core's.
@@ -11,6 +12,7 @@ use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyByteArray, PyBytes, PyInt, PyList, PyMemoryView, PyString, PyTuple};
 use warpsocket_core::presence::Info;
+use warpsocket_core::history::{Message, Policies, Policy};
 use warpsocket_core::{frame, Kind, Target};
 
 use crate::errors;
@@ -396,4 +398,44 @@ pub(crate) fn info(value: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<Opti
         Kind::Text => Info::Text(bytes),
         Kind::Binary => Info::Binary(bytes),
     }))
+}
+
+/// One entry of the `history` option as `warpsocket` passes it (checked
+/// there): `(prefix, size, ttl, stamp)`.
+pub(crate) type HistoryRule = (Vec<u8>, usize, f64, bool);
+
+/// The `history` option's rules as the core's policies.
+pub(crate) fn history_policies(rules: Option<Vec<HistoryRule>>) -> PyResult<Policies> {
+    let rules = rules
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(prefix, size, ttl, stamp)| {
+            let ttl = seconds(ttl, "history")?;
+            let policy = Policy {
+                size: size.max(1),
+                ttl,
+                stamp,
+            };
+            Ok((Bytes::from(prefix), policy))
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    Ok(Policies::new(rules))
+}
+
+/// Kept messages as `history()` returns them: `(offset, data)`, data str
+/// for text and bytes for binary.
+pub(crate) fn kept_messages<'py>(
+    py: Python<'py>,
+    kept: Vec<Message>,
+) -> Vec<(u64, Bound<'py, PyAny>)> {
+    kept.into_iter()
+        .map(|(offset, kind, data)| {
+            let data = match kind {
+                // Text was sent as text, so it is UTF-8; lossy rather than a panic all the same.
+                Kind::Text => PyString::new(py, &String::from_utf8_lossy(&data)).into_any(),
+                Kind::Binary => PyBytes::new(py, &data).into_any(),
+            };
+            (offset, data)
+        })
+        .collect()
 }

@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyString};
 use warpsocket_core::presence::Info;
 use warpsocket_core::stats::{self, Counters, Live, Source};
-use warpsocket_core::{Kind, Verdict};
+use warpsocket_core::Verdict;
 
 use crate::convert::{self, CloseCode, CloseReason, Data, Delta, Since};
 use crate::errors;
@@ -228,17 +228,7 @@ fn history<'py>(
     let kept = gil::run(py, Work::Long, || ENGINE.history(&channel, since.0, limit))
         .map_err(errors::unreachable)?
         .ok_or_else(|| errors::no_history(&channel))?;
-    Ok(kept
-        .into_iter()
-        .map(|(offset, kind, data)| {
-            let data = match kind {
-                // Text was sent as text, so it is UTF-8; lossy rather than a panic all the same.
-                Kind::Text => PyString::new(py, &String::from_utf8_lossy(&data)).into_any(),
-                Kind::Binary => PyBytes::new(py, &data).into_any(),
-            };
-            (offset, data)
-        })
-        .collect())
+    Ok(convert::kept_messages(py, kept))
 }
 
 /// Subscribes `target` to a history channel and delivers it what it missed

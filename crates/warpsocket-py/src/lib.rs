@@ -5,7 +5,8 @@
 //! Modules, each using only those listed before it: `errors` (core errors to
 //! Python exceptions), `gil` (when to release the GIL), `convert` (Python
 //! values to core types), `functions` (the module functions), `queue` (the
-//! worker queue), `server` (the server object); `logs` (the engine's log
+//! worker queue), `server` (the server object), `client` (the cluster client
+//! object, docs/api.md#cluster-client); `logs` (the engine's log
 //! records, queued for a Python thread) stands apart, `timings`
 //! (handler-call histograms) and `names` (the shared names' tables) use only
 //! the core, and `allocator` (the extension's global allocator) uses neither.
@@ -16,6 +17,7 @@ use pyo3::prelude::*;
 use warpsocket_core::Engine;
 
 mod allocator;
+mod client;
 mod convert;
 mod errors;
 mod functions;
@@ -36,6 +38,7 @@ static ENGINE: LazyLock<Arc<Engine>> = LazyLock::new(Engine::new);
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     logs::register(m)?;
     m.add_class::<server::Server>()?;
+    m.add_class::<client::Cluster>()?;
     m.add_class::<timings::HandlerTimings>()?;
     queue::register(m)?;
     functions::register(m)?;

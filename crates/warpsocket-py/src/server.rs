@@ -6,19 +6,14 @@ use std::sync::{Mutex, MutexGuard};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use warpsocket_core::history::{Policies, Policy};
 use warpsocket_core::tls::Tls;
 use warpsocket_core::{Config, Handlers};
 
-use crate::convert;
+use crate::convert::{self, HistoryRule};
 use crate::errors;
 use crate::gil::{self, Work};
 use crate::queue::WorkerQueue;
 use crate::ENGINE;
-
-/// One entry of the `history` option as `warpsocket.server` passes it:
-/// `(prefix, size, ttl, stamp)`, checked there.
-type HistoryRule = (Vec<u8>, usize, f64, bool);
 
 /// A bound (and, after `serve()`, accepting) server.
 #[pyclass(frozen, module = "warpsocket._core")]
@@ -55,21 +50,7 @@ impl Server {
         tls_key: Option<PathBuf>,
         history: Option<Vec<HistoryRule>>,
     ) -> PyResult<Self> {
-        let history = history
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(prefix, size, ttl, stamp)| {
-                let ttl = convert::seconds(ttl, "history")?;
-                Ok((
-                    bytes::Bytes::from(prefix),
-                    Policy {
-                        size: size.max(1),
-                        ttl,
-                        stamp,
-                    },
-                ))
-            })
-            .collect::<PyResult<Vec<_>>>()?;
+        let history = convert::history_policies(history)?;
         let mut config = Config {
             bind,
             max_message_size,
@@ -80,7 +61,7 @@ impl Server {
             static_dir,
             max_pending_upgrades,
             compression,
-            history: Policies::new(history),
+            history,
             ..Config::default()
         };
         if let Some(n) = io_threads {

@@ -1,6 +1,7 @@
-//! The node's Redis I/O: joining, the publisher task, and the listener task
-//! that keeps the pub/sub connection (reconnecting and re-subscribing with
-//! backoff) and hands on what other nodes send.
+//! The node's own Redis I/O (the publisher and the command connection are
+//! `conn.rs`'s): its number, and the listener task that keeps the pub/sub
+//! connection (reconnecting and re-subscribing with backoff) and hands on
+//! what other nodes and clients send.
 //!
 //! It knows its node only through [`Listener`] and the `apply` callback, so
 //! that it sits below `cluster/mod.rs`.
@@ -8,14 +9,14 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use redis::aio::{ConnectionManager, PubSubSink};
 use redis::{Msg, RedisResult, Script};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::conn::{stopped, MAX_BACKOFF, MIN_BACKOFF, REDIS_TIMEOUT};
 use super::kept;
 use super::relay::{Arrival, Relays};
 use super::wire::{
@@ -27,31 +28,6 @@ use crate::hub::{Hub, Target};
 use crate::ids::node_number;
 use crate::stats::Counters;
 
-/// `set_key`: returns the previous value, stores ARGV[3] when ARGV[2] is 1,
-/// deletes otherwise; one script so the two steps are atomic.
-pub(super) static SET_KEY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"local old = redis.call('HGET', KEYS[1], ARGV[1])
-if ARGV[2] == '1' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-else redis.call('HDEL', KEYS[1], ARGV[1]) end
-return old",
-    )
-});
-
-/// `set_key_if`: ARGV[2..3] is the check (flag, value: flag 0 means "absent"),
-/// ARGV[4..5] the new value (flag 0 means "delete"). Returns 1 when it happened.
-pub(super) static SET_KEY_IF: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"local current = redis.call('HGET', KEYS[1], ARGV[1])
-if ARGV[2] == '1' then
-  if current ~= ARGV[3] then return 0 end
-elseif current then return 0 end
-if ARGV[4] == '1' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[5])
-else redis.call('HDEL', KEYS[1], ARGV[1]) end
-return 1",
-    )
-});
-
 /// After a Redis restart the node counter is gone: raise it past this
 /// node's number again so a node joining later does not take it.
 static KEEP_COUNTER_PAST: LazyLock<Script> = LazyLock::new(|| {
@@ -62,26 +38,6 @@ return 1",
     )
 });
 
-/// How long a call that waits for Redis waits before it gives up.
-pub(super) const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// PUBLISH commands sent to Redis in one pipeline.
-const BATCH: usize = 256;
-
-/// What the publisher sends, in queue order.
-pub(super) enum Outgoing {
-    /// A PUBLISH of `message` on the pub/sub channel `channel`.
-    Publish { channel: Bytes, message: Bytes },
-    /// A message for the history channel `name`, which Redis sequences,
-    /// keeps and publishes (`body`: the kind byte and the data).
-    Kept {
-        name: Bytes,
-        policy: Policy,
-        body: Bytes,
-    },
-}
-
 /// What the listener is told about the channels it should listen on.
 pub(super) enum Interest {
     /// The channel appeared or vanished locally.
@@ -91,84 +47,13 @@ pub(super) enum Interest {
     Confirm(Bytes, oneshot::Sender<()>),
 }
 
-/// The command connection and this node's number.
-pub(super) async fn connect(client: &redis::Client) -> RedisResult<(ConnectionManager, u16)> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Duration::from_secs(1))
-        .set_response_timeout(REDIS_TIMEOUT)
-        .set_number_of_retries(2)
-        .set_max_delay(500);
-    let mut commands = client.get_connection_manager_with_config(config).await?;
-    kept::load(&mut commands).await?;
+/// This node's number, from the node counter.
+pub(super) async fn node_number_from(commands: &mut ConnectionManager) -> RedisResult<u16> {
     let n: u64 = redis::cmd("INCR")
         .arg(NODE_COUNTER)
-        .query_async(&mut commands)
+        .query_async(commands)
         .await?;
-    Ok((commands, node_number(n)))
-}
-
-/// Sends queued messages to Redis, many per round trip, in queue order (so
-/// one thread's messages to one socket stay in order across nodes).
-pub(super) async fn publish(
-    hub: Arc<Hub>,
-    mut commands: ConnectionManager,
-    mut queue: mpsc::Receiver<Outgoing>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut batch = Vec::with_capacity(BATCH);
-    loop {
-        tokio::select! {
-            n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
-            _ = stopped(&mut stop) => return,
-        }
-        let mut sent = send_batch(&mut commands, &batch, true).await;
-        if matches!(&sent, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
-            // Redis restarted and forgot the scripts: nothing of the batch
-            // that runs one ran, so those go again.
-            sent = match kept::load(&mut commands).await {
-                Ok(()) => send_batch(&mut commands, &batch, false).await,
-                Err(e) => Err(e),
-            };
-        }
-        if let Err(e) = sent {
-            Counters::add(&hub.stats.cluster_send_failures, batch.len() as u64);
-            log::debug!(target: "warpsocket", "cluster: {} messages not published: {e}", batch.len());
-        }
-        batch.clear();
-    }
-}
-
-/// One pipeline of `batch` (without its plain publishes unless `publishes`).
-async fn send_batch(
-    commands: &mut ConnectionManager,
-    batch: &[Outgoing],
-    publishes: bool,
-) -> RedisResult<()> {
-    let mut pipe = redis::pipe();
-    let mut kept = kept::Batch::default();
-    for outgoing in batch {
-        match outgoing {
-            Outgoing::Publish { channel, message } => {
-                if publishes {
-                    pipe.cmd("PUBLISH")
-                        .arg(&channel[..])
-                        .arg(&message[..])
-                        .ignore();
-                }
-            }
-            Outgoing::Kept { name, policy, body } => kept.add(name, policy, body),
-        }
-    }
-    if !kept.is_empty() {
-        kept.add_to(&mut pipe);
-    }
-    match tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async::<()>(commands)).await {
-        Ok(sent) => sent,
-        Err(_) => Err(redis::RedisError::from((
-            redis::ErrorKind::IoError,
-            "no answer in time",
-        ))),
-    }
+    Ok(node_number(n))
 }
 
 /// What the listener needs of its node.
@@ -314,7 +199,8 @@ async fn receive(hub: &Arc<Hub>, node: &Listener, apply: &impl Fn(&Arc<Hub>, Op<
     }
     if let Some(name) = channel.strip_prefix(CHANNEL_PREFIX) {
         match Broadcast::decode(payload) {
-            // Its own broadcasts were delivered locally already.
+            // Its own broadcasts were delivered locally already (a client's
+            // carry `CLIENT_ORIGIN`, which is no node's).
             Some(b) if b.origin == node.node => {}
             Some(b) => {
                 Counters::add(&hub.stats.cluster_messages_in, 1);
@@ -375,10 +261,4 @@ async fn relay(hub: &Hub, node: &Listener, name: &[u8], policy: &Policy, message
         }
     }
     node.relays.arrive(hub, name, policy, message, false);
-}
-
-/// Completes once the node leaves (the watch guard must not live across an
-/// await: it is not `Send`).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await;
 }

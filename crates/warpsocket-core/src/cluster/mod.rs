@@ -12,34 +12,38 @@
 //!   node's own Redis channel and applied there.
 //!
 //! Two background tasks on a small runtime of its own do the Redis I/O
-//! (`link.rs`); the calls here never wait for Redis except where the API
+//! (`conn.rs`, shared with [`Client`], and `link.rs`); the calls here never wait for Redis except where the API
 //! returns what only Redis knows (kv, `has_subscriptions`, a virtual socket
 //! created for another node's socket).
 //!
 //! Uses the hub (for the local part of every call, and to learn which
 //! channels appear or vanish here) and the leaves; never the engine, which
 //! sits above it and decides when a call goes through here.
+//!
+//! [`Client`] (`client.rs`) is the same cluster seen from a process that is
+//! no node (docs/api.md#cluster-client): it shares `conn.rs` with the node.
 
+mod client;
+mod conn;
 mod kept;
 mod link;
 mod relay;
 mod wire;
 
+pub use client::Client;
+
 #[doc(hidden)]
 pub use wire::reencode_message;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use parking_lot::{Condvar, Mutex};
-use redis::aio::ConnectionManager;
-use tokio::runtime::Runtime;
-use tokio::sync::{mpsc, oneshot, watch};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::errors::{JoinError, Unreachable, VirtualError};
 use crate::frame::Kind;
@@ -47,56 +51,23 @@ use crate::history::{Message, Policy};
 use crate::hub::{ChannelWatcher, Hub, Target};
 use crate::ids::owner;
 use crate::stats::Counters;
+use conn::{Conn, Outgoing, REDIS_TIMEOUT};
 use kept::Read;
-use link::{Interest, Outgoing, REDIS_TIMEOUT};
+use link::Interest;
 use relay::Relays;
-use wire::{node_key, pubsub_key, Broadcast, Op, Sequenced, ALL_NODES, KV_HASH};
-
-/// Publishes waiting for the Redis connection; more count as failed sends.
-const OUTGOING_CAPACITY: usize = 65_536;
+use wire::{node_key, pubsub_key, Op, ALL_NODES};
 
 pub struct Cluster {
     node: u16,
-    /// Commands (kv, PUBLISH, PUBSUB NUMSUB); reconnects by itself.
-    commands: ConnectionManager,
-    outgoing: mpsc::Sender<Outgoing>,
+    /// The command connection, the publisher and the runtime; its `up` is
+    /// the listener's pub/sub connection.
+    conn: Conn,
     /// To the listener, for a recover that must know the node listens.
     interest: mpsc::UnboundedSender<Interest>,
     /// History channels' in-order delivery here, shared with the listener.
     relays: Arc<Relays>,
-    /// True while the pub/sub connection is up; sends made while it is down
-    /// fail at once instead of queueing.
-    up: Arc<AtomicBool>,
     requests: Mutex<HashMap<u64, oneshot::Sender<Option<u64>>>>,
     next_request: AtomicU64,
-    stop: watch::Sender<bool>,
-    /// Calls blocked on the runtime; [`leave`](Self::leave) shuts it down
-    /// only once there are none, since tokio panics when a runtime goes away
-    /// under a `block_on`.
-    calls: Mutex<Calls>,
-    calls_done: Condvar,
-    runtime: Mutex<Option<Runtime>>,
-    handle: tokio::runtime::Handle,
-}
-
-#[derive(Default)]
-struct Calls {
-    /// Set by `leave`: no call starts after it.
-    left: bool,
-    waiting: usize,
-}
-
-/// Counts a call in [`Cluster::calls`] until it is back.
-struct CallGuard<'a>(&'a Cluster);
-
-impl Drop for CallGuard<'_> {
-    fn drop(&mut self) {
-        let mut calls = self.0.calls.lock();
-        calls.waiting -= 1;
-        if calls.waiting == 0 {
-            self.0.calls_done.notify_all();
-        }
-    }
 }
 
 /// Channels that appeared or vanished locally go to the listener task,
@@ -119,61 +90,49 @@ impl Cluster {
     /// Redis cannot be reached now, or does not take the node's pub/sub
     /// subscriptions in time (the Redis tasks are stopped again then).
     pub(crate) fn join(hub: &Arc<Hub>, url: &str) -> Result<Arc<Cluster>, JoinError> {
-        let client = redis::Client::open(url).map_err(|e| JoinError::BadUrl {
-            url: url.to_owned(),
-            why: e.to_string(),
-        })?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("warpsocket-redis")
-            .enable_all()
-            .build()
-            .map_err(JoinError::Runtime)?;
-        let handle = runtime.handle().clone();
+        let failures = hub.clone();
+        let on_failure = Box::new(move |n| Counters::add(&failures.stats.cluster_send_failures, n));
+        let (conn, client) = Conn::open(
+            url,
+            "warpsocket-redis",
+            "the node has left the cluster",
+            on_failure,
+        )?;
         let unreachable = |why: String| JoinError::Unreachable {
             url: url.to_owned(),
             why,
         };
-        let (commands, node) = handle
-            .block_on(async { tokio::time::timeout(REDIS_TIMEOUT, link::connect(&client)).await })
-            .map_err(|_| unreachable("timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
-        let (outgoing, outgoing_rx) = mpsc::channel(OUTGOING_CAPACITY);
+        let mut commands = conn.commands.clone();
+        let node = match conn.wait(link::node_number_from(&mut commands)) {
+            Ok(node) => node,
+            Err(e) => {
+                conn.close();
+                return Err(unreachable(e.0));
+            }
+        };
         let (interest, interest_rx) = mpsc::unbounded_channel();
-        let (stop, stop_rx) = watch::channel(false);
         let relays = Arc::new(Relays::default());
+        let handle = conn.handle.clone();
+        let stop_rx = conn.stop_signal();
+        let listener = link::Listener {
+            node,
+            commands: conn.commands.clone(),
+            up: conn.up.clone(),
+            relays: relays.clone(),
+        };
         let cluster = Arc::new(Cluster {
             node,
-            commands: commands.clone(),
-            outgoing,
+            conn,
             interest: interest.clone(),
-            relays: relays.clone(),
-            up: Arc::new(AtomicBool::new(false)),
+            relays,
             requests: Mutex::default(),
             next_request: AtomicU64::new(1),
-            stop,
-            calls: Mutex::default(),
-            calls_done: Condvar::new(),
-            runtime: Mutex::new(None),
-            handle: handle.clone(),
         });
         // Watched before the listener takes its first snapshot of the
         // channels, so that no change falls between the two.
         hub.set_watcher(Some(Box::new(Watcher(interest))));
         hub.set_node(node);
-        handle.spawn(link::publish(
-            hub.clone(),
-            commands,
-            outgoing_rx,
-            stop_rx.clone(),
-        ));
         let (ready, subscribed) = oneshot::channel();
-        let listener = link::Listener {
-            node,
-            commands: cluster.commands.clone(),
-            up: cluster.up.clone(),
-            relays,
-        };
         let applier = cluster.clone();
         handle.spawn(link::listen(
             hub.clone(),
@@ -188,7 +147,6 @@ impl Cluster {
         // it: a node that cannot subscribe in time has not joined.
         let listening =
             handle.block_on(async { tokio::time::timeout(REDIS_TIMEOUT, subscribed).await });
-        *cluster.runtime.lock() = Some(runtime);
         if !matches!(listening, Ok(Ok(()))) {
             cluster.leave(hub);
             return Err(unreachable(format!(
@@ -201,18 +159,7 @@ impl Cluster {
     /// Stops the Redis tasks and closes their connections; the hub's ids no
     /// longer carry the node number.
     pub(crate) fn leave(&self, hub: &Hub) {
-        self.calls.lock().left = true;
-        self.stop.send_replace(true);
-        {
-            // Not long: every call returns as soon as it sees the stop signal.
-            let mut calls = self.calls.lock();
-            while calls.waiting > 0 {
-                self.calls_done.wait(&mut calls);
-            }
-        }
-        if let Some(runtime) = self.runtime.lock().take() {
-            runtime.shutdown_timeout(Duration::from_secs(1));
-        }
+        self.conn.close();
         hub.set_watcher(None);
         hub.set_node(0);
     }
@@ -223,7 +170,7 @@ impl Cluster {
 
     /// True while the pub/sub connection to Redis is up.
     pub fn redis_connected(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.conn.is_up()
     }
 
     fn is_remote(&self, id: u64) -> bool {
@@ -234,21 +181,11 @@ impl Cluster {
     /// Hands one message to the publisher; 1 when it was, 0 (and a failure
     /// counted) when Redis is down or the queue is full.
     fn publish(&self, hub: &Hub, channel: Bytes, message: Bytes) -> usize {
-        self.queue(hub, Outgoing::Publish { channel, message })
-    }
-
-    fn queue(&self, hub: &Hub, outgoing: Outgoing) -> usize {
-        if self.up.load(Ordering::Acquire) && self.outgoing.try_send(outgoing).is_ok() {
-            Counters::add(&hub.stats.cluster_messages_out, 1);
-            1
-        } else {
-            Counters::add(&hub.stats.cluster_send_failures, 1);
-            0
-        }
+        count(hub, self.conn.queue(Outgoing::Publish { channel, message }))
     }
 
     fn forward(&self, hub: &Hub, id: u64, op: &Op<'_>) -> bool {
-        self.publish(hub, node_key(owner(id)), op.encode()) == 1
+        count(hub, self.conn.forward(id, op)) == 1
     }
 
     // -- the engine's calls, routed: the local part on the hub --------------
@@ -270,19 +207,14 @@ impl Cluster {
                     if let Some(policy) = hub.history_policy(name) {
                         // Delivered here too only once Redis has sequenced
                         // it: see `relay`.
-                        let body = Sequenced::body(kind, payload);
-                        let kept = Outgoing::Kept {
-                            name: name.clone(),
-                            policy,
-                            body,
-                        };
-                        if self.queue(hub, kept) == 1 {
+                        let kept = self.conn.send_kept(name.clone(), policy, kind, payload);
+                        if count(hub, kept) == 1 {
                             sent += 1 + hub.subscriber_count(name);
                         }
                         continue;
                     }
-                    let message = Broadcast::encode(self.node, kind, payload);
-                    sent += self.publish(hub, pubsub_key(name, false), message);
+                    let published = self.conn.broadcast(self.node, name, kind, payload);
+                    sent += count(hub, published);
                     local.push(target.clone());
                 }
                 Target::Socket(_) => local.push(target.clone()),
@@ -339,21 +271,10 @@ impl Cluster {
     /// Whether another node has subscribers for `channel`: the number of
     /// nodes listening on it, less this one.
     fn others_subscribed(&self, hub: &Hub, channel: &[u8]) -> Result<bool, Unreachable> {
-        // Without the pub/sub connection the answer could only come after a
-        // timeout, and it would be stale by the time the node listens again.
-        if !self.up.load(Ordering::Acquire) {
-            return Err(Unreachable("not connected".into()));
-        }
-        let mut commands = self.commands.clone();
+        // Without the pub/sub connection the answer would be stale by the
+        // time the node listens again: `listeners` fails at once then.
         let key = pubsub_key(channel, hub.history_policy(channel).is_some());
-        let listening: Vec<(Vec<u8>, u64)> = self.wait(async move {
-            redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(&key[..])
-                .query_async(&mut commands)
-                .await
-        })?;
-        let nodes = listening.first().map_or(0, |(_, n)| *n);
+        let nodes = self.conn.listeners(&key)?;
         let me = u64::from(hub.has_channel(channel));
         Ok(nodes > me)
     }
@@ -398,7 +319,7 @@ impl Cluster {
             prefix: prefix.unwrap_or_default(),
         };
         let answer = if self.forward(hub, target, &op) {
-            self.wait(async move {
+            self.conn.wait(async move {
                 rx.await
                     .map_err(|_| redis::RedisError::from(io::Error::other("no answer")))
             })
@@ -525,20 +446,9 @@ impl Cluster {
         let Some(policy) = hub.history_policy(channel) else {
             return Ok(None);
         };
-        let mut commands = self.commands.clone();
-        let (channel, epoch) = (channel.to_vec(), epoch.map(<[u8]>::to_vec));
-        self.wait(async move {
-            kept::read(
-                &mut commands,
-                &channel,
-                &policy,
-                since,
-                limit,
-                epoch.as_deref(),
-            )
-            .await
-        })
-        .map(Some)
+        self.conn
+            .read(channel, policy, since, limit, epoch)
+            .map(Some)
     }
 
     /// `recover` (docs/api.md#history): this node's targets are recovered
@@ -554,7 +464,7 @@ impl Cluster {
         let Some(policy) = hub.history_policy(channel) else {
             return Ok(None);
         };
-        if !self.up.load(Ordering::Acquire) {
+        if !self.conn.is_up() {
             return Err(Unreachable("not connected".into()));
         }
         let (local, remote): (Vec<u64>, Vec<u64>) =
@@ -578,7 +488,8 @@ impl Cluster {
             let read = self.read(hub, channel, since.1, 0, Some(since.0))?;
             return Ok(read.map(|read| read.recoverable(since.0, since.1)));
         }
-        self.wait(self.recover_here(hub, &local, channel, &policy, since))
+        self.conn
+            .wait(self.recover_here(hub, &local, channel, &policy, since))
             .map(Some)
     }
 
@@ -614,7 +525,7 @@ impl Cluster {
                     "the node lost its Redis connection",
                 )));
             }
-            let mut commands = self.commands.clone();
+            let mut commands = self.conn.commands.clone();
             kept::read(
                 &mut commands,
                 channel,
@@ -636,19 +547,10 @@ impl Cluster {
         Ok(hold.release(Some(&read)))
     }
 
-    // -- the key/value store -------------------------------------------------
+    // -- the key/value store: Redis's, as a client sees it -------------------
 
     pub(crate) fn get_key(&self, key: &[u8]) -> Result<Option<Bytes>, Unreachable> {
-        let mut commands = self.commands.clone();
-        let key = key.to_vec();
-        let value: Option<Vec<u8>> = self.wait(async move {
-            redis::cmd("HGET")
-                .arg(KV_HASH)
-                .arg(key)
-                .query_async(&mut commands)
-                .await
-        })?;
-        Ok(value.map(Bytes::from))
+        self.conn.get_key(key)
     }
 
     pub(crate) fn set_key(
@@ -656,16 +558,7 @@ impl Cluster {
         key: &[u8],
         value: Option<&[u8]>,
     ) -> Result<Option<Bytes>, Unreachable> {
-        let mut commands = self.commands.clone();
-        let mut invocation = link::SET_KEY.prepare_invoke();
-        invocation.key(KV_HASH).arg(key);
-        match value {
-            Some(v) => invocation.arg(1).arg(v),
-            None => invocation.arg(0).arg(""),
-        };
-        let previous: Option<Vec<u8>> =
-            self.wait(async move { invocation.invoke_async(&mut commands).await })?;
-        Ok(previous.map(Bytes::from))
+        self.conn.set_key(key, value)
     }
 
     pub(crate) fn set_key_if(
@@ -674,57 +567,23 @@ impl Cluster {
         new: Option<&[u8]>,
         check: Option<&[u8]>,
     ) -> Result<bool, Unreachable> {
-        let mut commands = self.commands.clone();
-        let mut invocation = link::SET_KEY_IF.prepare_invoke();
-        invocation.key(KV_HASH).arg(key);
-        for part in [check, new] {
-            match part {
-                Some(v) => invocation.arg(1).arg(v),
-                None => invocation.arg(0).arg(""),
-            };
-        }
-        let done: i64 = self.wait(async move { invocation.invoke_async(&mut commands).await })?;
-        Ok(done == 1)
+        self.conn.set_key_if(key, new, check)
     }
 
     pub(crate) fn key_count(&self) -> Result<usize, Unreachable> {
-        let mut commands = self.commands.clone();
-        self.wait(async move {
-            redis::cmd("HLEN")
-                .arg(KV_HASH)
-                .query_async(&mut commands)
-                .await
-        })
+        self.conn.key_count()
     }
+}
 
-    /// Runs a Redis call from a thread outside the runtime, bounded in time
-    /// and cut short when the node leaves.
-    fn wait<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, Unreachable> {
-        let left = || Unreachable("the node has left the cluster".into());
-        {
-            let mut calls = self.calls.lock();
-            if calls.left {
-                return Err(left());
-            }
-            calls.waiting += 1;
-        }
-        let _counted = CallGuard(self);
-        let mut stop = self.stop.subscribe();
-        let answer = self.handle.block_on(async {
-            tokio::select! {
-                answer = tokio::time::timeout(REDIS_TIMEOUT, call) => Some(answer),
-                _ = stop.wait_for(|stop| *stop) => None,
-            }
-        });
-        match answer {
-            None => Err(left()),
-            Some(Ok(Ok(value))) => Ok(value),
-            Some(Ok(Err(e))) => Err(Unreachable(e.to_string())),
-            Some(Err(_)) => Err(Unreachable(format!(
-                "no answer within {} s",
-                REDIS_TIMEOUT.as_secs()
-            ))),
-        }
+/// Counts a message handed to the publisher (`handed`), or not, in the
+/// node's stats; 1 or 0.
+fn count(hub: &Hub, handed: bool) -> usize {
+    if handed {
+        Counters::add(&hub.stats.cluster_messages_out, 1);
+        1
+    } else {
+        Counters::add(&hub.stats.cluster_send_failures, 1);
+        0
     }
 }
 

@@ -16,6 +16,12 @@ pub(super) const KV_HASH: &str = "warpsocket:kv";
 /// The pub/sub channel every node listens to.
 pub(super) const ALL_NODES: &[u8] = b"warpsocket:all";
 pub(super) const CHANNEL_PREFIX: &[u8] = b"warpsocket:c:";
+/// The pub/sub channel clients (processes that are no node) listen on, only
+/// to know that Redis is up: nothing is published there.
+pub(super) const CLIENTS_KEY: &[u8] = b"warpsocket:clients";
+/// The `origin` of what a client broadcasts: no node has it (node numbers
+/// start at 1, see `ids::node_number`), so every node delivers it.
+pub(super) const CLIENT_ORIGIN: u16 = 0;
 
 /// The pub/sub channel of a WarpSocket channel.
 pub(super) fn channel_key(name: &[u8]) -> Bytes {
