@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 REDIS_URL = os.environ.get("WARPSOCKET_REDIS", "redis://127.0.0.1:6379/0")
 # The chat nodes' own --history 'room:=50/86400': sends to a room are then sequenced
 # and kept exactly as a node's are.
-HISTORY: dict[str | bytes, warpsocket.History] = {"room:": warpsocket.History(50, 86400)}
+HISTORY = {"room:": warpsocket.History(50, 86400)}
 ROOM_NAME = re.compile(r"^[a-z0-9_-]{1,12}$")  # the chat's room names
 MAX_TEXT = 2000  # the chat's longest message
 

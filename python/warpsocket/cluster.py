@@ -13,12 +13,11 @@ and adds the context manager.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
 from . import _core
-from .config import History, check_history
+from .config import HistoryOption, check_history
 
 #: What presence calls raise on a cluster client until presence works in cluster mode.
 PRESENCE_UNSUPPORTED = "presence in cluster mode is not supported yet"
@@ -52,9 +51,7 @@ class Cluster(_core.Cluster):
     end of a ``with`` block), after which every method raises ``RuntimeError``.
     """
 
-    def __new__(
-        cls, url: str, history: Mapping[str | bytes, History | tuple[Any, ...]] | None = None
-    ) -> Cluster:
+    def __new__(cls, url: str, history: HistoryOption | None = None) -> Cluster:
         """Connect to the cluster whose Redis server is at ``url``."""
         if not isinstance(url, str):
             raise TypeError(f"url must be a str, not {type(url).__name__}")

@@ -46,6 +46,12 @@ class History(NamedTuple):
     stamp: bool = True
 
 
+#: The ``history`` option: prefixes (``str`` or ``bytes``, checked when it is used) to
+#: policies. The keys are typed ``Any`` because a mapping's key type is invariant:
+#: ``dict[str, History]`` would not match ``Mapping[str | bytes, ...]``.
+HistoryOption = Mapping[Any, History | tuple[Any, ...]]
+
+
 #: A channel-name prefix and what its channels keep, as ``Options.history`` holds them.
 HistoryRule = tuple[str | bytes, History]
 
@@ -112,7 +118,7 @@ class Options:
             bool, "negotiate permessage-deflate with clients that offer it (docs/api.md#compression)"
         ] = False,
         history: Annotated[
-            Mapping[str | bytes, History | tuple[Any, ...]] | None,
+            HistoryOption | None,
             "keep the last SIZE messages (each for TTL seconds, default 300) of the channels"
             " whose name starts with PREFIX, for recover() (docs/api.md#history); repeatable",
             Flag("--history", "PREFIX=SIZE[/TTL]", parse=parse_history_flag, repeat=True),
