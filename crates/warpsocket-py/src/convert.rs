@@ -11,8 +11,8 @@ use bytes::Bytes;
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyByteArray, PyBytes, PyInt, PyList, PyMemoryView, PyString, PyTuple};
-use warpsocket_core::presence::Info;
 use warpsocket_core::history::{Message, Policies, Policy};
+use warpsocket_core::presence::Info;
 use warpsocket_core::{frame, Kind, Target};
 
 use crate::errors;
