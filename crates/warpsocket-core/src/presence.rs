@@ -10,10 +10,13 @@
 //! keeps it under one mutex, and `O` is what it needs to know of a tracked
 //! socket (the connection whose worker hears of its changes).
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use foldhash::fast::SeedableRandomState;
+use foldhash::SharedSeed;
+use hashbrown::{HashMap, HashTable};
 
 /// A member's info, as `presence()` gives it back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,23 +37,131 @@ pub struct Change {
     pub joined: bool,
 }
 
-/// One member of one channel.
+/// The hasher of every table here. Clients choose channel and member names,
+/// so its seeds come from the OS's randomness (through std's `RandomState`)
+/// rather than foldhash's own guess from addresses and the time.
+type Hasher = SeedableRandomState;
+
+fn hasher() -> Hasher {
+    fn random() -> u64 {
+        std::hash::RandomState::new().hash_one(0u8)
+    }
+    static SHARED: OnceLock<SharedSeed> = OnceLock::new();
+    SeedableRandomState::with_seed(
+        random(),
+        SHARED.get_or_init(|| SharedSeed::from_u64(random())),
+    )
+}
+
+/// One member of one channel: 32 bytes, so that 100,000 of them stay small.
 struct Member {
+    /// Shared with the links of the sockets tracked as this member.
+    name: Arc<str>,
     /// Tracked sockets (at most one membership per socket and channel).
-    sockets: usize,
-    info: Option<Info>,
+    sockets: u32,
+    /// Boxed: most tracks give none, and `Info` is 40 bytes.
+    info: Option<Box<Info>>,
+}
+
+/// A channel with members present; its slot in the slab is its id.
+struct Channel {
+    /// The one allocation of the name: changes and links share it.
+    name: Bytes,
+    members: HashTable<Member>,
+}
+
+/// A socket's membership in one channel: 24 bytes.
+struct Link {
+    channel: u32,
+    member: Arc<str>,
+}
+
+/// A socket's memberships. Almost every socket is tracked in one channel,
+/// kept inline; a socket in several has them in a short vector.
+enum Links {
+    One(Link),
+    /// Two or more (one left becomes `One`).
+    /// Boxed, so that `Links` is no bigger than a `Link` (a `Vec` is).
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<Link>>),
+}
+
+impl Links {
+    fn as_slice(&self) -> &[Link] {
+        match self {
+            Links::One(link) => std::slice::from_ref(link),
+            Links::Many(links) => links,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Link] {
+        match self {
+            Links::One(link) => std::slice::from_mut(link),
+            Links::Many(links) => links,
+        }
+    }
+
+    fn position(&self, channel: u32) -> Option<usize> {
+        self.as_slice().iter().position(|l| l.channel == channel)
+    }
+
+    fn push(&mut self, link: Link) {
+        match self {
+            Links::Many(links) => links.push(link),
+            Links::One(first) => {
+                let first = Link {
+                    channel: first.channel,
+                    member: first.member.clone(),
+                };
+                *self = Links::Many(Box::new(vec![first, link]));
+            }
+        }
+    }
+
+    /// Removes the `i`th link; None when it is the only one, which goes
+    /// with the socket's whole entry.
+    fn remove(&mut self, i: usize) -> Option<Link> {
+        let Links::Many(links) = self else {
+            return None;
+        };
+        let link = links.swap_remove(i);
+        if links.len() == 1 {
+            if let Some(last) = links.pop() {
+                *self = Links::One(last);
+            }
+        } else if links.capacity() > 8 && links.len() * 4 < links.capacity() {
+            links.shrink_to(links.len() * 2);
+        }
+        Some(link)
+    }
+
+    fn into_iter(self) -> impl Iterator<Item = Link> {
+        let (first, rest) = match self {
+            Links::One(link) => (Some(link), Vec::new()),
+            Links::Many(links) => (None, *links),
+        };
+        first.into_iter().chain(rest)
+    }
 }
 
 /// One tracked socket: whom its changes are reported to, and as whom it is
 /// tracked in each channel.
 struct Tracked<O> {
     owner: O,
-    channels: HashMap<Bytes, Arc<str>>,
+    links: Links,
 }
 
+/// Two indexes kept in step. Per channel (found by name through `names`, kept
+/// in the `channels` slab so that a socket's link names it by a 4-byte id),
+/// its members; per socket id, its links. Each name is hashed once per call.
 pub(crate) struct Presence<O> {
-    channels: HashMap<Bytes, HashMap<Arc<str>, Member>>,
-    sockets: HashMap<u64, Tracked<O>>,
+    hasher: Hasher,
+    /// Channel ids, hashed by their channel's name.
+    names: HashTable<u32>,
+    channels: Vec<Option<Channel>>,
+    /// Empty slots of `channels`.
+    free: Vec<u32>,
+    sockets: HashMap<u64, Tracked<O>, Hasher>,
     /// (channel, member) pairs present: `stats()["presence_members"]`.
     pairs: usize,
 }
@@ -59,19 +170,45 @@ pub(crate) struct Presence<O> {
 impl<O> Default for Presence<O> {
     fn default() -> Self {
         Presence {
-            channels: HashMap::new(),
-            sockets: HashMap::new(),
+            hasher: hasher(),
+            names: HashTable::new(),
+            channels: Vec::new(),
+            free: Vec::new(),
+            sockets: HashMap::with_hasher(hasher()),
             pairs: 0,
         }
     }
 }
 
-/// Gives back a map's spare room once it is mostly empty, so that a burst of
-/// channels or sockets does not stay allocated.
-fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
-    if map.capacity() > 64 && map.len() * 4 < map.capacity() {
-        map.shrink_to(map.len() * 2);
-    }
+/// Whether a table is mostly empty, and should give back its spare room so
+/// that a burst of channels, members or sockets does not stay allocated.
+fn sparse(len: usize, capacity: usize) -> bool {
+    capacity > 64 && len * 4 < capacity
+}
+
+/// The name of channel `id`, to hash it again as `names` grows or shrinks.
+fn name_of(channels: &[Option<Channel>], id: u32) -> &[u8] {
+    channels[id as usize].as_ref().map_or(&[], |c| &c.name[..])
+}
+
+fn channel_slot(channels: &mut [Option<Channel>], id: u32) -> Option<&mut Channel> {
+    channels.get_mut(id as usize).and_then(Option::as_mut)
+}
+
+/// The id of the channel named `channel`, whose name hashes to `hash`.
+fn find_channel(
+    names: &HashTable<u32>,
+    channels: &[Option<Channel>],
+    hash: u64,
+    channel: &[u8],
+) -> Option<u32> {
+    names
+        .find(hash, |&id| {
+            channels[id as usize]
+                .as_ref()
+                .is_some_and(|c| c.name == channel)
+        })
+        .copied()
 }
 
 impl<O: Clone> Presence<O> {
@@ -89,60 +226,109 @@ impl<O: Clone> Presence<O> {
         info: Option<Info>,
         changes: &mut Vec<(O, Change)>,
     ) -> bool {
-        let tracked = self.sockets.entry(id).or_insert_with(|| Tracked {
-            owner: owner.clone(),
-            channels: HashMap::new(),
-        });
-        let owner = tracked.owner.clone();
-        let previous = tracked.channels.get(channel).cloned();
-        if previous.as_deref() == Some(member) {
-            // The same membership: only the info is new.
-            if let Some(m) = self
-                .channels
-                .get_mut(channel)
-                .and_then(|members| members.get_mut(member))
-            {
-                m.info = info;
+        let Presence {
+            hasher,
+            names,
+            channels,
+            free,
+            sockets,
+            pairs,
+        } = self;
+        let hash = hasher.hash_one(channel);
+        let cid = match find_channel(names, channels, hash, channel) {
+            Some(cid) => cid,
+            None => {
+                let new = Channel {
+                    name: Bytes::copy_from_slice(channel),
+                    members: HashTable::new(),
+                };
+                let cid = match free.pop() {
+                    Some(cid) => {
+                        channels[cid as usize] = Some(new);
+                        cid
+                    }
+                    None => {
+                        channels.push(Some(new));
+                        u32::try_from(channels.len() - 1).expect("under 2^32 channels")
+                    }
+                };
+                names.insert_unique(hash, cid, |&c| hasher.hash_one(name_of(channels, c)));
+                cid
             }
-            return false;
-        }
-        // One allocation of the name and of the member for both indexes.
-        let (name, members) = match self.channels.get_key_value(channel) {
-            Some((name, _)) => (name.clone(), None),
-            None => (Bytes::copy_from_slice(channel), Some(HashMap::new())),
         };
-        if let Some(members) = members {
-            self.channels.insert(name.clone(), members);
-        }
-        if let Some(previous) = previous {
-            if let Some(change) = self.leave(&name, &previous) {
-                changes.push((owner.clone(), change));
+        let mut tracked = sockets.get_mut(&id);
+        let owner = tracked.as_ref().map_or(owner, |t| &t.owner).clone();
+        let previous = tracked.as_ref().and_then(|t| t.links.position(cid));
+        let Some(ch) = channel_slot(channels, cid) else {
+            unreachable!("a channel found or made above")
+        };
+        let member_hash = hasher.hash_one(member);
+        if let (Some(i), Some(t)) = (previous, &tracked) {
+            if &*t.links.as_slice()[i].member == member {
+                // The same membership: only the info is new.
+                if let Some(m) = ch.members.find_mut(member_hash, |m| &*m.name == member) {
+                    m.info = info.map(Box::new);
+                }
+                return false;
             }
         }
-        let members = self.channels.entry(name.clone()).or_default();
-        let (member, joined) = match members.get_key_value(member) {
-            Some((key, _)) => (key.clone(), false),
-            None => (Arc::<str>::from(member), true),
+        // The join first, so that the old member's leave cannot empty (and
+        // drop) the channel; the changes are queued in their order.
+        let (name, joined) = match ch.members.find_mut(member_hash, |m| &*m.name == member) {
+            Some(m) => {
+                m.sockets += 1;
+                m.info = info.map(Box::new);
+                (m.name.clone(), false)
+            }
+            None => {
+                let name = Arc::<str>::from(member);
+                ch.members.insert_unique(
+                    member_hash,
+                    Member {
+                        name: name.clone(),
+                        sockets: 1,
+                        info: info.map(Box::new),
+                    },
+                    |m| hasher.hash_one(&*m.name),
+                );
+                *pairs += 1;
+                (name, true)
+            }
         };
-        let entry = members.entry(member.clone()).or_insert(Member {
-            sockets: 0,
-            info: None,
-        });
-        entry.sockets += 1;
-        entry.info = info;
+        let channel_name = ch.name.clone();
+        let link = Link {
+            channel: cid,
+            member: name.clone(),
+        };
+        match (previous, tracked.as_mut()) {
+            (Some(i), Some(t)) => {
+                let old = std::mem::replace(&mut t.links.as_mut_slice()[i], link);
+                if let Some(change) =
+                    Self::leave(hasher, names, channels, free, pairs, cid, &old.member)
+                {
+                    changes.push((owner.clone(), change));
+                }
+            }
+            (_, Some(t)) => t.links.push(link),
+            (_, None) => {
+                sockets.insert(
+                    id,
+                    Tracked {
+                        owner: owner.clone(),
+                        links: Links::One(link),
+                    },
+                );
+            }
+        }
         if joined {
-            self.pairs += 1;
             changes.push((
                 owner,
                 Change {
-                    channel: name.clone(),
-                    member: member.clone(),
+                    channel: channel_name,
+                    member: name,
                     joined: true,
                 },
             ));
-        }
-        if let Some(tracked) = self.sockets.get_mut(&id) {
-            tracked.channels.insert(name, member);
         }
         joined
     }
@@ -151,69 +337,145 @@ impl<O: Clone> Presence<O> {
     /// member left (this was its last tracked socket there), with the owner
     /// it is reported to; None when it stays, or `id` was not tracked there.
     pub(crate) fn untrack(&mut self, id: u64, channel: &[u8]) -> Option<(O, Change)> {
-        let tracked = self.sockets.get_mut(&id)?;
-        let member = tracked.channels.remove(channel)?;
+        let Presence {
+            hasher,
+            names,
+            channels,
+            free,
+            sockets,
+            pairs,
+        } = self;
+        let tracked = sockets.get_mut(&id)?;
+        let cid = find_channel(names, channels, hasher.hash_one(channel), channel)?;
+        let i = tracked.links.position(cid)?;
         let owner = tracked.owner.clone();
-        if tracked.channels.is_empty() {
-            self.sockets.remove(&id);
-            shrink(&mut self.sockets);
-        } else {
-            shrink(&mut tracked.channels);
-        }
-        let name = self.channels.get_key_value(channel)?.0.clone();
-        self.leave(&name, &member).map(|change| (owner, change))
+        let link = match tracked.links.remove(i) {
+            Some(link) => link,
+            None => {
+                let gone = sockets.remove(&id)?;
+                if sparse(sockets.len(), sockets.capacity()) {
+                    sockets.shrink_to(sockets.len() * 2);
+                }
+                match gone.links {
+                    Links::One(link) => link,
+                    Links::Many(_) => return None,
+                }
+            }
+        };
+        Self::leave(hasher, names, channels, free, pairs, cid, &link.member)
+            .map(|change| (owner, change))
     }
 
     /// Untracks socket `id` from every channel; appends the members that
     /// left, with the owner they are reported to.
     pub(crate) fn remove(&mut self, id: u64, changes: &mut Vec<(O, Change)>) {
-        let Some(tracked) = self.sockets.remove(&id) else {
+        let Presence {
+            hasher,
+            names,
+            channels,
+            free,
+            sockets,
+            pairs,
+        } = self;
+        let Some(tracked) = sockets.remove(&id) else {
             return;
         };
-        shrink(&mut self.sockets);
-        for (name, member) in tracked.channels {
-            if let Some(change) = self.leave(&name, &member) {
+        if sparse(sockets.len(), sockets.capacity()) {
+            sockets.shrink_to(sockets.len() * 2);
+        }
+        for link in tracked.links.into_iter() {
+            if let Some(change) = Self::leave(
+                hasher,
+                names,
+                channels,
+                free,
+                pairs,
+                link.channel,
+                &link.member,
+            ) {
                 changes.push((tracked.owner.clone(), change));
             }
         }
     }
 
-    /// One socket of `member` in `channel` is gone; the change if it was the last.
-    fn leave(&mut self, channel: &Bytes, member: &Arc<str>) -> Option<Change> {
-        let members = self.channels.get_mut(channel)?;
-        let entry = members.get_mut(member)?;
-        entry.sockets -= 1;
-        if entry.sockets > 0 {
+    /// One socket of `member` in channel `cid` is gone; the change if it was
+    /// the last. The channel is dropped once it has no member.
+    fn leave(
+        hasher: &Hasher,
+        names: &mut HashTable<u32>,
+        channels: &mut Vec<Option<Channel>>,
+        free: &mut Vec<u32>,
+        pairs: &mut usize,
+        cid: u32,
+        member: &Arc<str>,
+    ) -> Option<Change> {
+        let ch = channel_slot(channels, cid)?;
+        let Ok(mut entry) = ch.members.find_entry(hasher.hash_one(&**member), |m| {
+            Arc::ptr_eq(&m.name, member) || m.name == *member
+        }) else {
+            return None;
+        };
+        entry.get_mut().sockets -= 1;
+        if entry.get().sockets > 0 {
             return None;
         }
-        members.remove(member);
-        self.pairs -= 1;
-        if members.is_empty() {
-            self.channels.remove(channel);
-            shrink(&mut self.channels);
+        let (gone, _) = entry.remove();
+        *pairs -= 1;
+        let channel = if ch.members.is_empty() {
+            let hash = hasher.hash_one(&ch.name[..]);
+            if let Ok(entry) = names.find_entry(hash, |&c| c == cid) {
+                entry.remove();
+            }
+            let name = channels[cid as usize].take().map(|c| c.name)?;
+            free.push(cid);
+            if free.len() == channels.len() {
+                // Every channel gone: give back the slab and the name index.
+                channels.clear();
+                channels.shrink_to(0);
+                free.clear();
+                free.shrink_to(0);
+                names.shrink_to(0, |_| 0);
+            } else if sparse(names.len(), names.capacity()) {
+                names.shrink_to(names.len() * 2, |&c| hasher.hash_one(name_of(channels, c)));
+            }
+            name
         } else {
-            shrink(members);
-        }
+            if sparse(ch.members.len(), ch.members.capacity()) {
+                ch.members
+                    .shrink_to(ch.members.len() * 2, |m| hasher.hash_one(&*m.name));
+            }
+            ch.name.clone()
+        };
         Some(Change {
-            channel: channel.clone(),
-            member: member.clone(),
+            channel,
+            member: gone.name,
             joined: false,
         })
     }
 
+    fn channel(&self, channel: &[u8]) -> Option<&Channel> {
+        let cid = find_channel(
+            &self.names,
+            &self.channels,
+            self.hasher.hash_one(channel),
+            channel,
+        )?;
+        self.channels[cid as usize].as_ref()
+    }
+
     /// The members present in `channel`, with their info.
     pub(crate) fn members(&self, channel: &[u8]) -> Members {
-        self.channels.get(channel).map_or_else(Vec::new, |members| {
-            members
+        self.channel(channel).map_or_else(Vec::new, |ch| {
+            ch.members
                 .iter()
-                .map(|(name, m)| (name.clone(), m.info.clone()))
+                .map(|m| (m.name.clone(), m.info.as_deref().cloned()))
                 .collect()
         })
     }
 
     /// How many members are present in `channel`: O(1).
     pub(crate) fn count(&self, channel: &[u8]) -> usize {
-        self.channels.get(channel).map_or(0, HashMap::len)
+        self.channel(channel).map_or(0, |ch| ch.members.len())
     }
 
     /// (channel, member) pairs present.
@@ -223,13 +485,25 @@ impl<O: Clone> Presence<O> {
 
     #[cfg(test)]
     fn is_empty(&self) -> bool {
-        self.channels.is_empty() && self.sockets.is_empty() && self.pairs == 0
+        self.names.is_empty()
+            && self.channels.is_empty()
+            && self.sockets.is_empty()
+            && self.pairs == 0
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
+
+    #[test]
+    fn the_entries_stay_small() {
+        assert_eq!(std::mem::size_of::<Member>(), 32);
+        assert_eq!(std::mem::size_of::<Links>(), 24);
+        assert_eq!(std::mem::size_of::<Tracked<Arc<()>>>(), 32);
+    }
 
     type Changes = Vec<(u32, Change)>;
 
