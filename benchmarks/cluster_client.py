@@ -106,13 +106,16 @@ class Frames:
             raise ConnectionError(f"handshake refused: {head[:80]!r}")
         self.sock.settimeout(None)
 
-    def send_text(self, text: str) -> None:
-        """One masked text frame (a client must mask; short payloads only)."""
-        data = text.encode()
+    def send_frame(self, opcode: int, data: bytes) -> None:
+        """One masked frame (a client must mask; payloads under 126 bytes only)."""
         assert len(data) < 126
         mask = os.urandom(4)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-        self.sock.sendall(bytes([0x81, 0x80 | len(data)]) + mask + masked)
+        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(data)]) + mask + masked)
+
+    def send_text(self, text: str) -> None:
+        """One text frame."""
+        self.send_frame(0x1, text.encode())
 
     def messages(self):
         """Yield each data frame's payload (bytes) until the connection closes."""
@@ -141,7 +144,12 @@ class Frames:
                 if end > len(buf):
                     break
                 if opcode == 0x8:
+                    code = int.from_bytes(buf[start : start + 2], "big") if length >= 2 else None
+                    log.warning("receiver: the node closed the connection (%s)", code)
                     return
+                if opcode == 0x9:
+                    # The node's keepalive: unanswered, it closes with 1011 after ping_timeout.
+                    self.send_frame(0xA, bytes(buf[start:end]))
                 if opcode in (0x1, 0x2):
                     yield buf[start:end]
                 pos = end
@@ -160,6 +168,7 @@ def percentile(values: list[float], p: float) -> float:
 
 def receive(port: int, channels: list[str]) -> int:
     """Subscribe to ``channels`` on the node at ``port`` and report each phase to stdout."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     frames = Frames(port)
     frames.send_text("sub " + " ".join(channels))
     out = sys.stdout
@@ -295,7 +304,7 @@ def wait(condition: Any, what: str, timeout: float = 60) -> Any:
 class Setup:
     """Redis, a node and a subscribed receiver; ``stop()`` ends them all."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, node_args: list[str]) -> None:
         self.procs: list[subprocess.Popen[Any]] = []
         self.redis_log = open(workdir / "redis.log", "w")  # noqa: SIM115 (closed in stop)
         self.redis = Redis(self.redis_log)
@@ -306,7 +315,8 @@ class Setup:
         self.node_log = open(node_log_path, "w")  # noqa: SIM115 (closed in stop)
         self.node = subprocess.Popen(
             [sys.executable, "-m", "warpsocket", str(worker), "--cluster", self.redis.url,
-             "--bind", "127.0.0.1:0", "--threads", "1", "--history", HISTORY_RULE, "--log-level", "INFO"],
+             "--bind", "127.0.0.1:0", "--threads", "1", "--history", HISTORY_RULE, "--log-level", "INFO",
+             *node_args],
             stdout=self.node_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.procs.append(self.node)
@@ -497,6 +507,12 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64, help="message size in bytes")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-history", action="store_true", help="only the plain channel")
+    parser.add_argument(
+        "--node-arg",
+        action="append",
+        default=[],
+        help="an extra option of the node (repeat: --node-arg=--ping-interval --node-arg=1)",
+    )
     parser.add_argument("--json", type=Path, help="write every round's figures here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -508,7 +524,7 @@ def main() -> int:
     channels = [PLAIN] if args.no_history else [PLAIN, HISTORY_CHANNEL]
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        setup = Setup(Path(tmp))
+        setup = Setup(Path(tmp), args.node_arg)
         cluster = warpsocket.Cluster(setup.redis.url, history={"hist:": warpsocket.History(100, 300)})
         try:
             # Warm up: connections, the node's first sequencing script load, caches.

@@ -22,8 +22,10 @@ def test_cluster_client_benchmark_runs_at_tiny_sizes(redis: Any, tmp_path: Path)
     """
     figures = tmp_path / "figures.json"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--messages", "3000", "--paced", "100", "--rate", "500",
-         "--rounds", "1", "--json", str(figures)],
+        [sys.executable, str(SCRIPT), "--messages", "3000", "--paced", "1000", "--rate", "500",
+         "--rounds", "1", "--json", str(figures),
+         # Pings every 0.2 s: the receiver must answer them or the node closes it (1011).
+         "--node-arg=--ping-interval", "--node-arg=0.2", "--node-arg=--ping-timeout", "--node-arg=0.5"],
         capture_output=True,
         text=True,
         timeout=100,
@@ -33,8 +35,8 @@ def test_cluster_client_benchmark_runs_at_tiny_sizes(redis: Any, tmp_path: Path)
         "bench      throughput: sent 3000",
         "hist:bench throughput: sent 3000",
         "bench      retrying: sent 3000",
-        "bench      latency at 500/s: sent 100",
-        "hist:bench latency at 500/s: sent 100",
+        "bench      latency at 500/s: sent 1000",
+        "hist:bench latency at 500/s: sent 1000",
         "host: ",
         "every message send() took was delivered once, in order: True",
     ):
