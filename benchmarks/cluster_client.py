@@ -166,59 +166,81 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
 
 
-def receive(port: int, channels: list[str]) -> int:
-    """Subscribe to ``channels`` on the node at ``port`` and report each phase to stdout."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    frames = Frames(port)
-    frames.send_text("sub " + " ".join(channels))
-    out = sys.stdout
-    count = 0
-    first_ns = last_ns = 0
-    expected = 0
-    gaps = backwards = 0
-    latencies: list[int] = []
-    subscribed = False
-    for payload in frames.messages():
+class Tally:
+    """The receiver's counts for the current phase, reported to stdout at its end marker."""
+
+    def __init__(self) -> None:
+        self.subscribed = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Start the next phase."""
+        self.count = self.first_ns = self.last_ns = self.expected = self.gaps = self.backwards = 0
+        self.latencies: list[int] = []
+
+    def feed(self, payload: bytes) -> None:
+        """Count one message (``KIND SEQ TIME_NS``, or the node's ``subscribed``)."""
         now = time.time_ns()
-        if not subscribed:
+        if not self.subscribed:
             if payload == b"subscribed":
-                subscribed = True
-                out.write("READY\n")
-                out.flush()
-            continue
+                self.subscribed = True
+                sys.stdout.write("READY\n")
+                sys.stdout.flush()
+            return
         # A history channel's messages arrive stamped "OFFSET:"; ours hold no ':'.
         body = payload[payload.index(b":") + 1 :] if b":" in payload else payload
         kind, seq, sent = body.split(b" ", 3)[:3]
         if kind == b"e":
-            out.write(
-                json.dumps(
-                    {
-                        "phase": seq.decode(),
-                        "received": count,
-                        "gaps": gaps,
-                        "backwards": backwards,
-                        "first_ns": first_ns,
-                        "last_ns": last_ns,
-                        "latency_ns": latencies,
-                    }
-                )
-                + "\n"
-            )
-            out.flush()
-            count, first_ns, last_ns, expected, gaps, backwards, latencies = 0, 0, 0, 0, 0, 0, []
-            continue
+            report = {
+                "phase": seq.decode(),
+                "received": self.count,
+                "gaps": self.gaps,
+                "backwards": self.backwards,
+                "first_ns": self.first_ns,
+                "last_ns": self.last_ns,
+                "latency_ns": self.latencies,
+            }
+            sys.stdout.write(json.dumps(report) + "\n")
+            sys.stdout.flush()
+            self.reset()
+            return
         n = int(seq)
-        if n < expected:
-            backwards += 1
-        elif n > expected:
-            gaps += 1
-        expected = n + 1
-        if count == 0:
-            first_ns = now
-        last_ns = now
-        count += 1
+        if n < self.expected:
+            self.backwards += 1
+        elif n > self.expected:
+            self.gaps += 1
+        self.expected = n + 1
+        if self.count == 0:
+            self.first_ns = now
+        self.last_ns = now
+        self.count += 1
         if kind == b"l":
-            latencies.append(now - int(sent))
+            self.latencies.append(now - int(sent))
+
+
+def receive(port: int, channels: list[str]) -> int:
+    """Subscribe to ``channels`` on the node at ``port`` and report each phase to stdout."""
+    frames = Frames(port)
+    frames.send_text("sub " + " ".join(channels))
+    feed = Tally().feed
+    for payload in frames.messages():
+        feed(payload)
+    return 0
+
+
+async def receive_websockets(port: int, channels: list[str]) -> int:
+    """:func:`receive` with the ``websockets`` asyncio client (``--receiver websockets``)."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    async with connect(f"ws://127.0.0.1:{port}/", compression=None, max_queue=None) as ws:
+        await ws.send("sub " + " ".join(channels))
+        feed = Tally().feed
+        try:
+            while True:
+                feed(await ws.recv(decode=False))
+        except ConnectionClosed as closed:
+            log.warning("receiver: the node closed the connection (%s)", closed.rcvd)
     return 0
 
 
@@ -304,7 +326,7 @@ def wait(condition: Any, what: str, timeout: float = 60) -> Any:
 class Setup:
     """Redis, a node and a subscribed receiver; ``stop()`` ends them all."""
 
-    def __init__(self, workdir: Path, node_args: list[str]) -> None:
+    def __init__(self, workdir: Path, node_args: list[str], receiver: str) -> None:
         self.procs: list[subprocess.Popen[Any]] = []
         self.redis_log = open(workdir / "redis.log", "w")  # noqa: SIM115 (closed in stop)
         self.redis = Redis(self.redis_log)
@@ -331,7 +353,8 @@ class Setup:
 
         port = wait(listening, "the node to listen")
         self.receiver = subprocess.Popen(
-            [sys.executable, __file__, "receive", str(port), PLAIN, HISTORY_CHANNEL],
+            [sys.executable, __file__, "receive" if receiver == "socket" else "receive-websockets",
+             str(port), PLAIN, HISTORY_CHANNEL],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.procs.append(self.receiver)
@@ -513,6 +536,12 @@ def main() -> int:
         default=[],
         help="an extra option of the node (repeat: --node-arg=--ping-interval --node-arg=1)",
     )
+    parser.add_argument(
+        "--receiver",
+        choices=("socket", "websockets"),
+        default="socket",
+        help="the receiving client: a plain socket parsing frames (default) or the websockets asyncio client",
+    )
     parser.add_argument("--json", type=Path, help="write every round's figures here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -524,7 +553,7 @@ def main() -> int:
     channels = [PLAIN] if args.no_history else [PLAIN, HISTORY_CHANNEL]
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        setup = Setup(Path(tmp), args.node_arg)
+        setup = Setup(Path(tmp), args.node_arg, args.receiver)
         cluster = warpsocket.Cluster(setup.redis.url, history={"hist:": warpsocket.History(100, 300)})
         try:
             # Warm up: connections, the node's first sequencing script load, caches.
@@ -608,6 +637,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "receive":
-        sys.exit(receive(int(sys.argv[2]), sys.argv[3:]))
+    if len(sys.argv) > 1 and sys.argv[1] in ("receive", "receive-websockets"):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        if sys.argv[1] == "receive":
+            sys.exit(receive(int(sys.argv[2]), sys.argv[3:]))
+        import asyncio
+
+        sys.exit(asyncio.run(receive_websockets(int(sys.argv[2]), sys.argv[3:])))
     sys.exit(main())
