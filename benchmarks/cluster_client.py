@@ -33,8 +33,9 @@ their microseconds), to tell which of Python, the client's Redis thread, Redis, 
 or the receiver is the limit.
 
 The receiver is a plain-socket WebSocket client (handshake and unmasked server frames
-parsed by hand, no compression offered): a Python client library's per-message cost
-would otherwise be the limit well below the node's. Results are logged to stderr; the
+parsed by hand, no compression offered, pings answered): ``--receiver websockets`` uses
+the ``websockets`` asyncio client instead, whose per-message cost (~4x) makes the
+receiver the limit. Results are logged to stderr; the
 summary is a table of medians with min-max over the rounds; ``--json`` writes every
 round's figures.
 """
