@@ -60,7 +60,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q ".[test,tls-test]" ruff mypy
+.venv/bin/python -m pip install -q ".[test,tls-test,examples]" ruff mypy
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
