@@ -74,6 +74,10 @@ pub(super) enum Outgoing {
         policy: Policy,
         body: Bytes,
     },
+    /// Answered once everything queued before it went to Redis (or failed):
+    /// `close` waits for it so that a send counted before a disconnect is
+    /// not lost with the runtime.
+    Flush(oneshot::Sender<()>),
 }
 
 /// Called with the number of messages of a batch Redis did not take.
@@ -173,8 +177,12 @@ impl Conn {
     /// From a thread outside the runtime.
     pub(super) fn close(&self) {
         self.calls.lock().closed = true;
+        // Sends stop counting (they need `up`), then what they queued goes
+        // out before the publisher stops.
+        if self.up.swap(false, Ordering::AcqRel) {
+            self.flush();
+        }
         self.stop.send_replace(true);
-        self.up.store(false, Ordering::Release);
         {
             // Not long: every call returns as soon as it sees the stop signal.
             let mut calls = self.calls.lock();
@@ -185,6 +193,22 @@ impl Conn {
         if let Some(runtime) = self.runtime.lock().take() {
             runtime.shutdown_timeout(Duration::from_secs(1));
         }
+    }
+
+    /// Waits (at most [`REDIS_TIMEOUT`]) until the publisher has handed
+    /// Redis everything queued so far.
+    fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        let outgoing = self.outgoing.clone();
+        self.handle.block_on(async move {
+            // The timer needs the runtime: built inside block_on.
+            let handed = async {
+                if outgoing.send(Outgoing::Flush(done)).await.is_ok() {
+                    let _ = flushed.await;
+                }
+            };
+            let _ = tokio::time::timeout(REDIS_TIMEOUT, handed).await;
+        });
     }
 
     pub(super) fn is_closed(&self) -> bool {
@@ -403,7 +427,15 @@ async fn publish(
             n = queue.recv_many(&mut batch, BATCH) => if n == 0 { return },
             _ = stopped(&mut stop) => return,
         }
-        let mut sent = send_batch(&mut commands, &batch, true).await;
+        let flushes = batch
+            .iter()
+            .filter(|o| matches!(o, Outgoing::Flush(_)))
+            .count();
+        let mut sent = if flushes == batch.len() {
+            Ok(())
+        } else {
+            send_batch(&mut commands, &batch, true).await
+        };
         if matches!(&sent, Err(e) if e.kind() == redis::ErrorKind::NoScriptError) {
             // Redis restarted and forgot the scripts: nothing of the batch
             // that runs one ran, so those go again.
@@ -413,10 +445,15 @@ async fn publish(
             };
         }
         if let Err(e) = sent {
-            on_failure(batch.len() as u64);
-            log::debug!(target: "warpsocket", "cluster: {} messages not published: {e}", batch.len());
+            let lost = (batch.len() - flushes) as u64;
+            on_failure(lost);
+            log::debug!(target: "warpsocket", "cluster: {lost} messages not published: {e}");
         }
-        batch.clear();
+        for outgoing in batch.drain(..) {
+            if let Outgoing::Flush(done) = outgoing {
+                let _ = done.send(());
+            }
+        }
     }
 }
 
@@ -439,6 +476,7 @@ async fn send_batch(
                 }
             }
             Outgoing::Kept { name, policy, body } => kept.add(name, policy, body),
+            Outgoing::Flush(_) => {}
         }
     }
     if !kept.is_empty() {
