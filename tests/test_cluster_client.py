@@ -221,10 +221,10 @@ def test_bad_arguments_name_the_argument(redis, cluster):
         cluster.history("room:1", since=-1)
     with pytest.raises(ValueError, match="keeps no history"):
         cluster.position("plain")
-    with pytest.raises(ValueError, match="presence"):
-        cluster.presence("room:1")
-    with pytest.raises(ValueError, match="presence"):
-        cluster.presence_count("room:1")
+    with pytest.raises(TypeError, match="channel"):
+        cluster.presence(7)
+    with pytest.raises(TypeError, match="channel"):
+        cluster.presence_count(None)
 
 
 @pytest.mark.timeout(120)
@@ -245,6 +245,8 @@ def test_unreachable_redis_raises_connection_error(redis):
             lambda: cluster.set_key_if("k", "v"),
             lambda: cluster.position("room:1"),
             lambda: cluster.history("room:1"),
+            lambda: cluster.presence("room:1"),
+            lambda: cluster.presence_count("room:1"),
         ):
             with pytest.raises(ConnectionError):
                 call()

@@ -409,19 +409,3 @@ def members_of(sid, log_path):
         balance[(channel, member)] = balance.get((channel, member), 0) + (1 if joined else -1)
         assert balance[(channel, member)] in (0, 1), "alternates"
     return all(v == 0 for v in balance.values())
-
-
-def test_cluster_mode_refuses_presence(start_server, redis, log_path):
-    server = start_server(WORKER, threads=1, worker_arg=str(log_path), cluster=redis.url)
-    client = IdClient(server)
-    try:
-        for call in (
-            lambda: warpsocket.track(client.sid, "room", "ada"),
-            lambda: warpsocket.untrack(client.sid, "room"),
-            lambda: warpsocket.presence("room"),
-            lambda: warpsocket.presence_count("room"),
-        ):
-            with pytest.raises(ValueError, match="presence in cluster mode is not supported yet"):
-                call()
-    finally:
-        client.close()

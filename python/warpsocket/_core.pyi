@@ -242,6 +242,10 @@ class Cluster:
         self, channel: _Name, since: int = 0, limit: int | None = None
     ) -> list[tuple[int, str | bytes]]:
         """The kept ``(offset, data)`` of a history channel with offset above ``since``, oldest first."""
+    def presence(self, channel: _Name) -> dict[str, str | bytes | None]:
+        """The members present in ``channel`` across the cluster, each with its latest info."""
+    def presence_count(self, channel: _Name) -> int:
+        """How many members are present in ``channel`` across the cluster."""
     @property
     def disconnected(self) -> bool:
         """True once :meth:`disconnect` was called."""

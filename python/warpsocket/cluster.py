@@ -14,13 +14,9 @@ and adds the context manager.
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any
 
 from . import _core
 from .config import HistoryOption, check_history
-
-#: What presence calls raise on a cluster client until presence works in cluster mode.
-PRESENCE_UNSUPPORTED = "presence in cluster mode is not supported yet"
 
 
 class Cluster(_core.Cluster):
@@ -43,8 +39,10 @@ class Cluster(_core.Cluster):
     - :meth:`close` returns True when the close was handed to Redis for the socket's node;
     - :meth:`has_subscriptions` is True when any node has subscribers for the channel
       (False while Redis is unreachable);
-    - :meth:`get_key`, :meth:`set_key`, :meth:`set_key_if`, :meth:`position` and
-      :meth:`history` raise ``ConnectionError`` when Redis does not answer within 3 s.
+    - :meth:`presence` and :meth:`presence_count` answer for the whole cluster;
+    - :meth:`get_key`, :meth:`set_key`, :meth:`set_key_if`, :meth:`position`,
+      :meth:`history`, :meth:`presence` and :meth:`presence_count` raise
+      ``ConnectionError`` when Redis does not answer within 3 s.
 
     Thread-safe: any number of threads may share one. It runs no worker and needs no
     ``start()``; one native thread does its Redis I/O until :meth:`disconnect` (or the
@@ -60,14 +58,6 @@ class Cluster(_core.Cluster):
             for prefix, rule in check_history(history)
         ]
         return super().__new__(cls, url, rules)
-
-    def presence(self, channel: str | bytes) -> dict[str | bytes, Any]:
-        """The members present in ``channel``: not available from a cluster client yet."""
-        raise ValueError(PRESENCE_UNSUPPORTED)
-
-    def presence_count(self, channel: str | bytes) -> int:
-        """The number of members present in ``channel``: not available from a cluster client yet."""
-        raise ValueError(PRESENCE_UNSUPPORTED)
 
     def __enter__(self) -> Cluster:
         return self

@@ -19,7 +19,7 @@ use crate::hub::{Hub, Target};
 use crate::kv::Kv;
 use crate::presence::{Info, Members};
 use crate::registry::MAX_PREFIX;
-use crate::socket::Socket;
+use crate::socket::{Socket, Workers};
 use crate::stats::Counters;
 use crate::verdict::Verdict;
 
@@ -246,11 +246,12 @@ impl Engine {
 
     // -- docs/api.md#presence ---------------------------------------------------
     //
-    // A process on its own only, so far: a cluster's presence (kept in
-    // Redis) is refused rather than answered for this node alone.
+    // In a cluster, Redis keeps who is present: tracks and untracks still
+    // go through the hub (the socket must be this node's), whose presence
+    // sink the node installed.
 
     /// Tracks the socket `target` in `channel` as `member` with `info`;
-    /// true if `member` became present.
+    /// true if `member` became present (in a cluster: on any node).
     pub fn track(
         &self,
         target: u64,
@@ -258,25 +259,23 @@ impl Engine {
         member: &str,
         info: Option<Info>,
     ) -> Result<bool, PresenceError> {
-        self.route(
-            |hub| hub.track(target, channel, member, info),
-            |_, _| Err(PresenceError::ClusterMode),
-        )
+        self.hub.track(target, channel, member, info)
     }
 
     /// Untracks the socket `target` from `channel`; true if its member left.
-    pub fn untrack(&self, target: u64, channel: &[u8]) -> Result<bool, PresenceError> {
-        self.route(
-            |hub| Ok(hub.untrack(target, channel)),
-            |_, _| Err(PresenceError::ClusterMode),
-        )
+    pub fn untrack(&self, target: u64, channel: &[u8]) -> bool {
+        self.hub.untrack(target, channel)
     }
 
     /// The members present in `channel`, with the info of their latest track.
     pub fn presence(&self, channel: &[u8]) -> Result<Members, PresenceError> {
         self.route(
             |hub| Ok(hub.presence(channel)),
-            |_, _| Err(PresenceError::ClusterMode),
+            |cluster, _| {
+                cluster
+                    .presence(channel)
+                    .map_err(PresenceError::Unreachable)
+            },
         )
     }
 
@@ -284,7 +283,11 @@ impl Engine {
     pub fn presence_count(&self, channel: &[u8]) -> Result<usize, PresenceError> {
         self.route(
             |hub| Ok(hub.presence_count(channel)),
-            |_, _| Err(PresenceError::ClusterMode),
+            |cluster, _| {
+                cluster
+                    .presence_count(channel)
+                    .map_err(PresenceError::Unreachable)
+            },
         )
     }
 
@@ -300,6 +303,12 @@ impl Engine {
 
     /// Sets the history policies (a server's, when it binds; none when it
     /// shuts down). Every channel's history kept here so far is forgotten.
+    /// The running server's workers (None once it stopped): a cluster
+    /// node reports there what no socket here caused.
+    pub(crate) fn set_workers(&self, workers: Option<Arc<Workers>>) {
+        self.hub.set_workers(workers);
+    }
+
     pub fn set_history(&self, policies: Policies) {
         self.hub.set_history(policies);
     }

@@ -55,6 +55,6 @@ impl std::error::Error for JoinError {}
 pub enum PresenceError {
     /// `track`'s target is not an open connection or live virtual socket.
     NoSuchSocket,
-    /// Presence across a cluster's nodes is not implemented yet.
-    ClusterMode,
+    /// A cluster's Redis did not answer in time.
+    Unreachable(Unreachable),
 }

@@ -2,7 +2,8 @@
 //! upgrades and counters, with the operations of docs/api.md#functions on them (all but
 //! the key/value store, which the engine routes). It knows nothing of
 //! clusters: the channels that appear or vanish here are reported through a
-//! [`ChannelWatcher`], which a cluster node installs.
+//! [`ChannelWatcher`], and presence changes handed to a [`PresenceSink`]
+//! (which decides them in Redis), both installed by a cluster node.
 //!
 //! It outlives servers: ids are never reused within a process.
 //!
@@ -14,10 +15,12 @@
 //! Presence changes are queued for the workers with the presence table
 //! locked, so that every worker queue gets them in the order they happened;
 //! a closing connection's close event is queued under the same lock, just
-//! before the changes its close makes (see [`Hub::remove_socket`]).
+//! before the changes its close makes (see [`Hub::remove_socket`]). A
+//! cluster node's sink is handed them under the same lock, so that Redis
+//! gets them in that order too.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
@@ -36,7 +39,7 @@ use crate::ids::{IdGenerator, IdMap};
 use crate::links::Links;
 use crate::presence::{Change as PresenceChange, Info, Members, Presence};
 use crate::registry::{Entry, Prefix, Registry, VirtualSocket, MAX_PREFIX};
-use crate::socket::{Queued, Socket};
+use crate::socket::{Queued, Socket, Workers};
 use crate::stats::Counters;
 use crate::verdict::Verdict;
 
@@ -53,6 +56,31 @@ pub(crate) trait ChannelWatcher: Send + Sync {
     fn channel_appeared(&self, name: &Bytes);
     fn channel_vanished(&self, name: &Bytes);
 }
+
+/// Where a cluster node's presence changes go instead of the workers: the
+/// cluster's Redis decides whether a member joined or left the cluster, and
+/// reports that. Called with the presence table locked (see the lock
+/// order), so its calls must not wait.
+pub(crate) trait PresenceSink: Send + Sync {
+    /// `socket` was tracked in `channel` as `member` with `info` (every
+    /// track: the cluster keeps the latest info). The answer is whether
+    /// `member` became present in the cluster.
+    fn tracked(
+        &self,
+        socket: &Arc<Socket>,
+        channel: Bytes,
+        member: Arc<str>,
+        info: Option<Info>,
+    ) -> Answer;
+    /// The change's member left its channel here (its last socket here
+    /// went); the answer is whether it left the cluster.
+    fn left(&self, socket: &Arc<Socket>, change: PresenceChange) -> Answer;
+    /// Waits (bounded) for an answer: false if none came.
+    fn wait(&self, answer: Answer) -> bool;
+}
+
+/// A [`PresenceSink`]'s verdict to come; disconnected when it has none.
+pub(crate) type Answer = mpsc::Receiver<bool>;
 
 #[derive(Default)]
 pub(crate) struct Hub {
@@ -74,6 +102,11 @@ pub(crate) struct Hub {
     /// mutex: tracks are rare next to messages, and one lock orders every
     /// change (see the lock order above).
     presence: Mutex<Presence<Arc<Socket>>>,
+    /// A cluster node's: see [`PresenceSink`].
+    presence_sink: ArcSwapOption<Box<dyn PresenceSink>>,
+    /// The running server's workers, for changes no socket of this process
+    /// caused (a dead node's members leaving the cluster).
+    workers: ArcSwapOption<Workers>,
 }
 
 /// A subscription that began or ended, for the watcher.
@@ -95,6 +128,15 @@ impl Hub {
 
     pub(crate) fn set_watcher(&self, watcher: Option<Box<dyn ChannelWatcher>>) {
         self.watcher.store(watcher.map(Arc::new));
+    }
+
+    pub(crate) fn set_presence_sink(&self, sink: Option<Box<dyn PresenceSink>>) {
+        self.presence_sink.store(sink.map(Arc::new));
+    }
+
+    /// The workers of the server running now (None once it stopped).
+    pub(crate) fn set_workers(&self, workers: Option<Arc<Workers>>) {
+        self.workers.store(workers);
     }
 
     fn channel_appeared(&self, name: &Bytes) {
@@ -187,12 +229,20 @@ impl Hub {
         // with the presence table locked, so it either ran before this (and
         // is undone here) or finds them gone.
         let mut changes = Vec::new();
+        let sink = self.presence_sink.load_full();
         let mut presence = self.presence.lock();
         then();
         for id in deleted {
             presence.remove(id, &mut changes);
         }
-        Self::report_presence(changes);
+        match sink.as_deref() {
+            Some(sink) => {
+                for (socket, change) in changes {
+                    drop(sink.left(&socket, change));
+                }
+            }
+            None => Self::report_presence(changes),
+        }
         drop(presence);
         true
     }
@@ -698,28 +748,50 @@ impl Hub {
             links.tracked = true;
         }
         let mut changes = Vec::new();
+        let sink = self.presence_sink.load_full();
         let mut presence = self.presence.lock();
         // Checked with the table locked: see `delete`.
         let socket = match self.sockets.resolve(id) {
             Some((socket, _)) if socket.is_open() => socket,
             _ => return Err(PresenceError::NoSuchSocket),
         };
-        let joined = presence.track(id, &socket, channel, member, info, &mut changes);
-        Self::report_presence(changes);
+        let Some(sink) = sink.as_deref() else {
+            let joined = presence.track(id, &socket, channel, member, info, &mut changes);
+            Self::report_presence(changes);
+            drop(presence);
+            return Ok(joined);
+        };
+        presence.track(id, &socket, channel, member, info.clone(), &mut changes);
+        // A replaced member's leave; its join is the cluster's to decide.
+        for (owner, change) in changes.into_iter().filter(|(_, c)| !c.joined) {
+            drop(sink.left(&owner, change));
+        }
+        let answer = sink.tracked(
+            &socket,
+            Bytes::copy_from_slice(channel),
+            member.into(),
+            info,
+        );
         drop(presence);
-        Ok(joined)
+        Ok(sink.wait(answer))
     }
 
     /// Untracks the socket `id` from `channel`. True if its member left
     /// (it was the member's last tracked socket there); false too when it
     /// was not tracked there, or is gone (and so untracked already).
     pub(crate) fn untrack(&self, id: u64, channel: &[u8]) -> bool {
+        let sink = self.presence_sink.load_full();
         let mut presence = self.presence.lock();
-        let left = presence.untrack(id, channel);
-        let was = left.is_some();
-        Self::report_presence(left.into_iter().collect());
+        let Some((owner, change)) = presence.untrack(id, channel) else {
+            return false;
+        };
+        let Some(sink) = sink.as_deref() else {
+            Self::report_presence(vec![(owner, change)]);
+            return true;
+        };
+        let answer = sink.left(&owner, change);
         drop(presence);
-        was
+        sink.wait(answer)
     }
 
     /// The members present in `channel`, with the info of their latest track.
@@ -737,10 +809,42 @@ impl Hub {
         self.presence.lock().pairs()
     }
 
+    /// Runs `with` on every (channel, member) pair present here, with the
+    /// table locked: a sink that queues them there orders them among the
+    /// changes.
+    pub(crate) fn presence_snapshot(
+        &self,
+        with: impl FnOnce(Vec<(Bytes, Arc<str>, Option<Info>)>),
+    ) {
+        let presence = self.presence.lock();
+        with(presence.snapshot());
+        drop(presence);
+    }
+
+    /// Queues changes no socket of this process caused, each for a worker
+    /// of the running server (none: they are logged and dropped).
+    pub(crate) fn report_presence_anywhere(&self, changes: Vec<PresenceChange>) {
+        let workers = self.workers.load();
+        for change in changes {
+            let Some(worker) = workers.as_deref().and_then(Workers::pick) else {
+                log::debug!(target: "warpsocket", "presence change with no worker to report it: {change:?}");
+                continue;
+            };
+            // Events are queued per socket: a stand-in, id 0, that no call finds.
+            let stand_in = Arc::new(Socket::new(0, worker, 0));
+            stand_in.worker.push(
+                &stand_in,
+                Payload::Presence(Box::new(change)),
+                ReadAt::now(),
+            );
+        }
+    }
+
     /// Queues each change for the worker of the connection it came
     /// through; called with the presence table locked, so that each worker
-    /// queue gets the changes in the order they happened.
-    fn report_presence(changes: Vec<(Arc<Socket>, PresenceChange)>) {
+    /// queue gets the changes in the order they happened (or, for a cluster
+    /// node, by its one task that hears Redis's verdicts, in their order).
+    pub(crate) fn report_presence(changes: Vec<(Arc<Socket>, PresenceChange)>) {
         if changes.is_empty() {
             return;
         }

@@ -26,7 +26,8 @@
 //! 4. `cluster::wire`, `cluster::kept` (history channels in Redis),
 //!    `cluster::conn` (the Redis side a node and a client share: the
 //!    command connection, the batched publisher, the runtime),
-//!    `cluster::relay` (history channels' in-order delivery on a node), `cluster::link`,
+//!    `cluster::relay` (history channels' in-order delivery on a node),
+//!    `cluster::presence` (presence decided in Redis), `cluster::link`,
 //!    `cluster::client` (a process that is no node, talking to a cluster),
 //!    then `cluster`: the same operations across the nodes of a cluster;
 //! 5. `engine`: the façade that routes each call to the hub or the cluster;

@@ -483,6 +483,20 @@ impl<O: Clone> Presence<O> {
         self.pairs
     }
 
+    /// Every (channel, member) pair present, with the member's info: what a
+    /// cluster node tells Redis it holds.
+    pub(crate) fn snapshot(&self) -> Vec<(Bytes, Arc<str>, Option<Info>)> {
+        let mut all = Vec::with_capacity(self.pairs);
+        for ch in self.channels.iter().flatten() {
+            all.extend(
+                ch.members
+                    .iter()
+                    .map(|m| (ch.name.clone(), m.name.clone(), m.info.as_deref().cloned())),
+            );
+        }
+        all
+    }
+
     #[cfg(test)]
     fn is_empty(&self) -> bool {
         self.names.is_empty()

@@ -73,10 +73,12 @@ impl Server {
             .build()?;
         // Before the workers start: their handle_start may use the history.
         engine.set_history(config.history.clone());
+        let workers = Arc::new(Workers::default());
+        engine.set_workers(Some(workers.clone()));
         Ok(Server {
             engine,
             config: Some(config),
-            workers: Arc::default(),
+            workers,
             shared: None,
             static_files,
             tls,
@@ -152,6 +154,7 @@ impl Server {
         runtime.shutdown_timeout(Duration::from_secs(1));
         // The history was this server's: a server started later begins anew.
         self.engine.set_history(Default::default());
+        self.engine.set_workers(None);
     }
 }
 

@@ -7,7 +7,7 @@
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 use warpsocket_core::cluster::Client;
 
 use crate::convert::{self, CloseCode, CloseReason, Data, Delta, HistoryRule, Since};
@@ -187,6 +187,29 @@ impl Cluster {
             .map_err(errors::unreachable)?
             .ok_or_else(|| no_history(&channel))?;
         Ok(convert::kept_messages(py, kept))
+    }
+
+    /// The members present in `channel` across the cluster: member -> info
+    /// of its latest track.
+    fn presence<'py>(
+        &self,
+        py: Python<'py>,
+        channel: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let channel = convert::name_bytes(channel, "channel")?;
+        let client = self.client()?;
+        let members = py
+            .detach(|| client.presence(&channel))
+            .map_err(errors::unreachable)?;
+        convert::members(py, members)
+    }
+
+    /// How many members are present in `channel` across the cluster.
+    fn presence_count(&self, py: Python<'_>, channel: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let channel = convert::name_bytes(channel, "channel")?;
+        let client = self.client()?;
+        py.detach(|| client.presence_count(&channel))
+            .map_err(errors::unreachable)
     }
 
     /// True once `disconnect()` was called.

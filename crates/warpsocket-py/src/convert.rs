@@ -10,9 +10,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyByteArray, PyBytes, PyInt, PyList, PyMemoryView, PyString, PyTuple};
+use pyo3::types::{
+    PyBool, PyByteArray, PyBytes, PyDict, PyInt, PyList, PyMemoryView, PyString, PyTuple,
+};
 use warpsocket_core::history::{Message, Policies, Policy};
-use warpsocket_core::presence::Info;
+use warpsocket_core::presence::{Info, Members};
 use warpsocket_core::{frame, Kind, Target};
 
 use crate::errors;
@@ -438,4 +440,19 @@ pub(crate) fn kept_messages<'py>(
             (offset, data)
         })
         .collect()
+}
+
+/// Members as `presence()` returns them: member → info (str, bytes or None).
+pub(crate) fn members(py: Python<'_>, members: Members) -> PyResult<Bound<'_, PyDict>> {
+    let dict = PyDict::new(py);
+    for (member, info) in members {
+        let info = match info {
+            // Given as str, so UTF-8; lossy rather than a panic all the same.
+            Some(Info::Text(text)) => PyString::new(py, &String::from_utf8_lossy(&text)).into_any(),
+            Some(Info::Binary(data)) => PyBytes::new(py, &data).into_any(),
+            None => py.None().into_bound(py),
+        };
+        dict.set_item(&*member, info)?;
+    }
+    Ok(dict)
 }

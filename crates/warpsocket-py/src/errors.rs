@@ -77,8 +77,6 @@ pub(crate) fn presence(e: PresenceError, target: Option<u64>) -> PyErr {
             "target {} is not an open connection or live virtual socket",
             target.unwrap_or_default()
         )),
-        PresenceError::ClusterMode => {
-            PyValueError::new_err("presence in cluster mode is not supported yet")
-        }
+        PresenceError::Unreachable(e) => unreachable(e),
     }
 }

@@ -3,8 +3,7 @@
 //! converts the result or the error back.
 
 use pyo3::prelude::*;
-use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyString};
-use warpsocket_core::presence::Info;
+use pyo3::types::{IntoPyDict, PyBytes, PyDict};
 use warpsocket_core::stats::{self, Counters, Live, Source};
 use warpsocket_core::Verdict;
 
@@ -103,10 +102,12 @@ fn delete_virtual_socket(
 }
 
 /// Tracks the socket `target` in `channel` as `member` with `info`; True if
-/// `member` became present (docs/api.md#presence).
+/// `member` became present (docs/api.md#presence). In a cluster it waits
+/// for Redis's verdict, without the GIL.
 #[pyfunction]
 #[pyo3(signature = (target, channel, member, info=None))]
 fn track(
+    py: Python<'_>,
     target: &Bound<'_, PyAny>,
     channel: &Bound<'_, PyAny>,
     member: &Bound<'_, PyAny>,
@@ -116,19 +117,20 @@ fn track(
     let channel = convert::name_bytes(channel, "channel")?;
     let member = convert::member(member, "member")?;
     let info = convert::info(info, "info")?;
-    ENGINE
-        .track(id, &channel, member, info)
+    gil::run(py, Work::Kv, || ENGINE.track(id, &channel, member, info))
         .map_err(|e| errors::presence(e, Some(id)))
 }
 
 /// Untracks the socket `target` from `channel`; True if its member left.
 #[pyfunction]
-fn untrack(target: &Bound<'_, PyAny>, channel: &Bound<'_, PyAny>) -> PyResult<bool> {
+fn untrack(
+    py: Python<'_>,
+    target: &Bound<'_, PyAny>,
+    channel: &Bound<'_, PyAny>,
+) -> PyResult<bool> {
     let id = convert::socket_id(target, "target")?;
     let channel = convert::name_bytes(channel, "channel")?;
-    ENGINE
-        .untrack(id, &channel)
-        .map_err(|e| errors::presence(e, Some(id)))
+    Ok(gil::run(py, Work::Kv, || ENGINE.untrack(id, &channel)))
 }
 
 /// The members present in `channel`: member -> info of its latest track
@@ -136,28 +138,16 @@ fn untrack(target: &Bound<'_, PyAny>, channel: &Bound<'_, PyAny>) -> PyResult<bo
 #[pyfunction]
 fn presence<'py>(py: Python<'py>, channel: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
     let channel = convert::name_bytes(channel, "channel")?;
-    let members = ENGINE
-        .presence(&channel)
+    let members = gil::run(py, Work::Kv, || ENGINE.presence(&channel))
         .map_err(|e| errors::presence(e, None))?;
-    let dict = PyDict::new(py);
-    for (member, info) in members {
-        let info = match info {
-            // Given as str, so UTF-8; lossy rather than a panic all the same.
-            Some(Info::Text(text)) => PyString::new(py, &String::from_utf8_lossy(&text)).into_any(),
-            Some(Info::Binary(data)) => PyBytes::new(py, &data).into_any(),
-            None => py.None().into_bound(py),
-        };
-        dict.set_item(&*member, info)?;
-    }
-    Ok(dict)
+    convert::members(py, members)
 }
 
 /// How many members are present in `channel`.
 #[pyfunction]
-fn presence_count(channel: &Bound<'_, PyAny>) -> PyResult<usize> {
+fn presence_count(py: Python<'_>, channel: &Bound<'_, PyAny>) -> PyResult<usize> {
     let channel = convert::name_bytes(channel, "channel")?;
-    ENGINE
-        .presence_count(&channel)
+    gil::run(py, Work::Kv, || ENGINE.presence_count(&channel))
         .map_err(|e| errors::presence(e, None))
 }
 

@@ -15,12 +15,14 @@ use tokio::sync::oneshot;
 
 use super::conn::{self, Conn, REDIS_TIMEOUT};
 use super::kept::Read;
+use super::presence;
 use super::wire::{pubsub_key, Op, ALL_NODES, CLIENT_ORIGIN};
 use crate::errors::{JoinError, Unreachable};
 use crate::frame::Kind;
 use crate::history::{Message, Policies, Policy};
 use crate::hub::Target;
 use crate::ids::owner;
+use crate::presence::Members;
 
 /// A connection to a cluster's Redis, for a process that is no node.
 /// Thread-safe; [`disconnect`](Self::disconnect) (or dropping it) stops its
@@ -202,6 +204,17 @@ impl Client {
         check: Option<&[u8]>,
     ) -> Result<bool, Unreachable> {
         self.conn.set_key_if(key, new, check)
+    }
+
+    /// The members present in `channel` across the cluster, with the info
+    /// of their latest track.
+    pub fn presence(&self, channel: &[u8]) -> Result<Members, Unreachable> {
+        presence::members(&self.conn, channel)
+    }
+
+    /// How many members are present in `channel` across the cluster.
+    pub fn presence_count(&self, channel: &[u8]) -> Result<usize, Unreachable> {
+        presence::count(&self.conn, channel)
     }
 }
 

@@ -27,6 +27,7 @@ mod client;
 mod conn;
 mod kept;
 mod link;
+mod presence;
 mod relay;
 mod wire;
 
@@ -50,6 +51,7 @@ use crate::frame::Kind;
 use crate::history::{Message, Policy};
 use crate::hub::{ChannelWatcher, Hub, Target};
 use crate::ids::owner;
+use crate::presence::Members;
 use crate::stats::Counters;
 use conn::{Conn, Outgoing, REDIS_TIMEOUT};
 use kept::Read;
@@ -68,6 +70,8 @@ pub struct Cluster {
     relays: Arc<Relays>,
     requests: Mutex<HashMap<u64, oneshot::Sender<Option<u64>>>>,
     next_request: AtomicU64,
+    /// To the presence task, for the last step of a leave.
+    presence: mpsc::Sender<presence::Op>,
 }
 
 /// Channels that appeared or vanished locally go to the listener task,
@@ -120,6 +124,9 @@ impl Cluster {
             up: conn.up.clone(),
             relays: relays.clone(),
         };
+        let (tracker, presence) =
+            presence::install(hub.clone(), node, conn.commands.clone(), conn.up.clone());
+        handle.spawn(presence::run(tracker, conn.stop_signal()));
         let cluster = Arc::new(Cluster {
             node,
             conn,
@@ -127,6 +134,7 @@ impl Cluster {
             relays,
             requests: Mutex::default(),
             next_request: AtomicU64::new(1),
+            presence,
         });
         // Watched before the listener takes its first snapshot of the
         // channels, so that no change falls between the two.
@@ -159,6 +167,7 @@ impl Cluster {
     /// Stops the Redis tasks and closes their connections; the hub's ids no
     /// longer carry the node number.
     pub(crate) fn leave(&self, hub: &Hub) {
+        presence::depart(hub, &self.presence, &self.conn.handle);
         self.conn.close();
         hub.set_watcher(None);
         hub.set_node(0);
@@ -572,6 +581,19 @@ impl Cluster {
 
     pub(crate) fn key_count(&self) -> Result<usize, Unreachable> {
         self.conn.key_count()
+    }
+
+    // -- docs/api.md#presence -------------------------------------------------
+    //
+    // Tracks and untracks go through the hub, whose presence sink (see
+    // `presence.rs`) has Redis decide them.
+
+    pub(crate) fn presence(&self, channel: &[u8]) -> Result<Members, Unreachable> {
+        presence::members(&self.conn, channel)
+    }
+
+    pub(crate) fn presence_count(&self, channel: &[u8]) -> Result<usize, Unreachable> {
+        presence::count(&self.conn, channel)
     }
 }
 
