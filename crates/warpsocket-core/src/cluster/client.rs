@@ -8,15 +8,13 @@
 //!
 //! Its broadcasts carry [`CLIENT_ORIGIN`], which no node skips.
 
-use std::collections::HashMap;
-
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::conn::{self, Conn, REDIS_TIMEOUT};
 use super::kept::Read;
 use super::presence;
-use super::wire::{pubsub_key, Op, ALL_NODES, CLIENT_ORIGIN};
+use super::wire::{pubsub_key, Op, CLIENT_ORIGIN};
 use crate::errors::{JoinError, Unreachable};
 use crate::frame::Kind;
 use crate::history::{Message, Policies, Policy};
@@ -111,32 +109,18 @@ impl Client {
     /// and a channel target's to every node. Returns nothing: which ids
     /// became subscribed is known only on their nodes.
     pub fn subscribe(&self, targets: &[Target], channel: &[u8], delta: i64) {
-        let mut by_node: HashMap<u16, Vec<u64>> = HashMap::new();
+        let mut ids = Vec::new();
         for target in targets {
             match target {
                 Target::Socket(id) if owner(*id) == 0 => {}
-                Target::Socket(id) => by_node.entry(owner(*id)).or_default().push(*id),
+                Target::Socket(id) => ids.push(*id),
                 Target::Channel(source) => {
-                    let op = Op::SubscribeChannel {
-                        origin: CLIENT_ORIGIN,
-                        delta,
-                        source,
-                        channel,
-                    };
                     self.conn
-                        .publish(Bytes::from_static(ALL_NODES), op.encode());
+                        .subscribe_channel(CLIENT_ORIGIN, source, channel, delta);
                 }
             }
         }
-        for ids in by_node.into_values() {
-            let first = ids[0];
-            let op = Op::Subscribe {
-                delta,
-                ids,
-                channel,
-            };
-            self.conn.forward(first, &op);
-        }
+        self.conn.forward_subscribe(ids, channel, delta, |_| {});
     }
 
     /// Whether any node has subscribers for `channel` (a node listens on a

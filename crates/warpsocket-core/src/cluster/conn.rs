@@ -9,6 +9,7 @@
 //! Knows no hub: what a node adds (its number, its listener, its local
 //! sockets) stays in `link.rs` and `mod.rs`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -23,7 +24,9 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::kept::{self, Read};
-use super::wire::{node_key, pubsub_key, Broadcast, Op, Sequenced, CLIENTS_KEY, KV_HASH};
+use super::wire::{
+    node_key, pubsub_key, Broadcast, Op, Sequenced, ALL_NODES, CLIENTS_KEY, KV_HASH,
+};
 use crate::errors::{JoinError, Unreachable};
 use crate::frame::Kind;
 use crate::history::Policy;
@@ -232,6 +235,52 @@ impl Conn {
     /// Sends a request to the node that owns socket `id`.
     pub(super) fn forward(&self, id: u64, op: &Op<'_>) -> bool {
         self.publish(node_key(owner(id)), op.encode())
+    }
+
+    /// Asks the nodes that own `ids` to change their subscriptions to
+    /// `channel` by `delta`, one request per node; `handed` hears whether
+    /// each request reached the publisher.
+    pub(super) fn forward_subscribe(
+        &self,
+        ids: Vec<u64>,
+        channel: &[u8],
+        delta: i64,
+        mut handed: impl FnMut(bool),
+    ) {
+        let mut by_node: HashMap<u16, Vec<u64>> = HashMap::new();
+        for id in ids {
+            by_node.entry(owner(id)).or_default().push(id);
+        }
+        for ids in by_node.into_values() {
+            let first = ids[0];
+            handed(self.forward(
+                first,
+                &Op::Subscribe {
+                    delta,
+                    ids,
+                    channel,
+                },
+            ));
+        }
+    }
+
+    /// Asks every node to change the subscriptions of `source`'s
+    /// subscribers to `channel` by `delta` (`origin`: the asking node, which
+    /// applies it itself).
+    pub(super) fn subscribe_channel(
+        &self,
+        origin: u16,
+        source: &[u8],
+        channel: &[u8],
+        delta: i64,
+    ) -> bool {
+        let op = Op::SubscribeChannel {
+            origin,
+            delta,
+            source,
+            channel,
+        };
+        self.publish(Bytes::from_static(ALL_NODES), op.encode())
     }
 
     /// Publishes a message of channel `name` for every node but `origin`

@@ -57,7 +57,7 @@ use conn::{Conn, Outgoing, REDIS_TIMEOUT};
 use kept::Read;
 use link::Interest;
 use relay::Relays;
-use wire::{node_key, pubsub_key, Op, ALL_NODES};
+use wire::{node_key, pubsub_key, Op};
 
 pub struct Cluster {
     node: u16,
@@ -240,34 +240,25 @@ impl Cluster {
         delta: i64,
     ) -> Vec<u64> {
         let mut local = Vec::with_capacity(targets.len());
-        let mut remote: HashMap<u16, Vec<u64>> = HashMap::new();
+        let mut remote = Vec::new();
         for target in targets {
             match target {
-                Target::Socket(id) if self.is_remote(*id) => {
-                    remote.entry(owner(*id)).or_default().push(*id)
-                }
+                Target::Socket(id) if self.is_remote(*id) => remote.push(*id),
                 Target::Channel(source) => {
-                    let op = Op::SubscribeChannel {
-                        origin: self.node,
-                        delta,
-                        source,
-                        channel,
-                    };
-                    self.publish(hub, Bytes::from_static(ALL_NODES), op.encode());
+                    count(
+                        hub,
+                        self.conn
+                            .subscribe_channel(self.node, source, channel, delta),
+                    );
                     local.push(target.clone());
                 }
                 Target::Socket(_) => local.push(target.clone()),
             }
         }
-        for ids in remote.into_values() {
-            let first = ids[0];
-            let op = Op::Subscribe {
-                delta,
-                ids,
-                channel,
-            };
-            self.forward(hub, first, &op);
-        }
+        self.conn
+            .forward_subscribe(remote, channel, delta, |handed| {
+                count(hub, handed);
+            });
         hub.subscribe(&local, channel, delta)
     }
 
