@@ -137,11 +137,17 @@ def warpsocket_log():
 
 
 @pytest.fixture
-def redis(tmp_path):
+def redis_installed():
+    """Skips the test (fails it on CI) when redis-server is missing: for scripts that start their own."""
     if REDIS_SERVER is None or REDIS_CLI is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed (.ci/run installs Debian's redis-server)")
         pytest.skip("redis-server is not installed")
+
+
+@pytest.fixture
+def redis(tmp_path, redis_installed):
+    """A private redis-server for the test, killed at teardown."""
     server = Redis(tmp_path)
     yield server
     server.kill()

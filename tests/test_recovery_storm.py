@@ -9,8 +9,6 @@ checks every recover is True, no client saw a gap or a duplicate, and all were b
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,16 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "recovery_storm.py"
 
 
-@pytest.fixture
-def needs_redis():
-    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed (.ci/run installs Debian's redis-server)")
-        pytest.skip("redis-server is not installed")
-
-
 @pytest.mark.timeout(120)
-def test_a_small_storm_recovers_every_client_without_gap_or_duplicate(needs_redis, tmp_path):
+def test_a_small_storm_recovers_every_client_without_gap_or_duplicate(redis_installed, tmp_path):
     out = tmp_path / "storm.json"
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--clients", "200", "--channels", "5", "--rate", "200",
