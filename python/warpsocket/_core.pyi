@@ -114,17 +114,21 @@ def track(target: int, channel: _Name, member: str, info: _Name | None = None) -
 
     A socket is tracked as one member per channel: tracking it again replaces the member
     and info. Raises ValueError when ``target`` is not an open connection or live virtual
-    socket, or ``member`` is empty.
+    socket (of this node, in a cluster), or ``member`` is empty. In a cluster it waits for
+    Redis, which decides whether the member became present on any node.
     """
 
 def untrack(target: int, channel: _Name) -> bool:
     """Untrack socket ``target`` from ``channel``; True if its member left (its last socket there)."""
 
 def presence(channel: _Name) -> dict[str, str | bytes | None]:
-    """The members present in ``channel``, each with the info of its latest ``track``."""
+    """The members present in ``channel``, each with the info of its latest ``track``.
+
+    In a cluster: on every node, read from Redis (ConnectionError after 3 s without an answer).
+    """
 
 def presence_count(channel: _Name) -> int:
-    """How many members are present in ``channel``."""
+    """How many members are present in ``channel`` (in a cluster: on every node, from Redis)."""
 
 def resolve_open(socket_id: int, accept: bool, status: int) -> bool:
     """Deliver ``handle_open``'s verdict; False if the upgrade no longer waits."""
