@@ -19,9 +19,19 @@ def fmt(v: float | None, digits: int = 0) -> str:
     return f"{v:,.{digits}f}"
 
 
+#: How far frames per request may be from the workload's (benchmarks/run.py checks it).
+FRAMES_TOLERANCE = 0.01
+
+
+def frames_off(r: Run) -> bool:
+    """The clients got more or fewer frames per request than the workload sends (> 1 % off)."""
+    got, expected = r.get("frames_per_request"), r.get("expected_frames")
+    return got is not None and bool(expected) and abs(got - expected) > FRAMES_TOLERANCE * expected
+
+
 def ok(r: Run) -> bool:
-    """The run produced figures with at least one ack in the window."""
-    return bool(r["figures"]) and r["figures"].get("acks", 0) > 0
+    """At least one ack in the window, and every broadcast delivered (frames per request)."""
+    return bool(r["figures"]) and r["figures"].get("acks", 0) > 0 and not frames_off(r)
 
 
 def acks_per_cpu_s(r: Run) -> float | None:
@@ -59,19 +69,20 @@ def markdown(head: list[str], rows: Iterable[list[str]]) -> str:
 def every_run(results: list[Run]) -> str:
     """One row per run."""
     head = [
-        "client", "connections", "load", "server", "round", "acks/s", "frames/s", "p50 ms", "p99 ms",
-        "p99.9 ms", "peak RSS MiB", "server CPU %", "CPU µs/request", "acks per CPU-s",
-        "generator CPU %", "errors", "note",
+        "client", "connections", "load", "server", "round", "acks/s", "frames/request", "p50 ms",
+        "p99 ms", "p99.9 ms", "peak RSS MiB", "server CPU %", "CPU µs/request", "acks per CPU-s",
+        "generator CPU %", "load avg before/after", "errors", "note",
     ]  # fmt: skip
     rows = []
     for r in results:
         f = r["figures"]
         rows.append([
             r["client"], f"{r['connections']:,}", load(r), r["server"], str(r["run"]),
-            fmt(f.get("acks_per_s")), fmt(f.get("frames_per_s")), fmt(f.get("p50_ms"), 1),
+            fmt(f.get("acks_per_s")), fmt(r.get("frames_per_request"), 2), fmt(f.get("p50_ms"), 1),
             fmt(f.get("p99_ms"), 1), fmt(f.get("p999_ms"), 1), fmt(r["peak_rss_mib"]),
             fmt(percent_of_window(r, r["server_cpu_s"])), fmt(cpu_us_per_request(r), 1),
             fmt(acks_per_cpu_s(r)), fmt(percent_of_window(r, r["gen_cpu_s"])),
+            f"{fmt(r.get('load_before'), 2)} / {fmt(r.get('load_after'), 2)}",
             str(f.get("errors", "–")), r["note"].replace("|", "/"),
         ])  # fmt: skip
     return markdown(head, rows)
@@ -98,12 +109,13 @@ def medians(results: list[Run]) -> str:
     head = [
         "client", "connections", "load", "server", "rounds", "acks/s", "CPU µs/request",
         "acks per CPU-s", "p50 ms", "p99 ms", "p99.9 ms", "peak RSS MiB", "generator CPU %",
+        "generator-bound rounds",
     ]  # fmt: skip
     rows = []
     for (client, conns, _, server), runs in groups(results):
         good = [r for r in runs if ok(r)]
         if not good:
-            rows.append([client, f"{conns:,}", load(runs[0]), server, "0", "failed", *[""] * 7])
+            rows.append([client, f"{conns:,}", load(runs[0]), server, "0", "failed", *[""] * 8])
             continue
 
         def of(value: Callable[[Run], float | None], digits: int = 0, good: list[Run] = good) -> str:
@@ -115,6 +127,7 @@ def medians(results: list[Run]) -> str:
             of(lambda r: r["figures"].get("p50_ms"), 1), of(lambda r: r["figures"].get("p99_ms"), 1),
             of(lambda r: r["figures"].get("p999_ms"), 1), of(lambda r: r["peak_rss_mib"]),
             of(lambda r: percent_of_window(r, r["gen_cpu_s"])),
+            str(sum(1 for r in good if r.get("generator_bound"))),
         ])  # fmt: skip
     return markdown(head, rows)
 
