@@ -120,6 +120,8 @@ class Result:
     fraction: float | None = None
     figures: dict = field(default_factory=dict)
     server_cpu_s: float | None = None
+    #: Of server_cpu_s, the kernel's part (stime: syscalls, loopback TCP charged to it).
+    server_sys_s: float | None = None
     gen_cpu_s: float | None = None
     peak_rss_mib: float | None = None
     #: ``--perf``: event -> count over the window (syscall names, "context-switches").
@@ -447,13 +449,20 @@ def check_own_listeners(ports: list[int], pid: int) -> None:
             raise RuntimeError(f"port {port} is also listened on by another process (a second benchmark?)")
 
 
-def cpu_seconds(pid: int) -> float | None:
+def cpu_split(pid: int) -> tuple[float, float] | None:
+    """User and system (kernel) CPU seconds of process ``pid``, all its threads."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     # after "pid (comm)": fields[11] = utime, fields[12] = stime (man 5 proc, 14 and 15)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid``."""
+    split = cpu_split(pid)
+    return None if split is None else split[0] + split[1]
 
 
 def peak_rss_mib(pid: int) -> float | None:
@@ -510,7 +519,7 @@ def run_one(result: Result, ports: list[int], args: argparse.Namespace, certs: C
             client_command(result.client, ports, conns, result.rate, args, tls),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        marks: dict[str, tuple[float | None, float | None]] = {}
+        marks: dict[str, tuple[tuple[float, float] | None, float | None]] = {}
         stderr_lines: list[str] = []
 
         def read_stderr() -> None:
@@ -518,7 +527,7 @@ def run_one(result: Result, ports: list[int], args: argparse.Namespace, certs: C
             for line in gen.stderr:
                 line = line.strip()
                 if line in ("WINDOW_START", "WINDOW_END"):
-                    marks[line] = (cpu_seconds(proc.pid), cpu_seconds(gen.pid))
+                    marks[line] = (cpu_split(proc.pid), cpu_seconds(gen.pid))
                     if perf is not None and line == "WINDOW_START":
                         perf.enable()
                     elif perf is not None:
@@ -545,7 +554,8 @@ def run_one(result: Result, ports: list[int], args: argparse.Namespace, certs: C
         if "WINDOW_START" in marks and "WINDOW_END" in marks:
             (s0, g0), (s1, g1) = marks["WINDOW_START"], marks["WINDOW_END"]
             if s0 is not None and s1 is not None:
-                result.server_cpu_s = s1 - s0
+                result.server_cpu_s = sum(s1) - sum(s0)
+                result.server_sys_s = s1[1] - s0[1]
             if g0 is not None and g1 is not None:
                 result.gen_cpu_s = g1 - g0
         if proc.poll() is not None:
@@ -574,7 +584,8 @@ def run_one(result: Result, ports: list[int], args: argparse.Namespace, certs: C
         f"  -> acks/s {fmt(f.get('acks_per_s'))}, sent/s {fmt(f.get('sent_per_s'))}, "
         f"frames/request {fmt(result.frames_per_request, 2)}, "
         f"p50 {f.get('p50_ms')} ms, p99 {f.get('p99_ms')} ms, "
-        f"server CPU {fmt(report.cpu_us_per_request(raw), 1)} µs/request, "
+        f"server CPU {fmt(report.cpu_us_per_request(raw), 1)} µs/request "
+        f"({fmt(report.kernel_percent(raw))} % kernel), "
         f"generator CPU {fmt(gen_percent)} %, RSS {fmt(result.peak_rss_mib)} MiB, "
         f"load average after {result.load_after:.2f} {result.note}"
     )

@@ -46,6 +46,12 @@ def cpu_us_per_request(r: Run) -> float | None:
     return 1e6 * r["server_cpu_s"] / acks if acks and r["server_cpu_s"] is not None else None
 
 
+def kernel_percent(r: Run) -> float | None:
+    """The kernel's share (stime) of the server's CPU over the window, in percent."""
+    sys_s, cpu_s = r.get("server_sys_s"), r["server_cpu_s"]
+    return 100 * sys_s / cpu_s if sys_s is not None and cpu_s else None
+
+
 def percent_of_window(r: Run, cpu_s: float | None) -> float | None:
     """CPU seconds as a percentage of one core over the window."""
     window = r["figures"].get("duration_s")
@@ -70,7 +76,7 @@ def every_run(results: list[Run]) -> str:
     """One row per run."""
     head = [
         "client", "connections", "load", "server", "round", "acks/s", "frames/request", "p50 ms",
-        "p99 ms", "p99.9 ms", "peak RSS MiB", "server CPU %", "CPU µs/request", "acks per CPU-s",
+        "p99 ms", "p99.9 ms", "peak RSS MiB", "server CPU %", "CPU µs/request", "kernel %", "acks per CPU-s",
         "generator CPU %", "load avg before/after", "errors", "note",
     ]  # fmt: skip
     rows = []
@@ -81,7 +87,7 @@ def every_run(results: list[Run]) -> str:
             fmt(f.get("acks_per_s")), fmt(r.get("frames_per_request"), 2), fmt(f.get("p50_ms"), 1),
             fmt(f.get("p99_ms"), 1), fmt(f.get("p999_ms"), 1), fmt(r["peak_rss_mib"]),
             fmt(percent_of_window(r, r["server_cpu_s"])), fmt(cpu_us_per_request(r), 1),
-            fmt(acks_per_cpu_s(r)), fmt(percent_of_window(r, r["gen_cpu_s"])),
+            fmt(kernel_percent(r)), fmt(acks_per_cpu_s(r)), fmt(percent_of_window(r, r["gen_cpu_s"])),
             f"{fmt(r.get('load_before'), 2)} / {fmt(r.get('load_after'), 2)}",
             str(f.get("errors", "–")), r["note"].replace("|", "/"),
         ])  # fmt: skip
@@ -107,7 +113,7 @@ def groups(results: list[Run]) -> list[tuple[tuple[Any, ...], list[Run]]]:
 def medians(results: list[Run]) -> str:
     """Median (min–max) over the rounds of each client, connection count, load and server."""
     head = [
-        "client", "connections", "load", "server", "rounds", "acks/s", "CPU µs/request",
+        "client", "connections", "load", "server", "rounds", "acks/s", "CPU µs/request", "kernel %",
         "acks per CPU-s", "p50 ms", "p99 ms", "p99.9 ms", "peak RSS MiB", "generator CPU %",
         "generator-bound rounds",
     ]  # fmt: skip
@@ -115,7 +121,7 @@ def medians(results: list[Run]) -> str:
     for (client, conns, _, server), runs in groups(results):
         good = [r for r in runs if ok(r)]
         if not good:
-            rows.append([client, f"{conns:,}", load(runs[0]), server, "0", "failed", *[""] * 8])
+            rows.append([client, f"{conns:,}", load(runs[0]), server, "0", "failed", *[""] * 9])
             continue
 
         def of(value: Callable[[Run], float | None], digits: int = 0, good: list[Run] = good) -> str:
@@ -123,7 +129,8 @@ def medians(results: list[Run]) -> str:
 
         rows.append([
             client, f"{conns:,}", load(good[0]), server, str(len(good)),
-            of(lambda r: r["figures"]["acks_per_s"]), of(cpu_us_per_request, 1), of(acks_per_cpu_s),
+            of(lambda r: r["figures"]["acks_per_s"]), of(cpu_us_per_request, 1), of(kernel_percent),
+            of(acks_per_cpu_s),
             of(lambda r: r["figures"].get("p50_ms"), 1), of(lambda r: r["figures"].get("p99_ms"), 1),
             of(lambda r: r["figures"].get("p999_ms"), 1), of(lambda r: r["peak_rss_mib"]),
             of(lambda r: percent_of_window(r, r["gen_cpu_s"])),
