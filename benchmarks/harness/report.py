@@ -23,15 +23,26 @@ def fmt(v: float | None, digits: int = 0) -> str:
 FRAMES_TOLERANCE = 0.01
 
 
-def frames_off(r: Run) -> bool:
-    """The clients got more or fewer frames per request than the workload sends (> 1 % off)."""
+def frames_short(r: Run) -> bool:
+    """The clients got > 1 % fewer frames per request than the workload sends: broadcasts lost."""
     got, expected = r.get("frames_per_request"), r.get("expected_frames")
-    return got is not None and bool(expected) and abs(got - expected) > FRAMES_TOLERANCE * expected
+    return got is not None and bool(expected) and got < (1 - FRAMES_TOLERANCE) * expected
+
+
+def frames_over(r: Run) -> bool:
+    """> 1 % more frames per request than the workload sends.
+
+    No broadcast is missing, but the window's frames and acks do not pair up: events
+    reach the other members before the sender's ack, so when the rate drifts within the
+    window (a shared machine; latencies of ~1 s) the counts drift apart. Marked, kept.
+    """
+    got, expected = r.get("frames_per_request"), r.get("expected_frames")
+    return got is not None and bool(expected) and got > (1 + FRAMES_TOLERANCE) * expected
 
 
 def ok(r: Run) -> bool:
     """At least one ack in the window, and every broadcast delivered (frames per request)."""
-    return bool(r["figures"]) and r["figures"].get("acks", 0) > 0 and not frames_off(r)
+    return bool(r["figures"]) and r["figures"].get("acks", 0) > 0 and not frames_short(r)
 
 
 def acks_per_cpu_s(r: Run) -> float | None:
