@@ -8,16 +8,27 @@
     python3 benchmarks/run.py --servers warpsocket,warpsocket+tls,socketify+tls
 
 Rounds alternate the servers: round 1 runs each server once, then round 2, and so on,
-so a change in the machine's load hits every server alike; the tables give the median
-(min–max) over the rounds. For each run: start the server pinned to core 0 (``taskset
--c 0``), wait until every port accepts, run the load generator pinned to core 1, and
-measure the server from outside over exactly the generator's measurement window
-(between the ``WINDOW_START`` and ``WINDOW_END`` it prints, after connects and warm-up):
+so a change in the machine's load hits every server alike; each round rotates the
+servers' order by one (a, b, c; then b, c, a; ...), so none always runs first or right
+after another. The tables give the median (min–max) over the rounds. For each run:
+start the server pinned to core 0 (``taskset -c 0``), wait until every port accepts, run
+the load generator pinned to core 1, and measure the server from outside over exactly
+the generator's measurement window (between the ``WINDOW_START`` and ``WINDOW_END`` it
+prints, after connects and warm-up):
 
 * CPU: utime + stime of the server process (all its threads) from ``/proc/PID/stat``,
   as µs per acknowledged request and acks per CPU-second; the generator's own CPU the
-  same way, to show when the generator rather than the server is the limit.
+  same way. A run whose generator used >= 90 % of its core is marked "generator-bound":
+  there the generator, not the server, set the rate.
+* Frames per request: frames the clients received / acks, which must be what the
+  workload delivers (11.0 with every connection in a full channel of 10: ten events and
+  the ack) within 1 %. A run more than 1 % short is marked, left out of the medians, and
+  makes the runner exit with 1 and say which runs: that server did not deliver every
+  broadcast. One more than 1 % over is marked and kept (nothing is missing; the window's
+  frames and acks drift apart when the rate changes within it).
 * Peak RSS: ``VmHWM`` from ``/proc/PID/status`` just before the server is stopped.
+* The host: CPU model (``lscpu``), cores, kernel, and the 1-minute load average before
+  and after every run, printed and written to the JSON.
 * With ``--perf``: syscalls (every ``syscalls:sys_enter_*`` tracepoint) and context
   switches per request, counted by ``perf stat`` over the window (harness/perfstat.py).
 
@@ -31,7 +42,8 @@ Clients (``--clients``, comma-separated, each runs everything): ``warpsocket-ben
 (crates/warpsocket-bench, Rust, one thread) and ``picows`` (benchmarks/clients/
 picows_client.py, Python + uvloop, an independent implementation of the same workload).
 
-Servers: warpsocket (``examples/performance/worker.py``, one worker thread), the peers
+Servers: warpsocket (``examples/performance/worker.py``, one worker thread; ``--threads
+N`` for N, ``--threads default`` for the CLI's default), the peers
 in benchmarks/peers (socketify, wse-server, picows, aiohttp, websockets) and
 warpsocket-metrics (``--metrics`` on). A name with ``+tls`` (warpsocket, socketify) runs
 that server over TLS with a test CA made by ``trustme``. wse-server needs Python >= 3.12:
@@ -91,6 +103,12 @@ PEER_PACKAGES = {
 }
 WSE_VENV = ROOT / ".venv-wse"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: Members of each channel in the workload (examples/performance/worker.py, the peers).
+BUCKET_SIZE = 10
+#: How far frames per request may be from the workload's before the run fails.
+FRAMES_TOLERANCE = report.FRAMES_TOLERANCE
+#: Generator CPU (% of its core over the window) from which it, not the server, is the limit.
+GENERATOR_BOUND_PERCENT = 90.0
 
 
 @dataclass
@@ -104,19 +122,86 @@ class Result:
     fraction: float | None = None
     figures: dict = field(default_factory=dict)
     server_cpu_s: float | None = None
+    #: Of server_cpu_s, the kernel's part (stime: syscalls, loopback TCP charged to it).
+    server_sys_s: float | None = None
     gen_cpu_s: float | None = None
     peak_rss_mib: float | None = None
     #: ``--perf``: event -> count over the window (syscall names, "context-switches").
     perf: dict = field(default_factory=dict)
     note: str = ""
+    #: WarpSocket's worker threads (None: the CLI's default); the peers ignore it.
+    threads: int | None = 1
+    #: 1-minute load average just before the server started and just after it stopped.
+    load_before: float | None = None
+    load_after: float | None = None
+    #: Frames the clients received per ack, and what the workload should give.
+    frames_per_request: float | None = None
+    expected_frames: float | None = None
+    #: The generator used >= GENERATOR_BOUND_PERCENT of its core: it set the rate.
+    generator_bound: bool = False
+    host: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return bool(self.figures) and self.figures.get("acks", 0) > 0
+        return report.ok(asdict(self))
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def load_average() -> float:
+    """The 1-minute load average."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def host_info() -> dict[str, str | int]:
+    """The machine the figures come from: CPU model, cores, kernel, Python."""
+    cpu = platform.processor() or "unknown"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        names = [ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name:")]
+        cpu = names[0] if names else cpu
+    except OSError:  # no lscpu: /proc/cpuinfo has the same name
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")),
+            cpu,
+        )  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count() or 0,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def expected_frames_per_request(connections: int, bucket: int = BUCKET_SIZE) -> float:
+    """Frames a request brings the clients: the ack plus one event per member of its channel.
+
+    Connections fill channels ``bucket`` at a time, so a request from a channel of m
+    members brings 1 + m frames, and channels of m members send m of every n requests.
+    """
+    if connections <= 0:
+        return 0.0
+    full, rest = divmod(connections, bucket)
+    return 1 + (full * bucket * bucket + rest * rest) / connections
+
+
+def check_frames(result: Result, expected: float | None, tolerance: float = FRAMES_TOLERANCE) -> None:
+    """Record frames per request; mark the run when it is off the workload's by > tolerance."""
+    acks = result.figures.get("acks", 0)
+    if not acks:
+        return
+    result.frames_per_request = result.figures.get("frames_received", 0) / acks
+    if expected is None:
+        # The connections the generator got: a server that refused some has smaller channels.
+        expected = expected_frames_per_request(result.figures.get("connections", result.connections))
+    result.expected_frames = expected
+    got = result.frames_per_request
+    if abs(got - expected) > tolerance * expected:
+        why = f"frames/request {got:.2f}, expected {expected:.2f} ± {100 * tolerance:g} %"
+        result.note = (result.note + "; " + why).lstrip("; ")
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -236,7 +321,7 @@ def server_command(
     server: str,
     ports: list[int],
     cpu: str,
-    threads: int = 1,
+    threads: int | None = 1,
     compression: bool = False,
     *,
     certs: Certs | None = None,
@@ -248,9 +333,11 @@ def server_command(
         binds = [arg for p in ports for arg in ("--bind", f"127.0.0.1:{p}")]
         # The port after the server's, kept free for it by main().
         metrics = ["--metrics", f"127.0.0.1:{ports[-1] + 1}"] if server == "warpsocket-metrics" else []
+        # threads None: the CLI's own default (max(cpu count, 4)).
+        workers = ["--threads", str(threads)] if threads is not None else []
         return [
             *pin, sys.executable, "-m", "warpsocket", str(WORKER), *binds, *metrics,
-            "--threads", str(threads), "--log-level", "WARNING", *tls,
+            *workers, "--log-level", "WARNING", *tls,
             *(["--compression"] if compression else []),
         ]  # fmt: skip
     if compression:
@@ -301,13 +388,83 @@ def wait_listening(ports: list[int], proc: subprocess.Popen, timeout: float = 30
             time.sleep(0.1)
 
 
-def cpu_seconds(pid: int) -> float | None:
+def port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:``port`` (or the wildcard) and nothing holds it bound."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(first: int, count: int) -> list[int]:
+    """``count`` consecutive free ports from ``first`` on (skipping past ones in use)."""
+    start = first
+    while start + count < 65536:
+        taken = [p for p in range(start, start + count) if not port_free(p)]
+        if not taken:
+            return list(range(start, start + count))
+        start = taken[-1] + 1
+    raise RuntimeError(f"no {count} free consecutive ports from {first}")
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on ``port`` on any IPv4/IPv6 address (/proc/net/tcp*)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local_address is ADDR:PORT in hex; state 0A is LISTEN; field 9 the inode.
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets process ``pid`` has open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
+def check_own_listeners(ports: list[int], pid: int) -> None:
+    """Fail when a port is (also) listened on by another process than the server.
+
+    A server that sets SO_REUSEPORT (socketify) shares a port with another process's
+    listener, and one that fails to bind leaves the port to it: either way the generator
+    would measure someone else (a concurrent benchmark on the same ports).
+    """
+    own = socket_inodes(pid)
+    for port in ports:
+        if listening_inodes(port) - own:
+            raise RuntimeError(f"port {port} is also listened on by another process (a second benchmark?)")
+
+
+def cpu_split(pid: int) -> tuple[float, float] | None:
+    """User and system (kernel) CPU seconds of process ``pid``, all its threads."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     # after "pid (comm)": fields[11] = utime, fields[12] = stime (man 5 proc, 14 and 15)
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid``."""
+    split = cpu_split(pid)
+    return None if split is None else split[0] + split[1]
 
 
 def peak_rss_mib(pid: int) -> float | None:
@@ -340,29 +497,31 @@ def run_one(result: Result, ports: list[int], args: argparse.Namespace, certs: C
     """Start the server, run the client against it, measure; fills in and returns ``result``."""
     server, conns = result.server, result.connections
     load = "closed loop" if result.rate is None else f"{result.rate:,.0f} requests/s"
+    result.load_before = load_average()
     log(
         f"{server}: {conns} connections, {result.client}, {load}, round {result.run}, "
-        f"ports {ports[0]}-{ports[-1]}"
+        f"ports {ports[0]}-{ports[-1]}, load average {result.load_before:.2f}"
     )
     name = f"{server}-{conns}-{result.client}-{result.rate or 'closed'}-{result.run}".replace(".", "_")
     server_log = open(args.log_dir / f"{name}.log", "w")  # noqa: SIM115
     base = server.removesuffix(TLS_SUFFIX)
     tls = certs if server.endswith(TLS_SUFFIX) else None
     proc = subprocess.Popen(
-        server_command(base, ports, args.server_cpu, compression=args.compression, certs=tls,
-                       wse_python=args.wse_python),
+        server_command(base, ports, args.server_cpu, result.threads, compression=args.compression,
+                       certs=tls, wse_python=args.wse_python),
         cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     perf: perfstat.PerfStat | None = None
     try:
         wait_listening(ports, proc)
+        check_own_listeners(ports, proc.pid)
         if args.perf:
             perf = perfstat.PerfStat(proc.pid, args.log_dir, name)
         gen = subprocess.Popen(
             client_command(result.client, ports, conns, result.rate, args, tls),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        marks: dict[str, tuple[float | None, float | None]] = {}
+        marks: dict[str, tuple[tuple[float, float] | None, float | None]] = {}
         stderr_lines: list[str] = []
 
         def read_stderr() -> None:
@@ -370,7 +529,7 @@ def run_one(result: Result, ports: list[int], args: argparse.Namespace, certs: C
             for line in gen.stderr:
                 line = line.strip()
                 if line in ("WINDOW_START", "WINDOW_END"):
-                    marks[line] = (cpu_seconds(proc.pid), cpu_seconds(gen.pid))
+                    marks[line] = (cpu_split(proc.pid), cpu_seconds(gen.pid))
                     if perf is not None and line == "WINDOW_START":
                         perf.enable()
                     elif perf is not None:
@@ -397,7 +556,8 @@ def run_one(result: Result, ports: list[int], args: argparse.Namespace, certs: C
         if "WINDOW_START" in marks and "WINDOW_END" in marks:
             (s0, g0), (s1, g1) = marks["WINDOW_START"], marks["WINDOW_END"]
             if s0 is not None and s1 is not None:
-                result.server_cpu_s = s1 - s0
+                result.server_cpu_s = sum(s1) - sum(s0)
+                result.server_sys_s = s1[1] - s0[1]
             if g0 is not None and g1 is not None:
                 result.gen_cpu_s = g1 - g0
         if proc.poll() is not None:
@@ -414,12 +574,22 @@ def run_one(result: Result, ports: list[int], args: argparse.Namespace, certs: C
             result.perf = perf.close()
         stop(proc)
         server_log.close()
+        result.load_after = load_average()
+    check_frames(result, args.expect_frames)
     f = result.figures
-    per_request = report.cpu_us_per_request(asdict(result))
+    raw = asdict(result)
+    gen_percent = report.percent_of_window(raw, result.gen_cpu_s)
+    if gen_percent is not None and gen_percent >= GENERATOR_BOUND_PERCENT:
+        result.generator_bound = True
+        result.note = (result.note + "; generator-bound").lstrip("; ")
     log(
         f"  -> acks/s {fmt(f.get('acks_per_s'))}, sent/s {fmt(f.get('sent_per_s'))}, "
-        f"p50 {f.get('p50_ms')} ms, p99 {f.get('p99_ms')} ms, server CPU {fmt(per_request, 1)} µs/request, "
-        f"RSS {fmt(result.peak_rss_mib)} MiB {result.note}"
+        f"frames/request {fmt(result.frames_per_request, 2)}, "
+        f"p50 {f.get('p50_ms')} ms, p99 {f.get('p99_ms')} ms, "
+        f"server CPU {fmt(report.cpu_us_per_request(raw), 1)} µs/request "
+        f"({fmt(report.kernel_percent(raw))} % kernel), "
+        f"generator CPU {fmt(gen_percent)} %, RSS {fmt(result.peak_rss_mib)} MiB, "
+        f"load average after {result.load_after:.2f} {result.note}"
     )
     return result
 
@@ -430,6 +600,16 @@ def fractions(spec: str) -> list[float]:
     if not values or any(not 0 < v <= 2 for v in values):
         raise argparse.ArgumentTypeError("expected shares such as 0.25,0.5,0.9")
     return values
+
+
+def threads_arg(value: str) -> int | None:
+    """``--threads``: a positive count, or ``default`` (None: the CLI's own default)."""
+    if value == "default":
+        return None
+    count = int(value)
+    if count < 1:
+        raise argparse.ArgumentTypeError("expected a positive number or 'default'")
+    return count
 
 
 def main() -> int:
@@ -481,6 +661,19 @@ def main() -> int:
         action="store_true",
         help="warpsocket with --compression, clients offering permessage-deflate",
     )
+    parser.add_argument(
+        "--threads",
+        type=threads_arg,
+        default=1,
+        help="WarpSocket's worker threads: a number, or 'default' for the CLI's default (default 1)",
+    )
+    parser.add_argument(
+        "--expect-frames",
+        type=float,
+        metavar="N",
+        help="frames per request every run must show (default: 11.0 with full channels of 10, "
+        "less with a partial last channel); a run off by more than 1 %% fails",
+    )
     args = parser.parse_args()
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -514,7 +707,9 @@ def main() -> int:
     certs = make_certs(args.log_dir) if any(s.endswith(TLS_SUFFIX) for s in servers) else None
 
     started = time.time()
-    load_at_start = Path("/proc/loadavg").read_text().split()[0]
+    load_at_start = load_average()
+    host = host_info()
+    log(f"host: {host['cpu']}, {host['cores']} cores, kernel {host['kernel']}, load {load_at_start:.2f}")
     results: list[Result] = []
     next_port = args.base_port
 
@@ -522,16 +717,22 @@ def main() -> int:
         """``--repeat`` rounds; in each, every load (rate, share) for every server in turn."""
         nonlocal next_port
         for run in range(1, args.repeat + 1):
+            # Rotated each round: no server always runs first, or right after the same one.
+            shift = (run - 1) % len(servers)
+            order = servers[shift:] + servers[:shift]
             for rate, share in loads:
-                for server in servers:
-                    result = Result(server, conns, run, client, rate, share)
+                for server in order:
+                    result = Result(server, conns, run, client, rate, share, threads=args.threads, host=host)
                     if server in unavailable:
                         result.note = f"not run: {unavailable[server]}"
                         results.append(result)
                         continue
-                    # Fresh ports every run: no TIME_WAIT leftovers from the previous one.
-                    ports = ports_for(server, next_port, args)
-                    next_port += args.ports + 1  # and one for warpsocket-metrics' metrics address
+                    # Fresh ports every run: no TIME_WAIT leftovers from the previous one;
+                    # one more for warpsocket-metrics' metrics address. Those another
+                    # process listens on (a second benchmark) are skipped.
+                    block = free_ports(next_port, args.ports + 1)
+                    ports = ports_for(server, block[0], args)
+                    next_port = block[-1] + 1
                     results.append(run_one(result, ports, args, certs))
                     time.sleep(1.0)
 
@@ -555,25 +756,37 @@ def main() -> int:
             rounds(client, conns, [(share * reference, share) for share in args.open_loop])
 
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    print(f"\n{when}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+    workers = "the CLI's default" if args.threads is None else str(args.threads)
+    print(f"\n{when}, {host['cores']} cores ({host['cpu']}), kernel {host['kernel']}, "
+          f"Python {host['python']}, WarpSocket worker threads {workers}, "
           f"window {args.duration:g} s after {args.warmup:g} s warm-up, "
-          f"total {time.time() - started:.0f} s, load average at the start {load_at_start}, "
-          f"at the end {Path('/proc/loadavg').read_text().split()[0]}\n")  # fmt: skip
+          f"total {time.time() - started:.0f} s, load average at the start {load_at_start:.2f}, "
+          f"at the end {load_average():.2f}\n")  # fmt: skip
     raw = [asdict(r) for r in results]
     print(report.every_run(raw))
-    print("\nMedian (min–max) of the rounds:\n")
+    print("\nMedian (min–max) of the rounds (runs short of frames per request left out):\n")
     print(report.medians(raw))
     if args.perf:
         print("\nSyscalls and context switches per request (perf stat over the window), medians:\n")
         print(report.syscalls(raw))
     if args.json:
         args.json.write_text(json.dumps(raw, indent=1))
-    return 0 if all(r.ok for r in results if r.server not in unavailable) else 1
+    ran = [r for r in results if r.server not in unavailable]
+    if bound := [r for r in ran if r.generator_bound]:
+        log(f"{len(bound)} of {len(ran)} runs were generator-bound (generator >= "
+            f"{GENERATOR_BOUND_PERCENT:g} % of its core): their rates measure the generator")  # fmt: skip
+    for r in ran:
+        if report.frames_over(asdict(r)):
+            log(f"note: {r.server}, {r.connections} connections, {report.load(asdict(r))}, round {r.run}: "
+                f"{r.frames_per_request:.2f} frames per request, above {r.expected_frames:.2f} + "
+                f"{100 * FRAMES_TOLERANCE:g} %: the window's frames and acks drifted apart")  # fmt: skip
+    if short := [r for r in ran if report.frames_short(asdict(r))]:
+        for r in short:
+            log(f"FAILED: {r.server}, {r.connections} connections, {report.load(asdict(r))}, round {r.run}: "
+                f"{r.frames_per_request:.2f} frames per request, expected {r.expected_frames:.2f} ± "
+                f"{100 * FRAMES_TOLERANCE:g} %: it did not deliver every broadcast")  # fmt: skip
+        return 1
+    return 0 if all(r.ok for r in ran) else 1
 
 
 if __name__ == "__main__":
