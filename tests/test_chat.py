@@ -8,6 +8,7 @@ as a cluster of two nodes on a real redis-server.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
@@ -618,3 +619,68 @@ def test_server_shutdown_closes_chat_clients(chat_server, clients):
     with pytest.raises(ConnectionClosed):
         while True:
             alice.recv(timeout=20)
+
+
+# --------------------------------------------------------------------------
+# a cluster: presence across nodes, and the users of a node that dies
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def chat_cluster(redis):
+    """``(node_a, node_b, clients)``: two chat nodes on a real redis-server and a factory
+    ``clients(name, node) -> Chat`` (said hello); everything stopped at teardown."""
+    from test_cluster import Node
+
+    nodes, opened = [], []
+    try:
+        for _ in range(2):
+            nodes.append(Node(CHAT_WORKER, redis.url, "--history", "room:=50/86400"))
+
+        def _open(name, node):
+            client = Chat(node)
+            opened.append(client)
+            client.hello(name)
+            return client
+
+        yield nodes[0], nodes[1], _open
+    finally:
+        for client in opened:
+            with contextlib.suppress(Exception):
+                client.close()
+        for node in nodes:
+            node.stop()
+
+
+@pytest.mark.timeout(180)
+def test_cluster_a_user_on_two_nodes_is_one_member_and_a_dead_nodes_users_leave(chat_cluster, redis):
+    a, b, clients = chat_cluster
+    room = new_chat_room()
+    bob = clients("bob", b)
+    bob.join(room)
+    bob.expect("presence", room, event="join", name="bob")
+    alice_b = clients("alice", b)
+    assert alice_b.join(room)["members"] == ["alice", "bob"]
+    bob.expect("presence", room, event="join", name="alice")
+    # alice's other tab, on the other node: she is here already, nobody is told again
+    alice_a = clients("alice", a)
+    assert alice_a.join(room)["members"] == ["alice", "bob"]
+    carol = clients("carol", a)
+    assert carol.join(room)["members"] == ["alice", "bob", "carol"]
+    bob.expect("presence", room, event="join", name="carol")
+    with warpsocket.Cluster(redis.url) as cluster:
+        assert sorted(cluster.presence(f"room:{room}")) == ["alice", "bob", "carol"]
+
+        a.kill()  # SIGKILL: node A says no goodbye, a live node takes its share back
+        killed = time.monotonic()
+        bob.expect("presence", room, event="leave", name="carol", timeout=30)
+        assert time.monotonic() - killed < 20  # the promise is 15 s (12 s as built)
+        # alice is still here through node B: only carol left, once
+        assert sorted(cluster.presence(f"room:{room}")) == ["alice", "bob"]
+    alice_b.expect("presence", room, event="leave", name="carol")
+    alice_b.send(type="say", room=room, text="still here")
+    bob.expect("message", room, text="still here")
+    assert presence_notes(bob, room) == [
+        ("join", "bob"), ("join", "alice"), ("join", "carol"), ("leave", "carol")
+    ]  # fmt: skip
+    assert presence_notes(alice_b, room) == presence_notes(bob, room)[1:]
