@@ -121,9 +121,9 @@ class Page:
     to its own tab before every command.
     """
 
-    def __init__(self, driver, url, handle=None):
+    def __init__(self, driver, url=None, handle=None):
         self.driver = driver
-        self.url = url
+        self.url = url  # the page's address, for open_tab (None: the one shown now)
         self.handle = handle  # None while the browser has this one tab
         self.name = None
 
@@ -133,9 +133,10 @@ class Page:
 
     def open_tab(self, url=None):
         """A new tab of this browser showing the chat at ``url`` (default: this page's)."""
-        self.handle = self.driver.current_window_handle if self.handle is None else self.handle
+        self.focus()
+        self.handle = self.driver.current_window_handle
+        url = url or self.url or self.driver.current_url
         self.driver.switch_to.new_window("tab")
-        url = self.url if url is None else url
         self.driver.get(url)
         return Page(self.driver, url, self.driver.current_window_handle)
 
