@@ -119,8 +119,8 @@ def main() -> None:
             until(alice, "document.querySelectorAll('#members li').length === 2")
             say(alice, "Hi Bob! The page and the WebSocket come from the same port.", bob)
             say(bob, "Nice, no nginx in front. Are we on different worker threads?", alice)
-            say(alice, "We are: rooms are history channels, members live in the kv store.", bob)
-            say(bob, "And if I close this tab, you will see me leave.", alice)
+            say(alice, "We are: rooms are history channels, members come from presence.", bob)
+            say(bob, "And when I close my last tab, you will see me leave.", alice)
             # something in the other room: Alice sees an unread badge there
             bob.execute_script("document.querySelector(`#rooms li[data-room='random']`).click()")
             say(bob, "Anyone in here?")

@@ -2,11 +2,13 @@
 
 Servers run with threads=2, so consecutive connections land on different workers
 (round-robin): everything two members see of each other crosses worker threads and
-goes through channels, the rooms' history and the shared key/value store.
+goes through channels, the rooms' history and presence. The last tests run the chat
+as a cluster of two nodes on a real redis-server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
@@ -144,13 +146,28 @@ def clients(chat_server):
         client.close()
 
 
-def names(members):
-    return sorted(m["name"] for m in members)
+def present(room):
+    """The chat's users in ``room``, from presence (the member names; the chat sets no info)."""
+    return sorted(warpsocket.presence(f"room:{room}"))
 
 
-def presence(room):
-    raw = warpsocket.get_key(f"chat:presence:{room}")
-    return json.loads(raw) if raw else None
+def presence_notes(client, room):
+    """The ``(event, name)`` of every presence note ``client`` received for ``room`` so far."""
+    return [(m["event"], m["name"]) for r, m in client.seen if r == room and m["type"] == "presence"]
+
+
+def settled(first, second, room):
+    """Return once every presence note the handlers of ``first`` caused so far reached
+    ``second`` (both connected to this process).
+
+    ``first``'s error reply comes after its earlier handlers, handle_presence included;
+    a channel send reaches this process's subscribers at once, so a note sent by then
+    is queued for ``second`` before the typing note it is asked for afterwards.
+    """
+    first.send(type="no such type")
+    first.expect("error")
+    second.send(type="typing", room=room)
+    second.expect("typing", room, **{"from": second.id})
 
 
 def test_members_are_spread_over_both_workers(chat_server, clients):
@@ -169,8 +186,8 @@ def test_hello_then_join(clients):
     assert isinstance(welcome["id"], int) and welcome["id"] > 0
     room = new_chat_room()
     joined, page = alice.join_with_history(room)
-    assert joined["members"] == [{"id": alice.id, "name": "Alice Liddell"}]
-    assert joined["v"] >= 1
+    assert joined["members"] == ["Alice Liddell"]
+    assert present(room) == ["Alice Liddell"]
     assert page["messages"] == []
     assert page["offset"] == 0
     assert isinstance(page["epoch"], str) and page["epoch"]
@@ -181,7 +198,7 @@ def test_broadcast_reaches_every_member_across_workers(clients):
     alice, bob = clients("alice"), clients("bob")
     alice.join(room)
     joined = bob.join(room)
-    assert names(joined["members"]) == ["alice", "bob"]
+    assert joined["members"] == ["alice", "bob"]
     alice.expect("presence", room, event="join", name="bob")
 
     alice.send(type="say", room=room, text="hello bob")
@@ -198,30 +215,54 @@ def test_presence_is_kept_live_on_join_and_leave(clients):
     room = new_chat_room()
     alice, bob, carol = clients("alice"), clients("bob"), clients("carol")
     alice.join(room)
-    bob.join(room)
-    event = alice.expect("presence", room, event="join", name="bob")
-    assert names(event["members"]) == ["alice", "bob"]
-    carol.join(room)
+    alice.expect("presence", room, event="join", name="alice")  # her own arrival reaches her too
+    assert bob.join(room)["members"] == ["alice", "bob"]
+    alice.expect("presence", room, event="join", name="bob")
+    assert carol.join(room)["members"] == ["alice", "bob", "carol"]
     for client in (alice, bob):
-        event = client.expect("presence", room, event="join", name="carol")
-        assert names(event["members"]) == ["alice", "bob", "carol"]
+        client.expect("presence", room, event="join", name="carol")
+    assert present(room) == ["alice", "bob", "carol"]
 
     bob.send(type="leave", room=room)
     assert bob.expect("left", room=None)["room"] == room
     for client in (alice, carol):
-        event = client.expect("presence", room, event="leave", name="bob")
-        assert names(event["members"]) == ["alice", "carol"]
-    assert sorted(presence(room)["members"].values()) == ["alice", "carol"]
+        client.expect("presence", room, event="leave", name="bob")
+    assert present(room) == ["alice", "carol"]
+    # Each change once, in the order it happened.
+    assert presence_notes(alice, room) == [
+        ("join", "alice"), ("join", "bob"), ("join", "carol"), ("leave", "bob")
+    ]  # fmt: skip
 
 
-def test_versions_order_member_lists(clients):
+def test_a_user_with_two_connections_is_one_member(clients):
     room = new_chat_room()
-    alice, bob = clients("alice"), clients("bob")
-    first = alice.join(room)
-    second = bob.join(room)
-    assert second["v"] > first["v"]
-    event = alice.expect("presence", room, event="join", name="bob")
-    assert event["v"] == second["v"]
+    bob = clients("bob")
+    bob.join(room)
+    bob.expect("presence", room, event="join", name="bob")
+    first = clients("alice")
+    first.join(room)
+    bob.expect("presence", room, event="join", name="alice")
+    second = clients("alice")  # another tab of alice's, on the other worker than the first
+    assert second.join(room)["members"] == ["alice", "bob"]
+    settled(second, bob, room)
+    assert presence_notes(bob, room) == [("join", "bob"), ("join", "alice")]  # not twice
+
+    # One tab leaves, the other stays: alice is still here and nobody is told otherwise.
+    first.send(type="leave", room=room)
+    first.expect("left")
+    settled(first, bob, room)
+    assert presence_notes(bob, room) == [("join", "bob"), ("join", "alice")]
+    assert present(room) == ["alice", "bob"]
+
+    # Her last tab goes: now she leaves, once.
+    second.close()
+    bob.expect("presence", room, event="leave", name="alice")
+    assert present(room) == ["bob"]
+    first.join(room)
+    bob.expect("presence", room, event="join", name="alice")
+    assert presence_notes(bob, room) == [
+        ("join", "bob"), ("join", "alice"), ("leave", "alice"), ("join", "alice")
+    ]  # fmt: skip
 
 
 def test_leaving_stops_the_room_but_not_the_others(clients):
@@ -432,7 +473,7 @@ def test_a_bad_since_is_an_error(clients):
     for since in ("epoch 3", ["e"], ["e", -1], ["", 1], ["e", True], [1, 2], ["e", 1.5]):
         client.send(type="join", room=room, since=since)
         assert "since" in client.expect("error")["message"]
-    assert client.join(room)["members"] == [{"id": client.id, "name": "dave"}]
+    assert client.join(room)["members"] == ["dave"]
 
 
 def test_the_chat_refuses_to_start_without_room_history(start_server):
@@ -446,13 +487,10 @@ def test_closing_the_connection_leaves_every_room(clients):
     for client in (alice, bob):
         client.join(room)
         client.join(other)
-    bob_id = bob.id
     bob.close()
     for r in (room, other):
-        event = alice.expect("presence", r, event="leave", name="bob")
-        assert names(event["members"]) == ["alice"]
-        assert str(bob_id) not in presence(r)["members"]
-    assert warpsocket.get_key(f"chat:member:{bob_id}") is None
+        alice.expect("presence", r, event="leave", name="bob")
+        assert present(r) == ["alice"]
 
 
 def test_typing_indicator(clients):
@@ -484,7 +522,7 @@ def test_bad_requests_get_an_error_and_keep_the_connection(clients):
     client.expect("error")
     # still alive
     room = new_chat_room()
-    assert client.join(room)["members"] == [{"id": client.id, "name": "dave"}]
+    assert client.join(room)["members"] == ["dave"]
 
 
 # --------------------------------------------------------------------------
@@ -522,7 +560,7 @@ def test_refused_connection_never_reaches_the_chat(chat_server, clients):
             connect(chat_server, "/chat", origin="https://attacker.example")
     alice.send(type="say", room=room, text="ping")
     alice.expect("message", room, text="ping")
-    assert not any(msg["type"] == "presence" and msg["from"] != alice.id for _, msg in alice.seen)
+    assert presence_notes(alice, room) == [("join", "alice")]
     assert warpsocket.stats()["connections"] == 1
 
 
@@ -581,3 +619,68 @@ def test_server_shutdown_closes_chat_clients(chat_server, clients):
     with pytest.raises(ConnectionClosed):
         while True:
             alice.recv(timeout=20)
+
+
+# --------------------------------------------------------------------------
+# a cluster: presence across nodes, and the users of a node that dies
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def chat_cluster(redis):
+    """``(node_a, node_b, clients)``: two chat nodes on a real redis-server and a factory
+    ``clients(name, node) -> Chat`` (said hello); everything stopped at teardown."""
+    from test_cluster import Node
+
+    nodes, opened = [], []
+    try:
+        for _ in range(2):
+            nodes.append(Node(CHAT_WORKER, redis.url, "--history", "room:=50/86400"))
+
+        def _open(name, node):
+            client = Chat(node)
+            opened.append(client)
+            client.hello(name)
+            return client
+
+        yield nodes[0], nodes[1], _open
+    finally:
+        for client in opened:
+            with contextlib.suppress(Exception):
+                client.close()
+        for node in nodes:
+            node.stop()
+
+
+@pytest.mark.timeout(180)
+def test_cluster_a_user_on_two_nodes_is_one_member_and_a_dead_nodes_users_leave(chat_cluster, redis):
+    a, b, clients = chat_cluster
+    room = new_chat_room()
+    bob = clients("bob", b)
+    bob.join(room)
+    bob.expect("presence", room, event="join", name="bob")
+    alice_b = clients("alice", b)
+    assert alice_b.join(room)["members"] == ["alice", "bob"]
+    bob.expect("presence", room, event="join", name="alice")
+    # alice's other tab, on the other node: she is here already, nobody is told again
+    alice_a = clients("alice", a)
+    assert alice_a.join(room)["members"] == ["alice", "bob"]
+    carol = clients("carol", a)
+    assert carol.join(room)["members"] == ["alice", "bob", "carol"]
+    bob.expect("presence", room, event="join", name="carol")
+    with warpsocket.Cluster(redis.url) as cluster:
+        assert sorted(cluster.presence(f"room:{room}")) == ["alice", "bob", "carol"]
+
+        a.kill()  # SIGKILL: node A says no goodbye, a live node takes its share back
+        killed = time.monotonic()
+        bob.expect("presence", room, event="leave", name="carol", timeout=30)
+        assert time.monotonic() - killed < 20  # the promise is 15 s (12 s as built)
+        # alice is still here through node B: only carol left, once
+        assert sorted(cluster.presence(f"room:{room}")) == ["alice", "bob"]
+    alice_b.expect("presence", room, event="leave", name="carol")
+    alice_b.send(type="say", room=room, text="still here")
+    bob.expect("message", room, text="still here")
+    assert presence_notes(bob, room) == [
+        ("join", "bob"), ("join", "alice"), ("join", "carol"), ("leave", "carol")
+    ]  # fmt: skip
+    assert presence_notes(alice_b, room) == presence_notes(bob, room)[1:]

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import ServerProcess, free_port, new_chat_room, warpsocket_command
+from helpers import ServerProcess, free_port, new_chat_room, wait_for, warpsocket_command
 from test_chat import CHAT_HISTORY, Chat
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ def open_page(browser_tools, request, tmp_path):
         driver = chromium(tmp_path / f"profile-{label}-{len(drivers)}")
         drivers.append(driver)
         driver.get(url)
-        return Page(driver)
+        return Page(driver, url)
 
     yield _open
     for driver in drivers:
@@ -116,14 +116,37 @@ class Page:
     """One browser tab with the chat, read through small JavaScript snippets.
 
     The page re-renders lists wholesale, so state is read with ``execute_script``
-    (atomic) rather than through element handles that may go stale.
+    (atomic) rather than through element handles that may go stale. A browser with
+    several tabs (:meth:`open_tab`) has a ``Page`` per tab, each switching the driver
+    to its own tab before every command.
     """
 
-    def __init__(self, driver):
+    def __init__(self, driver, url=None, handle=None):
         self.driver = driver
+        self.url = url  # the page's address, for open_tab (None: the one shown now)
+        self.handle = handle  # None while the browser has this one tab
         self.name = None
 
+    def focus(self):
+        if self.handle is not None:
+            self.driver.switch_to.window(self.handle)
+
+    def open_tab(self, url=None):
+        """A new tab of this browser showing the chat at ``url`` (default: this page's)."""
+        self.focus()
+        self.handle = self.driver.current_window_handle
+        url = url or self.url or self.driver.current_url
+        self.driver.switch_to.new_window("tab")
+        self.driver.get(url)
+        return Page(self.driver, url, self.driver.current_window_handle)
+
+    def close_tab(self):
+        """Close this tab (the browser and its other tabs stay)."""
+        self.focus()
+        self.driver.close()
+
     def js(self, script, *args):
+        self.focus()
         return self.driver.execute_script(script, *args)
 
     def wait(self, condition, message, timeout=WAIT):
@@ -136,6 +159,7 @@ class Page:
     def type_into(self, element_id, text):
         from selenium.webdriver.common.by import By
 
+        self.focus()
         element = self.driver.find_element(By.ID, element_id)
         element.clear()
         element.send_keys(text)
@@ -143,6 +167,7 @@ class Page:
     def click(self, element_id):
         from selenium.webdriver.common.by import By
 
+        self.focus()
         self.driver.find_element(By.ID, element_id).click()
 
     def online(self):
@@ -205,6 +230,7 @@ class Page:
     def console_errors(self, failed_connections_ok=False):
         """Severe console entries; with ``failed_connections_ok``, not Chromium's note of
         each WebSocket attempt that failed while the server was away."""
+        self.focus()
         errors = [e for e in self.driver.get_log("browser") if e.get("level") == "SEVERE"]
         if failed_connections_ok:
             errors = [e for e in errors if "WebSocket connection to" not in e.get("message", "")]
@@ -246,6 +272,56 @@ def test_two_browsers_chat_with_live_presence(open_page):
     alice.wait(lambda: "bob left" in alice.notices(), "leave notice")
     assert alice.console_errors() == []
     assert bob_errors == []
+
+
+def server_settled(connections):
+    """Wait until this process's server has ``connections`` and has run every handler
+    of the events it received (handle_close and handle_presence of a closed tab included)."""
+    import warpsocket
+
+    def settled():
+        stats = warpsocket.stats()
+        return stats["connections"] == connections and all(w["queue_depth"] == 0 for w in stats["workers"])
+
+    wait_for(settled, timeout=WAIT, message=f"{connections} connections, every handler run")
+
+
+def test_a_user_with_two_tabs_is_one_member(open_page):
+    room = new_chat_room()
+    bob = open_page("bob")
+    bob.login("bob")
+    bob.join(room)
+    alice = open_page("alice")
+    alice_2 = alice.open_tab()
+    alice.login("alice")
+    alice_2.login("alice")
+    alice.join(room)
+    bob.wait_members(["alice", "bob"])
+    bob.wait(lambda: bob.notices() == ["alice joined"], "join notice")
+    alice_2.join(room)
+    alice_2.wait_members(["alice", "bob"])  # presence: alice once, however many tabs
+    alice.wait_members(["alice", "bob"])
+    # One process delivers a note of alice_2's join before her message: had there been one.
+    alice_2.say("two tabs")
+    bob.wait_message("two tabs")
+    assert bob.notices() == ["alice joined"]
+    assert bob.members() == ["alice", "bob"]
+
+    # alice closes one tab: nothing changes for bob
+    alice.close_tab()
+    server_settled(connections=2)
+    alice_2.say("one tab left")
+    bob.wait_message("one tab left")
+    assert bob.notices() == ["alice joined"]
+    assert bob.members() == ["alice", "bob"]
+
+    # and the other: now she leaves
+    alice_2.close_tab()
+    bob.wait_members(["bob"])
+    bob.wait(lambda: bob.notices() == ["alice joined", "alice left"], f"leave notice (have {bob.notices()})")
+    server_settled(connections=1)
+    assert bob.notices() == ["alice joined", "alice left"]
+    assert bob.console_errors() == []
 
 
 def test_late_joiner_sees_history_and_leaving_updates_presence(open_page):
@@ -425,3 +501,27 @@ def test_the_page_moves_to_another_node_when_its_node_is_killed(chat_nodes, open
     bob.wait_messages([*before, *away, "after", "alice on B"])
     assert alice.console_errors(failed_connections_ok=True) == []
     assert bob.console_errors() == []
+
+
+def test_a_killed_nodes_users_leave_the_other_nodes_member_list(chat_nodes, open_page):
+    room = new_chat_room()
+    (a, port_a), (_, port_b) = chat_nodes(2)
+    # alice has a tab on each node, carol one on node A; neither page may move to B
+    alice_b = open_page("alice", f"http://127.0.0.1:{port_b}/")
+    alice_a = alice_b.open_tab(f"http://127.0.0.1:{port_a}/")
+    carol = open_page("carol", f"http://127.0.0.1:{port_a}/")
+    for page, name in ((alice_b, "alice"), (alice_a, "alice"), (carol, "carol")):
+        page.login(name)
+        page.join(room)
+    alice_b.wait_members(["alice", "carol"])
+    alice_b.wait(lambda: alice_b.notices() == ["carol joined"], f"join notice (have {alice_b.notices()})")
+
+    a.kill()  # SIGKILL: node A says no goodbye; node B learns of it from Redis
+    # The promise is 15 s from the kill (12 s as built); the wait allows for a loaded box.
+    alice_b.wait(lambda: alice_b.members() == ["alice"], f"carol gone (have {alice_b.members()})", timeout=20)
+    alice_b.wait(lambda: "carol left" in alice_b.notices(), f"leave notice (have {alice_b.notices()})")
+    # alice stays: her tab on node B still holds her place
+    alice_b.say("still here")
+    assert alice_b.notices() == ["carol joined", "carol left"]
+    assert alice_b.members() == ["alice"]
+    assert alice_b.console_errors(failed_connections_ok=True) == []  # her tab on A retries

@@ -6,14 +6,15 @@ for a day)::
     warpsocket examples/chat/worker.py --static examples/chat/static --bind 127.0.0.1:3000 \
         --history 'room:=50/86400'
 
-and open http://127.0.0.1:3000 in two browser tabs.
+and open http://127.0.0.1:3000 in two browser tabs. It runs unchanged as a cluster:
+start it on several nodes with the same ``--cluster redis://...``.
 
 How it is built, the way we recommend writing a WarpSocket app:
 
 - Every room is two channels: ``room:NAME`` carries its chat messages and is a
   **history channel** (``--history 'room:=50/86400'``: each message gets the next
   offset of the room and the last 50 are kept); ``notes:NAME`` carries what is not
-  worth keeping (presence and typing notes).
+  worth keeping (join/leave and typing notes).
 - Every membership (one connection in one room) is a **virtual socket** whose
   ``user_prefix`` is ``"NAME|"``: one ``send("room:NAME", json)`` reaches every
   member already labelled with its room, so the page routes ``lobby|{...}`` to its
@@ -27,17 +28,15 @@ How it is built, the way we recommend writing a WarpSocket app:
   and joins again with ``since``: ``recover()`` then delivers exactly what it missed,
   in order. When the server cannot (a restarted server has a new epoch, or too much
   was missed) the page gets a fresh ``history`` page that replaces the room's messages.
-- Connections are spread over worker threads and each worker has its own copy
-  of this module, so the member lists, which several connections must agree on,
-  live in the shared key/value store and are updated with compare-and-set
-  (``set_key_if``):
-
-  ``chat:presence:ROOM``  ``{"v": N, "members": {"SOCKET_ID": NAME}}``
-  ``chat:member:ID``      ``{"name": NAME, "rooms": [...]}`` of one connection
-
-  ``v`` versions the member list (every presence event carries the whole list and
-  its version; the page keeps the newest, so events that cross on the way from
-  different workers cannot leave a stale list behind).
+- **Who is here: presence.** Each membership's virtual socket is ``track``-ed in
+  ``room:NAME`` as its user, the name picked with ``hello``: a user with two tabs (or
+  two devices, on two nodes of a cluster) is one member. A page that joins gets the
+  room's ``presence()`` once; after that ``handle_presence`` tells the room when a
+  user arrives (their first membership) and goes (their last one: a tab that leaves
+  or closes while another tab of the same user stays changes nothing). Closing a
+  connection or deleting its virtual socket untracks it by itself, so nothing is
+  kept per connection but the two dicts below, and in a cluster the members of a
+  node that dies leave within seconds, announced once by a live node.
 - ``handle_open`` refuses cross-site pages: a browser's ``Origin`` must name the
   host the page was loaded from (the ``Host`` header). Clients that send no
   ``Origin`` (not browsers) are accepted. Extra origins can be allowed with
@@ -53,13 +52,20 @@ Protocol (JSON text messages). The page sends::
     {"type": "typing", "room": "lobby"}
 
 and receives, unprefixed: ``welcome`` (``id``, ``name``), ``left`` (``room``),
-``error`` (``message``); prefixed with ``ROOM|``: ``joined`` (``members``, ``v``),
-``history`` (``epoch``, ``offset``: the room's last offset, ``messages``: the kept
-ones, each with its offset as ``id``), ``presence`` (``event`` join/leave, ``name``,
-``members``, ``v``) and ``typing`` (``from``, ``name``); prefixed and stamped,
-``ROOM|OFFSET:``: ``message`` (``from``, ``name``, ``text``, ``ts``; its ``id`` is
-the offset). After a ``join`` with ``since``, either the missed messages arrive (no
-``history``), or a ``history`` page does: its messages replace the room's.
+``error`` (``message``); prefixed with ``ROOM|``: ``history`` (``epoch``, ``offset``:
+the room's last offset, ``messages``: the kept ones, each with its offset as ``id``),
+``joined`` (``members``: the names of the users present, sorted, the joining one
+included), ``presence`` (``event`` join/leave, ``name``: a user arrived in or left
+the room) and ``typing`` (``from``, ``name``); prefixed and stamped, ``ROOM|OFFSET:``:
+``message`` (``from``, ``name``, ``text``, ``ts``; its ``id`` is the offset). After a
+``join`` with ``since``, either the missed messages arrive (no ``history``), or a
+``history`` page does: its messages replace the room's.
+
+The page keeps a room's member list from ``joined`` and applies the ``presence``
+notes that follow (adding a name already there, or removing one that is not, changes
+nothing). Notes may arrive before ``joined``: ``joined`` replaces the list, and
+every change it does not show yet is announced after it (the membership listens to
+the notes before the list is read).
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ import warpsocket
 
 MAX_ROOMS = 20
 MAX_TEXT = 2000
+ROOM_CHANNEL = "room:"
 ROOM_NAME = re.compile(r"^[a-z0-9_-]{1,12}$")  # + "|" stays within the 15-byte prefix limit
 
 allowed_origins: set[str] = set()
@@ -143,17 +150,23 @@ def handle_text_message(text: str, socket_id: int) -> None:
 
 
 def handle_close(socket_id: int) -> None:
-    # The connection's virtual sockets (and so its subscriptions) are gone already.
-    # The rooms are read from the kv record rather than this worker's globals: if this
-    # worker was retired as hung, handle_close runs on its fresh replacement.
+    # The connection's virtual sockets, their subscriptions and their presence are gone
+    # already: handle_presence announces the users this was the last membership of.
     names.pop(socket_id, None)
     memberships.pop(socket_id, None)
-    record = warpsocket.set_key(member_key(socket_id))  # read and delete
-    if record is None:
+
+
+def handle_presence(ch: str | bytes, member: str, joined: bool) -> None:
+    """A user arrived in a room (their first membership) or left it (their last one).
+
+    Runs once per arrival and departure however many tabs the user has, on the worker
+    whose connection caused it (in a cluster: once in the whole cluster; for the users
+    of a node that died, on a live node).
+    """
+    if not (isinstance(ch, str) and ch.startswith(ROOM_CHANNEL)):
         return
-    record = json.loads(record)
-    for room in record["rooms"]:
-        leave_presence(socket_id, room, record["name"])
+    room = ch[len(ROOM_CHANNEL) :]
+    note(room, {"type": "presence", "event": "join" if joined else "leave", "name": member})
 
 
 # --------------------------------------------------------------------------
@@ -168,7 +181,6 @@ def on_hello(socket_id: int, msg: dict) -> None:
     if memberships[socket_id]:
         return error(socket_id, "leave your rooms before changing your name")
     names[socket_id] = " ".join(name.split())[:24]
-    save_member(socket_id)
     send_json(socket_id, {"type": "welcome", "id": socket_id, "name": names[socket_id]})
 
 
@@ -189,16 +201,20 @@ def on_join(socket_id: int, msg: dict) -> None:
             return error(socket_id, "since is [epoch, offset]")
     name = names[socket_id]
     member = warpsocket.create_virtual_socket(socket_id, user_prefix=f"{room}|")
-    warpsocket.subscribe(member, notes(room))
     rooms[room] = member
-    save_member(socket_id)
-
-    presence = update(presence_key(room), lambda p: add_member(p, socket_id, name), {"v": 0, "members": {}})
-    # To this membership only: who is here. Presence notes may overtake it; the page
-    # keeps the member list with the highest version.
-    send_json(member, {"type": "joined", **members_view(presence)})
+    # Listen to the room's notes before reading who is here, so that every change the
+    # list below misses is announced to this membership after it.
+    warpsocket.subscribe(member, notes(room))
+    # The user's first membership in the room makes them present: handle_presence
+    # announces it. Another tab of theirs already there makes this one change nothing.
+    warpsocket.track(member, channel(room), name)
+    # In a cluster, recover() inside returns once this node listens on the room's
+    # channel in Redis, and the node subscribes there in order: by then it listens on
+    # the notes channel subscribed above too, and no note of another node is missed.
     catch_up(member, room, since)
-    presence_note(room, "join", socket_id, name, presence)
+    # To this membership only: who is here. Notes may overtake it (the page applies
+    # the ones after it) or repeat what it shows (which changes nothing).
+    send_json(member, {"type": "joined", "members": members(room, name)})
 
 
 def on_leave(socket_id: int, msg: dict) -> None:
@@ -206,9 +222,9 @@ def on_leave(socket_id: int, msg: dict) -> None:
     member = memberships[socket_id].pop(room, None) if isinstance(room, str) else None
     if member is None:
         return
-    warpsocket.delete_virtual_socket(member, expected_target=socket_id)  # out of every channel
-    save_member(socket_id)
-    leave_presence(socket_id, room, names[socket_id])
+    # Out of every channel and untracked: handle_presence announces the user's leave
+    # if this was their last membership in the room.
+    warpsocket.delete_virtual_socket(member, expected_target=socket_id)
     send_json(socket_id, {"type": "left", "room": room})
 
 
@@ -269,7 +285,7 @@ def catch_up(member: int, room: str, since: tuple[str, int] | None) -> None:
 
 
 # --------------------------------------------------------------------------
-# shared state
+# rooms
 # --------------------------------------------------------------------------
 
 
@@ -284,8 +300,8 @@ def position_of(value: object) -> tuple[str, int] | None:
 
 
 def channel(room: str) -> str:
-    """The room's chat messages: a history channel."""
-    return f"room:{room}"
+    """The room's chat messages (a history channel) and its presence."""
+    return f"{ROOM_CHANNEL}{room}"
 
 
 def notes(room: str) -> str:
@@ -293,56 +309,15 @@ def notes(room: str) -> str:
     return f"notes:{room}"
 
 
-def presence_key(room: str) -> str:
-    return f"chat:presence:{room}"
-
-
-def member_key(socket_id: int) -> str:
-    return f"chat:member:{socket_id}"
-
-
-def update(key: str, change, default: dict) -> dict:
-    """Apply ``change(value) -> new value`` to a JSON value atomically; return the new value.
-
-    Compare-and-set loop: when another worker wrote the key in between, read it again
-    and redo the change, so concurrent updates are never lost.
-    """
-    while True:
-        raw = warpsocket.get_key(key)
-        new = change(default if raw is None else json.loads(raw))
-        encoded = json.dumps(new, separators=(",", ":"))
-        if warpsocket.set_key_if(key, encoded, raw):
-            return new
-
-
-def add_member(presence: dict, socket_id: int, name: str) -> dict:
-    return {"v": presence["v"] + 1, "members": {**presence["members"], str(socket_id): name}}
-
-
-def remove_member(presence: dict, socket_id: int) -> dict:
-    members = {sid: n for sid, n in presence["members"].items() if sid != str(socket_id)}
-    return {"v": presence["v"] + 1, "members": members}
-
-
-def leave_presence(socket_id: int, room: str, name: str) -> None:
-    presence = update(presence_key(room), lambda p: remove_member(p, socket_id), {"v": 0, "members": {}})
-    presence_note(room, "leave", socket_id, name, presence)
-
-
-def presence_note(room: str, event: str, socket_id: int, name: str, presence: dict) -> None:
-    payload = {"type": "presence", "event": event, "name": name, "from": socket_id}
-    note(room, {**payload, **members_view(presence)})
-
-
-def members_view(presence: dict) -> dict:
-    members = [{"id": int(sid), "name": n} for sid, n in presence["members"].items()]
-    members.sort(key=lambda m: (m["name"].lower(), m["id"]))
-    return {"v": presence["v"], "members": members}
-
-
-def save_member(socket_id: int) -> None:
-    record = {"name": names[socket_id], "rooms": sorted(memberships[socket_id])}
-    warpsocket.set_key(member_key(socket_id), json.dumps(record))
+def members(room: str, name: str) -> list[str]:
+    """The names of the users present in ``room``, sorted, ``name`` (the asker) included."""
+    try:
+        present = warpsocket.presence(channel(room))
+    except ConnectionError:
+        # A cluster whose Redis does not answer: the page shows at least its own user,
+        # and the notes after Redis is back bring the others.
+        present = {}
+    return sorted({*present, name}, key=lambda n: (n.casefold(), n))
 
 
 # --------------------------------------------------------------------------

@@ -5,6 +5,10 @@
 // prefix), so routing is a split at the first "|". Chat messages are stamped with
 // their offset in the room's history, "ROOM|17:{...}". See worker.py for the protocol.
 //
+// A room's member list (the names of the users present, each once however many tabs
+// they have) comes from "joined" when we join it; the "presence" notes that follow
+// add and remove names.
+//
 // The page keeps each room's epoch and last offset. When its connection drops it
 // reconnects by itself and joins its rooms again with them; the server then sends
 // exactly what was missed, or a fresh history page that replaces the room's messages.
@@ -34,7 +38,7 @@ let active = null; // the room on screen
 let retryDelay = RETRY_FIRST;
 let lastTypingSent = 0;
 let errorTimer = null;
-// room -> {items: [...], epoch, offset, members: [...], v, unread, typing: Map}
+// room -> {items: [...], epoch, offset, members: [...names], unread, typing: Map}
 // items are messages ({id: offset, ...}, in offset order) and notices ({notice}).
 const rooms = new Map();
 
@@ -110,11 +114,10 @@ function onDirect(msg) {
       if (reconnect) {
         // A new connection (maybe to a restarted server or another node): join every
         // room again from where we are. The messages stay; the server sends what we
-        // missed, or a history page that replaces them. Member lists start over (a
-        // restarted server counts their versions from scratch).
+        // missed, or a history page that replaces them. Member lists start over: the
+        // "joined" answer brings them again.
         for (const [name, room] of rooms) {
           room.members = [];
-          room.v = -1;
           room.typing.clear();
           const join = {type: "join", room: name};
           if (room.epoch !== null) join.since = [room.epoch, room.offset];
@@ -152,7 +155,8 @@ function onRoom(name, msg) {
   const room = roomState(name);
   switch (msg.type) {
     case "joined":
-      setMembers(room, msg.v, msg.members);
+      // Who is here now; notes that arrived before it are older than it.
+      room.members = msg.members.slice();
       break;
     case "history":
       // The room's kept messages up to msg.offset; later ones follow, stamped. It
@@ -163,10 +167,16 @@ function onRoom(name, msg) {
       room.items = msg.messages.slice();
       break;
     case "presence":
-      setMembers(room, msg.v, msg.members);
-      if (msg.from !== myId) {
+      // A user arrived (their first tab in the room) or left (their last one). Our own
+      // arrival is no news to us; the list may show a change already: then it stays.
+      if (msg.event === "join") {
+        if (!room.members.includes(msg.name)) room.members = sortNames([...room.members, msg.name]);
+      } else {
+        room.members = room.members.filter((name) => name !== msg.name);
+        for (const [id, entry] of room.typing) if (entry.name === msg.name) room.typing.delete(id);
+      }
+      if (msg.name !== myName) {
         room.items.push({notice: `${msg.name} ${msg.event === "join" ? "joined" : "left"}`});
-        if (msg.event === "leave") room.typing.delete(msg.from);
       }
       break;
     case "typing":
@@ -179,7 +189,7 @@ function onRoom(name, msg) {
 }
 
 function newRoom() {
-  return {items: [], epoch: null, offset: 0, members: [], v: -1, unread: 0, typing: new Map()};
+  return {items: [], epoch: null, offset: 0, members: [], unread: 0, typing: new Map()};
 }
 
 function roomState(name) {
@@ -188,12 +198,10 @@ function roomState(name) {
   return rooms.get(name);
 }
 
-function setMembers(room, v, members) {
-  // Presence events from different workers may cross on the way: keep the newest list.
-  if (v > room.v) {
-    room.v = v;
-    room.members = members;
-  }
+// Case-insensitively, like the server's lists.
+function sortNames(names) {
+  const key = (name) => name.toLowerCase();
+  return names.sort((a, b) => key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : a < b ? -1 : a > b ? 1 : 0);
 }
 
 // ---------------------------------------------------------------- rendering
@@ -233,9 +241,9 @@ function renderRooms() {
 }
 
 function renderMembers(room) {
-  ui.members.replaceChildren(...(room ? room.members : []).map((member) => {
-    const li = el("li", member.id === myId ? "me" : "", member.name);
-    li.dataset.id = member.id;
+  ui.members.replaceChildren(...(room ? room.members : []).map((name) => {
+    const li = el("li", name === myName ? "me" : "", name);
+    li.dataset.name = name;
     return li;
   }));
 }
