@@ -234,6 +234,9 @@ def stats() -> Stats:
     at least one subscription), ``subscriptions`` (socket/channel pairs), ``keys``,
     ``messages_in``, ``messages_out`` (frames queued to clients), ``bytes_in``,
     ``bytes_out`` (payload bytes, uncompressed), ``backpressure_closes``,
+    ``rate_limit_closes`` (connections closed with 1008 for ``max_message_rate``),
+    ``connections_refused`` (upgrades refused for ``max_connections``, 503, or
+    ``max_connections_per_ip``, 429),
     ``messages_compressed`` (outgoing messages deflated with ``compression=True``: a
     broadcast counts once, however many recipients get it compressed), and ``workers``:
     one dict per live worker with ``id``, ``connections`` and ``queue_depth``.
