@@ -158,6 +158,11 @@ struct Turns<S> {
     /// `rounds[i]` holds the events of turn `head + i`, in the order they
     /// were pushed. Never an empty turn between two others.
     rounds: VecDeque<Vec<Event<S>>>,
+    /// Events of the oldest turn whose connections had nothing else
+    /// waiting: they go first in it (as a fair queue serves its sparse
+    /// flows first), so a quiet connection waits for the turn the worker is
+    /// running, not also behind the busy ones' events of the next.
+    fresh: Vec<Event<S>>,
     /// The number of the oldest turn still waiting.
     head: u64,
     /// Events in all the turns.
@@ -176,6 +181,7 @@ impl<S> Turns<S> {
     fn new() -> Self {
         Turns {
             rounds: VecDeque::new(),
+            fresh: Vec::new(),
             head: 0,
             len: 0,
             spare: Vec::new(),
@@ -187,8 +193,14 @@ impl<S> Turns<S> {
         self.len == 0
     }
 
-    /// Puts `event` in turn `turn`, which is at most one past the last.
-    fn put(&mut self, turn: u64, event: Event<S>) {
+    /// Puts `event` in turn `turn`, which is at most one past the last;
+    /// `fresh`: its connection has nothing else waiting.
+    fn put(&mut self, turn: u64, fresh: bool, event: Event<S>) {
+        if fresh && turn == self.head {
+            self.fresh.push(event);
+            self.len += 1;
+            return;
+        }
         // Fits: `turn` is at most `head + rounds.len()` (a connection's next
         // turn is one past a turn that was queued), far below usize::MAX.
         let at = usize::try_from(turn - self.head).unwrap_or(usize::MAX);
@@ -203,24 +215,30 @@ impl<S> Turns<S> {
     /// Moves up to `max` events of the oldest turn to `batch`; the turn is
     /// done once all of its events are taken.
     fn take_turn(&mut self, max: usize, batch: &mut Vec<Event<S>>) {
-        let Some(front) = self.rounds.front_mut() else {
-            return;
-        };
-        if front.len() > max {
-            // Only when a turn holds more connections than a batch: the rest
-            // of the turn stays first.
-            batch.extend(front.drain(..max));
-            self.len -= max;
+        // Only when a turn holds more connections than a batch does `max`
+        // cut it: the rest of the turn stays first.
+        let fresh = self.fresh.len().min(max);
+        batch.extend(self.fresh.drain(..fresh));
+        self.len -= fresh;
+        if !self.fresh.is_empty() {
             return;
         }
-        self.len -= front.len();
-        batch.append(front);
-        self.head += 1;
-        if let Some(buffer) = self.rounds.pop_front() {
-            if self.spare.len() < SPARE_TURNS && buffer.capacity() <= RETAINED_EVENTS {
-                self.spare.push(buffer);
+        let room = max - fresh;
+        if let Some(front) = self.rounds.front_mut() {
+            if front.len() > room {
+                batch.extend(front.drain(..room));
+                self.len -= room;
+                return;
+            }
+            self.len -= front.len();
+            batch.append(front);
+            if let Some(buffer) = self.rounds.pop_front() {
+                if self.spare.len() < SPARE_TURNS && buffer.capacity() <= RETAINED_EVENTS {
+                    self.spare.push(buffer);
+                }
             }
         }
+        self.head += 1;
     }
 
     /// Frees the buffers of a burst once the queue is empty (see
@@ -299,7 +317,11 @@ impl<S: Backlog> WorkerQueue<S> {
         let presence = matches!(payload, Payload::Presence(_));
         let mut events = self.events.lock();
         let was_empty = events.is_empty();
-        let mut turn = socket.next_turn().load(Ordering::Relaxed).max(events.head);
+        let next = socket.next_turn().load(Ordering::Relaxed);
+        // Nothing of it waits (its latest is drained): not a presence
+        // change, which keeps its place behind earlier ones.
+        let fresh = next <= events.head && !presence;
+        let mut turn = next.max(events.head);
         if presence {
             turn = turn.max(events.presence_turn);
             events.presence_turn = turn;
@@ -307,6 +329,7 @@ impl<S: Backlog> WorkerQueue<S> {
         socket.next_turn().store(turn + 1, Ordering::Relaxed);
         events.put(
             turn,
+            fresh,
             Event {
                 socket: socket.clone(),
                 payload,
@@ -746,11 +769,12 @@ mod tests {
         let text = |i: u8| Payload::Text(vec![i]);
         assert_eq!(payloads(&batch), vec![(1, &text(0)), (2, &text(100))]);
         batch.clear();
-        // c arrives while a still has 63 waiting: it joins the next turn.
+        // c arrives while a still has 63 waiting: it joins the next turn,
+        // first, having nothing else waiting.
         q.push(&c, Payload::Text(vec![200]), ReadAt::now());
         q.push(&c, Payload::Text(vec![201]), ReadAt::now());
         q.drain_turn(usize::MAX, &mut batch);
-        assert_eq!(payloads(&batch), vec![(1, &text(1)), (3, &text(200))]);
+        assert_eq!(payloads(&batch), vec![(3, &text(200)), (1, &text(1))]);
         batch.clear();
         // A connection's order holds however its turns interleave.
         let mut seen_a = vec![0u8, 1];
