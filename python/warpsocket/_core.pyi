@@ -176,6 +176,18 @@ class WorkerQueue:
     @overload
     def drain(self, max: int | None, timed: bool) -> list[tuple[int, int, Any]]:
         """Timed or not, as ``timed`` says."""
+    @overload
+    def drain_turn(self, max: int | None = None, timed: Literal[False] = False) -> list[tuple[int, int, Any]]:
+        """Take the oldest turn: one waiting event of each connection that has any (at most ``max``).
+
+        Settles the events drained before, as :meth:`drain` does.
+        """
+    @overload
+    def drain_turn(self, max: int | None, timed: Literal[True]) -> list[tuple[int, int, tuple[Any, int]]]:
+        """Like the above, each payload as ``(payload, read_at)``."""
+    @overload
+    def drain_turn(self, max: int | None, timed: bool) -> list[tuple[int, int, Any]]:
+        """Timed or not, as ``timed`` says."""
     def settle(self) -> None:
         """The events last drained have run or are held: they stop counting."""
     def hold(self, socket_id: int) -> None:
@@ -202,6 +214,9 @@ class Server:
         open_timeout: float,
         max_pending_upgrades: int,
         compression: bool,
+        max_message_rate: float | None = None,
+        max_connections: int | None = None,
+        max_connections_per_ip: int | None = None,
         io_threads: int | None = None,
         static_dir: str | None = None,
         tls_cert: str | None = None,

@@ -83,6 +83,9 @@ class Options:
     metrics_bind: str | None
     compression: bool
     history: tuple[HistoryRule, ...] = ()
+    max_message_rate: float | None = None
+    max_connections: int | None = None
+    max_connections_per_ip: int | None = None
 
     @classmethod
     def build(
@@ -122,6 +125,18 @@ class Options:
             "keep the last SIZE messages (each for TTL seconds, default 300) of the channels"
             " whose name starts with PREFIX, for recover() (docs/api.md#history); repeatable",
             Flag("--history", "PREFIX=SIZE[/TTL]", parse=parse_history_flag, repeat=True),
+        ] = None,
+        max_message_rate: Annotated[
+            float | None,
+            "messages per second one connection may send, with a burst of that many; a faster"
+            " one is closed with 1008 'rate limit' (docs/api.md#fairness-and-abuse-limits)",
+        ] = None,
+        max_connections: Annotated[
+            int | None, "open connections the server takes; more upgrades get HTTP 503"
+        ] = None,
+        max_connections_per_ip: Annotated[
+            int | None,
+            "open connections one address (an IPv6 /64) may hold; more upgrades get HTTP 429",
         ] = None,
     ) -> Options:
         """Check every argument and return the options, raising TypeError/ValueError."""
@@ -166,6 +181,9 @@ class Options:
             metrics_bind=metrics_bind,
             compression=_check_bool("compression", compression),
             history=rules,
+            max_message_rate=_check_rate("max_message_rate", max_message_rate),
+            max_connections=_check_optional_int("max_connections", max_connections),
+            max_connections_per_ip=_check_optional_int("max_connections_per_ip", max_connections_per_ip),
         )
 
 
@@ -276,6 +294,29 @@ def _check_int(name: str, value: object, maximum: int) -> int:
     if not 0 < value <= maximum:
         raise ValueError(f"{name} must be between 1 and {maximum}, got {_show(value)}")
     return value
+
+
+def _check_optional_int(name: str, value: object) -> int | None:
+    return None if value is None else _check_int(name, value, sys.maxsize)
+
+
+#: Highest ``max_message_rate``: beyond it, a limit could never be reached.
+MAX_RATE = 1e9
+
+
+def _check_rate(name: str, value: object) -> float | None:
+    """``value`` as messages per second (``None``: no limit): finite, above 0, up to :data:`MAX_RATE`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of messages per second or None, not {type(value).__name__}")
+    try:
+        rate = float(value)
+    except OverflowError:  # an int too large for a float
+        rate = math.inf
+    if not (math.isfinite(rate) and 0 < rate <= MAX_RATE):
+        raise ValueError(f"{name} must be above 0 and at most {MAX_RATE:.0f}, got {_show(value)}")
+    return rate
 
 
 def _check_bool(name: str, value: object) -> bool:

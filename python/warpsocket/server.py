@@ -234,6 +234,9 @@ def stats() -> Stats:
     at least one subscription), ``subscriptions`` (socket/channel pairs), ``keys``,
     ``messages_in``, ``messages_out`` (frames queued to clients), ``bytes_in``,
     ``bytes_out`` (payload bytes, uncompressed), ``backpressure_closes``,
+    ``rate_limit_closes`` (connections closed with 1008 for ``max_message_rate``),
+    ``connections_refused`` (upgrades refused for ``max_connections``, 503, or
+    ``max_connections_per_ip``, 429),
     ``messages_compressed`` (outgoing messages deflated with ``compression=True``: a
     broadcast counts once, however many recipients get it compressed), and ``workers``:
     one dict per live worker with ``id``, ``connections`` and ``queue_depth``.
@@ -334,6 +337,9 @@ def _start_joined(options: Options, metrics: MetricsServer | None) -> Server:
         open_timeout=options.handler_timeout + options.hang_timeout + 1.0,
         max_pending_upgrades=options.max_pending_upgrades,
         compression=options.compression,
+        max_message_rate=options.max_message_rate,
+        max_connections=options.max_connections,
+        max_connections_per_ip=options.max_connections_per_ip,
         static_dir=options.static_dir,
         tls_cert=options.tls_cert,
         tls_key=options.tls_key,

@@ -37,6 +37,8 @@ class Stats(_ClusterStats):
     bytes_in: int
     bytes_out: int
     backpressure_closes: int
+    rate_limit_closes: int
+    connections_refused: int
     messages_compressed: int
     node_id: int
     cluster_messages_out: int

@@ -2,8 +2,9 @@
 
 Each worker thread loads its own instance of the worker module, runs its own
 asyncio loop, and runs the handlers of its connections in order. The core
-signals a descriptor when events wait; the loop drains them in batches of up
-to ``DRAIN_BATCH`` (the core's ``_core.DRAIN_BATCH``).
+signals a descriptor when events wait; the loop takes them turn by turn (one
+waiting event of each connection per turn, so a flooding connection slows only
+itself), up to ``DRAIN_BATCH`` (the core's ``_core.DRAIN_BATCH``) per wakeup.
 A connection whose handler is awaiting keeps a backlog, so its events still
 run one after another while other connections go on.
 
@@ -263,7 +264,11 @@ class Worker(threading.Thread):
     def _on_events(self, batch: int | None = DRAIN_BATCH) -> None:
         """Run the waiting events (up to ``batch``): sync handlers now, async ones as tasks.
 
-        Drained events count as handled in the core once settled, after the batch;
+        Taken one turn at a time, each run before the next is taken, so that an event
+        of one connection waits behind at most one of each other connection (a turn
+        taken whole would hold all of a flooding connection's backlog). Then the loop
+        gets its turn (async handlers' tasks) before more are taken.
+        Drained events count as handled in the core once settled, after their turn;
         the sequencer holds one that has to wait behind an awaited handler, or that
         starts one, until done, so a connection's backlog stays bounded (the core
         stops reading it). With metrics on, an event that waits in the sequencer
@@ -275,19 +280,27 @@ class Worker(threading.Thread):
         tracked, arrive, ran = sequencer.tracked, sequencer.arrive, sequencer.ran
         call = self._call
         queue = self.queue
+        drain_turn, timed = queue.drain_turn, self._timed
+        left = batch
         try:
-            events = queue.drain(batch, self._timed)
-            for kind, sid, payload in events:
-                self.picked_up += 1
-                # Most apps have no connection waiting on an async handler: skip the calls.
-                if tracked and not arrive(kind, sid, payload):
-                    continue
-                pending = call(kind, sid, payload)
-                if pending is not None:
-                    ran(kind, sid, True)
-                    self._spawn(self._drive(sid, kind, pending))
-                elif tracked:
-                    ran(kind, sid, False)
+            while left is None or left > 0:
+                # Settles the turn before.
+                events = drain_turn(left, timed)
+                if not events:
+                    break
+                if left is not None:
+                    left -= len(events)
+                for kind, sid, payload in events:
+                    self.picked_up += 1
+                    # Most apps have no connection waiting on an async handler: skip the calls.
+                    if tracked and not arrive(kind, sid, payload):
+                        continue
+                    pending = call(kind, sid, payload)
+                    if pending is not None:
+                        ran(kind, sid, True)
+                        self._spawn(self._drive(sid, kind, pending))
+                    elif tracked:
+                        ran(kind, sid, False)
         finally:
             queue.settle()
 

@@ -122,7 +122,7 @@ impl PendingState {
 
 /// IPv4 addresses count one by one; IPv6 ones by /64, the block one host
 /// usually gets.
-fn source_of(ip: IpAddr) -> IpAddr {
+pub(crate) fn source_of(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
         v4 => v4,

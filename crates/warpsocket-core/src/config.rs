@@ -43,6 +43,14 @@ pub struct Config {
     pub static_dir: Option<PathBuf>,
     /// Negotiate permessage-deflate with clients that offer it (RFC 7692).
     pub compression: bool,
+    /// `max_message_rate`: messages per second one connection may send (a
+    /// burst of that many); faster, it is closed with 1008 "rate limit".
+    pub max_message_rate: Option<f64>,
+    /// `max_connections`: open connections beyond this are refused with 503.
+    pub max_connections: Option<usize>,
+    /// `max_connections_per_ip`: open connections from one address (an IPv6
+    /// one by its /64) beyond this are refused with 429.
+    pub max_connections_per_ip: Option<usize>,
     /// The channels that keep history (docs/api.md#history), set on the
     /// engine when the server binds and cleared when it shuts down.
     pub history: Policies,
@@ -71,6 +79,9 @@ impl Default for Config {
             static_dir: None,
             max_pending_upgrades: 1024,
             compression: false,
+            max_message_rate: None,
+            max_connections: None,
+            max_connections_per_ip: None,
             history: Policies::default(),
         }
     }

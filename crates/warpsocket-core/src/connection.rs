@@ -395,6 +395,25 @@ impl Connection {
             self.fail(close_code::UNSUPPORTED, "no handler for this message type");
             return;
         }
+        if let Some(limit) = &self.guard.shared().rate_limit {
+            // Checked before the message is counted or queued: the excess of
+            // a flood never reaches a worker.
+            let now_ns = u64::try_from(clock::elapsed().as_nanos()).unwrap_or(u64::MAX);
+            if !self.guard.socket.within_rate(limit, now_ns) {
+                log::debug!(target: "warpsocket",
+                    "socket {}: over max_message_rate, closing with 1008",
+                    self.guard.socket.id
+                );
+                // A clean close: the peer hears why, and what it sends
+                // meanwhile is read and dropped (no reset with its data
+                // unread).
+                if self.close(Closer::Handler, close_code::POLICY, "rate limit") {
+                    let stats = self.guard.shared().engine.stats();
+                    Counters::add(&stats.rate_limit_closes, 1);
+                }
+                return;
+            }
+        }
         let stats = self.guard.shared().engine.stats();
         Counters::add(&stats.messages_in, 1);
         Counters::add(&stats.bytes_in, data.len() as u64);
@@ -411,14 +430,21 @@ impl Connection {
 
     /// Fails the connection: close frame with `code`, then the TCP connection.
     fn fail(&mut self, code: u16, reason: &str) {
+        self.close(Closer::Protocol, code, reason);
+    }
+
+    /// Queues our close frame with `code`; false when a close was already
+    /// under way.
+    fn close(&mut self, by: Closer, code: u16, reason: &str) -> bool {
         let (queued, life) = self
             .guard
             .socket
-            .request_close(Closer::Protocol, frame::encode_close(code, reason));
+            .request_close(by, frame::encode_close(code, reason));
         if queued {
             self.guard.shared().engine.stats().closes.count(code);
         }
         self.life = life;
+        queued
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::sync::{watch, Notify};
 use crate::admission::{Handshake, PendingUpgrades};
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::limits::{ConnectionLimits, RateLimit};
 use crate::socket::Workers;
 use crate::static_files::StaticFiles;
 use crate::tls::Tls;
@@ -31,6 +32,10 @@ pub(crate) struct Shared {
     /// The connections still in their handshake (up to the verdict of
     /// `handle_open`).
     upgrades: Arc<PendingUpgrades>,
+    /// `max_message_rate`, if set.
+    pub(crate) rate_limit: Option<RateLimit>,
+    /// `max_connections` and `max_connections_per_ip`.
+    pub(crate) limits: ConnectionLimits,
     /// Connection tasks still running, and a wakeup for when that reaches 0.
     live: AtomicUsize,
     all_gone: Notify,
@@ -46,7 +51,11 @@ impl Shared {
     ) -> Arc<Shared> {
         let upgrades = Arc::new(PendingUpgrades::new(config.max_pending_upgrades));
         let (stop, _) = watch::channel(false);
+        let rate_limit = config.max_message_rate.map(RateLimit::new);
+        let limits = ConnectionLimits::new(config.max_connections, config.max_connections_per_ip);
         Arc::new(Shared {
+            rate_limit,
+            limits,
             engine,
             config,
             workers,

@@ -2,8 +2,17 @@
 //!
 //! I/O threads push events onto the queue of the connection's worker; the
 //! first event into an empty queue signals the worker's wakeup descriptor, and
-//! the worker drains everything queued in one go. A busy worker therefore pays
-//! one wakeup for a whole batch. An I/O thread that batches its wake-ups (see
+//! the worker drains what is queued turn by turn without waiting again. A
+//! busy worker therefore pays one wakeup for a whole batch.
+//!
+//! Fair turns (docs/api.md, "Fairness and abuse limits"): the queue is a
+//! sequence of turns, each holding at most one event of each connection.
+//! A connection's next event goes into the turn after its previous one, or
+//! into the oldest turn still waiting if that is later, so a connection that
+//! queued 64 events fills 64 turns, and one that queues an event after it
+//! joins the first of them: it waits behind at most one waiting event of
+//! each other connection, and each connection's events keep their order.
+//! The worker takes one turn per drain ([`WorkerQueue::drain_turn`]). An I/O thread that batches its wake-ups (see
 //! [`flush_wakeups`]) holds that signal back until it runs out of work or the
 //! queue holds [`WAKE_AT`] events, so a worker sharing its core is not woken
 //! (and switched to) for every few events of one pass over ready connections.
@@ -66,10 +75,14 @@ pub fn flush_wakeups() {
 }
 
 /// The connection an event belongs to, as its worker queue sees it: an id,
-/// and a count of its events not yet handled that paces its reader (see
-/// [`PAUSE_READING_AT`]).
+/// a count of its events not yet handled that paces its reader (see
+/// [`PAUSE_READING_AT`]), and the turn its next event may take.
 pub trait Backlog: Send + Sync {
     fn id(&self) -> u64;
+    /// The first turn the connection's next event may go into: one past
+    /// the turn of its latest. Read and written only with its worker
+    /// queue locked (relaxed is enough); 0 for a new connection.
+    fn next_turn(&self) -> &AtomicU64;
     /// One more event outstanding.
     fn event_queued(&self);
     /// One event finished; a paused connection resumes reading once
@@ -140,18 +153,124 @@ impl ReadAt {
     }
 }
 
+/// The turns of a worker queue (see the module's notes).
+struct Turns<S> {
+    /// `rounds[i]` holds the events of turn `head + i`, in the order they
+    /// were pushed. Never an empty turn between two others.
+    rounds: VecDeque<Vec<Event<S>>>,
+    /// Events of the oldest turn whose connections had nothing else
+    /// waiting: they go first in it (as a fair queue serves its sparse
+    /// flows first), so a quiet connection waits for the turn the worker is
+    /// running, not also behind the busy ones' events of the next.
+    fresh: Vec<Event<S>>,
+    /// The number of the oldest turn still waiting.
+    head: u64,
+    /// Events in all the turns.
+    len: usize,
+    /// Emptied turns' buffers, reused for new turns: a flood of one
+    /// connection makes a turn per event, and a buffer allocated and freed
+    /// for each would churn the heap.
+    spare: Vec<Vec<Event<S>>>,
+    /// The turn of the latest presence change queued: a later change never
+    /// goes into an earlier turn, so the worker sees each (channel,
+    /// member)'s changes in the order they happened, as the hub queues them.
+    presence_turn: u64,
+}
+
+impl<S> Turns<S> {
+    fn new() -> Self {
+        Turns {
+            rounds: VecDeque::new(),
+            fresh: Vec::new(),
+            head: 0,
+            len: 0,
+            spare: Vec::new(),
+            presence_turn: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Puts `event` in turn `turn`, which is at most one past the last;
+    /// `fresh`: its connection has nothing else waiting.
+    fn put(&mut self, turn: u64, fresh: bool, event: Event<S>) {
+        if fresh && turn == self.head {
+            self.fresh.push(event);
+            self.len += 1;
+            return;
+        }
+        // Fits: `turn` is at most `head + rounds.len()` (a connection's next
+        // turn is one past a turn that was queued), far below usize::MAX.
+        let at = usize::try_from(turn - self.head).unwrap_or(usize::MAX);
+        while self.rounds.len() <= at {
+            let buffer = self.spare.pop().unwrap_or_default();
+            self.rounds.push_back(buffer);
+        }
+        self.rounds[at].push(event);
+        self.len += 1;
+    }
+
+    /// Moves up to `max` events of the oldest turn to `batch`; the turn is
+    /// done once all of its events are taken.
+    fn take_turn(&mut self, max: usize, batch: &mut Vec<Event<S>>) {
+        // Only when a turn holds more connections than a batch does `max`
+        // cut it: the rest of the turn stays first.
+        let fresh = self.fresh.len().min(max);
+        batch.extend(self.fresh.drain(..fresh));
+        self.len -= fresh;
+        if !self.fresh.is_empty() {
+            return;
+        }
+        let room = max - fresh;
+        if let Some(front) = self.rounds.front_mut() {
+            if front.len() > room {
+                batch.extend(front.drain(..room));
+                self.len -= room;
+                return;
+            }
+            self.len -= front.len();
+            batch.append(front);
+            if let Some(buffer) = self.rounds.pop_front() {
+                if self.spare.len() < SPARE_TURNS && buffer.capacity() <= RETAINED_EVENTS {
+                    self.spare.push(buffer);
+                }
+            }
+        }
+        self.head += 1;
+    }
+
+    /// Frees the buffers of a burst once the queue is empty (see
+    /// [`RETAINED_EVENTS`]).
+    fn trim(&mut self) {
+        if self.rounds.capacity() > SPARE_TURNS {
+            self.rounds = VecDeque::new();
+        }
+        let mut kept = 0;
+        self.spare.retain(|buffer| {
+            kept += buffer.capacity();
+            kept <= RETAINED_EVENTS
+        });
+    }
+}
+
+/// Emptied turn buffers a queue keeps (a connection's backlog is at most
+/// [`PAUSE_READING_AT`] turns and a few held events).
+const SPARE_TURNS: usize = 256;
+
 /// The queue of one worker thread.
 pub struct WorkerQueue<S> {
     id: u32,
-    /// Plain mutex around a ring buffer: pushes and drains are a few
-    /// instructions each (a drain moves at most a batch), so contention stays
-    /// short. The buffer is kept from batch to batch, up to
-    /// [`RETAINED_EVENTS`]: a queue that handed its buffer over with each
-    /// batch, or split it, allocated one of another size for every batch,
-    /// and the freed ones of all sizes were left as holes in the heap,
-    /// resident (docs/benchmarks.md, "Over-aligned allocations and the
-    /// worker queue's buffers").
-    events: Mutex<VecDeque<Event<S>>>,
+    /// Plain mutex around the turns: pushes and drains are a few
+    /// instructions each (a drain moves at most a turn), so contention stays
+    /// short. The buffers are kept from batch to batch, up to
+    /// [`RETAINED_EVENTS`] events' worth: a queue that handed its buffer
+    /// over with each batch, or split it, allocated one of another size for
+    /// every batch, and the freed ones of all sizes were left as holes in
+    /// the heap, resident (docs/benchmarks.md, "Over-aligned allocations and
+    /// the worker queue's buffers").
+    events: Mutex<Turns<S>>,
     /// Shared with the I/O threads' lists of owed wakeups.
     wakeup: Arc<Wakeup>,
     /// Events handed to this worker whose handlers have not finished yet.
@@ -172,7 +291,7 @@ impl<S: Backlog> WorkerQueue<S> {
     fn new(id: u32) -> io::Result<Self> {
         Ok(WorkerQueue {
             id,
-            events: Mutex::new(VecDeque::new()),
+            events: Mutex::new(Turns::new()),
             wakeup: Arc::new(Wakeup::new()?),
             depth: AtomicUsize::new(0),
             unsettled: Mutex::new(Vec::new()),
@@ -190,18 +309,34 @@ impl<S: Backlog> WorkerQueue<S> {
         self.wakeup.fd()
     }
 
-    /// Queues an event for `socket`, which must be pinned to this worker.
+    /// Queues an event for `socket`, which must be pinned to this worker, in
+    /// the connection's next turn (see the module's notes).
     pub(crate) fn push(&self, socket: &Arc<S>, payload: Payload, read_at: ReadAt) {
         socket.event_queued();
         self.depth.fetch_add(1, Ordering::Relaxed);
+        let presence = matches!(payload, Payload::Presence(_));
         let mut events = self.events.lock();
         let was_empty = events.is_empty();
-        events.push_back(Event {
-            socket: socket.clone(),
-            payload,
-            read_at,
-        });
-        let len = events.len();
+        let next = socket.next_turn().load(Ordering::Relaxed);
+        // Nothing of it waits (its latest is drained): not a presence
+        // change, which keeps its place behind earlier ones.
+        let fresh = next <= events.head && !presence;
+        let mut turn = next.max(events.head);
+        if presence {
+            turn = turn.max(events.presence_turn);
+            events.presence_turn = turn;
+        }
+        socket.next_turn().store(turn + 1, Ordering::Relaxed);
+        events.put(
+            turn,
+            fresh,
+            Event {
+                socket: socket.clone(),
+                payload,
+                read_at,
+            },
+        );
+        let len = events.len;
         if was_empty {
             self.waiting_since_ms.store(now_ms(), Ordering::Relaxed);
         }
@@ -246,7 +381,7 @@ impl<S: Backlog> WorkerQueue<S> {
         }
     }
 
-    /// Takes every waiting event, oldest first. They count as handled from
+    /// Takes every waiting event, turn by turn. They count as handled from
     /// the next [`settle`](Self::settle) (or drain) on: the worker runs
     /// synchronous handlers at once and reports the events it keeps waiting
     /// or awaiting with [`hold`](Self::hold) before it settles.
@@ -259,30 +394,50 @@ impl<S: Backlog> WorkerQueue<S> {
     /// Like [`drain`](Self::drain), but takes at most `max` events, appended
     /// to `batch` (a worker passes the same buffer every time, so draining
     /// allocates nothing); if more wait, the wakeup stays signalled for the
-    /// rest. A worker that drains in bounded batches keeps its own memory
-    /// bounded when thousands of connections send at once.
+    /// rest. Several turns at once: for a drain whose order across
+    /// connections does not matter (a retired worker's closes); a worker
+    /// serving its connections takes [`drain_turn`](Self::drain_turn)s.
     pub fn drain_at_most(&self, max: usize, batch: &mut Vec<Event<S>>) {
+        self.take(max, true, batch);
+    }
+
+    /// Takes the oldest waiting turn, at most `max` events of it (the rest
+    /// of the turn comes first next time): one event of each connection
+    /// with events waiting, appended to `batch`. Settles the turn before,
+    /// as [`drain`](Self::drain) does. A worker that runs one turn before
+    /// taking the next makes an event of one connection wait behind at
+    /// most one of each other connection.
+    pub fn drain_turn(&self, max: usize, batch: &mut Vec<Event<S>>) {
+        self.take(max, false, batch);
+    }
+
+    fn take(&self, max: usize, all_turns: bool, batch: &mut Vec<Event<S>>) {
         self.settle();
-        self.wakeup.clear();
         let start = batch.len();
-        let more = {
+        {
             let mut events = self.events.lock();
-            let take = events.len().min(max);
-            batch.extend(events.drain(..take));
-            let more = !events.is_empty();
-            if more {
-                // The worker is alive now: the rest waits from here on.
-                self.waiting_since_ms.store(now_ms(), Ordering::Relaxed);
-            } else {
-                self.waiting_since_ms.store(0, Ordering::Relaxed);
-                if events.capacity() > RETAINED_EVENTS {
-                    *events = VecDeque::new();
+            loop {
+                let taken = batch.len() - start;
+                if taken >= max || events.is_empty() {
+                    break;
+                }
+                events.take_turn(max - taken, batch);
+                if !all_turns {
+                    break;
                 }
             }
-            more
-        };
-        if more {
-            self.wakeup.signal();
+            if events.is_empty() {
+                // Cleared with the queue locked: a push that comes after
+                // finds it empty and signals again, none is lost. While
+                // events wait, the descriptor stays signalled (or owed by a
+                // batching thread) for them.
+                self.wakeup.clear();
+                self.waiting_since_ms.store(0, Ordering::Relaxed);
+                events.trim();
+            } else if batch.len() > start {
+                // The worker is alive now: the rest waits from here on.
+                self.waiting_since_ms.store(now_ms(), Ordering::Relaxed);
+            }
         }
         self.unsettled
             .lock()
@@ -401,6 +556,7 @@ mod tests {
     struct Conn {
         id: u64,
         inflight: AtomicU32,
+        next_turn: AtomicU64,
     }
 
     impl Conn {
@@ -408,6 +564,7 @@ mod tests {
             Arc::new(Conn {
                 id,
                 inflight: AtomicU32::new(0),
+                next_turn: AtomicU64::new(0),
             })
         }
 
@@ -419,6 +576,9 @@ mod tests {
     impl Backlog for Conn {
         fn id(&self) -> u64 {
             self.id
+        }
+        fn next_turn(&self) -> &AtomicU64 {
+            &self.next_turn
         }
         fn event_queued(&self) {
             self.inflight.fetch_add(1, Ordering::Relaxed);
@@ -535,41 +695,169 @@ mod tests {
     }
 
     #[test]
-    fn the_queue_keeps_its_buffer_between_batches_but_not_after_a_burst() {
-        assert!(std::mem::size_of::<Event<Conn>>() <= 48);
+    fn the_queue_keeps_its_buffers_between_batches_but_not_after_a_burst() {
         let workers = Workers::<Conn>::default();
         let q = workers.add().unwrap();
-        let socket = Conn::new(1);
-        let capacity = |q: &WorkerQueue<Conn>| q.events.lock().capacity();
-        for i in 0..3000u32 {
-            q.push(
-                &socket,
-                Payload::Text(i.to_le_bytes().to_vec()),
-                ReadAt::now(),
-            );
+        let sockets: Vec<_> = (0..3000).map(Conn::new).collect();
+        let capacity = |q: &WorkerQueue<Conn>| {
+            let events = q.events.lock();
+            events
+                .rounds
+                .iter()
+                .chain(&events.spare)
+                .map(Vec::capacity)
+                .sum::<usize>()
+        };
+        for round in 0..2u32 {
+            for (i, socket) in sockets.iter().enumerate() {
+                q.push(
+                    socket,
+                    Payload::Text(vec![round as u8, i as u8]),
+                    ReadAt::now(),
+                );
+            }
         }
         let grown = capacity(&q);
         let mut seen = 0u32;
         let mut batch = Vec::new();
-        while seen < 3000 {
-            q.drain_at_most(1024, &mut batch);
+        while seen < 6000 {
+            q.drain_turn(1024, &mut batch);
             assert!(batch.len() <= 1024 && !batch.is_empty());
             for event in batch.drain(..) {
-                assert_eq!(event.payload, Payload::Text(seen.to_le_bytes().to_vec()));
+                let round = (seen / 3000) as u8;
+                assert_eq!(
+                    event.payload,
+                    Payload::Text(vec![round, (seen % 3000) as u8])
+                );
                 seen += 1;
             }
-            // Drained in place: the queue neither gave its buffer away nor grew a new one.
+            // Drained in place: no buffer was given away or grown.
             assert_eq!(capacity(&q), grown);
             q.settle();
         }
-        assert_eq!((q.queue_depth(), socket.inflight()), (0, 0));
-        for _ in 0..(RETAINED_EVENTS + 1) {
-            q.push(&socket, Payload::Close, ReadAt::now());
+        assert_eq!(q.queue_depth(), 0);
+        let socket = &sockets[0];
+        for (i, other) in sockets.iter().cycle().take(RETAINED_EVENTS + 1).enumerate() {
+            let _ = i;
+            q.push(other, Payload::Close, ReadAt::now());
         }
         while !drain_at_most(&q, 1024).is_empty() {
             q.settle();
         }
-        assert_eq!(capacity(&q), 0, "a burst's buffer is freed once drained");
+        assert!(
+            capacity(&q) <= RETAINED_EVENTS,
+            "a burst's buffers are freed once drained"
+        );
+        assert_eq!(socket.inflight(), 0);
+    }
+
+    fn payloads(events: &[Event<Conn>]) -> Vec<(u64, &Payload)> {
+        events.iter().map(|e| (e.socket_id(), &e.payload)).collect()
+    }
+
+    #[test]
+    fn a_turn_takes_one_event_of_each_waiting_connection_in_order() {
+        let workers = Workers::<Conn>::default();
+        let q = workers.add().unwrap();
+        let (a, b, c) = (Conn::new(1), Conn::new(2), Conn::new(3));
+        for i in 0..64u8 {
+            q.push(&a, Payload::Text(vec![i]), ReadAt::now());
+        }
+        q.push(&b, Payload::Text(vec![100]), ReadAt::now());
+        let mut batch = Vec::new();
+        q.drain_turn(usize::MAX, &mut batch);
+        let text = |i: u8| Payload::Text(vec![i]);
+        assert_eq!(payloads(&batch), vec![(1, &text(0)), (2, &text(100))]);
+        batch.clear();
+        // c arrives while a still has 63 waiting: it joins the next turn,
+        // first, having nothing else waiting.
+        q.push(&c, Payload::Text(vec![200]), ReadAt::now());
+        q.push(&c, Payload::Text(vec![201]), ReadAt::now());
+        q.drain_turn(usize::MAX, &mut batch);
+        assert_eq!(payloads(&batch), vec![(3, &text(200)), (1, &text(1))]);
+        batch.clear();
+        // A connection's order holds however its turns interleave.
+        let mut seen_a = vec![0u8, 1];
+        let mut seen_c = vec![200u8];
+        while {
+            q.drain_turn(usize::MAX, &mut batch);
+            !batch.is_empty()
+        } {
+            let ids: Vec<u64> = batch.iter().map(Event::socket_id).collect();
+            let mut unique = ids.clone();
+            unique.dedup();
+            assert_eq!(ids, unique, "one event per connection per turn");
+            for event in batch.drain(..) {
+                let Payload::Text(ref data) = event.payload else {
+                    panic!()
+                };
+                match event.socket_id() {
+                    1 => seen_a.push(data[0]),
+                    _ => seen_c.push(data[0]),
+                }
+            }
+        }
+        assert_eq!(seen_a, (0..64).collect::<Vec<u8>>());
+        assert_eq!(seen_c, vec![200, 201]);
+        q.settle();
+        assert_eq!((q.queue_depth(), a.inflight(), c.inflight()), (0, 0, 0));
+        assert!(!readable(&q));
+    }
+
+    #[test]
+    fn a_turn_larger_than_the_batch_is_taken_in_parts_and_comes_first() {
+        let workers = Workers::<Conn>::default();
+        let q = workers.add().unwrap();
+        let sockets: Vec<_> = (0..5).map(Conn::new).collect();
+        for s in &sockets {
+            q.push(s, Payload::Close, ReadAt::now());
+        }
+        q.push(&sockets[0], Payload::Binary(vec![]), ReadAt::now());
+        let mut batch = Vec::new();
+        q.drain_turn(3, &mut batch);
+        assert_eq!(
+            batch.iter().map(Event::socket_id).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
+        batch.clear();
+        q.drain_turn(3, &mut batch);
+        assert_eq!(
+            batch.iter().map(Event::socket_id).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        batch.clear();
+        assert!(readable(&q), "one more turn waits");
+        q.drain_turn(3, &mut batch);
+        assert_eq!(payloads(&batch), vec![(0, &Payload::Binary(vec![]))]);
+        assert!(!readable(&q));
+    }
+
+    #[test]
+    fn presence_changes_keep_their_order_across_connections() {
+        let workers = Workers::<Conn>::default();
+        let q = workers.add().unwrap();
+        let (a, b) = (Conn::new(1), Conn::new(2));
+        let change = |joined| {
+            Payload::Presence(Box::new(Change {
+                channel: bytes::Bytes::from_static(b"room"),
+                member: "m".into(),
+                joined,
+            }))
+        };
+        for _ in 0..3 {
+            q.push(&a, Payload::Binary(vec![]), ReadAt::now());
+        }
+        q.push(&a, change(true), ReadAt::now());
+        q.push(&b, change(false), ReadAt::now());
+        let events = q.drain();
+        let order: Vec<(u64, bool)> = events
+            .iter()
+            .filter_map(|e| match &e.payload {
+                Payload::Presence(c) => Some((e.socket_id(), c.joined)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order, vec![(1, true), (2, false)]);
     }
 
     fn drain_at_most(q: &WorkerQueue<Conn>, max: usize) -> Vec<Event<Conn>> {

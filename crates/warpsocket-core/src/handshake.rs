@@ -38,6 +38,7 @@ pub mod status {
         BAD_REQUEST = 400 "Bad Request",
         FORBIDDEN = 403 "Forbidden",
         UPGRADE_REQUIRED = 426 "Upgrade Required",
+        TOO_MANY_REQUESTS = 429 "Too Many Requests",
         HEADERS_TOO_LARGE = 431 "Request Header Fields Too Large",
         INTERNAL_ERROR = 500 "Internal Server Error",
         UNAVAILABLE = 503 "Service Unavailable",

@@ -58,6 +58,7 @@ mod ids;
 mod keepalive;
 pub mod kv;
 mod lifecycle;
+mod limits;
 mod links;
 pub mod presence;
 mod read_buffer;

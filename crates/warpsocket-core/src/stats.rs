@@ -9,6 +9,11 @@ pub struct Counters {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub backpressure_closes: AtomicU64,
+    /// Connections closed with 1008 for `max_message_rate`.
+    pub rate_limit_closes: AtomicU64,
+    /// Upgrades refused for `max_connections` (503) or
+    /// `max_connections_per_ip` (429).
+    pub connections_refused: AtomicU64,
     /// Hung workers taken out of the rotation.
     pub worker_retirements: AtomicU64,
     /// Upgrade requests answered with something else than 101, by status.
@@ -286,6 +291,16 @@ pub const FIELDS: &[Field] = &[
         "backpressure_closes",
         "Connections closed with 1008 for exceeding max_backpressure.",
         |c| &c.backpressure_closes,
+    ),
+    counter(
+        "rate_limit_closes",
+        "Connections closed with 1008 for exceeding max_message_rate.",
+        |c| &c.rate_limit_closes,
+    ),
+    counter(
+        "connections_refused",
+        "Upgrades refused for max_connections (503) or max_connections_per_ip (429).",
+        |c| &c.connections_refused,
     ),
     counter(
         "messages_compressed",

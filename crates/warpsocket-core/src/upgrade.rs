@@ -21,8 +21,10 @@ use crate::context::{LiveGuard, Shared};
 use crate::deflate;
 use crate::dispatch::{Payload, ReadAt};
 use crate::handshake::{self, Refusal, Request};
+use crate::limits::Slot;
 use crate::request_head;
 use crate::socket::Socket;
+use crate::stats::Counters;
 use crate::tls::{AcceptError, Stream, PLAIN_HTTP};
 use crate::verdict::{OpenRequest, Verdict};
 
@@ -64,6 +66,25 @@ pub(crate) async fn upgrade(
         .await;
         return None;
     };
+    // Before `handle_open` is asked: a refused upgrade never reaches it.
+    // From here on nothing returns before the guard owns the slot.
+    let slot = if shared.limits.active() {
+        match shared.limits.take(peer.ip()) {
+            Ok(slot) => Some(Box::new(slot)),
+            Err(status) => {
+                Counters::add(&shared.engine.stats().connections_refused, 1);
+                let reason = if status == handshake::status::UNAVAILABLE {
+                    "too many connections"
+                } else {
+                    "too many connections from this address"
+                };
+                refuse(stream, shared, Refusal::new(status, reason)).await;
+                return None;
+            }
+        }
+    } else {
+        None
+    };
     // The answer always asks for client_no_context_takeover: see
     // deflate::negotiate.
     let (deflate, extensions) = shared
@@ -83,7 +104,7 @@ pub(crate) async fn upgrade(
         .engine
         .add_socket(|id| Socket::new(id, worker, max_backpressure).with_deflate(deflate));
     socket.worker.connection_opened();
-    let guard = SocketGuard { socket, live };
+    let guard = SocketGuard { socket, live, slot };
     let socket = &guard.socket;
 
     if shared.config.handlers.open {
@@ -265,6 +286,10 @@ pub(crate) struct SocketGuard {
     pub(crate) socket: Arc<Socket>,
     /// Dropped after the cleanup below: the task counts as live until then.
     live: LiveGuard,
+    /// Its place under `max_connections`/`max_connections_per_ip`, if one
+    /// is set. Boxed: one pointer in every connection's task state, and
+    /// the allocation only when a limit is on.
+    slot: Option<Box<Slot>>,
 }
 
 impl SocketGuard {
@@ -284,6 +309,9 @@ impl Drop for SocketGuard {
                 socket.worker.push(socket, Payload::Close, ReadAt::now());
             }
         });
+        if let Some(slot) = self.slot.take() {
+            self.shared().limits.release(*slot);
+        }
         // Last: a retired worker's successor stops watching its queue once
         // the count is 0, so every close event must already be queued.
         self.socket.worker.connection_closed();

@@ -42,33 +42,15 @@ impl WorkerQueue {
     }
 }
 
-#[pymethods]
 impl WorkerQueue {
-    #[getter]
-    fn id(&self) -> u32 {
-        self.inner.id()
-    }
-
-    /// The descriptor that becomes readable when events wait.
-    fn fileno(&self) -> i32 {
-        self.inner.fd()
-    }
-
-    /// Takes the waiting events (at most `max`) as `(kind, socket_id, payload)`
-    /// tuples. With `timed`, each payload becomes `(payload, read_at)`: when
-    /// the event was read, as `HandlerTimings.call` takes it. Drained events
-    /// count as handled from `settle` (or the next drain) on, unless held
-    /// (see `hold`).
-    #[pyo3(signature = (max=None, timed=false))]
-    fn drain<'py>(
+    /// The drained `events` as the list `drain` returns; their buffer goes
+    /// back for the next drain.
+    fn to_list<'py>(
         &self,
         py: Python<'py>,
-        max: Option<usize>,
+        mut events: Vec<Event>,
         timed: bool,
     ) -> PyResult<Bound<'py, PyList>> {
-        let mut events = std::mem::take(&mut *self.lock_batch());
-        self.inner
-            .drain_at_most(max.unwrap_or(usize::MAX), &mut events);
         // Sized once: appending would grow the list through a dozen sizes.
         let list = PyList::new(py, (0..events.len()).map(|_| py.None()))?;
         for (i, event) in events.drain(..).enumerate() {
@@ -121,6 +103,53 @@ impl WorkerQueue {
             *self.lock_batch() = events;
         }
         Ok(list)
+    }
+}
+
+#[pymethods]
+impl WorkerQueue {
+    #[getter]
+    fn id(&self) -> u32 {
+        self.inner.id()
+    }
+
+    /// The descriptor that becomes readable when events wait.
+    fn fileno(&self) -> i32 {
+        self.inner.fd()
+    }
+
+    /// Takes the waiting events (at most `max`), several turns at once, as
+    /// `(kind, socket_id, payload)` tuples. With `timed`, each payload
+    /// becomes `(payload, read_at)`: when the event was read, as
+    /// `HandlerTimings.call` takes it. Drained events count as handled from
+    /// `settle` (or the next drain) on, unless held (see `hold`).
+    #[pyo3(signature = (max=None, timed=false))]
+    fn drain<'py>(
+        &self,
+        py: Python<'py>,
+        max: Option<usize>,
+        timed: bool,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let mut events = std::mem::take(&mut *self.lock_batch());
+        self.inner
+            .drain_at_most(max.unwrap_or(usize::MAX), &mut events);
+        self.to_list(py, events, timed)
+    }
+
+    /// Like `drain`, but takes the oldest turn only: one waiting event of
+    /// each connection that has any (at most `max`). A worker that runs
+    /// each turn before it takes the next serves its connections fairly.
+    #[pyo3(signature = (max=None, timed=false))]
+    fn drain_turn<'py>(
+        &self,
+        py: Python<'py>,
+        max: Option<usize>,
+        timed: bool,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let mut events = std::mem::take(&mut *self.lock_batch());
+        self.inner
+            .drain_turn(max.unwrap_or(usize::MAX), &mut events);
+        self.to_list(py, events, timed)
     }
 
     /// The events last drained have run or are held.

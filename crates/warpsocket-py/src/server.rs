@@ -32,7 +32,7 @@ impl Server {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades, compression, io_threads=None, static_dir=None, tls_cert=None, tls_key=None, history=None))]
+    #[pyo3(signature = (bind, *, max_message_size, max_backpressure, ping_interval, ping_timeout, open_timeout, max_pending_upgrades, compression, max_message_rate=None, max_connections=None, max_connections_per_ip=None, io_threads=None, static_dir=None, tls_cert=None, tls_key=None, history=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -44,6 +44,9 @@ impl Server {
         open_timeout: f64,
         max_pending_upgrades: usize,
         compression: bool,
+        max_message_rate: Option<f64>,
+        max_connections: Option<usize>,
+        max_connections_per_ip: Option<usize>,
         io_threads: Option<usize>,
         static_dir: Option<PathBuf>,
         tls_cert: Option<PathBuf>,
@@ -62,6 +65,9 @@ impl Server {
             max_pending_upgrades,
             compression,
             history,
+            max_message_rate,
+            max_connections,
+            max_connections_per_ip,
             ..Config::default()
         };
         if let Some(n) = io_threads {
