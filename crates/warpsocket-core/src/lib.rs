@@ -15,7 +15,9 @@
 //!    `links`, `kv`, `presence` (who is present in which channel),
 //!    `stats`, `wakeup`, `errors`, `keepalive`
 //!    (per-connection state), `lifecycle` (the close lifecycle's state
-//!    machine), `static_files`, `read_buffer`, `handshake`,
+//!    machine), `static_files`, `read_buffer`, `handshake`, `admission`
+//!    (who may hold a handshake slot), then `limits` (connection caps and
+//!    message rates, which a socket carries),
 //!    `deflate`, then `frame`, then `history` (history channels' offsets
 //!    and kept messages), then `config` (a server's settings, its history
 //!    policies included);
@@ -32,9 +34,9 @@
 //!    then `cluster`: the same operations across the nodes of a cluster;
 //! 5. `engine`: the façade that routes each call to the hub or the cluster;
 //! 6. the server side, which serves connections into the engine:
-//!    `request_head` and `tls` (before the WebSocket upgrade), `admission`
-//!    (who may hold a handshake slot), `context` (what a server's tasks
-//!    share), then `upgrade`, then `connection` (one connection's task),
+//!    `request_head` and `tls` (before the WebSocket upgrade), `context`
+//!    (what a server's tasks share), then `upgrade`, then `connection`
+//!    (one connection's task),
 //!    and `sweep` (keepalive); `server` on top.
 //! <!-- /layers -->
 
