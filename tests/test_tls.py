@@ -118,6 +118,52 @@ def test_wss_echo_large_messages_and_channels(tls_server, client_context):
         assert bob.recv(timeout=20) == "hi everyone"
 
 
+BURST_WORKER = """
+import warpsocket
+
+def handle_text_message(text, socket_id):
+    # "burst:COUNT:LARGE": COUNT numbered messages of varied sizes sent in one
+    # go, so the writer holds many frames per pass (several TLS records' worth,
+    # frames cut at record boundaries), with a message of LARGE bytes amid them.
+    _, count, large = text.split(":")
+    count, large = int(count), int(large)
+    for i in range(count):
+        if i == count // 2 and large:
+            warpsocket.send(socket_id, bytes(range(256)) * (large // 256))
+        warpsocket.send(socket_id, f"{i}:" + "x" * (i % 300))
+    warpsocket.send(socket_id, "done")
+"""
+
+
+def _expect_burst(ws, count: int, large: int) -> None:
+    """The burst of ``BURST_WORKER`` arrives whole and in order."""
+    for i in range(count):
+        if i == count // 2 and large:
+            assert ws.recv(timeout=60) == bytes(range(256)) * (large // 256)
+        assert ws.recv(timeout=60) == f"{i}:" + "x" * (i % 300)
+    assert ws.recv(timeout=60) == "done"
+
+
+def test_wss_burst_of_small_messages_arrives_whole_and_in_order(tls_server, client_context):
+    server = tls_server(BURST_WORKER)
+    with connect(wss(server), ssl=client_context) as ws:
+        # About 470 KB of small frames: many full 16 KB records, and the
+        # client reads slower than the server queues.
+        for _ in range(2):
+            ws.send("burst:3000:0")
+            _expect_burst(ws, 3000, 0)
+
+
+def test_wss_large_message_amid_a_burst_arrives_whole_and_in_order(tls_server, client_context):
+    server = tls_server(BURST_WORKER)
+    with connect(wss(server), ssl=client_context) as ws:
+        # A frame larger than a record between small ones, and one of a
+        # few records' size that a gathered write can cut.
+        for large in (2 * 1024 * 1024, 40 * 1024 + 256):
+            ws.send(f"burst:500:{large}")
+            _expect_burst(ws, 500, large)
+
+
 def test_shutdown_closes_wss_connections_with_1001(tls_server, client_context):
     server = tls_server()
     ws = connect(wss(server), ssl=client_context)

@@ -132,6 +132,10 @@ pub(crate) enum Stream {
 }
 
 impl Stream {
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+
     /// Bytes are waiting to go to TCP that no frame of ours accounts for:
     /// TLS records of what was written (or rustls's own messages) that TCP
     /// did not take yet. Never for plain TCP, whose writes go straight out.
@@ -426,7 +430,7 @@ fn read_key(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -661,6 +665,28 @@ uf05Uks7CCIf6DtD1mfMNuYriFapw6SBug==
         let (alpn, negotiated) = server.await.unwrap();
         assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
         assert_eq!(negotiated, Some(version.version));
+    }
+
+    /// An established TLS 1.2 connection: the server's stream, and the
+    /// client's TCP stream and rustls connection apart, for tests that look
+    /// at the records on the wire. TLS 1.2 so that every application-data
+    /// record after the handshake carries data (TLS 1.3 sends its session
+    /// tickets in such records too).
+    pub(crate) async fn tls12_pair() -> (TlsStream, TcpStream, rustls::ClientConnection) {
+        let (dir, ca) = (Dir::new(), Ca::new());
+        let (chain, key) = ca.leaf();
+        let tls = load(&dir, &chain, &key).unwrap().unwrap();
+        let (addr, server) = serve_one(tls, Duration::from_secs(10)).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let client = ca
+            .client(&rustls::version::TLS12)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let server = server.await.unwrap().unwrap().unwrap();
+        let (tcp, conn) = client.into_inner();
+        (server, tcp, conn)
     }
 
     /// The client's verdict on the server's certificate.
