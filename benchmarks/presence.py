@@ -842,9 +842,14 @@ def churn_main(argv: list[str]) -> int:
     if cpus:
         os.sched_setaffinity(0, cpus)
     bench.raise_fd_limit(args.connections + 1024)
+    model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        "unknown CPU",
+    )  # fmt: skip
     log.info(
-        "Python %s, pid %d, %d cores, load average %s",
-        sys.version.split()[0], os.getpid(), os.cpu_count(), os.getloadavg(),
+        "host: %s, %d CPUs; Python %s, pid %d, load average %s",
+        model, os.cpu_count(), sys.version.split()[0], os.getpid(), os.getloadavg(),
     )  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="warpsocket-churn-") as tmp:
