@@ -859,8 +859,10 @@ def churn_main(argv: list[str]) -> int:
         redis = None if args.redis_url else cluster_bench.Redis(args.server_cpu, log_file)
         url = args.redis_url or redis.url  # type: ignore[union-attr]
         ports = [cluster_bench.free_port(), cluster_bench.free_port()]
+        # Without taskset (util-linux) the nodes run unpinned.
+        pin = ["taskset", "-c", args.server_cpu] if shutil.which("taskset") else []
         command = [
-            "taskset", "-c", args.server_cpu, sys.executable, "-m", "warpsocket", str(worker),
+            *pin, sys.executable, "-m", "warpsocket", str(worker),
             "--threads", "1", "--cluster", url, "--log-level", "WARNING",
         ]  # fmt: skip
         nodes = [
