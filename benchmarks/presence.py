@@ -421,14 +421,14 @@ class ChurnModel:
         self.busy_sockets: set[int] = set()
         self.busy_keys: set[tuple[str, str]] = set()
 
-    def _free(self, i: int, channel: str) -> bool:
+    def free(self, i: int, channel: str) -> bool:
         return i not in self.busy_sockets and (channel, self.member[i]) not in self.busy_keys
 
     def pick_track(self) -> tuple[int, str] | None:
         for _ in range(20):
             i = self.rng.randrange(len(self.member))
             channel = self.rng.choice(self.channels)
-            if (i, channel) not in self.where and self._free(i, channel):
+            if (i, channel) not in self.where and self.free(i, channel):
                 return i, channel
         return None
 
@@ -437,7 +437,7 @@ class ChurnModel:
             if not self.pairs:
                 return None
             i, channel = self.pairs[self.rng.randrange(len(self.pairs))]
-            if self._free(i, channel):
+            if self.free(i, channel):
                 return i, channel
         return None
 
@@ -445,7 +445,7 @@ class ChurnModel:
         for _ in range(20):
             i = self.rng.randrange(len(self.member))
             channel = self.rng.choice(self.channels)
-            if self._free(i, channel):
+            if self.free(i, channel):
                 return i, channel
         return None
 
@@ -581,7 +581,7 @@ class ChurnRun:
         """Track every connection once, at a bounded pace, before the measured windows."""
         for i in range(len(self.sockets)):
             channel = self.model.rng.choice(self.model.channels)
-            while not self.model._free(i, channel):
+            while not self.model.free(i, channel):
                 await asyncio.sleep(0.001)
             self.model.busy_sockets.add(i)
             self.model.busy_keys.add((channel, self.model.member[i]))
@@ -626,7 +626,7 @@ class ChurnRun:
         self.window = None
         return window
 
-    async def wait_reported(self, expected: int, what: str) -> list[list[int]]:
+    async def wait_reported(self, expected: int) -> list[list[int]]:
         """Poll the nodes until they were told of ``expected`` changes in all (or 120 s pass)."""
         deadline = time.monotonic() + 120
         while True:
@@ -649,7 +649,7 @@ class ChurnRun:
         import warpsocket
 
         model = self.model
-        await self.wait_reported(model.changes(), "churn")
+        await self.wait_reported(model.changes())
         with warpsocket.Cluster(self.redis_url) as cluster:
             self.check_presence(cluster, empty=False)
             present = sum(len(model.present(c)) for c in model.channels)
@@ -662,7 +662,7 @@ class ChurnRun:
 
             await asyncio.gather(*(close(ws) for ws in self.sockets))
             model.close_all()
-            counts = await self.wait_reported(model.changes(), "close")
+            await self.wait_reported(model.changes())
             deadline = time.monotonic() + 60
             while any(cluster.presence_count(c) for c in model.channels) and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
