@@ -422,6 +422,7 @@ class ChurnModel:
         self.busy_keys: set[tuple[str, str]] = set()
 
     def free(self, i: int, channel: str) -> bool:
+        """True if neither socket ``i`` nor its member in ``channel`` has an operation in flight."""
         return i not in self.busy_sockets and (channel, self.member[i]) not in self.busy_keys
 
     def pick_track(self) -> tuple[int, str] | None:
