@@ -7,11 +7,13 @@ clients (the ``websockets`` package) churning against it for ``--duration`` seco
 Each client runs one scenario, then starts again as a new connection:
 
 - normal: subscribe to 1-3 channels, directly and through virtual sockets with
-  prefixes, do kv compare-and-set increments, read for a while, unsubscribe / delete
-  the virtual sockets, close;
-- vanish: subscribe, read a little, then drop the TCP connection without a close
+  prefixes, track itself in 1-3 presence channels (``room0``, ...; the connection and
+  some of its virtual sockets, as a member of its own), do kv compare-and-set
+  increments, read for a while, untrack some of its sockets, unsubscribe / delete the
+  virtual sockets (which untracks them), close (which untracks the rest);
+- vanish: subscribe, track itself, read a little, then drop the TCP connection without a close
   frame, either with an RST (SO_LINGER 0) or a plain abort;
-- bye: subscribe, then ask the server to close the connection (4000);
+- bye: subscribe, track itself, then ask the server to close the connection (4000);
 - slow: a small receive buffer, a subscription, then the worker floods the socket
   while the client does not read: it must be closed with 1008 (backpressure limit);
 - zombie: stop reading entirely (pings go unanswered): closed with 1011.
@@ -40,6 +42,12 @@ Checks, each a violation that makes the run fail (exit status 1):
   with kv keys per socket), and both counts equal to the connections the clients made;
 - compare-and-set: every increment a client was told about is a distinct value, and
   the shared counter equals the increments the workers made;
+- presence: every ``track``/``untrack`` answer matches the client's model (joined only
+  for the member's first tracked socket in the channel, left only for its last); the
+  worker's ``handle_presence`` sees each member's changes alternate (a join while
+  present, or a leave while absent, is a violation: see soak_worker.py); at the end the
+  joins and the leaves reported both equal the joins the clients' model expects, and
+  ``presence_count`` of every presence channel and ``stats()["presence_members"]`` are 0;
 - per recovering client and history channel, across all its connections: the offsets
   received are consecutive (a gap or a duplicate is a violation, and counted) and the
   number in each message equals its stamp; ``recover`` returned what it must (``True``
@@ -110,6 +118,7 @@ class Settings:
     # 0.8 s of messages at 20/s: windows are often longer, so recover says False.
     tiny_size: int = 16
     max_window: float = 2.0  # the longest pause between two connections of a recovering client
+    presence_channels: int = 3  # room0, room1, ...: where normal, vanish and bye clients track themselves
 
 
 @dataclass
@@ -141,6 +150,9 @@ class Report:
     history_replayed: int = 0  # ... of which recover replayed (offset <= position before it)
     gaps: int = 0  # offsets missing in a recovering client's sequence
     duplicates: int = 0  # offsets it received twice (or out of order)
+    tracks: int = 0  # track calls (connections and virtual sockets)
+    untracks: int = 0  # untrack calls
+    presence_joins: int = 0  # joins the clients' model expects (each also leaves by the end)
 
     def violation(self, text: str) -> None:
         """Record one violation (the first ``MAX_LISTED`` are kept in full)."""
@@ -171,6 +183,9 @@ class Report:
             f"size {s.tiny_size}), {self.recovers_interrupted:,} dropped before the answer",
             f"history: {self.history_checked:,} stamped messages checked in offset sequence "
             f"({self.history_replayed:,} replayed), gaps {self.gaps}, duplicates {self.duplicates}",
+            f"presence: {self.tracks:,} tracks and {self.untracks:,} untracks in {s.presence_channels} "
+            f"channels, {self.presence_joins:,} joins expected; handle_presence reported "
+            f"{self.after.get('joins', 0):,} joins and {self.after.get('leaves', 0):,} leaves",
             f"CPU: clients {self.client_cpu / max(self.elapsed, 1):.0%} of a core, "
             f"server {self.server_cpu / max(self.elapsed, 1):.0%}; "
             f"clients' event loop late by up to {self.loop_lag:.2f} s",
@@ -263,6 +278,7 @@ class Client:
     """One connection running one scenario; every message it reads is checked."""
 
     prefixes = itertools.count(1)
+    members = itertools.count(1)
 
     def __init__(self, soak: Soak, ws: ClientConnection, label: str) -> None:
         self.soak = soak
@@ -270,6 +286,10 @@ class Client:
         self.ws = ws
         self.label = label
         self.streams: dict[str, Stream] = {}
+        # Presence: this connection's member, and per channel the sockets tracked there
+        # ("" for the connection, a virtual socket's prefix for it).
+        self.member = f"u{next(self.members)}"
+        self.tracked: dict[str, set[str]] = {}
         self.opened = time.monotonic()
         self.doing = "opening"  # for the report when something unexpected happens
 
@@ -358,6 +378,44 @@ class Client:
     def settle(self) -> None:
         for stream in self.streams.values():
             stream.settle(self.report)
+
+    async def track_some(self, rng: random.Random) -> None:
+        """Track this connection, and maybe its virtual sockets, in 1-3 presence channels.
+
+        The member is this connection's own, so each of its changes is decided on one
+        worker (see soak_worker.handle_presence); a virtual socket tracked as the same member
+        is a second tab: no change. Each answer is checked against the model.
+        """
+        rooms = self.soak.settings.presence_channels
+        prefixes = [key for key, stream in self.streams.items() if key != stream.channel]
+        for index in rng.sample(range(rooms), rng.randint(1, min(3, rooms))):
+            room = f"room{index}"
+            for key in ["", *(p for p in prefixes if rng.random() < 0.5)]:
+                await self.track(room, key)
+
+    async def track(self, room: str, key: str) -> None:
+        holders = self.tracked.setdefault(room, set())
+        route = f" {key}|" if key else ""
+        (_, joined) = await self.answer(f"track {room} {self.member}{route}")
+        expected = not holders
+        if joined != str(int(expected)):
+            self.report.violation(f"{self.label}: track in {room} ({key or 'connection'}) said {joined}")
+        holders.add(key)
+        self.report.tracks += 1
+        self.report.presence_joins += expected
+
+    async def untrack_some(self, rng: random.Random) -> None:
+        """Untrack some of the tracked sockets; the rest leave with their close or vdel."""
+        for room, holders in self.tracked.items():
+            for key in sorted(holders):
+                if rng.random() < 0.5:
+                    route = f" {key}|" if key else ""
+                    (_, left) = await self.answer(f"untrack {room}{route}")
+                    holders.discard(key)
+                    if left != str(int(not holders)):
+                        where = key or "connection"
+                        self.report.violation(f"{self.label}: untrack in {room} ({where}) said {left}")
+                    self.report.untracks += 1
 
 
 class HistoryStream:
@@ -525,6 +583,7 @@ class Soak:
             f"--history-channels={s.history_channels}",
             f"--history-size={s.history_size}",
             f"--tiny-size={s.tiny_size}",
+            f"--presence-channels={s.presence_channels}",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -621,11 +680,13 @@ class Soak:
             return
         try:
             await client.subscribe_some(self.rng)
+            await client.track_some(self.rng)
             for _ in range(self.rng.randint(0, 2)):
                 (value,) = await client.answer("cas")
                 self.cas_values.append(int(value))
                 self.report.cas_checked += 1
             await client.read_for(self.rng.uniform(0.3, 2.5))
+            await client.untrack_some(self.rng)
             await client.unsubscribe_all()
             await client.ws.close()
             rcvd = client.ws.protocol.close_rcvd
@@ -641,6 +702,7 @@ class Soak:
             return
         try:
             await client.subscribe_some(self.rng)
+            await client.track_some(self.rng)  # left by the server when the connection drops
             await client.read_for(self.rng.uniform(0.1, 1.5))
             if rst:
                 sock = client.ws.transport.get_extra_info("socket")
@@ -662,6 +724,7 @@ class Soak:
             return
         try:
             await client.subscribe_some(self.rng)
+            await client.track_some(self.rng)
             await client.read_for(self.rng.uniform(0.1, 1.0))
             await client.ws.send("bye")
             code = await client.read_until_closed(30)
@@ -847,8 +910,15 @@ class Soak:
 
     async def check_after(self) -> None:
         r, s, before = self.report, self.settings, self.report.before
+        # A close's presence leaves run after its handle_close: wait for them too.
         await self.settled(
-            lambda a: a["stats"]["connections"] == 0 and a["opens"] == a["closes"], "sample", 30
+            lambda a: (
+                a["stats"]["connections"] == 0
+                and a["opens"] == a["closes"]
+                and a["joins"] == a["leaves"] >= r.presence_joins
+            ),
+            "sample",
+            30,
         )
         # tokio's blocking-pool threads linger for a few seconds after their last task.
         after = await self.settled(
@@ -870,12 +940,21 @@ class Soak:
                 f"shared counter {after['cas']}, increments made {after['cas_by_workers']}, "
                 f"told to clients {len(self.cas_values)}"
             )
+        if not after["joins"] == after["leaves"] == r.presence_joins:
+            r.violation(
+                f"handle_presence reported {after['joins']} joins and {after['leaves']} leaves, "
+                f"the clients expected {r.presence_joins} of each"
+            )
+        if any(after["presence"].values()):
+            r.violation(f"presence_count with no client left: {after['presence']}")
+        if not r.presence_joins:
+            r.violation("no member joined a presence channel")
         floods = r.faults["slow reader (1008)"]
         closes = after["stats"]["backpressure_closes"] - before["stats"]["backpressure_closes"]
         if closes != floods:
             r.violation(f"{closes} backpressure closes for {floods} slow readers")
         stats = after["stats"]
-        for key in ("connections", "virtual_sockets", "channels", "subscriptions"):
+        for key in ("connections", "virtual_sockets", "channels", "subscriptions", "presence_members"):
             if stats[key]:
                 r.violation(f"stats()[{key!r}] is {stats[key]} with no client left")
         if stats["keys"] != after["expected_keys"]:
@@ -939,6 +1018,9 @@ def main() -> None:
     parser.add_argument("--history-channels", type=int, default=defaults.history_channels)
     parser.add_argument("--history-size", type=int, default=defaults.history_size)
     parser.add_argument("--tiny-size", type=int, default=defaults.tiny_size, help="history of tiny0")
+    parser.add_argument(
+        "--presence-channels", type=int, default=defaults.presence_channels, help="room0, room1, ..."
+    )
     args = parser.parse_args()
     settings = Settings(
         duration=args.duration,
@@ -954,6 +1036,7 @@ def main() -> None:
         history_channels=args.history_channels,
         history_size=args.history_size,
         tiny_size=args.tiny_size,
+        presence_channels=args.presence_channels,
     )
     report = run_soak(settings)
     print(report.summary())

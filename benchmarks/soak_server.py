@@ -4,8 +4,9 @@ Starts WarpSocket with ``warpsocket.start`` and benchmarks/soak_worker.py, runs 
 publisher in a thread of its own, and answers commands read from stdin, one JSON line
 on stdout each:
 
-    sample   this process's RSS, C heap (glibc mallinfo2), threads, open fds, stats() and
-             the kv counters the worker keeps
+    sample   this process's RSS, C heap (glibc mallinfo2), threads, open fds, stats(),
+             the kv counters the worker keeps and presence_count of the presence channels
+             ``room0``, ``room1``, ...
     final    like sample, plus the kv keys that must exist now (every connection gone)
     stop     stop the publisher and the server, then exit
 
@@ -96,7 +97,7 @@ def kv_int(key: str) -> int:
     return 0 if value is None else int(value)
 
 
-def sample(counts: dict[str, int]) -> dict[str, Any]:
+def sample(counts: dict[str, int], rooms: list[str]) -> dict[str, Any]:
     stats = warpsocket.stats()
     workers = (warpsocket.get_key("soak:workers") or b"").decode().split()
     violations = (warpsocket.get_key("soak:violations") or b"").decode()
@@ -110,6 +111,9 @@ def sample(counts: dict[str, int]) -> dict[str, Any]:
         "opens": kv_int("soak:opens"),
         "closes": kv_int("soak:closes"),
         "cas": kv_int("soak:cas"),
+        "joins": kv_int("soak:pres:joins"),
+        "leaves": kv_int("soak:pres:leaves"),
+        "presence": {room: warpsocket.presence_count(room) for room in rooms},
         "cas_by_workers": sum(kv_int(f"soak:cas:{worker}") for worker in workers),
         "published": sum(counts.values()),
         "violations": violations.splitlines(),
@@ -124,6 +128,7 @@ def expected_keys(channels: list[str], workers: list[str]) -> int:
     """The kv keys that exist when no connection is open: the soak's counters, nothing per socket."""
     names = [f"soak:seq:{channel}" for channel in channels]
     names += ["soak:opens", "soak:closes", "soak:cas", "soak:workers", "soak:violations"]
+    names += ["soak:pres:joins", "soak:pres:leaves"]
     names += [f"soak:cas:{worker}" for worker in workers]
     return sum(warpsocket.get_key(name) is not None for name in names)
 
@@ -139,6 +144,7 @@ def main() -> None:
     parser.add_argument("--history-channels", type=int, required=True)
     parser.add_argument("--history-size", type=int, required=True)
     parser.add_argument("--tiny-size", type=int, required=True)
+    parser.add_argument("--presence-channels", type=int, required=True)
     args = parser.parse_args()
 
     # Every slow reader's 1008 is a warning; errors (a handler that raised) still show.
@@ -146,6 +152,7 @@ def main() -> None:
     channels = [f"ch{i}" for i in range(args.channels)]
     history = [f"hist{i}" for i in range(args.history_channels)] + ["tiny0"]
     counts = dict.fromkeys(channels + history, 0)
+    rooms = [f"room{i}" for i in range(args.presence_channels)]
     stop = threading.Event()
     server = warpsocket.start(
         "127.0.0.1:0",
@@ -167,9 +174,9 @@ def main() -> None:
     for line in sys.stdin:
         command = line.strip()
         if command == "sample":
-            print(json.dumps(sample(counts)), flush=True)
+            print(json.dumps(sample(counts, rooms)), flush=True)
         elif command == "final":
-            report = sample(counts)
+            report = sample(counts, rooms)
             report["expected_keys"] = expected_keys(channels, report["workers"])
             print(json.dumps(report), flush=True)
         elif command == "stop":

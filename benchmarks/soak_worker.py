@@ -13,6 +13,9 @@ with the virtual socket's prefix when they arrive through one):
                     prefix P; E and O ``-`` the first time: from ``position(CH)``
                     -> !rec CH OK SINCE EPOCH1 POS1 EPOCH2 POS2
     bye             the server closes the connection with 4000
+    track CH M [P]  track this socket (or its virtual socket with prefix P) in CH as member M
+                    -> !track CH J (J: 1 if M joined CH, else 0)
+    untrack CH [P]  untrack it                             -> !untrack CH L (L: 1 if M left)
     flood           send 8 KiB binary messages to this socket until the server stops
                     queueing them (the client does not read: backpressure limit, 1008)
 
@@ -33,7 +36,10 @@ What the worker checks itself goes to the kv list ``soak:violations``: handle_op
 handle_close exactly once per socket (a ``soak:live:<id>`` key is created and deleted with
 compare-and-set), sends to a socket in its handle_close count 0, and the flood ends.
 Opens, closes and counter increments are counted in kv with compare-and-set loops that
-several workers contend on.
+several workers contend on. ``handle_presence`` keeps a ``soak:pres:<channel>:<member>``
+key while the member is present (created on its join, deleted on its leave, both with
+compare-and-set, so a change reported twice, or a leave without its join, is a
+violation) and counts the joins and leaves in ``soak:pres:joins`` / ``soak:pres:leaves``.
 """
 
 from __future__ import annotations
@@ -105,6 +111,18 @@ def handle_close(socket_id: int) -> None:
     increment("soak:closes")
 
 
+def handle_presence(channel: str | bytes, member: str, joined: bool) -> None:
+    # Every socket of a soak member is one connection and its virtual sockets, all on
+    # this worker: its changes reach this handler in the order they happened, so the
+    # state key must go absent -> present -> absent, each change once.
+    key = f"soak:pres:{channel!s}:{member}"
+    if joined and not warpsocket.set_key_if(key, b"1", None):
+        violation(f"{member} joined {channel!s} twice without a leave")
+    elif not joined and not warpsocket.set_key_if(key, None, b"1"):
+        violation(f"{member} left {channel!s} without having joined")
+    increment("soak:pres:joins" if joined else "soak:pres:leaves")
+
+
 def handle_text_message(text: str, socket_id: int) -> None:
     global cas_done
     command, *args = text.split(" ")
@@ -151,6 +169,16 @@ def handle_text_message(text: str, socket_id: int) -> None:
             socket_id,
             f"!rec {channel} {int(recovered)} {since[1]} {before[0]} {before[1]} {after[0]} {after[1]}",
         )
+    elif command == "track":
+        channel, member, *route = args
+        target = virtual[socket_id][route[0]][0] if route else socket_id
+        joined = warpsocket.track(target, channel, member)
+        warpsocket.send(socket_id, f"!track {channel} {int(joined)}")
+    elif command == "untrack":
+        channel, *route = args
+        target = virtual[socket_id][route[0]][0] if route else socket_id
+        left = warpsocket.untrack(target, channel)
+        warpsocket.send(socket_id, f"!untrack {channel} {int(left)}")
     elif command == "cas":
         value = increment("soak:cas")
         cas_done += 1

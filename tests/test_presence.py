@@ -409,3 +409,114 @@ def members_of(sid, log_path):
         balance[(channel, member)] = balance.get((channel, member), 0) + (1 if joined else -1)
         assert balance[(channel, member)] in (0, 1), "alternates"
     return all(v == 0 for v in balance.values())
+
+
+@pytest.mark.timeout(600)
+def test_random_sequences_of_track_untrack_and_close_match_a_model(start_server, log_path):
+    """Hypothesis: any sequence of track/untrack/virtual socket/close against a model.
+
+    Each example gets two connections and channels of its own; after every step the
+    returned values, ``presence`` and ``presence_count`` must be the model's. One worker
+    thread: every change is reported on it in the order it happened, so at the end (every
+    connection closed) each (channel, member)'s logged changes must be exactly the
+    model's sequence.
+    """
+    server = start_server(WORKER, threads=1, worker_arg=str(log_path))
+    examples = iter(range(10**6))
+    operations = st.sampled_from(["track", "track", "untrack", "virtual", "close"])
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def check(data):
+        n = next(examples)
+        channels = [f"h{n}a", f"h{n}b"]
+        clients = {c.sid: c for c in (IdClient(server) for _ in range(2))}
+        owner = {sid: sid for sid in clients}  # open socket -> the connection it resolves to
+        tracked: dict[tuple[int, str], tuple[str, object]] = {}  # (socket, channel) -> (member, info)
+        info_of: dict[tuple[str, str], object] = {}  # (channel, member) -> its latest track's info
+        expected: dict[tuple[str, str], list[bool]] = {}
+
+        def present(channel):
+            return {m for (_, c), (m, _) in tracked.items() if c == channel}
+
+        def snapshot():
+            return {c: present(c) for c in channels}
+
+        def record(before):
+            """Record the joins and leaves the model made since ``before``."""
+            for c in channels:
+                for m in before[c] - present(c):
+                    expected.setdefault((c, m), []).append(False)
+                    del info_of[(c, m)]
+                for m in present(c) - before[c]:
+                    expected.setdefault((c, m), []).append(True)
+
+        def matches():
+            return all(
+                warpsocket.presence(c) == {m: info_of[(c, m)] for m in present(c)}
+                and warpsocket.presence_count(c) == len(present(c))
+                for c in channels
+            )
+
+        try:
+            for _ in range(data.draw(st.integers(1, 25), label="steps")):
+                kind = data.draw(operations, label="op")
+                if not owner:
+                    break
+                if kind == "virtual":
+                    on = data.draw(st.sampled_from(sorted(clients)), label="on")
+                    if on in owner:
+                        owner[warpsocket.create_virtual_socket(on)] = on
+                    continue
+                sid = data.draw(st.sampled_from(sorted(owner)), label="socket")
+                channel = data.draw(st.sampled_from(channels), label="channel")
+                if kind == "track":
+                    member = data.draw(st.sampled_from(["ada", "bob"]), label="member")
+                    info = data.draw(st.sampled_from([None, "x", b"y"]), label="info")
+                    before = snapshot()
+                    tracked[(sid, channel)] = (member, info)
+                    record(before)
+                    info_of[(channel, member)] = info
+                    assert warpsocket.track(sid, channel, member, info) is (member not in before[channel])
+                elif kind == "untrack":
+                    before = snapshot()
+                    had = tracked.pop((sid, channel), None)
+                    record(before)
+                    left = had is not None and had[0] not in present(channel)
+                    assert warpsocket.untrack(sid, channel) is left
+                else:  # close a connection (its virtual sockets go with it) or delete a virtual socket
+                    gone = {s for s, o in owner.items() if o == sid} if sid in clients else {sid}
+                    before = snapshot()
+                    for key in [k for k in tracked if k[0] in gone]:
+                        del tracked[key]
+                    for s in gone:
+                        del owner[s]
+                    record(before)
+                    if sid in clients:
+                        clients[sid].close()
+                    else:
+                        assert warpsocket.delete_virtual_socket(sid)
+                    with pytest.raises(ValueError):
+                        warpsocket.track(sid, channel, "ada")
+                wait_for(matches, timeout=10, message="presence as the model has it")
+        finally:
+            for client in clients.values():
+                with contextlib.suppress(Exception):
+                    client.close()
+        before = snapshot()
+        tracked.clear()
+        record(before)
+        wait_for(lambda: all(warpsocket.presence_count(c) == 0 for c in channels), message="all left")
+        names = {repr(c): c for c in channels}
+
+        def logged():
+            found: dict[tuple[str, str], list[bool]] = {}
+            for channel, member, joined in presence_lines(log_path):
+                if channel in names:
+                    found.setdefault((names[channel], member), []).append(joined)
+            return found
+
+        wait_for(lambda: logged() == expected, timeout=10, message=f"the changes {expected}")
+
+    check()
+    assert warpsocket.stats()["presence_members"] == 0

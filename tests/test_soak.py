@@ -8,6 +8,11 @@ reordered broadcast, wrong close code, handle_open/handle_close not run exactly 
 compare-and-set anomaly, state, thread or fd left behind fails the test; the report
 lists each violation.
 
+Clients also track themselves (and some of their virtual sockets) in presence channels;
+every answer of ``track``/``untrack`` is checked, each member's changes must alternate in
+``handle_presence``, and at the end the joins and leaves reported both equal the joins
+the clients expected, with ``presence_count`` back to 0.
+
 Alongside, recovering clients follow history channels across connections that they
 drop at random (clean close, abort, RST, sometimes before the recover answered), and
 recover from the last offset they saw: every offset is checked, across every reconnect,
@@ -61,6 +66,10 @@ def test_soak_60_seconds_finds_no_violation():
     assert report.history_checked > 5_000, report.summary()
     assert report.history_replayed > 0, report.summary()
     assert report.gaps == 0 and report.duplicates == 0, report.summary()
+    # Presence: tracked connections and virtual sockets churned, every change reported once.
+    assert report.presence_joins > 100, report.summary()
+    assert report.untracks > 20, report.summary()
+    assert report.after["joins"] == report.after["leaves"] == report.presence_joins, report.summary()
 
 
 def test_history_checks_catch_gaps_duplicates_and_wrong_recover_results():
