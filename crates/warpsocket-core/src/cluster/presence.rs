@@ -310,9 +310,9 @@ impl PresenceSink for Sink {
 
 /// A node's presence task and the sink that feeds it.
 pub(super) struct Node {
-    pub(super) hub: Arc<Hub>,
-    pub(super) node: u16,
-    pub(super) commands: ConnectionManager,
+    hub: Arc<Hub>,
+    node: u16,
+    commands: ConnectionManager,
     ops: mpsc::Receiver<Op>,
     queue: mpsc::Sender<Op>,
     resync: Arc<AtomicBool>,
