@@ -98,7 +98,11 @@ def serve(handler: str, rate: float | None) -> None:
 
 
 async def flood_one(url: str, deadline: float, start_at: float, end_at: float) -> dict[str, Any]:
-    """Send as fast as possible until ``deadline``; count the echoes read in [start_at, end_at)."""
+    """Send as fast as possible until ``deadline``; count the echoes read in [start_at, end_at).
+
+    ``sent`` counts the messages handed to the client library by the deadline (those it
+    buffers included): the flooder stops at the deadline even when its send is blocked.
+    """
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
@@ -113,13 +117,20 @@ async def flood_one(url: str, deadline: float, start_at: float, end_at: float) -
     reader = asyncio.create_task(read())
     first = time.monotonic()
     try:
-        while time.monotonic() < deadline:
-            for _ in range(64):
-                await ws.send(PAYLOAD)
-            result["sent"] += 64
-            # A send into a transport with room does not yield: let the reader
-            # (echoes, and the server's close frame) run.
-            await asyncio.sleep(0)
+        # A deadline that cancels a blocked send: with a slow handler the server reads
+        # ~250 messages/s per flooder, and a send waiting for the kernel's send buffer
+        # (megabytes on loopback, writable again only once a third of it is free) would
+        # otherwise wait a minute past the deadline.
+        async with asyncio.timeout_at(deadline):
+            while True:
+                for _ in range(64):
+                    await ws.send(PAYLOAD)
+                    result["sent"] += 1
+                # A send into a transport with room does not yield: let the reader
+                # (echoes, and the server's close frame) run.
+                await asyncio.sleep(0)
+    except TimeoutError:
+        pass
     except ConnectionClosed as closed:
         result["closed_after"] = time.monotonic() - first
         result["code"] = closed.rcvd.code if closed.rcvd is not None else None
