@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import socket
 import statistics
 import struct
@@ -587,6 +588,74 @@ def refusal_main(args: argparse.Namespace, builds: list[tuple[str, str | None]])
         log.info("%s", line)
 
 
+# -- instructions per request (callgrind) ----------------------------------------
+
+LIMITS_NOT_HIT = [
+    "--max-message-rate",
+    "1000000",
+    "--max-connections",
+    "100000",
+    "--max-connections-per-ip",
+    "100000",
+]
+
+
+def callgrind_run(site: str | None, extra: list[str], connections: int, requests: int) -> float:
+    """Instructions per request of the seed workload (``benchmarks/metrics_cost.py``'s
+    driver: ``examples/performance``, one worker thread, callgrind counting only while the
+    clients make their requests) on the build in ``site`` with the server flags ``extra``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import metrics_cost
+
+    port = metrics_cost.free_port()
+    with tempfile.TemporaryDirectory(prefix="warpsocket-callgrind-") as tmp:
+        command = [
+            "valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+            f"--callgrind-out-file={tmp}/callgrind.out.%p",
+            sys.executable, "-m", "warpsocket", str(metrics_cost.WORKER), "--bind", f"127.0.0.1:{port}",
+            "--threads", "1", "--log-level", "WARNING", *extra,
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=build_env(site)
+        )
+        try:
+            metrics_cost.wait_listening(port, proc)
+            handled = asyncio.run(metrics_cost.load(port, connections, requests, proc.pid))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(600)
+        return metrics_cost.total_instructions(Path(tmp)) / handled
+
+
+def callgrind_main(args: argparse.Namespace, builds: list[tuple[str, str | None]]) -> None:
+    """Rounds of every build, then the last build with limits set but not hit, alternating."""
+    variants: list[tuple[str, str | None, list[str]]] = [(build, site, []) for build, site in builds]
+    last, last_site = builds[-1]
+    variants.append((f"{last + '+' if last else ''}limits not hit", last_site, LIMITS_NOT_HIT))
+    results: dict[str, list[float]] = {}
+    for round_no in range(1, args.rounds + 1):
+        for label, site, extra in variants if round_no % 2 else variants[::-1]:
+            per_request = callgrind_run(site, extra, args.connections, args.requests)
+            results.setdefault(label or "this build", []).append(per_request)
+            log.info(
+                "round %d %-24s %10.0f instructions per request", round_no, label or "this build", per_request
+            )
+    first = statistics.median(next(iter(results.values())))
+    log.info(
+        "medians over %d rounds (min-max), %d connections x %d requests:",
+        args.rounds,
+        args.connections,
+        args.requests,
+    )
+    for label, values in results.items():
+        log.info(
+            "%-24s %s instructions per request (%+.2f%%)",
+            label,
+            spread(values),
+            (statistics.median(values) / first - 1) * 100,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -609,6 +678,14 @@ def main() -> None:
         help="instead of the victim runs: the server's CPU per message refused by"
         " max_message_rate (--limit) and per message handled without a limit",
     )
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="instead of the victim runs: instructions per request of the seed workload"
+        " (metrics_cost.py's driver) for each --build, and the last one with limits set but not hit",
+    )
+    parser.add_argument("--connections", type=int, default=50, help="clients for --callgrind")
+    parser.add_argument("--requests", type=int, default=20, help="requests per client for --callgrind")
     parser.add_argument("--limit", type=float, default=100.0, help="max_message_rate for --refusal-cost")
     parser.add_argument(
         "--fast-rate",
@@ -649,6 +726,9 @@ def main() -> None:
     )
     if args.refusal_cost:
         refusal_main(args, builds)
+        return
+    if args.callgrind:
+        callgrind_main(args, builds)
         return
     for name in args.configs:
         parse_config(name)
