@@ -117,7 +117,8 @@ def serve(handler: str, rate: float | None) -> None:
         server.stop(timeout=5)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     keys = ("messages_in", "rate_limit_closes")
-    print(json.dumps({"cpu": cpu, **{k: stats[k] - stats_before[k] for k in keys}}), flush=True)
+    # .get: builds from before issue 28 have no rate_limit_closes.
+    print(json.dumps({"cpu": cpu, **{k: stats.get(k, 0) - stats_before.get(k, 0) for k in keys}}), flush=True)
 
 
 # -- the flooders' process -----------------------------------------------------
