@@ -428,6 +428,11 @@ def run_config(
         "connections": sum(f.get("connections", 1) for f in floods),
         "closes": [(t, code) for t, code in closes if t is not None],
         "server": server_report,
+        # The server's CPU time (rusage, all threads, victim included) per message it
+        # read: with a generator that cannot saturate the server, the throughput-free figure.
+        "server_us_per_message": server_report["cpu"] / server_report["messages_in"] * 1e6
+        if server_report["messages_in"]
+        else 0.0,
     }
     return result
 
@@ -743,7 +748,7 @@ def main() -> None:
                 runs.setdefault(label, []).append(result)
                 log.info(
                     "round %d %-16s victim p50 %6.2f ms p99 %6.2f ms (%d samples), flooders %8.0f echoes/s"
-                    " (sent %8.0f/s, %d connections), closes %s",
+                    " (sent %8.0f/s, %d connections), server %.2f us CPU per message, closes %s",
                     round_no,
                     label,
                     result["p50"],
@@ -752,6 +757,7 @@ def main() -> None:
                     result["flood_rate"],
                     result["sent_rate"],
                     result["connections"],
+                    result["server_us_per_message"],
                     [(round(t, 3), c) for t, c in result["closes"]][:8],
                 )
     log.info("medians over %d rounds (min-max):", args.rounds)
@@ -760,7 +766,8 @@ def main() -> None:
             f"{label:<16} victim p50 {spread([r['p50'] for r in results])} ms,"
             f" p99 {spread([r['p99'] for r in results])} ms,"
             f" flooders {spread([r['flood_rate'] for r in results])} echoes/s,"
-            f" sent {spread([r['sent_rate'] for r in results])} msg/s"
+            f" sent {spread([r['sent_rate'] for r in results])} msg/s,"
+            f" server {spread([r['server_us_per_message'] for r in results])} us CPU per message"
         )
         closes = [t for r in results for t, _ in r["closes"]]
         if closes:
