@@ -529,8 +529,8 @@ def refusal_run(rate: float | None, fast_rate: float, seconds: float, site: str 
     }
 
 
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+def spread(values: list[float], digits: int = 2) -> str:
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def parse_builds(specs: list[str]) -> list[tuple[str, str | None]]:
@@ -590,7 +590,7 @@ def refusal_main(args: argparse.Namespace, builds: list[tuple[str, str | None]])
             line += f", server CPU per refused message {spread(refused)} us"
         closes = [r["closed_after"] for r in results if r["closed_after"] is not None]
         if closes:
-            line += f", closed after {spread(closes)} s"
+            line += f", closed after {spread(closes, 4)} s"
         log.info("%s", line)
 
 
@@ -771,7 +771,7 @@ def main() -> None:
         )
         closes = [t for r in results for t, _ in r["closes"]]
         if closes:
-            line += f", closed after {spread(closes)} s"
+            line += f", closed after {spread(closes, 4)} s"
         log.info("%s", line)
 
 
