@@ -662,6 +662,75 @@ def callgrind_main(args: argparse.Namespace, builds: list[tuple[str, str | None]
         )
 
 
+def flood_callgrind_run(site: str | None, clients: int, messages: int) -> float:
+    """Instructions per message of an echo server (one worker thread) flooded by
+    ``clients`` connections, each writing ``messages`` frames at once and reading their
+    echoes; callgrind counts from the first frame to the last echo."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import metrics_cost
+
+    port = metrics_cost.free_port()
+    with tempfile.TemporaryDirectory(prefix="warpsocket-callgrind-") as tmp:
+        worker = Path(tmp) / "fairness_worker.py"
+        worker.write_text(WORKER.format(block=0.0))
+        command = [
+            "valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+            f"--callgrind-out-file={tmp}/callgrind.out.%p",
+            sys.executable, "-m", "warpsocket", str(worker), "--bind", f"127.0.0.1:{port}",
+            "--threads", "1", "--log-level", "WARNING",
+        ]  # fmt: skip
+        proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=build_env(site)
+        )
+        try:
+            metrics_cost.wait_listening(port, proc)
+            socks = [upgrade("127.0.0.1", port) for _ in range(clients)]
+            for sock in socks:
+                sock.setblocking(True)
+            metrics_cost.callgrind_control(proc.pid, "--instr=on")
+
+            def write(sock: socket.socket) -> None:
+                sock.sendall(FRAME * messages)
+
+            def read(sock: socket.socket) -> None:
+                frames = ServerFrames()
+                while frames.messages < messages:
+                    data = sock.recv(1 << 16)
+                    if not data:
+                        raise ConnectionError("the server ended a flooding connection")
+                    frames.feed(data)
+
+            threads = [threading.Thread(target=f, args=(sock,)) for sock in socks for f in (write, read)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            metrics_cost.callgrind_control(proc.pid, "--instr=off")
+            for sock in socks:
+                sock.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(600)
+        return float(metrics_cost.total_instructions(Path(tmp))) / (clients * messages)
+
+
+def flood_callgrind_main(args: argparse.Namespace, builds: list[tuple[str, str | None]]) -> None:
+    """Rounds of every build under 1 and 4 flooding connections, alternating."""
+    results: dict[str, list[float]] = {}
+    for round_no in range(1, args.rounds + 1):
+        for clients in (1, 4):
+            for build, site in builds if round_no % 2 else builds[::-1]:
+                label = f"{build or 'this build'}, {clients} flooding"
+                per_message = flood_callgrind_run(site, clients, args.flood_messages)
+                results.setdefault(label, []).append(per_message)
+                log.info("round %d %-24s %10.0f instructions per message", round_no, label, per_message)
+    log.info(
+        "medians over %d rounds (min-max), %d messages per connection:", args.rounds, args.flood_messages
+    )
+    for label, values in results.items():
+        log.info("%-24s %s instructions per message", label, spread(values, 0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -689,6 +758,15 @@ def main() -> None:
         action="store_true",
         help="instead of the victim runs: instructions per request of the seed workload"
         " (metrics_cost.py's driver) for each --build, and the last one with limits set but not hit",
+    )
+    parser.add_argument(
+        "--callgrind-flood",
+        action="store_true",
+        help="instead of the victim runs: instructions per message of an echo server flooded"
+        " by 1 and by 4 connections (--flood-messages each), for each --build",
+    )
+    parser.add_argument(
+        "--flood-messages", type=int, default=5000, help="messages per connection for --callgrind-flood"
     )
     parser.add_argument("--connections", type=int, default=50, help="clients for --callgrind")
     parser.add_argument("--requests", type=int, default=20, help="requests per client for --callgrind")
@@ -735,6 +813,9 @@ def main() -> None:
         return
     if args.callgrind:
         callgrind_main(args, builds)
+        return
+    if args.callgrind_flood:
+        flood_callgrind_main(args, builds)
         return
     for name in args.configs:
         parse_config(name)
