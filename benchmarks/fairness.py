@@ -5,6 +5,8 @@
         [--build NAME=FOLDER ...]
     python3 benchmarks/fairness.py --refusal-cost [--limit 100] [--fast-rate 100000]
         [--seconds 2] [--build NAME=FOLDER ...]
+    python3 benchmarks/fairness.py --callgrind [--connections 50] [--requests 20] [--build ...]
+    python3 benchmarks/fairness.py --callgrind-flood [--flood-messages 5000] [--build ...]
 
 Needs the ``websockets`` client.
 
@@ -36,6 +38,12 @@ written was read (the client's send queue and the server socket's receive queue 
 less its idle rate, divided by the messages it read: per refused message with the
 limit, per handled message without. A closed connection keeps being read (and its
 messages dropped) for the close timeout (3 s), so ``--seconds`` stays under it.
+
+``--callgrind`` (needs valgrind): instructions per request of the seed workload
+(``benchmarks/metrics_cost.py``'s driver) for each build, then for the last one with
+``max_message_rate``, ``max_connections`` and ``max_connections_per_ip`` set but not hit.
+``--callgrind-flood``: instructions per message of the echo server while 1 and then 4
+connections each write ``--flood-messages`` frames at once and read the echoes.
 
 Prints each run's figures, then the medians (logged to stderr).
 """
