@@ -177,16 +177,21 @@ class WorkerQueue:
     def drain(self, max: int | None, timed: bool) -> list[tuple[int, int, Any]]:
         """Timed or not, as ``timed`` says."""
     @overload
-    def drain_turn(self, max: int | None = None, timed: Literal[False] = False) -> list[tuple[int, int, Any]]:
+    def drain_turn(
+        self, max: int | None = None, timed: Literal[False] = False, fill: int = 0
+    ) -> list[tuple[int, int, Any]]:
         """Take the oldest turn: one waiting event of each connection that has any (at most ``max``).
 
-        Settles the events drained before, as :meth:`drain` does.
+        Then the next turns while fewer than ``fill`` events are taken. Settles the events
+        drained before, as :meth:`drain` does.
         """
     @overload
-    def drain_turn(self, max: int | None, timed: Literal[True]) -> list[tuple[int, int, tuple[Any, int]]]:
+    def drain_turn(
+        self, max: int | None, timed: Literal[True], fill: int = 0
+    ) -> list[tuple[int, int, tuple[Any, int]]]:
         """Like the above, each payload as ``(payload, read_at)``."""
     @overload
-    def drain_turn(self, max: int | None, timed: bool) -> list[tuple[int, int, Any]]:
+    def drain_turn(self, max: int | None, timed: bool, fill: int = 0) -> list[tuple[int, int, Any]]:
         """Timed or not, as ``timed`` says."""
     def settle(self) -> None:
         """The events last drained have run or are held: they stop counting."""

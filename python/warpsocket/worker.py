@@ -59,6 +59,13 @@ HANDLER_NAMES = (
     "handle_presence",
 )
 
+# A worker whose handlers are quick takes the turns after the oldest with it, as many
+# events as its handlers ran in this long on the batch before (at most FILL_MAX): a
+# flooding connection's one-event turns then cost one drain between them, not one each,
+# and a connection arriving meanwhile waits behind at most this long of them.
+FILL_SECONDS = 100e-6
+FILL_MAX = 64
+
 # Module execution temporarily registers the module in sys.modules, and a worker file's
 # folder goes on sys.path: one thread at a time.
 _import_lock = threading.Lock()
@@ -148,6 +155,8 @@ class Worker(threading.Thread):
         # Events taken up from the queue, for the supervisor: a worker going
         # through a long batch of slow handlers is busy, not hung.
         self.picked_up = 0
+        # Events to take with a turn (see _on_events), from the last batch's pace.
+        self._fill = 0
         self.ready = threading.Event()
         self.startup_error: BaseException | None = None
         self.handlers: dict[str, Callable[..., Any] | None] = {}
@@ -266,7 +275,8 @@ class Worker(threading.Thread):
 
         Taken one turn at a time, each run before the next is taken, so that an event
         of one connection waits behind at most one of each other connection (a turn
-        taken whole would hold all of a flooding connection's backlog). Then the loop
+        taken whole would hold all of a flooding connection's backlog); with quick
+        handlers, a few turns at once, up to ``FILL_SECONDS`` of them. Then the loop
         gets its turn (async handlers' tasks) before more are taken.
         Drained events count as handled in the core once settled, after their turn;
         the sequencer holds one that has to wait behind an awaited handler, or that
@@ -281,11 +291,14 @@ class Worker(threading.Thread):
         call = self._call
         queue = self.queue
         drain_turn, timed = queue.drain_turn, self._timed
+        clock = time.perf_counter
         left = batch
+        fill = self._fill
         try:
             while left is None or left > 0:
+                began = clock()
                 # Settles the turn before.
-                events = drain_turn(left, timed)
+                events = drain_turn(left, timed, fill)
                 if not events:
                     break
                 if left is not None:
@@ -301,7 +314,10 @@ class Worker(threading.Thread):
                         self._spawn(self._drive(sid, kind, pending))
                     elif tracked:
                         ran(kind, sid, False)
+                took = clock() - began
+                fill = min(FILL_MAX, int(FILL_SECONDS * len(events) / took)) if took > 0 else FILL_MAX
         finally:
+            self._fill = fill
             queue.settle()
 
     async def _timed_await(self, kind: int, pending: Awaitable[Any], waited: float, start: int) -> Any:

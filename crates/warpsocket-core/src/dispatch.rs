@@ -398,33 +398,34 @@ impl<S: Backlog> WorkerQueue<S> {
     /// connections does not matter (a retired worker's closes); a worker
     /// serving its connections takes [`drain_turn`](Self::drain_turn)s.
     pub fn drain_at_most(&self, max: usize, batch: &mut Vec<Event<S>>) {
-        self.take(max, true, batch);
+        self.take(max, usize::MAX, batch);
     }
 
     /// Takes the oldest waiting turn, at most `max` events of it (the rest
     /// of the turn comes first next time): one event of each connection
-    /// with events waiting, appended to `batch`. Settles the turn before,
-    /// as [`drain`](Self::drain) does. A worker that runs one turn before
-    /// taking the next makes an event of one connection wait behind at
-    /// most one of each other connection.
-    pub fn drain_turn(&self, max: usize, batch: &mut Vec<Event<S>>) {
-        self.take(max, false, batch);
+    /// with events waiting, appended to `batch`; then the turns after it
+    /// while fewer than `fill` events are taken (and at most `max`).
+    /// Settles the turn before, as [`drain`](Self::drain) does. A worker
+    /// that runs one turn before taking the next (`fill` 0) makes an event
+    /// of one connection wait behind at most one of each other connection;
+    /// `fill` lets a worker whose handlers are quick take a flooding
+    /// connection's one-event turns a few at a time, each call costing
+    /// what the whole batch's turns share.
+    pub fn drain_turn(&self, max: usize, fill: usize, batch: &mut Vec<Event<S>>) {
+        self.take(max, fill, batch);
     }
 
-    fn take(&self, max: usize, all_turns: bool, batch: &mut Vec<Event<S>>) {
+    fn take(&self, max: usize, fill: usize, batch: &mut Vec<Event<S>>) {
         self.settle();
         let start = batch.len();
         {
             let mut events = self.events.lock();
             loop {
                 let taken = batch.len() - start;
-                if taken >= max || events.is_empty() {
+                if taken >= max || events.is_empty() || (taken > 0 && taken >= fill) {
                     break;
                 }
                 events.take_turn(max - taken, batch);
-                if !all_turns {
-                    break;
-                }
             }
             if events.is_empty() {
                 // Cleared with the queue locked: a push that comes after
@@ -721,7 +722,7 @@ mod tests {
         let mut seen = 0u32;
         let mut batch = Vec::new();
         while seen < 6000 {
-            q.drain_turn(1024, &mut batch);
+            q.drain_turn(1024, 0, &mut batch);
             assert!(batch.len() <= 1024 && !batch.is_empty());
             for event in batch.drain(..) {
                 let round = (seen / 3000) as u8;
@@ -756,6 +757,32 @@ mod tests {
     }
 
     #[test]
+    fn fill_takes_the_next_turns_until_that_many_events_are_taken() {
+        let workers = Workers::<Conn>::default();
+        let q = workers.add().unwrap();
+        let (a, b) = (Conn::new(1), Conn::new(2));
+        for i in 0..10u8 {
+            q.push(&a, Payload::Text(vec![i]), ReadAt::now());
+        }
+        q.push(&b, Payload::Text(vec![100]), ReadAt::now());
+        let text = |i: u8| Payload::Text(vec![i]);
+        let mut batch = Vec::new();
+        // The first turn (a and b) and the next ones, one event each, up to 4.
+        q.drain_turn(usize::MAX, 4, &mut batch);
+        assert_eq!(
+            payloads(&batch),
+            vec![(1, &text(0)), (2, &text(100)), (1, &text(1)), (1, &text(2))]
+        );
+        batch.clear();
+        // A whole turn however small `fill` is; never more than `max`.
+        q.drain_turn(2, 1, &mut batch);
+        assert_eq!(payloads(&batch), vec![(1, &text(3))]);
+        batch.clear();
+        q.drain_turn(2, 10, &mut batch);
+        assert_eq!(payloads(&batch), vec![(1, &text(4)), (1, &text(5))]);
+    }
+
+    #[test]
     fn a_turn_takes_one_event_of_each_waiting_connection_in_order() {
         let workers = Workers::<Conn>::default();
         let q = workers.add().unwrap();
@@ -765,7 +792,7 @@ mod tests {
         }
         q.push(&b, Payload::Text(vec![100]), ReadAt::now());
         let mut batch = Vec::new();
-        q.drain_turn(usize::MAX, &mut batch);
+        q.drain_turn(usize::MAX, 0, &mut batch);
         let text = |i: u8| Payload::Text(vec![i]);
         assert_eq!(payloads(&batch), vec![(1, &text(0)), (2, &text(100))]);
         batch.clear();
@@ -773,14 +800,14 @@ mod tests {
         // first, having nothing else waiting.
         q.push(&c, Payload::Text(vec![200]), ReadAt::now());
         q.push(&c, Payload::Text(vec![201]), ReadAt::now());
-        q.drain_turn(usize::MAX, &mut batch);
+        q.drain_turn(usize::MAX, 0, &mut batch);
         assert_eq!(payloads(&batch), vec![(3, &text(200)), (1, &text(1))]);
         batch.clear();
         // A connection's order holds however its turns interleave.
         let mut seen_a = vec![0u8, 1];
         let mut seen_c = vec![200u8];
         while {
-            q.drain_turn(usize::MAX, &mut batch);
+            q.drain_turn(usize::MAX, 0, &mut batch);
             !batch.is_empty()
         } {
             let ids: Vec<u64> = batch.iter().map(Event::socket_id).collect();
@@ -814,20 +841,20 @@ mod tests {
         }
         q.push(&sockets[0], Payload::Binary(vec![]), ReadAt::now());
         let mut batch = Vec::new();
-        q.drain_turn(3, &mut batch);
+        q.drain_turn(3, 0, &mut batch);
         assert_eq!(
             batch.iter().map(Event::socket_id).collect::<Vec<_>>(),
             [0, 1, 2]
         );
         batch.clear();
-        q.drain_turn(3, &mut batch);
+        q.drain_turn(3, 0, &mut batch);
         assert_eq!(
             batch.iter().map(Event::socket_id).collect::<Vec<_>>(),
             [3, 4]
         );
         batch.clear();
         assert!(readable(&q), "one more turn waits");
-        q.drain_turn(3, &mut batch);
+        q.drain_turn(3, 0, &mut batch);
         assert_eq!(payloads(&batch), vec![(0, &Payload::Binary(vec![]))]);
         assert!(!readable(&q));
     }

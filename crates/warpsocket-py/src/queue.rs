@@ -137,18 +137,20 @@ impl WorkerQueue {
     }
 
     /// Like `drain`, but takes the oldest turn only: one waiting event of
-    /// each connection that has any (at most `max`). A worker that runs
-    /// each turn before it takes the next serves its connections fairly.
-    #[pyo3(signature = (max=None, timed=false))]
+    /// each connection that has any (at most `max`), then the next turns
+    /// while fewer than `fill` are taken. A worker that runs each turn
+    /// before it takes the next serves its connections fairly.
+    #[pyo3(signature = (max=None, timed=false, fill=0))]
     fn drain_turn<'py>(
         &self,
         py: Python<'py>,
         max: Option<usize>,
         timed: bool,
+        fill: usize,
     ) -> PyResult<Bound<'py, PyList>> {
         let mut events = std::mem::take(&mut *self.lock_batch());
         self.inner
-            .drain_turn(max.unwrap_or(usize::MAX), &mut events);
+            .drain_turn(max.unwrap_or(usize::MAX), fill, &mut events);
         self.to_list(py, events, timed)
     }
 
