@@ -272,12 +272,15 @@ impl Hub {
                     drop(sink.left(&owner, change));
                 }
             }
-            None => Self::report_presence(changes.into_iter().map(|c| (owner.clone(), c)).collect()),
+            None => {
+                Self::report_presence(changes.into_iter().map(|c| (owner.clone(), c)).collect())
+            }
         }
     }
 
-    /// A stand-in socket (id 0, which no call finds) on one of the running
-    /// server's workers, for changes whose connection is gone.
+    /// A stand-in socket (id 0, which no call finds: events are queued per
+    /// socket) on one of the running server's workers, for changes no
+    /// connection of this process caused or whose connection is gone.
     fn stand_in(&self) -> Option<Arc<Socket>> {
         let worker = self.workers.load().as_deref().and_then(Workers::pick)?;
         Some(Arc::new(Socket::new(0, worker, 0)))
@@ -795,7 +798,13 @@ impl Hub {
             drop(presence);
             return Ok(joined);
         };
-        presence.track(&mut links.presence, channel, member, info.clone(), &mut changes);
+        presence.track(
+            &mut links.presence,
+            channel,
+            member,
+            info.clone(),
+            &mut changes,
+        );
         // A replaced member's leave; its join is the cluster's to decide.
         for change in changes.into_iter().filter(|c| !c.joined) {
             drop(sink.left(&socket, change));
@@ -878,14 +887,11 @@ impl Hub {
     /// Queues changes no socket of this process caused, each for a worker
     /// of the running server (none: they are logged and dropped).
     pub(crate) fn report_presence_anywhere(&self, changes: Vec<PresenceChange>) {
-        let workers = self.workers.load();
         for change in changes {
-            let Some(worker) = workers.as_deref().and_then(Workers::pick) else {
+            let Some(stand_in) = self.stand_in() else {
                 log::debug!(target: "warpsocket", "presence change with no worker to report it: {change:?}");
                 continue;
             };
-            // Events are queued per socket: a stand-in, id 0, that no call finds.
-            let stand_in = Arc::new(Socket::new(0, worker, 0));
             stand_in.worker.push(
                 &stand_in,
                 Payload::Presence(Box::new(change)),

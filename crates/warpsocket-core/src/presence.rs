@@ -3,7 +3,7 @@
 //!
 //! Two indexes kept in step: per channel, its members (each with how many
 //! sockets track it there and the info of its latest track), and per
-//! socket, the (channel, member) ids it is tracked as ([`Links`], 16 bytes),
+//! socket, the (channel, member) ids it is tracked as ([`Links`], 12 bytes),
 //! so that forgetting a socket costs O(its own tracks). The second is kept
 //! by the caller, in the hub's per-socket record, and handed in: this
 //! table keeps nothing per socket. Every change of a member between absent
@@ -79,20 +79,17 @@ pub(crate) struct Link {
     member: u32,
 }
 
-/// A socket's memberships: 16 bytes, kept by the hub with the socket's
-/// other links (every socket has one, tracked or not). Almost every tracked
-/// socket is in one channel, kept inline; a socket in several has them in a
-/// short vector.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// A socket's memberships: 12 bytes, kept by the hub with the socket's
+/// other links (every socket has one, tracked or not), so they are ids, not
+/// pointers. Almost every tracked socket is in one channel, kept inline; a
+/// socket in several has them in a list of the table's `lists` slab.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Links {
     #[default]
     Empty,
     One(Link),
-    /// Two or more (one left becomes `One`).
-    /// Boxed, so that `Links` is no bigger than a `Link` and its tag (a
-    /// `Vec` is 24 bytes).
-    #[allow(clippy::box_collection)]
-    Many(Box<Vec<Link>>),
+    /// Two or more (one left becomes `One`): the id of their list.
+    Many(u32),
 }
 
 impl Links {
@@ -100,62 +97,78 @@ impl Links {
     pub(crate) fn is_empty(&self) -> bool {
         matches!(self, Links::Empty)
     }
+}
 
-    fn as_slice(&self) -> &[Link] {
-        match self {
-            Links::Empty => &[],
-            Links::One(link) => std::slice::from_ref(link),
-            Links::Many(links) => links,
-        }
+/// The lists of the sockets tracked in several channels.
+type Lists = Slab<Vec<Link>>;
+
+fn as_slice<'a>(links: &'a Links, lists: &'a Lists) -> &'a [Link] {
+    match links {
+        Links::Empty => &[],
+        Links::One(link) => std::slice::from_ref(link),
+        Links::Many(id) => lists.get(*id).map_or(&[], Vec::as_slice),
     }
+}
 
-    fn as_mut_slice(&mut self) -> &mut [Link] {
-        match self {
-            Links::Empty => &mut [],
-            Links::One(link) => std::slice::from_mut(link),
-            Links::Many(links) => links,
-        }
+fn position(links: &Links, lists: &Lists, channel: u32) -> Option<usize> {
+    as_slice(links, lists)
+        .iter()
+        .position(|l| l.channel == channel)
+}
+
+/// Puts `link` in the `i`th link's place; the old one comes back.
+fn replace(links: &mut Links, lists: &mut Lists, i: usize, link: Link) -> Link {
+    match links {
+        Links::Empty => unreachable!("no link to replace"),
+        Links::One(old) => std::mem::replace(old, link),
+        Links::Many(id) => match lists.get_mut(*id) {
+            Some(list) => std::mem::replace(&mut list[i], link),
+            None => unreachable!("a live list"),
+        },
     }
+}
 
-    fn position(&self, channel: u32) -> Option<usize> {
-        self.as_slice().iter().position(|l| l.channel == channel)
-    }
-
-    fn push(&mut self, link: Link) {
-        match self {
-            Links::Empty => *self = Links::One(link),
-            Links::One(first) => *self = Links::Many(Box::new(vec![*first, link])),
-            Links::Many(links) => links.push(link),
-        }
-    }
-
-    /// Removes the `i`th link (which exists).
-    fn remove(&mut self, i: usize) -> Link {
-        match self {
-            Links::Empty => unreachable!("no link to remove"),
-            Links::One(link) => {
-                let link = *link;
-                *self = Links::Empty;
-                link
-            }
-            Links::Many(links) => {
-                let link = links.swap_remove(i);
-                if links.len() == 1 {
-                    *self = Links::One(links[0]);
-                } else if links.capacity() > 8 && links.len() * 4 < links.capacity() {
-                    links.shrink_to(links.len() * 2);
-                }
-                link
+fn push(links: &mut Links, lists: &mut Lists, link: Link) {
+    match links {
+        Links::Empty => *links = Links::One(link),
+        Links::One(first) => *links = Links::Many(lists.insert(vec![*first, link])),
+        Links::Many(id) => {
+            if let Some(list) = lists.get_mut(*id) {
+                list.push(link);
             }
         }
     }
+}
 
-    fn into_vec(self) -> Vec<Link> {
-        match self {
-            Links::Empty => Vec::new(),
-            Links::One(link) => vec![link],
-            Links::Many(links) => *links,
+/// Removes the `i`th link (which exists).
+fn remove(links: &mut Links, lists: &mut Lists, i: usize) -> Link {
+    match *links {
+        Links::Empty => unreachable!("no link to remove"),
+        Links::One(link) => {
+            *links = Links::Empty;
+            link
         }
+        Links::Many(id) => {
+            let Some(list) = lists.get_mut(id) else {
+                unreachable!("a live list")
+            };
+            let link = list.swap_remove(i);
+            if list.len() == 1 {
+                *links = Links::One(list[0]);
+                lists.remove(id);
+            } else if list.capacity() > 8 && list.len() * 4 < list.capacity() {
+                list.shrink_to(list.len() * 2);
+            }
+            link
+        }
+    }
+}
+
+fn into_vec(links: Links, lists: &mut Lists) -> Vec<Link> {
+    match links {
+        Links::Empty => Vec::new(),
+        Links::One(link) => vec![link],
+        Links::Many(id) => lists.remove(id).unwrap_or_default(),
     }
 }
 
@@ -252,6 +265,7 @@ pub(crate) struct Presence {
     names: HashTable<u32>,
     channels: Slab<Channel>,
     members: Slab<Member>,
+    lists: Lists,
     /// (channel, member) pairs present: `stats()["presence_members"]`.
     pairs: usize,
 }
@@ -263,6 +277,7 @@ impl Default for Presence {
             names: HashTable::new(),
             channels: Slab::default(),
             members: Slab::default(),
+            lists: Slab::default(),
             pairs: 0,
         }
     }
@@ -293,7 +308,9 @@ fn find_channel(
     channel: &[u8],
 ) -> Option<u32> {
     names
-        .find(hash, |&id| channels.get(id).is_some_and(|c| c.name == channel))
+        .find(hash, |&id| {
+            channels.get(id).is_some_and(|c| c.name == channel)
+        })
         .copied()
 }
 
@@ -315,6 +332,7 @@ impl Presence {
             names,
             channels,
             members,
+            lists,
             pairs,
         } = self;
         let hash = hasher.hash_one(channel);
@@ -329,9 +347,9 @@ impl Presence {
                 cid
             }
         };
-        let previous = links.position(cid);
+        let previous = position(links, lists, cid);
         if let Some(i) = previous {
-            let mid = links.as_slice()[i].member;
+            let mid = as_slice(links, lists)[i].member;
             if let Some(m) = members.get_mut(mid).filter(|m| &*m.name == member) {
                 // The same membership: only the info is new.
                 m.info = info.map(Box::new);
@@ -374,10 +392,10 @@ impl Presence {
         };
         match previous {
             Some(i) => {
-                let old = std::mem::replace(&mut links.as_mut_slice()[i], link);
+                let old = replace(links, lists, i, link);
                 changes.extend(Self::leave(hasher, names, channels, members, pairs, old));
             }
-            None => links.push(link),
+            None => push(links, lists, link),
         }
         if joined {
             changes.push(Change {
@@ -402,10 +420,12 @@ impl Presence {
             names,
             channels,
             members,
+            lists,
             pairs,
         } = self;
         let cid = find_channel(names, channels, hasher.hash_one(channel), channel)?;
-        let link = links.remove(links.position(cid)?);
+        let i = position(links, lists, cid)?;
+        let link = remove(links, lists, i);
         Self::leave(hasher, names, channels, members, pairs, link)
     }
 
@@ -417,9 +437,10 @@ impl Presence {
             names,
             channels,
             members,
+            lists,
             pairs,
         } = self;
-        for link in links.into_vec() {
+        for link in into_vec(links, lists) {
             changes.extend(Self::leave(hasher, names, channels, members, pairs, link));
         }
     }
@@ -526,6 +547,7 @@ impl Presence {
         self.names.is_empty()
             && self.channels.slots.capacity() == 0
             && self.members.slots.capacity() == 0
+            && self.lists.slots.capacity() == 0
             && self.pairs == 0
     }
 }
@@ -541,7 +563,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<Member>(), 32);
         assert_eq!(std::mem::size_of::<Option<Member>>(), 32);
         assert_eq!(std::mem::size_of::<Link>(), 8);
-        assert_eq!(std::mem::size_of::<Links>(), 16);
+        assert_eq!(std::mem::size_of::<Links>(), 12);
     }
 
     /// The table with the sockets' links, as the hub keeps them: each
@@ -625,7 +647,10 @@ mod tests {
         assert_eq!(t.untrack(1, b"room"), None, "tab 2 stays");
         assert_eq!(t.untrack(1, b"room"), None, "no longer tracked");
         assert_eq!(t.untrack(2, b"other"), None);
-        assert_eq!(t.untrack(2, b"room"), Some((2, change("room", "ada", false))));
+        assert_eq!(
+            t.untrack(2, b"room"),
+            Some((2, change("room", "ada", false)))
+        );
         assert_eq!(t.p.count(b"room"), 1);
         changes.clear();
         t.remove(3, &mut changes);
@@ -757,7 +782,10 @@ mod tests {
                 expected.sort_unstable();
                 expected.dedup();
                 let mut got: Vec<Arc<str>> =
-                    t.p.members(&[channel]).into_iter().map(|(m, _)| m).collect();
+                    t.p.members(&[channel])
+                        .into_iter()
+                        .map(|(m, _)| m)
+                        .collect();
                 got.sort_unstable();
                 assert_eq!(got.len(), t.p.count(&[channel]));
                 assert_eq!(got.iter().map(|m| &**m).collect::<Vec<_>>(), expected);
