@@ -36,7 +36,7 @@ use crate::frames::Frames;
 use crate::handshake::status;
 use crate::history::{History, Log, Message, Policies, Policy, Stamp};
 use crate::ids::{IdGenerator, IdMap};
-use crate::links::Links;
+use crate::links::{Killed, Links};
 use crate::presence::{Change as PresenceChange, Info, Members, Presence};
 use crate::registry::{Entry, Prefix, Registry, VirtualSocket, MAX_PREFIX};
 use crate::socket::{Queued, Socket, Workers};
@@ -97,11 +97,11 @@ pub(crate) struct Hub {
     watcher: ArcSwapOption<Box<dyn ChannelWatcher>>,
     /// The history channels' sequences and kept messages.
     history: History,
-    /// Who is present in which channel, through which sockets (each tracked
-    /// socket with the connection whose worker hears of its changes). One
-    /// mutex: tracks are rare next to messages, and one lock orders every
-    /// change (see the lock order above).
-    presence: Mutex<Presence<Arc<Socket>>>,
+    /// Who is present in which channel; each socket's side of it (where it
+    /// is tracked) is in its links, changed with both locked. One mutex:
+    /// tracks are rare next to messages, and one lock orders every change
+    /// (see the lock order above).
+    presence: Mutex<Presence>,
     /// A cluster node's: see [`PresenceSink`].
     presence_sink: ArcSwapOption<Box<dyn PresenceSink>>,
     /// The running server's workers, for changes no socket of this process
@@ -195,16 +195,23 @@ impl Hub {
             then();
             return false;
         };
-        let mut deleted = Vec::new();
-        let mut tracked = false;
+        // Whose worker hears of the changes: every deleted socket resolves
+        // to the root's connection.
+        let root = match &entry {
+            Entry::Real(socket) => Ok(socket.clone()),
+            Entry::Virtual(v) => Err(v.target),
+        };
+        let mut tracked = Vec::new();
         let mut pending = vec![(id, entry)];
         while let Some((id, entry)) = pending.pop() {
-            deleted.push(id);
-            let (channels, children) = {
-                let mut links = entry.links().lock();
-                tracked |= links.tracked;
-                links.kill()
-            };
+            let Killed {
+                channels,
+                children,
+                presence,
+            } = entry.links().lock().kill();
+            if !presence.is_empty() {
+                tracked.push(presence);
+            }
             for channel in &channels {
                 if self.channels.update(channel, id, i64::MIN) == (Change::Removed { last: true }) {
                     self.channel_vanished(channel);
@@ -219,32 +226,64 @@ impl Hub {
                     .filter_map(|child| Some((child, self.sockets.remove(child)?))),
             );
         }
-        // A `track` marks the links before it locks the table, and fails on
-        // dead ones: one that got past them is seen here.
-        if !tracked {
+        // A `track` changes the links with them locked, and fails on dead
+        // ones: what got past them is handed over by `kill`.
+        if tracked.is_empty() {
             then();
             return true;
         }
-        // Untracked once out of the registry: a `track` checks the registry
-        // with the presence table locked, so it either ran before this (and
-        // is undone here) or finds them gone.
+        // The root's target is none of the deleted, so it still resolves,
+        // unless a delete of it runs at the same time (which no longer
+        // finds the root): then any worker hears of the changes.
+        let owner = match root {
+            Ok(socket) => Some(socket),
+            Err(target) => self.sockets.resolve(target).map(|(socket, _)| socket),
+        }
+        .or_else(|| self.stand_in());
         let mut changes = Vec::new();
         let sink = self.presence_sink.load_full();
         let mut presence = self.presence.lock();
         then();
-        for id in deleted {
-            presence.remove(id, &mut changes);
+        for links in tracked {
+            presence.remove(links, &mut changes);
         }
-        match sink.as_deref() {
-            Some(sink) => {
-                for (socket, change) in changes {
-                    drop(sink.left(&socket, change));
-                }
-            }
-            None => Self::report_presence(changes),
-        }
+        self.hand_over(sink.as_deref().map(|s| &**s), owner, changes);
         drop(presence);
         true
+    }
+
+    /// Hands the changes a socket of `owner`'s made to the sink, or to
+    /// `owner`'s worker; called with the presence table locked.
+    fn hand_over(
+        &self,
+        sink: Option<&dyn PresenceSink>,
+        owner: Option<Arc<Socket>>,
+        changes: Vec<PresenceChange>,
+    ) {
+        let Some(owner) = owner else {
+            for change in changes {
+                log::debug!(target: "warpsocket", "presence change with no worker to report it: {change:?}");
+            }
+            return;
+        };
+        match sink {
+            Some(sink) => {
+                for change in changes {
+                    drop(sink.left(&owner, change));
+                }
+            }
+            None => {
+                Self::report_presence(changes.into_iter().map(|c| (owner.clone(), c)).collect())
+            }
+        }
+    }
+
+    /// A stand-in socket (id 0, which no call finds: events are queued per
+    /// socket) on one of the running server's workers, for changes no
+    /// connection of this process caused or whose connection is gone.
+    fn stand_in(&self) -> Option<Arc<Socket>> {
+        let worker = self.workers.load().as_deref().and_then(Workers::pick)?;
+        Some(Arc::new(Socket::new(0, worker, 0)))
     }
 
     /// Open connections (accepted or upgrading).
@@ -739,32 +778,36 @@ impl Hub {
         info: Option<Info>,
     ) -> Result<bool, PresenceError> {
         let entry = self.sockets.get(id).ok_or(PresenceError::NoSuchSocket)?;
-        {
-            // Marked first, so that a delete from here on takes the table (see `delete`).
-            let mut links = entry.links().lock();
-            if links.dead {
-                return Err(PresenceError::NoSuchSocket);
-            }
-            links.tracked = true;
+        // Held throughout: a delete kills the links (and takes their
+        // presence side) before it locks the table.
+        let mut links = entry.links().lock();
+        if links.dead {
+            return Err(PresenceError::NoSuchSocket);
         }
         let mut changes = Vec::new();
         let sink = self.presence_sink.load_full();
         let mut presence = self.presence.lock();
-        // Checked with the table locked: see `delete`.
+        // Checked with the table locked: a closing connection is not tracked.
         let socket = match self.sockets.resolve(id) {
             Some((socket, _)) if socket.is_open() => socket,
             _ => return Err(PresenceError::NoSuchSocket),
         };
         let Some(sink) = sink.as_deref() else {
-            let joined = presence.track(id, &socket, channel, member, info, &mut changes);
-            Self::report_presence(changes);
+            let joined = presence.track(&mut links.presence, channel, member, info, &mut changes);
+            Self::report_presence(changes.into_iter().map(|c| (socket.clone(), c)).collect());
             drop(presence);
             return Ok(joined);
         };
-        presence.track(id, &socket, channel, member, info.clone(), &mut changes);
+        presence.track(
+            &mut links.presence,
+            channel,
+            member,
+            info.clone(),
+            &mut changes,
+        );
         // A replaced member's leave; its join is the cluster's to decide.
-        for (owner, change) in changes.into_iter().filter(|(_, c)| !c.joined) {
-            drop(sink.left(&owner, change));
+        for change in changes.into_iter().filter(|c| !c.joined) {
+            drop(sink.left(&socket, change));
         }
         let answer = sink.tracked(
             &socket,
@@ -773,6 +816,7 @@ impl Hub {
             info,
         );
         drop(presence);
+        drop(links);
         Ok(sink.wait(answer))
     }
 
@@ -780,17 +824,36 @@ impl Hub {
     /// (it was the member's last tracked socket there); false too when it
     /// was not tracked there, or is gone (and so untracked already).
     pub(crate) fn untrack(&self, id: u64, channel: &[u8]) -> bool {
-        let sink = self.presence_sink.load_full();
-        let mut presence = self.presence.lock();
-        let Some((owner, change)) = presence.untrack(id, channel) else {
+        let Some(entry) = self.sockets.get(id) else {
             return false;
         };
+        let mut links = entry.links().lock();
+        if links.presence.is_empty() {
+            // Never tracked, untracked, or deleted (`kill` took them).
+            return false;
+        }
+        let sink = self.presence_sink.load_full();
+        let mut presence = self.presence.lock();
+        let Some(change) = presence.untrack(&mut links.presence, channel) else {
+            return false;
+        };
+        // A virtual socket's target resolves unless it is being deleted
+        // (this socket next): then any worker hears of the change.
+        let owner = match &entry {
+            Entry::Real(socket) => Some(socket.clone()),
+            Entry::Virtual(v) => self.sockets.resolve(v.target).map(|(socket, _)| socket),
+        }
+        .or_else(|| self.stand_in());
         let Some(sink) = sink.as_deref() else {
-            Self::report_presence(vec![(owner, change)]);
+            self.hand_over(None, owner, vec![change]);
+            return true;
+        };
+        let Some(owner) = owner else {
             return true;
         };
         let answer = sink.left(&owner, change);
         drop(presence);
+        drop(links);
         sink.wait(answer)
     }
 
@@ -824,14 +887,11 @@ impl Hub {
     /// Queues changes no socket of this process caused, each for a worker
     /// of the running server (none: they are logged and dropped).
     pub(crate) fn report_presence_anywhere(&self, changes: Vec<PresenceChange>) {
-        let workers = self.workers.load();
         for change in changes {
-            let Some(worker) = workers.as_deref().and_then(Workers::pick) else {
+            let Some(stand_in) = self.stand_in() else {
                 log::debug!(target: "warpsocket", "presence change with no worker to report it: {change:?}");
                 continue;
             };
-            // Events are queued per socket: a stand-in, id 0, that no call finds.
-            let stand_in = Arc::new(Socket::new(0, worker, 0));
             stand_in.worker.push(
                 &stand_in,
                 Payload::Presence(Box::new(change)),

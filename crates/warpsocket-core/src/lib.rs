@@ -12,7 +12,8 @@
 //!
 //! <!-- layers -->
 //! 1. the pieces the rest builds on: `clock`, `shards`, `ids`,
-//!    `links`, `kv`, `presence` (who is present in which channel),
+//!    `presence` (who is present in which channel), then `links` (a
+//!    socket's channels, children and presence links), `kv`,
 //!    `stats`, `wakeup`, `errors`, `keepalive`
 //!    (per-connection state), `lifecycle` (the close lifecycle's state
 //!    machine), `static_files`, `read_buffer`, `handshake`, `admission`

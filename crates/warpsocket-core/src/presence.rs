@@ -2,13 +2,14 @@
 //! member counted once however many sockets it is tracked through.
 //!
 //! Two indexes kept in step: per channel, its members (each with how many
-//! sockets track it there and the info of its latest track), and per socket
-//! id, the channels it is tracked in and as whom, so that forgetting a
-//! socket costs O(its own tracks). Every change of a member between absent
+//! sockets track it there and the info of its latest track), and per
+//! socket, the (channel, member) ids it is tracked as ([`Links`], 12 bytes),
+//! so that forgetting a socket costs O(its own tracks). The second is kept
+//! by the caller, in the hub's per-socket record, and handed in: this
+//! table keeps nothing per socket. Every change of a member between absent
 //! and present comes back as a [`Change`], in the order it happened, for the
 //! caller to report. It takes no lock and knows nothing of sockets: the hub
-//! keeps it under one mutex, and `O` is what it needs to know of a tracked
-//! socket (the connection whose worker hears of its changes).
+//! keeps it under one mutex.
 
 use std::hash::BuildHasher;
 use std::sync::{Arc, OnceLock};
@@ -16,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use foldhash::fast::SeedableRandomState;
 use foldhash::SharedSeed;
-use hashbrown::{HashMap, HashTable};
+use hashbrown::HashTable;
 
 /// A member's info, as `presence()` gives it back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,9 +54,9 @@ fn hasher() -> Hasher {
     )
 }
 
-/// One member of one channel: 32 bytes, so that 100,000 of them stay small.
+/// One member of one channel, in the members slab: 32 bytes.
 struct Member {
-    /// Shared with the links of the sockets tracked as this member.
+    /// Shared by the changes that name this member.
     name: Arc<str>,
     /// Tracked sockets (at most one membership per socket and channel).
     sockets: u32,
@@ -63,118 +64,220 @@ struct Member {
     info: Option<Box<Info>>,
 }
 
-/// A channel with members present; its slot in the slab is its id.
+/// A channel with members present; its slot in the channels slab is its id.
 struct Channel {
-    /// The one allocation of the name: changes and links share it.
+    /// The one allocation of the name: every change event shares it.
     name: Bytes,
-    members: HashTable<Member>,
+    /// Ids in the members slab, hashed by the member's name.
+    members: HashTable<u32>,
 }
 
-/// A socket's membership in one channel: 24 bytes.
-struct Link {
+/// A socket's membership in one channel, by ids: 8 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Link {
     channel: u32,
-    member: Arc<str>,
+    member: u32,
 }
 
-/// A socket's memberships. Almost every socket is tracked in one channel,
-/// kept inline; a socket in several has them in a short vector.
-enum Links {
+/// A socket's memberships: 12 bytes, kept by the hub with the socket's
+/// other links (every socket has one, tracked or not), so they are ids, not
+/// pointers. Almost every tracked socket is in one channel, kept inline; a
+/// socket in several has them in a list of the table's `lists` slab.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Links {
+    #[default]
+    Empty,
     One(Link),
-    /// Two or more (one left becomes `One`).
-    /// Boxed, so that `Links` is no bigger than a `Link` (a `Vec` is).
-    #[allow(clippy::box_collection)]
-    Many(Box<Vec<Link>>),
+    /// Two or more (one left becomes `One`): the id of their list.
+    Many(u32),
 }
 
 impl Links {
-    fn as_slice(&self) -> &[Link] {
-        match self {
-            Links::One(link) => std::slice::from_ref(link),
-            Links::Many(links) => links,
-        }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [Link] {
-        match self {
-            Links::One(link) => std::slice::from_mut(link),
-            Links::Many(links) => links,
-        }
-    }
-
-    fn position(&self, channel: u32) -> Option<usize> {
-        self.as_slice().iter().position(|l| l.channel == channel)
-    }
-
-    fn push(&mut self, link: Link) {
-        match self {
-            Links::Many(links) => links.push(link),
-            Links::One(first) => {
-                let first = Link {
-                    channel: first.channel,
-                    member: first.member.clone(),
-                };
-                *self = Links::Many(Box::new(vec![first, link]));
-            }
-        }
-    }
-
-    /// Removes the `i`th link; None when it is the only one, which goes
-    /// with the socket's whole entry.
-    fn remove(&mut self, i: usize) -> Option<Link> {
-        let Links::Many(links) = self else {
-            return None;
-        };
-        let link = links.swap_remove(i);
-        if links.len() == 1 {
-            if let Some(last) = links.pop() {
-                *self = Links::One(last);
-            }
-        } else if links.capacity() > 8 && links.len() * 4 < links.capacity() {
-            links.shrink_to(links.len() * 2);
-        }
-        Some(link)
-    }
-
-    fn into_iter(self) -> impl Iterator<Item = Link> {
-        let (first, rest) = match self {
-            Links::One(link) => (Some(link), Vec::new()),
-            Links::Many(links) => (None, *links),
-        };
-        first.into_iter().chain(rest)
+    /// Whether the socket is tracked nowhere.
+    pub(crate) fn is_empty(&self) -> bool {
+        matches!(self, Links::Empty)
     }
 }
 
-/// One tracked socket: whom its changes are reported to, and as whom it is
-/// tracked in each channel.
-struct Tracked<O> {
-    owner: O,
-    links: Links,
+/// The lists of the sockets tracked in several channels.
+type Lists = Slab<Vec<Link>>;
+
+fn as_slice<'a>(links: &'a Links, lists: &'a Lists) -> &'a [Link] {
+    match links {
+        Links::Empty => &[],
+        Links::One(link) => std::slice::from_ref(link),
+        Links::Many(id) => lists.get(*id).map_or(&[], Vec::as_slice),
+    }
 }
 
-/// Two indexes kept in step. Per channel (found by name through `names`, kept
-/// in the `channels` slab so that a socket's link names it by a 4-byte id),
-/// its members; per socket id, its links. Each name is hashed once per call.
-pub(crate) struct Presence<O> {
+fn position(links: &Links, lists: &Lists, channel: u32) -> Option<usize> {
+    as_slice(links, lists)
+        .iter()
+        .position(|l| l.channel == channel)
+}
+
+/// Puts `link` in the `i`th link's place; the old one comes back.
+fn replace(links: &mut Links, lists: &mut Lists, i: usize, link: Link) -> Link {
+    match links {
+        Links::Empty => unreachable!("no link to replace"),
+        Links::One(old) => std::mem::replace(old, link),
+        Links::Many(id) => match lists.get_mut(*id) {
+            Some(list) => std::mem::replace(&mut list[i], link),
+            None => unreachable!("a live list"),
+        },
+    }
+}
+
+fn push(links: &mut Links, lists: &mut Lists, link: Link) {
+    match links {
+        Links::Empty => *links = Links::One(link),
+        Links::One(first) => *links = Links::Many(lists.insert(vec![*first, link])),
+        Links::Many(id) => {
+            if let Some(list) = lists.get_mut(*id) {
+                list.push(link);
+            }
+        }
+    }
+}
+
+/// Removes the `i`th link (which exists).
+fn remove(links: &mut Links, lists: &mut Lists, i: usize) -> Link {
+    match *links {
+        Links::Empty => unreachable!("no link to remove"),
+        Links::One(link) => {
+            *links = Links::Empty;
+            link
+        }
+        Links::Many(id) => {
+            let Some(list) = lists.get_mut(id) else {
+                unreachable!("a live list")
+            };
+            let link = list.swap_remove(i);
+            if list.len() == 1 {
+                *links = Links::One(list[0]);
+                lists.remove(id);
+            } else if list.capacity() > 8 && list.len() * 4 < list.capacity() {
+                list.shrink_to(list.len() * 2);
+            }
+            link
+        }
+    }
+}
+
+fn into_vec(links: Links, lists: &mut Lists) -> Vec<Link> {
+    match links {
+        Links::Empty => Vec::new(),
+        Links::One(link) => vec![link],
+        Links::Many(id) => lists.remove(id).unwrap_or_default(),
+    }
+}
+
+/// Entries found by a `u32` id, their slot's index; free slots are reused,
+/// and the room is given back as the slab empties from its end.
+struct Slab<T> {
+    slots: Vec<Option<T>>,
+    /// Empty slots, and (lazily dropped) ids past the end once it shrank.
+    free: Vec<u32>,
+    live: usize,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab {
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, value: T) -> u32 {
+        self.live += 1;
+        // Ids past the end went with a truncation; the slab only grows at
+        // its end once they are all dropped, so any id below it is free.
+        while let Some(id) = self.free.pop() {
+            if let Some(slot @ None) = self.slots.get_mut(id as usize) {
+                *slot = Some(value);
+                return id;
+            }
+        }
+        self.slots.push(Some(value));
+        u32::try_from(self.slots.len() - 1).expect("under 2^32 entries")
+    }
+
+    fn get(&self, id: u32) -> Option<&T> {
+        self.slots.get(id as usize).and_then(Option::as_ref)
+    }
+
+    fn get_mut(&mut self, id: u32) -> Option<&mut T> {
+        self.slots.get_mut(id as usize).and_then(Option::as_mut)
+    }
+
+    fn remove(&mut self, id: u32) -> Option<T> {
+        let value = self.slots.get_mut(id as usize)?.take()?;
+        self.live -= 1;
+        if self.live == 0 {
+            // Everything gone: give back the slots and the free list.
+            *self = Slab::default();
+            return Some(value);
+        }
+        self.free.push(id);
+        if id as usize + 1 == self.slots.len() {
+            while let Some(None) = self.slots.last() {
+                self.slots.pop();
+            }
+            if sparse(self.slots.len(), self.slots.capacity()) {
+                self.slots.shrink_to(self.slots.len() * 2);
+                let len = self.slots.len();
+                self.free.retain(|&f| (f as usize) < len);
+                self.free.shrink_to(self.free.len() * 2);
+            }
+        }
+        Some(value)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().flatten()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+}
+
+impl<T> std::ops::Index<u32> for Slab<T> {
+    type Output = T;
+
+    fn index(&self, id: u32) -> &T {
+        self.get(id).expect("a live slab id")
+    }
+}
+
+/// Per channel (found by name through `names`, kept in the `channels` slab
+/// so that a link names it by a 4-byte id), its members (kept in the
+/// `members` slab, likewise). Each socket's links, the other side of the
+/// index, are kept by the caller and handed in. Each name is hashed once
+/// per call.
+pub(crate) struct Presence {
     hasher: Hasher,
     /// Channel ids, hashed by their channel's name.
     names: HashTable<u32>,
-    channels: Vec<Option<Channel>>,
-    /// Empty slots of `channels`.
-    free: Vec<u32>,
-    sockets: HashMap<u64, Tracked<O>, Hasher>,
+    channels: Slab<Channel>,
+    members: Slab<Member>,
+    lists: Lists,
     /// (channel, member) pairs present: `stats()["presence_members"]`.
     pairs: usize,
 }
 
-// Not derived: that would ask for `O: Default`.
-impl<O> Default for Presence<O> {
+impl Default for Presence {
     fn default() -> Self {
         Presence {
             hasher: hasher(),
             names: HashTable::new(),
-            channels: Vec::new(),
-            free: Vec::new(),
-            sockets: HashMap::with_hasher(hasher()),
+            channels: Slab::default(),
+            members: Slab::default(),
+            lists: Slab::default(),
             pairs: 0,
         }
     }
@@ -187,253 +290,192 @@ fn sparse(len: usize, capacity: usize) -> bool {
 }
 
 /// The name of channel `id`, to hash it again as `names` grows or shrinks.
-fn name_of(channels: &[Option<Channel>], id: u32) -> &[u8] {
-    channels[id as usize].as_ref().map_or(&[], |c| &c.name[..])
+fn name_of(channels: &Slab<Channel>, id: u32) -> &[u8] {
+    channels.get(id).map_or(&[], |c| &c.name[..])
 }
 
-fn channel_slot(channels: &mut [Option<Channel>], id: u32) -> Option<&mut Channel> {
-    channels.get_mut(id as usize).and_then(Option::as_mut)
+/// The name of member `id`, to hash it again as its channel's table grows
+/// or shrinks.
+fn member_name(members: &Slab<Member>, id: u32) -> &str {
+    members.get(id).map_or("", |m| &m.name)
 }
 
 /// The id of the channel named `channel`, whose name hashes to `hash`.
 fn find_channel(
     names: &HashTable<u32>,
-    channels: &[Option<Channel>],
+    channels: &Slab<Channel>,
     hash: u64,
     channel: &[u8],
 ) -> Option<u32> {
     names
         .find(hash, |&id| {
-            channels[id as usize]
-                .as_ref()
-                .is_some_and(|c| c.name == channel)
+            channels.get(id).is_some_and(|c| c.name == channel)
         })
         .copied()
 }
 
-impl<O: Clone> Presence<O> {
-    /// Tracks socket `id` in `channel` as `member` with `info`, replacing
-    /// the member it was tracked as there; `owner` is kept for the socket
-    /// from its first track on. Returns whether `member` became present,
-    /// and appends the changes (the old member leaving, then the new one
-    /// joining) to `changes` with the owner they are reported to.
+impl Presence {
+    /// Tracks the socket whose memberships are `links` in `channel` as
+    /// `member` with `info`, replacing the member it was tracked as there.
+    /// Returns whether `member` became present, and appends the changes
+    /// (the old member leaving, then the new one joining) to `changes`.
     pub(crate) fn track(
         &mut self,
-        id: u64,
-        owner: &O,
+        links: &mut Links,
         channel: &[u8],
         member: &str,
         info: Option<Info>,
-        changes: &mut Vec<(O, Change)>,
+        changes: &mut Vec<Change>,
     ) -> bool {
         let Presence {
             hasher,
             names,
             channels,
-            free,
-            sockets,
+            members,
+            lists,
             pairs,
         } = self;
         let hash = hasher.hash_one(channel);
         let cid = match find_channel(names, channels, hash, channel) {
             Some(cid) => cid,
             None => {
-                let new = Channel {
+                let cid = channels.insert(Channel {
                     name: Bytes::copy_from_slice(channel),
                     members: HashTable::new(),
-                };
-                let cid = match free.pop() {
-                    Some(cid) => {
-                        channels[cid as usize] = Some(new);
-                        cid
-                    }
-                    None => {
-                        channels.push(Some(new));
-                        u32::try_from(channels.len() - 1).expect("under 2^32 channels")
-                    }
-                };
+                });
                 names.insert_unique(hash, cid, |&c| hasher.hash_one(name_of(channels, c)));
                 cid
             }
         };
-        let mut tracked = sockets.get_mut(&id);
-        let owner = tracked.as_ref().map_or(owner, |t| &t.owner).clone();
-        let previous = tracked.as_ref().and_then(|t| t.links.position(cid));
-        let Some(ch) = channel_slot(channels, cid) else {
-            unreachable!("a channel found or made above")
-        };
-        let member_hash = hasher.hash_one(member);
-        if let (Some(i), Some(t)) = (previous, &tracked) {
-            if &*t.links.as_slice()[i].member == member {
+        let previous = position(links, lists, cid);
+        if let Some(i) = previous {
+            let mid = as_slice(links, lists)[i].member;
+            if let Some(m) = members.get_mut(mid).filter(|m| &*m.name == member) {
                 // The same membership: only the info is new.
-                if let Some(m) = ch.members.find_mut(member_hash, |m| &*m.name == member) {
-                    m.info = info.map(Box::new);
-                }
+                m.info = info.map(Box::new);
                 return false;
             }
         }
+        let Some(ch) = channels.get_mut(cid) else {
+            unreachable!("a channel found or made above")
+        };
+        let member_hash = hasher.hash_one(member);
         // The join first, so that the old member's leave cannot empty (and
         // drop) the channel; the changes are queued in their order.
-        let (name, joined) = match ch.members.find_mut(member_hash, |m| &*m.name == member) {
-            Some(m) => {
+        let found = ch
+            .members
+            .find(member_hash, |&m| member_name(members, m) == member)
+            .copied();
+        let (mid, joined) = match found.and_then(|mid| Some((mid, members.get_mut(mid)?))) {
+            Some((mid, m)) => {
                 m.sockets += 1;
                 m.info = info.map(Box::new);
-                (m.name.clone(), false)
+                (mid, false)
             }
             None => {
-                let name = Arc::<str>::from(member);
-                ch.members.insert_unique(
-                    member_hash,
-                    Member {
-                        name: name.clone(),
-                        sockets: 1,
-                        info: info.map(Box::new),
-                    },
-                    |m| hasher.hash_one(&*m.name),
-                );
+                let mid = members.insert(Member {
+                    name: Arc::from(member),
+                    sockets: 1,
+                    info: info.map(Box::new),
+                });
+                ch.members.insert_unique(member_hash, mid, |&m| {
+                    hasher.hash_one(member_name(members, m))
+                });
                 *pairs += 1;
-                (name, true)
+                (mid, true)
             }
         };
         let channel_name = ch.name.clone();
         let link = Link {
             channel: cid,
-            member: name.clone(),
+            member: mid,
         };
-        match (previous, tracked.as_mut()) {
-            (Some(i), Some(t)) => {
-                let old = std::mem::replace(&mut t.links.as_mut_slice()[i], link);
-                if let Some(change) =
-                    Self::leave(hasher, names, channels, free, pairs, cid, &old.member)
-                {
-                    changes.push((owner.clone(), change));
-                }
+        match previous {
+            Some(i) => {
+                let old = replace(links, lists, i, link);
+                changes.extend(Self::leave(hasher, names, channels, members, pairs, old));
             }
-            (_, Some(t)) => t.links.push(link),
-            (_, None) => {
-                sockets.insert(
-                    id,
-                    Tracked {
-                        owner: owner.clone(),
-                        links: Links::One(link),
-                    },
-                );
-            }
+            None => push(links, lists, link),
         }
         if joined {
-            changes.push((
-                owner,
-                Change {
-                    channel: channel_name,
-                    member: name,
-                    joined: true,
-                },
-            ));
+            changes.push(Change {
+                channel: channel_name,
+                member: members[mid].name.clone(),
+                joined: true,
+            });
         }
         joined
     }
 
-    /// Untracks socket `id` from `channel`. Returns the change when its
-    /// member left (this was its last tracked socket there), with the owner
-    /// it is reported to; None when it stays, or `id` was not tracked there.
-    pub(crate) fn untrack(&mut self, id: u64, channel: &[u8]) -> Option<(O, Change)> {
+    /// Untracks the socket whose memberships are `links` from `channel`.
+    /// Returns the change when its member left (this was its last tracked
+    /// socket there); None when it stays, or the socket was not tracked
+    /// there.
+    pub(crate) fn untrack(&mut self, links: &mut Links, channel: &[u8]) -> Option<Change> {
+        if links.is_empty() {
+            return None;
+        }
         let Presence {
             hasher,
             names,
             channels,
-            free,
-            sockets,
+            members,
+            lists,
             pairs,
         } = self;
-        let tracked = sockets.get_mut(&id)?;
         let cid = find_channel(names, channels, hasher.hash_one(channel), channel)?;
-        let i = tracked.links.position(cid)?;
-        let owner = tracked.owner.clone();
-        let link = match tracked.links.remove(i) {
-            Some(link) => link,
-            None => {
-                let gone = sockets.remove(&id)?;
-                if sparse(sockets.len(), sockets.capacity()) {
-                    sockets.shrink_to(sockets.len() * 2);
-                }
-                match gone.links {
-                    Links::One(link) => link,
-                    Links::Many(_) => return None,
-                }
-            }
-        };
-        Self::leave(hasher, names, channels, free, pairs, cid, &link.member)
-            .map(|change| (owner, change))
+        let i = position(links, lists, cid)?;
+        let link = remove(links, lists, i);
+        Self::leave(hasher, names, channels, members, pairs, link)
     }
 
-    /// Untracks socket `id` from every channel; appends the members that
-    /// left, with the owner they are reported to.
-    pub(crate) fn remove(&mut self, id: u64, changes: &mut Vec<(O, Change)>) {
+    /// Untracks the socket whose memberships were `links` from every
+    /// channel; appends the members that left.
+    pub(crate) fn remove(&mut self, links: Links, changes: &mut Vec<Change>) {
         let Presence {
             hasher,
             names,
             channels,
-            free,
-            sockets,
+            members,
+            lists,
             pairs,
         } = self;
-        let Some(tracked) = sockets.remove(&id) else {
-            return;
-        };
-        if sparse(sockets.len(), sockets.capacity()) {
-            sockets.shrink_to(sockets.len() * 2);
-        }
-        for link in tracked.links.into_iter() {
-            if let Some(change) = Self::leave(
-                hasher,
-                names,
-                channels,
-                free,
-                pairs,
-                link.channel,
-                &link.member,
-            ) {
-                changes.push((tracked.owner.clone(), change));
-            }
+        for link in into_vec(links, lists) {
+            changes.extend(Self::leave(hasher, names, channels, members, pairs, link));
         }
     }
 
-    /// One socket of `member` in channel `cid` is gone; the change if it was
-    /// the last. The channel is dropped once it has no member.
+    /// One socket of the link's member is gone; the change if it was the
+    /// last. The channel is dropped once it has no member.
     fn leave(
         hasher: &Hasher,
         names: &mut HashTable<u32>,
-        channels: &mut Vec<Option<Channel>>,
-        free: &mut Vec<u32>,
+        channels: &mut Slab<Channel>,
+        members: &mut Slab<Member>,
         pairs: &mut usize,
-        cid: u32,
-        member: &Arc<str>,
+        link: Link,
     ) -> Option<Change> {
-        let ch = channel_slot(channels, cid)?;
-        let Ok(mut entry) = ch.members.find_entry(hasher.hash_one(&**member), |m| {
-            Arc::ptr_eq(&m.name, member) || m.name == *member
-        }) else {
-            return None;
-        };
-        entry.get_mut().sockets -= 1;
-        if entry.get().sockets > 0 {
+        let m = members.get_mut(link.member)?;
+        m.sockets -= 1;
+        if m.sockets > 0 {
             return None;
         }
-        let (gone, _) = entry.remove();
+        let gone = members.remove(link.member)?;
         *pairs -= 1;
+        let ch = channels.get_mut(link.channel)?;
+        if let Ok(entry) = ch
+            .members
+            .find_entry(hasher.hash_one(&*gone.name), |&m| m == link.member)
+        {
+            entry.remove();
+        }
         let channel = if ch.members.is_empty() {
             let hash = hasher.hash_one(&ch.name[..]);
-            if let Ok(entry) = names.find_entry(hash, |&c| c == cid) {
+            if let Ok(entry) = names.find_entry(hash, |&c| c == link.channel) {
                 entry.remove();
             }
-            let name = channels[cid as usize].take().map(|c| c.name)?;
-            free.push(cid);
-            if free.len() == channels.len() {
-                // Every channel gone: give back the slab and the name index.
-                channels.clear();
-                channels.shrink_to(0);
-                free.clear();
-                free.shrink_to(0);
+            let name = channels.remove(link.channel).map(|c| c.name)?;
+            if channels.is_empty() {
                 names.shrink_to(0, |_| 0);
             } else if sparse(names.len(), names.capacity()) {
                 names.shrink_to(names.len() * 2, |&c| hasher.hash_one(name_of(channels, c)));
@@ -441,8 +483,9 @@ impl<O: Clone> Presence<O> {
             name
         } else {
             if sparse(ch.members.len(), ch.members.capacity()) {
-                ch.members
-                    .shrink_to(ch.members.len() * 2, |m| hasher.hash_one(&*m.name));
+                ch.members.shrink_to(ch.members.len() * 2, |&m| {
+                    hasher.hash_one(member_name(members, m))
+                });
             }
             ch.name.clone()
         };
@@ -460,14 +503,17 @@ impl<O: Clone> Presence<O> {
             self.hasher.hash_one(channel),
             channel,
         )?;
-        self.channels[cid as usize].as_ref()
+        self.channels.get(cid)
+    }
+
+    fn entries<'a>(&'a self, ch: &'a Channel) -> impl Iterator<Item = &'a Member> + 'a {
+        ch.members.iter().filter_map(|&m| self.members.get(m))
     }
 
     /// The members present in `channel`, with their info.
     pub(crate) fn members(&self, channel: &[u8]) -> Members {
         self.channel(channel).map_or_else(Vec::new, |ch| {
-            ch.members
-                .iter()
+            self.entries(ch)
                 .map(|m| (m.name.clone(), m.info.as_deref().cloned()))
                 .collect()
         })
@@ -487,10 +533,9 @@ impl<O: Clone> Presence<O> {
     /// cluster node tells Redis it holds.
     pub(crate) fn snapshot(&self) -> Vec<(Bytes, Arc<str>, Option<Info>)> {
         let mut all = Vec::with_capacity(self.pairs);
-        for ch in self.channels.iter().flatten() {
+        for ch in self.channels.iter() {
             all.extend(
-                ch.members
-                    .iter()
+                self.entries(ch)
                     .map(|m| (ch.name.clone(), m.name.clone(), m.info.as_deref().cloned())),
             );
         }
@@ -500,8 +545,9 @@ impl<O: Clone> Presence<O> {
     #[cfg(test)]
     fn is_empty(&self) -> bool {
         self.names.is_empty()
-            && self.channels.is_empty()
-            && self.sockets.is_empty()
+            && self.channels.slots.capacity() == 0
+            && self.members.slots.capacity() == 0
+            && self.lists.slots.capacity() == 0
             && self.pairs == 0
     }
 }
@@ -515,11 +561,54 @@ mod tests {
     #[test]
     fn the_entries_stay_small() {
         assert_eq!(std::mem::size_of::<Member>(), 32);
-        assert_eq!(std::mem::size_of::<Links>(), 24);
-        assert_eq!(std::mem::size_of::<Tracked<Arc<()>>>(), 32);
+        assert_eq!(std::mem::size_of::<Option<Member>>(), 32);
+        assert_eq!(std::mem::size_of::<Link>(), 8);
+        assert_eq!(std::mem::size_of::<Links>(), 12);
     }
 
-    type Changes = Vec<(u32, Change)>;
+    /// The table with the sockets' links, as the hub keeps them: each
+    /// change comes back with the id of the socket that caused it.
+    #[derive(Default)]
+    struct Table {
+        p: Presence,
+        sockets: HashMap<u64, Links>,
+    }
+
+    type Changes = Vec<(u64, Change)>;
+
+    impl Table {
+        fn track(
+            &mut self,
+            id: u64,
+            channel: &[u8],
+            member: &str,
+            info: Option<Info>,
+            changes: &mut Changes,
+        ) -> bool {
+            let mut made = Vec::new();
+            let links = self.sockets.entry(id).or_default();
+            let joined = self.p.track(links, channel, member, info, &mut made);
+            changes.extend(made.into_iter().map(|c| (id, c)));
+            joined
+        }
+
+        fn untrack(&mut self, id: u64, channel: &[u8]) -> Option<(u64, Change)> {
+            let links = self.sockets.get_mut(&id)?;
+            self.p.untrack(links, channel).map(|c| (id, c))
+        }
+
+        fn remove(&mut self, id: u64, changes: &mut Changes) {
+            let mut made = Vec::new();
+            if let Some(links) = self.sockets.remove(&id) {
+                self.p.remove(links, &mut made);
+            }
+            changes.extend(made.into_iter().map(|c| (id, c)));
+        }
+
+        fn is_empty(&self) -> bool {
+            self.p.is_empty() && self.sockets.values().all(Links::is_empty)
+        }
+    }
 
     fn change(channel: &str, member: &str, joined: bool) -> Change {
         Change {
@@ -535,49 +624,49 @@ mod tests {
 
     #[test]
     fn a_member_is_present_while_any_of_its_sockets_is_tracked() {
-        let mut p = Presence::<u32>::default();
+        let mut t = Table::default();
         let mut changes = Changes::new();
-        assert!(p.track(1, &10, b"room", "ada", text("tab 1"), &mut changes));
-        assert!(!p.track(2, &20, b"room", "ada", text("tab 2"), &mut changes));
-        assert!(p.track(3, &30, b"room", "bob", None, &mut changes));
+        assert!(t.track(1, b"room", "ada", text("tab 1"), &mut changes));
+        assert!(!t.track(2, b"room", "ada", text("tab 2"), &mut changes));
+        assert!(t.track(3, b"room", "bob", None, &mut changes));
         assert_eq!(
             changes,
             vec![
-                (10, change("room", "ada", true)),
-                (30, change("room", "bob", true))
+                (1, change("room", "ada", true)),
+                (3, change("room", "bob", true))
             ]
         );
-        assert_eq!((p.count(b"room"), p.pairs()), (2, 2));
-        let mut members = p.members(b"room");
+        assert_eq!((t.p.count(b"room"), t.p.pairs()), (2, 2));
+        let mut members = t.p.members(b"room");
         members.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
             members,
             vec![("ada".into(), text("tab 2")), ("bob".into(), None)],
             "the info of the latest track"
         );
-        assert_eq!(p.untrack(1, b"room"), None, "tab 2 stays");
-        assert_eq!(p.untrack(1, b"room"), None, "no longer tracked");
-        assert_eq!(p.untrack(2, b"other"), None);
+        assert_eq!(t.untrack(1, b"room"), None, "tab 2 stays");
+        assert_eq!(t.untrack(1, b"room"), None, "no longer tracked");
+        assert_eq!(t.untrack(2, b"other"), None);
         assert_eq!(
-            p.untrack(2, b"room"),
-            Some((20, change("room", "ada", false)))
+            t.untrack(2, b"room"),
+            Some((2, change("room", "ada", false)))
         );
-        assert_eq!(p.count(b"room"), 1);
+        assert_eq!(t.p.count(b"room"), 1);
         changes.clear();
-        p.remove(3, &mut changes);
-        assert_eq!(changes, vec![(30, change("room", "bob", false))]);
-        assert!(p.is_empty(), "every channel and socket forgotten");
-        assert_eq!((p.count(b"room"), p.members(b"room")), (0, vec![]));
+        t.remove(3, &mut changes);
+        assert_eq!(changes, vec![(3, change("room", "bob", false))]);
+        assert!(t.is_empty(), "every channel and socket forgotten");
+        assert_eq!((t.p.count(b"room"), t.p.members(b"room")), (0, vec![]));
     }
 
     #[test]
     fn tracking_again_replaces_the_member_and_info() {
-        let mut p = Presence::<u32>::default();
+        let mut t = Table::default();
         let mut changes = Changes::new();
-        p.track(1, &1, b"c", "ada", None, &mut changes);
-        assert!(!p.track(1, &1, b"c", "ada", text("away"), &mut changes));
-        assert_eq!(p.members(b"c"), vec![("ada".into(), text("away"))]);
-        assert!(p.track(1, &1, b"c", "bob", None, &mut changes));
+        t.track(1, b"c", "ada", None, &mut changes);
+        assert!(!t.track(1, b"c", "ada", text("away"), &mut changes));
+        assert_eq!(t.p.members(b"c"), vec![("ada".into(), text("away"))]);
+        assert!(t.track(1, b"c", "bob", None, &mut changes));
         assert_eq!(
             changes,
             vec![
@@ -586,29 +675,69 @@ mod tests {
                 (1, change("c", "bob", true))
             ]
         );
-        assert_eq!((p.count(b"c"), p.pairs()), (1, 1));
-        // The owner is the first track's: a socket resolves to one connection.
+        assert_eq!((t.p.count(b"c"), t.p.pairs()), (1, 1));
         changes.clear();
-        p.track(1, &99, b"d", "bob", None, &mut changes);
-        assert_eq!(changes, vec![(1, change("d", "bob", true))]);
+        t.track(1, b"d", "bob", None, &mut changes);
+        t.track(1, b"e", "bob", None, &mut changes);
+        assert_eq!(
+            changes,
+            vec![(1, change("d", "bob", true)), (1, change("e", "bob", true))]
+        );
+        assert!(matches!(t.sockets[&1], Links::Many(_)));
+        assert_eq!(t.untrack(1, b"d"), Some((1, change("d", "bob", false))));
         changes.clear();
-        p.remove(1, &mut changes);
+        t.remove(1, &mut changes);
         changes.sort_by(|a, b| a.1.channel.cmp(&b.1.channel));
         assert_eq!(
             changes,
             vec![
                 (1, change("c", "bob", false)),
-                (1, change("d", "bob", false))
+                (1, change("e", "bob", false))
             ]
         );
-        assert!(p.is_empty());
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn slabs_reuse_free_slots_and_give_back_their_room() {
+        let mut t = Table::default();
+        let mut changes = Changes::new();
+        for id in 0..1000u64 {
+            t.track(id, b"c", &format!("m{id}"), None, &mut changes);
+        }
+        let grown = t.p.members.slots.capacity();
+        for id in 0..10u64 {
+            t.untrack(id, b"c");
+        }
+        for id in 0..10u64 {
+            t.track(id, b"c", &format!("n{id}"), None, &mut changes);
+        }
+        assert_eq!(t.p.members.slots.len(), 1000, "freed slots reused");
+        // Emptied from the end, the slab shrinks as it goes.
+        for id in (10..1000u64).rev() {
+            t.untrack(id, b"c");
+        }
+        assert_eq!(t.p.count(b"c"), 10);
+        assert!(t.p.members.slots.capacity() < grown / 4);
+        for id in 1000..1100u64 {
+            t.track(id, b"c", &format!("m{id}"), None, &mut changes);
+        }
+        assert_eq!(t.p.count(b"c"), 110);
+        let mut got: Vec<Arc<str>> = t.p.members(b"c").into_iter().map(|m| m.0).collect();
+        got.sort_unstable();
+        got.dedup();
+        assert_eq!(got.len(), 110, "no member lost nor doubled");
+        for id in (0..10u64).chain(1000..1100) {
+            t.remove(id, &mut changes);
+        }
+        assert!(t.is_empty());
     }
 
     /// Random operations against a model: the counts, the pairs and the
     /// alternation of each (channel, member)'s changes always agree.
     #[test]
     fn random_operations_keep_the_indexes_in_step() {
-        let mut p = Presence::<u64>::default();
+        let mut t = Table::default();
         let mut model: HashMap<(u64, u8), &str> = HashMap::new();
         let mut present: HashMap<(u8, Arc<str>), bool> = HashMap::new();
         let members = ["a", "b", "c"];
@@ -625,15 +754,15 @@ mod tests {
             match next() % 4 {
                 0 | 1 => {
                     let member = members[(next() % 3) as usize];
-                    p.track(socket, &socket, &[channel], member, None, &mut changes);
+                    t.track(socket, &[channel], member, None, &mut changes);
                     model.insert((socket, channel), member);
                 }
                 2 => {
-                    changes.extend(p.untrack(socket, &[channel]));
+                    changes.extend(t.untrack(socket, &[channel]));
                     model.remove(&(socket, channel));
                 }
                 _ => {
-                    p.remove(socket, &mut changes);
+                    t.remove(socket, &mut changes);
                     model.retain(|&(s, _), _| s != socket);
                 }
             }
@@ -653,12 +782,16 @@ mod tests {
                 expected.sort_unstable();
                 expected.dedup();
                 let mut got: Vec<Arc<str>> =
-                    p.members(&[channel]).into_iter().map(|(m, _)| m).collect();
+                    t.p.members(&[channel])
+                        .into_iter()
+                        .map(|(m, _)| m)
+                        .collect();
                 got.sort_unstable();
-                assert_eq!(got.len(), p.count(&[channel]));
+                assert_eq!(got.len(), t.p.count(&[channel]));
                 assert_eq!(got.iter().map(|m| &**m).collect::<Vec<_>>(), expected);
             }
-            assert_eq!(p.pairs(), present.values().filter(|&&p| p).count());
+            assert_eq!(t.p.pairs(), present.values().filter(|&&p| p).count());
+            assert_eq!(t.p.members.live, t.p.pairs());
         }
     }
 }
