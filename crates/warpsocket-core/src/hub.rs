@@ -77,6 +77,9 @@ pub(crate) trait PresenceSink: Send + Sync {
     fn left(&self, socket: &Arc<Socket>, change: PresenceChange) -> Answer;
     /// Waits (bounded) for an answer: false if none came.
     fn wait(&self, answer: Answer) -> bool;
+    /// A change could not be handed over (no worker to hear of it): the
+    /// cluster is told everything this process holds again.
+    fn resync(&self);
 }
 
 /// A [`PresenceSink`]'s verdict to come; disconnected when it has none.
@@ -263,6 +266,9 @@ impl Hub {
         let Some(owner) = owner else {
             for change in changes {
                 log::debug!(target: "warpsocket", "presence change with no worker to report it: {change:?}");
+            }
+            if let Some(sink) = sink {
+                sink.resync();
             }
             return;
         };

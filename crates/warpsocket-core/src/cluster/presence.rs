@@ -306,6 +306,10 @@ impl PresenceSink for Sink {
     fn wait(&self, answer: Answer) -> bool {
         answer.recv_timeout(REDIS_TIMEOUT).unwrap_or(false)
     }
+
+    fn resync(&self) {
+        self.resync.store(true, Ordering::Release);
+    }
 }
 
 /// A node's presence task and the sink that feeds it.
