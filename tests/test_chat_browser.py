@@ -427,16 +427,9 @@ def test_the_page_reconnects_to_a_restarted_server(chat_server, start_server, op
 
 
 @pytest.fixture
-def redis(browser_tools, tmp_path):
-    from helpers import REDIS_CLI, REDIS_SERVER, Redis
-
-    if REDIS_SERVER is None or REDIS_CLI is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server is not installed")
-    server = Redis(tmp_path)
-    yield server
-    server.kill()
+def redis(browser_tools, redis):
+    """conftest's redis-server, started once the browser tools are known to be there."""
+    return redis
 
 
 @pytest.fixture

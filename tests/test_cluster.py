@@ -149,24 +149,37 @@ class Client:
 # --------------------------------------------------------------------------
 
 
+class Nodes:
+    """The node processes and clients of one test: ``nodes(count, *options) -> [Node, ...]``,
+    ``nodes.client(node) -> Client``; :meth:`stop` ends them all (a fixture's teardown)."""
+
+    def __init__(self, worker, url):
+        self.worker, self.url = worker, url
+        self.started, self.clients = [], []
+
+    def __call__(self, count, *options):
+        new = [Node(self.worker, self.url, *options) for _ in range(count)]
+        self.started.extend(new)
+        return new
+
+    def client(self, node):
+        self.clients.append(Client(node))
+        return self.clients[-1]
+
+    def stop(self):
+        for client in self.clients:
+            with contextlib.suppress(Exception):
+                client.close()
+        for node in self.started:
+            node.stop()
+
+
 @pytest.fixture
 def cluster(redis, write_worker):
     """``cluster(n) -> [Node, ...]``: n nodes on ``redis``; every node and client stops at teardown."""
-    worker = write_worker(CONTROL_WORKER, name="control_worker.py")
-    nodes, clients = [], []
-
-    def _start(count):
-        started = [Node(worker, redis.url) for _ in range(count)]
-        nodes.extend(started)
-        return started
-
-    _start.client = lambda node: clients.append(Client(node)) or clients[-1]
-    yield _start
-    for client in clients:
-        with contextlib.suppress(Exception):
-            client.close()
-    for node in nodes:
-        node.stop()
+    nodes = Nodes(write_worker(CONTROL_WORKER, name="control_worker.py"), redis.url)
+    yield nodes
+    nodes.stop()
 
 
 def wait_listeners(redis, channel, count):

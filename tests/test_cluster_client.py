@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import warpsocket
 from helpers import free_port, wait_for, wait_no_warpsocket_threads
-from test_cluster import CONTROL_WORKER, Client, Node, assert_nothing_more, wait_listeners
+from test_cluster import CONTROL_WORKER, Nodes, assert_nothing_more, wait_listeners
 from test_cluster_history import stamped, wait_history_listeners
 from websockets.exceptions import ConnectionClosed
 
@@ -38,20 +38,15 @@ def client_threads():
 @pytest.fixture
 def node(redis, write_worker):
     """``node() -> Node`` on ``redis`` with history on ``room:``; nodes and clients stop at teardown."""
-    worker = write_worker(CONTROL_WORKER, name="control_worker.py")
-    nodes, clients = [], []
+    pool = Nodes(write_worker(CONTROL_WORKER, name="control_worker.py"), redis.url)
 
     def _start():
-        nodes.append(Node(worker, redis.url, "--history", "room:=100/300"))
-        return nodes[-1]
+        (started,) = pool(1, "--history", "room:=100/300")
+        return started
 
-    _start.client = lambda started: clients.append(Client(started)) or clients[-1]
+    _start.client = pool.client
     yield _start
-    for client in clients:
-        with contextlib.suppress(Exception):
-            client.close()
-    for started in nodes:
-        started.stop()
+    pool.stop()
 
 
 @pytest.fixture

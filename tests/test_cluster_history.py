@@ -7,14 +7,13 @@ Nodes are ``python -m warpsocket`` processes with the control worker of test_clu
 
 from __future__ import annotations
 
-import contextlib
 import random
 import re
 import threading
 
 import pytest
 from helpers import wait_for
-from test_cluster import CONTROL_WORKER, Client, Node
+from test_cluster import CONTROL_WORKER, Nodes
 
 WORKER = (
     CONTROL_WORKER
@@ -35,21 +34,14 @@ STAMP = re.compile(r"(\d+):(.*)", re.DOTALL)
 @pytest.fixture
 def nodes(redis, write_worker):
     """``nodes(n, size=1000) -> [Node, ...]`` with history on ``room:``; all stopped at teardown."""
-    worker = write_worker(WORKER, name="history_control_worker.py")
-    started, clients = [], []
+    pool = Nodes(write_worker(WORKER, name="history_control_worker.py"), redis.url)
 
     def _start(count, size=1000, ttl=300):
-        new = [Node(worker, redis.url, "--history", f"room:={size}/{ttl}") for _ in range(count)]
-        started.extend(new)
-        return new
+        return pool(count, "--history", f"room:={size}/{ttl}")
 
-    _start.client = lambda node: clients.append(Client(node)) or clients[-1]
+    _start.client = pool.client
     yield _start
-    for client in clients:
-        with contextlib.suppress(Exception):
-            client.close()
-    for node in started:
-        node.stop()
+    pool.stop()
 
 
 def listeners(redis, channel):

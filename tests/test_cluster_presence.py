@@ -17,7 +17,7 @@ import time
 import pytest
 import warpsocket
 from helpers import wait_for
-from test_cluster import CONTROL_WORKER, Client, Node, wait_listeners
+from test_cluster import CONTROL_WORKER, Nodes, wait_listeners
 
 PRESENCE_WORKER = (
     CONTROL_WORKER
@@ -33,21 +33,9 @@ def handle_presence(channel, member, joined):
 @pytest.fixture
 def nodes(redis, write_worker):
     """``nodes(n) -> [Node, ...]``; ``nodes.client(node)``; all stopped at teardown."""
-    worker = write_worker(PRESENCE_WORKER, name="presence_worker.py")
-    started, clients = [], []
-
-    def _start(count):
-        new = [Node(worker, redis.url) for _ in range(count)]
-        started.extend(new)
-        return new
-
-    _start.client = lambda node: clients.append(Client(node)) or clients[-1]
-    yield _start
-    for client in clients:
-        with contextlib.suppress(Exception):
-            client.close()
-    for node in started:
-        node.stop()
+    pool = Nodes(write_worker(PRESENCE_WORKER, name="presence_worker.py"), redis.url)
+    yield pool
+    pool.stop()
 
 
 class Events:
