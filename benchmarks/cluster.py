@@ -96,11 +96,15 @@ def free_port() -> int:
 
 
 class Redis:
-    def __init__(self, cpu: str, log_file):
+    """A throwaway ``redis-server`` with no persistence, on the CPUs ``cpu`` (a taskset
+    list; None: wherever the kernel puts it)."""
+
+    def __init__(self, cpu: str | None, log_file):
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        pin = ["taskset", "-c", cpu] if cpu is not None else []
         self.proc = subprocess.Popen(
-            ["taskset", "-c", cpu, shutil.which("redis-server") or "redis-server",
+            [*pin, shutil.which("redis-server") or "redis-server",
              "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip

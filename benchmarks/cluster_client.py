@@ -59,6 +59,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cluster import Redis  # noqa: E402 - redis-server started as the cluster benchmark starts it
+
 log = logging.getLogger("cluster_client")
 
 PLAIN = "bench"
@@ -250,13 +253,6 @@ async def receive_websockets(port: int, channels: list[str]) -> int:
 # --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for redis-server, which cannot take port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def cpu_s(pid: int | str, task: str | None = None) -> float:
     """User + system CPU seconds of a process (or of one of its threads)."""
     path = f"/proc/{pid}/task/{task}/stat" if task else f"/proc/{pid}/stat"
@@ -270,48 +266,6 @@ def client_thread() -> str:
         if (task / "comm").read_text().strip().startswith("warpsocket-cli"):
             return task.name
     raise RuntimeError("no warpsocket-client thread in this process")
-
-
-class Redis:
-    """A throwaway ``redis-server`` with no persistence."""
-
-    def __init__(self, log_file: Any) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        server = shutil.which("redis-server") or "redis-server"
-        self.proc = subprocess.Popen(
-            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while self.cli("PING") != "PONG":
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-
-    def cli(self, *args: str) -> str:
-        """``redis-cli`` output, stripped."""
-        done = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True)
-        return done.stdout.strip()
-
-    def calls(self) -> dict[str, tuple[int, int]]:
-        """``INFO commandstats``: command -> (calls, usec)."""
-        found = {}
-        for line in self.cli("INFO", "commandstats").splitlines():
-            if line.startswith("cmdstat_"):
-                name, rest = line[len("cmdstat_") :].split(":", 1)
-                fields = dict(kv.split("=", 1) for kv in rest.split(","))
-                found[name] = (int(fields["calls"]), int(fields["usec"]))
-        return found
-
-    def listeners(self, channel: str) -> int:
-        """Nodes listening on ``channel`` in Redis, plain or history."""
-        total = 0
-        for kind in "ch":
-            out = self.cli("PUBSUB", "NUMSUB", f"warpsocket:{kind}:{channel}").splitlines()
-            total += int(out[1]) if len(out) == 2 else 0
-        return total
 
 
 def wait(condition: Any, what: str, timeout: float = 60) -> Any:
@@ -330,7 +284,7 @@ class Setup:
     def __init__(self, workdir: Path, node_args: list[str], receiver: str) -> None:
         self.procs: list[subprocess.Popen[Any]] = []
         self.redis_log = open(workdir / "redis.log", "w")  # noqa: SIM115 (closed in stop)
-        self.redis = Redis(self.redis_log)
+        self.redis = Redis(None, self.redis_log)
         self.procs.append(self.redis.proc)
         worker = workdir / "bench_worker.py"
         worker.write_text(WORKER)
