@@ -18,8 +18,8 @@ from .supervisor import Supervisor
 from .worker import Worker
 
 if TYPE_CHECKING:
-    # Imported when metrics are on: prometheus_client brings http.client, ssl and
-    # OpenSSL's libraries with it, ~4 MiB of resident memory a server without
+    # Imported when metrics are on: prometheus_client brings http.client, email,
+    # wsgiref and urllib with it, ~3 MiB of resident memory that a server without
     # metrics has no use for (docs/benchmarks.md, "Issue 29: memory under load").
     from .metrics import MetricsServer
 
