@@ -11,8 +11,6 @@ send to sockets.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from ._core import (
     close,
     create_virtual_socket,
@@ -38,10 +36,25 @@ from .config import History
 from .server import Server, run, start, stats
 from .worker import WorkerRetired
 
-try:
-    __version__ = version("warpsocket")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+
+def __getattr__(name: str) -> str:
+    """``__version__``, read from the installed package's metadata when first asked for.
+
+    Not at import: ``importlib.metadata`` brings email, zipfile and csv with it, ~2 MiB
+    of resident memory in every server process (docs/benchmarks.md, "Issue 29: memory
+    under load").
+    """
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("warpsocket")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        found = "0.0.0"
+    globals()["__version__"] = found
+    return found
+
 
 __all__ = [
     "CloseCode",

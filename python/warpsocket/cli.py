@@ -9,7 +9,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
 from ._core import DEFAULT_BIND
 from .config import TUNABLES, default_threads
 from .server import run
@@ -31,13 +30,35 @@ class _Collect(argparse.Action):
         setattr(namespace, self.dest, collected)
 
 
+class _Version(argparse.Action):
+    """``--version``, looked up when asked for rather than when the parser is built.
+
+    Reading the package's metadata costs every server ~2 MiB of memory.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        from . import __version__
+
+        sys.stdout.write(f"{parser.prog} {__version__}\n")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser; every tunable of ``start()`` is a ``--flag``."""
     parser = argparse.ArgumentParser(
         prog="warpsocket",
         description="Run a WarpSocket server with the given worker module until SIGINT/SIGTERM.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     parser.add_argument("worker", help="worker module: a .py file path or an importable module name")
     parser.add_argument(
         "--bind",

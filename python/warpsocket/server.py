@@ -8,15 +8,20 @@ import signal
 import threading
 import time
 from types import FrameType, TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from . import _core, logbridge
 from .addresses import format_address
 from .config import Options, check_seconds, takes_options
-from .metrics import MetricsServer
 from .stats import Stats, WorkerStats
 from .supervisor import Supervisor
 from .worker import Worker
+
+if TYPE_CHECKING:
+    # Imported when metrics are on: prometheus_client brings http.client, email,
+    # wsgiref and urllib with it, ~3 MiB of resident memory that a server without
+    # metrics has no use for (docs/benchmarks.md, "Issue 29: memory under load").
+    from .metrics import MetricsServer
 
 logger = logging.getLogger("warpsocket")
 
@@ -302,6 +307,8 @@ def _start(options: Options) -> Server:
         # Bound first, the cheapest thing to undo; /healthz says 503 until serving.
         metrics = None
         if options.metrics_bind is not None:
+            from .metrics import MetricsServer
+
             metrics = MetricsServer(options.metrics_bind, stats, serving=False)
         try:
             if options.cluster is not None:

@@ -221,6 +221,7 @@ impl<S> Turns<S> {
         batch.extend(self.fresh.drain(..fresh));
         self.len -= fresh;
         if !self.fresh.is_empty() {
+            shrink_drained(&mut self.fresh);
             return;
         }
         let room = max - fresh;
@@ -228,6 +229,7 @@ impl<S> Turns<S> {
             if front.len() > room {
                 batch.extend(front.drain(..room));
                 self.len -= room;
+                shrink_drained(front);
                 return;
             }
             self.len -= front.len();
@@ -254,6 +256,25 @@ impl<S> Turns<S> {
         });
     }
 }
+
+/// A buffer being drained a batch at a time gives back its room beyond twice
+/// what it still holds, once that is more than four times (and more than
+/// [`KEPT_ROOM`] events): a turn of one event per connection fills a buffer
+/// of that size while the next turn fills another, and each kept its full
+/// room until emptied, so a closed loop of 10,000 connections held three or
+/// four 16,384-event buffers (~2.4 MiB) for ~10,000 events
+/// (docs/benchmarks.md, "Issue 29: memory under load"). Shrinking is a
+/// `realloc` in place; the batches' hysteresis makes it one per several.
+fn shrink_drained<T>(buffer: &mut Vec<T>) {
+    let held = buffer.len();
+    if buffer.capacity() > KEPT_ROOM && buffer.capacity() > 4 * held {
+        buffer.shrink_to((2 * held).max(KEPT_ROOM));
+    }
+}
+
+/// Events' room a drained buffer always keeps (48 KiB): no `realloc` for
+/// the turns of a queue that is not deep.
+const KEPT_ROOM: usize = 1_024;
 
 /// Emptied turn buffers a queue keeps (a connection's backlog is at most
 /// [`PAUSE_READING_AT`] turns and a few held events).
@@ -696,6 +717,24 @@ mod tests {
     }
 
     #[test]
+    fn a_drained_buffer_gives_back_room_beyond_twice_what_it_holds() {
+        let mut buffer: Vec<u64> = Vec::with_capacity(16_384);
+        buffer.extend(0..10_000);
+        buffer.drain(..5_000);
+        shrink_drained(&mut buffer);
+        // 5,000 held in 16,384: not yet four times.
+        assert_eq!(buffer.capacity(), 16_384);
+        buffer.drain(..4_000);
+        shrink_drained(&mut buffer);
+        assert!(buffer.capacity() >= 2_000 && buffer.capacity() < 4_000);
+        assert_eq!(buffer, (9_000..10_000).collect::<Vec<_>>());
+        // Never below the room kept for a queue that is not deep.
+        buffer.drain(..999);
+        shrink_drained(&mut buffer);
+        assert!(buffer.capacity() >= KEPT_ROOM);
+    }
+
+    #[test]
     fn the_queue_keeps_its_buffers_between_batches_but_not_after_a_burst() {
         let workers = Workers::<Conn>::default();
         let q = workers.add().unwrap();
@@ -732,8 +771,9 @@ mod tests {
                 );
                 seen += 1;
             }
-            // Drained in place: no buffer was given away or grown.
-            assert_eq!(capacity(&q), grown);
+            // Drained in place: no buffer was grown; room beyond twice what
+            // a buffer still holds went back (`shrink_drained`).
+            assert!(capacity(&q) <= grown);
             q.settle();
         }
         assert_eq!(q.queue_depth(), 0);
