@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
@@ -19,7 +18,7 @@ use crate::admission::Handshake;
 use crate::clock;
 use crate::context::LiveGuard;
 use crate::dispatch::{Payload, ReadAt, PAUSE_READING_AT, RESUME_READING_AT};
-use crate::frame::{self, close_code, Decoder, Incoming, Kind};
+use crate::frame::{self, close_code, Decoder, FrameBytes, Incoming, Kind};
 use crate::lifecycle::{Closer, Lifecycle};
 use crate::read_buffer;
 use crate::socket::Socket;
@@ -95,7 +94,7 @@ impl Future for Task {
 /// Frames taken from the outbox and not yet fully written.
 #[derive(Default)]
 struct Writer {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<FrameBytes>,
     /// Bytes of the front frame already written.
     offset: usize,
 }
@@ -535,7 +534,7 @@ mod tests {
                 vec![(i % 251) as u8; 100]
             };
             sent.extend_from_slice(&frame);
-            writer.frames.push_back(Bytes::from(frame));
+            writer.frames.push_back(FrameBytes::copy_from_slice(&frame));
         }
         // Its own task: the client reads while TCP takes the records.
         let writing = tokio::spawn(async move {

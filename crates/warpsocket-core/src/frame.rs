@@ -1,7 +1,8 @@
 //! WebSocket frames (RFC 6455 §5).
 //!
-//! Server frames are never masked, so a message is encoded once into a [`Bytes`]
-//! and every recipient's outbox holds a reference to the same allocation.
+//! Server frames are never masked, so a message is encoded once into a
+//! [`FrameBytes`] and every recipient's outbox holds a reference to the same
+//! allocation.
 //! Client frames go through [`Decoder`], a sans-I/O state machine: it is fed
 //! whatever the socket produced and emits whole messages and control frames,
 //! or the close code the connection must be failed with. Header parsing is
@@ -17,11 +18,11 @@ use std::fmt;
 use std::io::Cursor;
 use std::ops::RangeInclusive;
 
-use bytes::{BufMut, Bytes, BytesMut};
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
 use crate::deflate::{self, InflateError};
+pub use crate::frame_bytes::FrameBytes;
 
 /// Close codes the server sends (docs/api.md#close-codes).
 pub mod close_code {
@@ -53,6 +54,9 @@ const MAX_CONTROL_PAYLOAD: u64 = 125;
 /// Most bytes of UTF-8 a close reason may have: the rest of a close frame's
 /// payload after the 2-byte code.
 pub const MAX_CLOSE_REASON: usize = MAX_CONTROL_PAYLOAD as usize - 2;
+
+/// The longest header of an unmasked frame: two bytes and a 64-bit length.
+const MAX_HEADER: usize = 10;
 
 /// Codes a close frame may carry (RFC 6455 §7.4): those defined for use on
 /// the wire, and the ranges for libraries and applications.
@@ -127,7 +131,7 @@ impl Kind {
 }
 
 /// Encodes one unfragmented, unmasked frame: `prefix` then `payload` as its payload.
-fn encode_parts(opcode: OpCode, prefix: &[u8], payload: &[u8]) -> Bytes {
+fn encode_parts(opcode: OpCode, prefix: &[u8], payload: &[u8]) -> FrameBytes {
     let header = FrameHeader {
         is_final: true,
         opcode,
@@ -136,24 +140,23 @@ fn encode_parts(opcode: OpCode, prefix: &[u8], payload: &[u8]) -> Bytes {
     encode_frame(&header, prefix, payload)
 }
 
-fn encode_frame(header: &FrameHeader, prefix: &[u8], payload: &[u8]) -> Bytes {
+fn encode_frame(header: &FrameHeader, prefix: &[u8], payload: &[u8]) -> FrameBytes {
     let len = (prefix.len() + payload.len()) as u64;
-    let mut buf = BytesMut::with_capacity(header.len(len) + len as usize);
-    let mut writer = (&mut buf).writer();
-    // Writing into a BytesMut cannot fail.
-    let _ = header.format(len, &mut writer);
-    buf.put_slice(prefix);
-    buf.put_slice(payload);
-    buf.freeze()
+    let mut head = [0u8; MAX_HEADER];
+    let mut cursor = Cursor::new(&mut head[..]);
+    // A header is at most MAX_HEADER bytes: writing it here cannot fail.
+    let _ = header.format(len, &mut cursor);
+    let used = cursor.position() as usize;
+    FrameBytes::from_parts(&[&head[..used], prefix, payload])
 }
 
 /// Encodes a text or binary message as one frame.
-pub fn encode_message(kind: Kind, payload: &[u8]) -> Bytes {
+pub fn encode_message(kind: Kind, payload: &[u8]) -> FrameBytes {
     encode_parts(kind.opcode(), &[], payload)
 }
 
 /// Encodes a message with `prefix` prepended to its payload (virtual sockets).
-pub fn encode_prefixed(kind: Kind, prefix: &[u8], payload: &[u8]) -> Bytes {
+pub fn encode_prefixed(kind: Kind, prefix: &[u8], payload: &[u8]) -> FrameBytes {
     encode_parts(kind.opcode(), prefix, payload)
 }
 
@@ -162,7 +165,7 @@ pub fn encode_prefixed(kind: Kind, prefix: &[u8], payload: &[u8]) -> Bytes {
 /// go out uncompressed (short, or it did not get smaller). The frame is the
 /// same for every recipient that negotiated compression and for which
 /// [`deflate::Negotiated::fits_window`] holds.
-pub fn encode_compressed(kind: Kind, prefix: &[u8], payload: &[u8]) -> Option<Bytes> {
+pub fn encode_compressed(kind: Kind, prefix: &[u8], payload: &[u8]) -> Option<FrameBytes> {
     deflate::compress(prefix, payload, |compressed| {
         let header = FrameHeader {
             is_final: true,
@@ -177,7 +180,7 @@ pub fn encode_compressed(kind: Kind, prefix: &[u8], payload: &[u8]) -> Option<By
 /// Encodes a close frame. A reason longer than [`MAX_CLOSE_REASON`] (which
 /// [`check_close_reason`] refuses) is cut at a character boundary so the
 /// payload stays within the 125 bytes a control frame may carry.
-pub fn encode_close(code: u16, reason: &str) -> Bytes {
+pub fn encode_close(code: u16, reason: &str) -> FrameBytes {
     let mut cut = reason.len().min(MAX_CLOSE_REASON);
     while !reason.is_char_boundary(cut) {
         cut -= 1;
@@ -190,15 +193,15 @@ pub fn encode_close(code: u16, reason: &str) -> Bytes {
 }
 
 /// Encodes an empty close frame (the reply to a close frame without a code).
-pub fn encode_empty_close() -> Bytes {
+pub fn encode_empty_close() -> FrameBytes {
     encode_parts(OpCode::Control(Control::Close), &[], &[])
 }
 
-pub fn encode_ping(payload: &[u8]) -> Bytes {
+pub fn encode_ping(payload: &[u8]) -> FrameBytes {
     encode_parts(OpCode::Control(Control::Ping), &[], payload)
 }
 
-pub fn encode_pong(payload: &[u8]) -> Bytes {
+pub fn encode_pong(payload: &[u8]) -> FrameBytes {
     encode_parts(OpCode::Control(Control::Pong), &[], payload)
 }
 

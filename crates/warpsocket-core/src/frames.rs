@@ -9,10 +9,8 @@
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 
-use bytes::Bytes;
-
 use crate::deflate::MIN_COMPRESS_SIZE;
-use crate::frame::{self, Kind};
+use crate::frame::{self, FrameBytes, Kind};
 use crate::registry::Prefix;
 use crate::socket::Socket;
 use crate::stats::Counters;
@@ -38,8 +36,8 @@ pub(crate) struct Frames<'a> {
 /// One message's frame, and its compressed frame once a recipient wanted it
 /// (`Some(None)`: it was not worth compressing).
 struct Forms {
-    plain: Bytes,
-    compressed: Option<Option<Bytes>>,
+    plain: FrameBytes,
+    compressed: Option<Option<FrameBytes>>,
 }
 
 impl<'a> Frames<'a> {
@@ -67,7 +65,7 @@ impl<'a> Frames<'a> {
     }
 
     /// The frame for `socket`, reached through a virtual socket with `prefix`.
-    pub(crate) fn for_socket(&mut self, socket: &Socket, prefix: Option<Prefix>) -> &Bytes {
+    pub(crate) fn for_socket(&mut self, socket: &Socket, prefix: Option<Prefix>) -> &FrameBytes {
         let Frames {
             kind,
             stamp,
@@ -106,7 +104,7 @@ impl<'a> Frames<'a> {
 }
 
 impl Forms {
-    fn new(plain: Bytes) -> Self {
+    fn new(plain: FrameBytes) -> Self {
         Forms {
             plain,
             compressed: None,

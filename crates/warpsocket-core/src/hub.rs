@@ -974,6 +974,7 @@ mod tests {
     use std::collections::VecDeque;
 
     use super::*;
+    use crate::frame::FrameBytes;
     use crate::socket::Workers;
 
     struct Fixture {
@@ -1031,14 +1032,14 @@ mod tests {
     }
 
     /// The frames queued for a socket, as they are.
-    fn taken(socket: &Socket) -> Vec<Bytes> {
+    fn taken(socket: &Socket) -> Vec<FrameBytes> {
         let mut frames = VecDeque::new();
         socket.take(&mut frames, false);
         frames.into()
     }
 
     /// The payload of a compressed frame (RSV1 set), inflated.
-    fn inflated(frame: &Bytes) -> Vec<u8> {
+    fn inflated(frame: &FrameBytes) -> Vec<u8> {
         assert_eq!(frame[0] & 0x40, 0x40, "RSV1 marks it compressed");
         let start = match frame[1] {
             126 => 4,
@@ -1094,7 +1095,7 @@ mod tests {
         // Every compressed frame of one form is the same allocation (the order in
         // which a socket got the direct and the prefixed copy follows the channel's).
         let prefixed_payload = format!("v:{payload}");
-        let mut forms: Vec<(Vec<u8>, Bytes)> = Vec::new();
+        let mut forms: Vec<(Vec<u8>, FrameBytes)> = Vec::new();
         for socket in &deflating {
             for frame in taken(socket) {
                 let inflated = inflated(&frame);

@@ -19,7 +19,8 @@
 //!    machine), `static_files`, `read_buffer`, `handshake`, `admission`
 //!    (who may hold a handshake slot), then `limits` (connection caps and
 //!    message rates, which a socket carries),
-//!    `deflate`, then `frame`, then `history` (history channels' offsets
+//!    `deflate`, `frame_bytes` (an encoded frame's shared bytes), then
+//!    `frame`, then `history` (history channels' offsets
 //!    and kept messages), then `config` (a server's settings, its history
 //!    policies included);
 //! 2. `verdict` (the upgrade's question and answer), `dispatch` (the worker
@@ -53,6 +54,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod errors;
 pub mod frame;
+mod frame_bytes;
 mod frames;
 pub mod handshake;
 pub mod history;

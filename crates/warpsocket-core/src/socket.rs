@@ -10,12 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::deflate::Negotiated;
 use crate::dispatch::{self, Backlog, RESUME_READING_AT};
-use crate::frame::{self, close_code};
+use crate::frame::{self, close_code, FrameBytes};
 use crate::keepalive::Keepalive;
 use crate::lifecycle::{Closer, Lifecycle};
 use crate::limits::RateLimit;
@@ -30,7 +29,7 @@ pub type Event = dispatch::Event<Socket>;
 struct Outbox {
     /// Only appended to and taken whole, so a `Vec` (the writer's side is a
     /// `VecDeque`, made from it without copying).
-    frames: Vec<Bytes>,
+    frames: Vec<FrameBytes>,
     /// Bytes queued and not yet written, including frames the writer holds.
     queued: usize,
     /// The connection's task while it waits for [`Socket::poll_woken`].
@@ -116,7 +115,7 @@ impl Socket {
     }
 
     /// Queues an encoded frame for this connection.
-    pub fn send(&self, frame: &Bytes) -> Queued {
+    pub fn send(&self, frame: &FrameBytes) -> Queued {
         let mut out = self.outbox.lock();
         if !out.life.accepts_frames() {
             return Queued::No;
@@ -159,7 +158,7 @@ impl Socket {
 
     /// Asks for a close on behalf of `by`, queueing `frame` if no close was
     /// under way. Whether it was queued, and the state after.
-    pub(crate) fn request_close(&self, by: Closer, frame: Bytes) -> (bool, Lifecycle) {
+    pub(crate) fn request_close(&self, by: Closer, frame: FrameBytes) -> (bool, Lifecycle) {
         let mut out = self.outbox.lock();
         if !out.life.close(by) {
             return (false, out.life);
@@ -175,7 +174,7 @@ impl Socket {
     /// close of ours is under way). `reply` may be `None` when the caller's
     /// view is past `Active`: the outbox's state is too, so none is owed.
     /// Whether it was queued, and the state after.
-    pub(crate) fn peer_closed(&self, reply: Option<Bytes>) -> (bool, Lifecycle) {
+    pub(crate) fn peer_closed(&self, reply: Option<FrameBytes>) -> (bool, Lifecycle) {
         let mut out = self.outbox.lock();
         let owed = out.life.peer_closed();
         let life = out.life;
@@ -198,7 +197,7 @@ impl Socket {
     /// close, the frames the writer still holds are dropped first, except
     /// the front one when `keep_front` (it is partly written).
     /// Returns the state after: whether the writer now holds our close frame.
-    pub(crate) fn take(&self, into: &mut VecDeque<Bytes>, keep_front: bool) -> Lifecycle {
+    pub(crate) fn take(&self, into: &mut VecDeque<FrameBytes>, keep_front: bool) -> Lifecycle {
         let mut out = self.outbox.lock();
         if out.life.take() {
             into.truncate(usize::from(keep_front));
@@ -317,7 +316,7 @@ mod tests {
         (Socket::new(1, worker, max_backpressure), workers)
     }
 
-    fn is_close(frame: &Bytes) -> bool {
+    fn is_close(frame: &FrameBytes) -> bool {
         frame[0] & 0x0f == 0x8
     }
 
@@ -326,11 +325,23 @@ mod tests {
         for keep_front in [false, true] {
             let (socket, _workers) = new_socket(12);
             let mut writer = VecDeque::new();
-            assert_eq!(socket.send(&Bytes::from_static(b"first")), Queued::Yes);
+            assert_eq!(
+                socket.send(&FrameBytes::copy_from_slice(b"first")),
+                Queued::Yes
+            );
             assert_eq!(socket.take(&mut writer, false), Lifecycle::Active);
-            assert_eq!(socket.send(&Bytes::from_static(b"second")), Queued::Yes);
-            assert_eq!(socket.send(&Bytes::from_static(b"third")), Queued::Overflow);
-            assert_eq!(socket.send(&Bytes::from_static(b"late")), Queued::No);
+            assert_eq!(
+                socket.send(&FrameBytes::copy_from_slice(b"second")),
+                Queued::Yes
+            );
+            assert_eq!(
+                socket.send(&FrameBytes::copy_from_slice(b"third")),
+                Queued::Overflow
+            );
+            assert_eq!(
+                socket.send(&FrameBytes::copy_from_slice(b"late")),
+                Queued::No
+            );
             assert!(!socket.is_open());
             assert_eq!(
                 socket.take(&mut writer, keep_front),
@@ -390,9 +401,15 @@ mod tests {
     fn a_closed_socket_takes_nothing() {
         let (socket, _workers) = new_socket(1 << 20);
         let mut writer = VecDeque::new();
-        assert_eq!(socket.send(&Bytes::from_static(b"lost")), Queued::Yes);
+        assert_eq!(
+            socket.send(&FrameBytes::copy_from_slice(b"lost")),
+            Queued::Yes
+        );
         assert_eq!(socket.mark_closed(), Lifecycle::Terminated);
-        assert_eq!(socket.send(&Bytes::from_static(b"late")), Queued::No);
+        assert_eq!(
+            socket.send(&FrameBytes::copy_from_slice(b"late")),
+            Queued::No
+        );
         assert!(!socket.close(1000, ""));
         assert_eq!(socket.take(&mut writer, false), Lifecycle::Terminated);
         assert!(writer.is_empty());
