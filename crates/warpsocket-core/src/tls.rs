@@ -121,7 +121,7 @@ impl Tls {
 /// A connection's byte stream from the upgrade on: plain TCP, or TLS over it.
 pub(crate) enum Stream {
     Plain(TcpStream),
-    /// Boxed: rustls's state is about a kilobyte, and every connection's task
+    /// Boxed: rustls's state is about 1.1 KB, and every connection's task
     /// holds this inline (see connection.rs's size test).
     Tls(Box<TlsStream>),
 }

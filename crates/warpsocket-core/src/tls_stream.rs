@@ -31,6 +31,9 @@ const READ: usize = 17 * 1024;
 /// The most plaintext one write encrypts: four full records.
 const MAX_WRITE: usize = 64 * 1024;
 
+/// The most bytes a record adds to its plaintext, with a margin.
+const RECORD_OVERHEAD: usize = 64;
+
 /// Reads of records that carry no application data (rustls's own messages)
 /// one poll goes through before yielding to the other tasks.
 const MAX_SILENT_READS: usize = 8;
@@ -479,12 +482,28 @@ impl TlsStream {
         }
         let data = &data[..data.len().min(MAX_WRITE)];
         with_buffer(&CIPHERTEXT_OUT, |buf| {
-            let mut encrypted = Ok(());
-            buf.clear();
+            // Room for the records, zeroed once per thread: a record adds
+            // at most 30 bytes (header, TLS 1.2's explicit nonce, tag, and
+            // TLS 1.3's content type).
+            let room = data.len() + data.len().div_ceil(16 * 1024) * RECORD_OVERHEAD;
+            if buf.len() < room {
+                buf.resize(room, 0);
+            }
+            let mut encrypted = Ok(0);
             self.with_traffic(&mut |traffic, _| {
-                encrypted = append(buf, |out| traffic.encrypt(data, out), insufficient);
+                encrypted = loop {
+                    match traffic.encrypt(data, buf) {
+                        // Not expected: rustls's own messages come out
+                        // before this, and records are no larger than said.
+                        Err(EncryptError::InsufficientSize(InsufficientSizeError {
+                            required_size,
+                        })) if required_size > buf.len() => buf.resize(required_size, 0),
+                        done => break done,
+                    }
+                };
             })?;
-            encrypted.map_err(|e| io::Error::other(e.to_string()))?;
+            let len = encrypted.map_err(|e| io::Error::other(e.to_string()))?;
+            let buf = &buf[..len];
             if self.outgoing.is_empty() {
                 // The fast path: straight from this thread's buffer to TCP;
                 // only what TCP does not take is kept.
