@@ -154,8 +154,8 @@ impl Writer {
             // Idle connections hold no buffers; a busy one allocates once per burst.
             self.frames = VecDeque::new();
         }
-        // TLS: rustls took the frames (or queued a message of its own) and
-        // holds their records until TCP takes them.
+        // TLS: the frames' records (or a message of rustls's own) that TCP
+        // did not take all of wait in the stream.
         if stream.wants_write() {
             match Pin::new(&mut *stream).poll_flush(cx) {
                 Poll::Ready(Ok(())) => blocked = false,
@@ -186,12 +186,10 @@ impl Writer {
     }
 
     /// TLS: the frames copied into one buffer of up to a full record's
-    /// plaintext and handed to rustls as one slice, so a pass becomes one
-    /// record (or a few full ones) and one `writev` of them. rustls would
-    /// gather a vectored write the same way, but first collects the slices
-    /// into a `Vec` of its own on every call; the copy here is what its
-    /// encryption pass reads anyway. A first frame of a record or more goes
-    /// as it is (rustls cuts it into records itself).
+    /// plaintext and encrypted as one slice (rustls encrypts one slice at a
+    /// time), so a pass becomes one record (or a few full ones) and one
+    /// write of them. A first frame of a record or more goes as it is (the
+    /// stream cuts it into records).
     fn poll_write_gathered(
         &self,
         stream: &mut Stream,

@@ -36,7 +36,8 @@
 //!    then `cluster`: the same operations across the nodes of a cluster;
 //! 5. `engine`: the façade that routes each call to the hub or the cluster;
 //! 6. the server side, which serves connections into the engine:
-//!    `request_head` and `tls` (before the WebSocket upgrade), `context`
+//!    `request_head`, `tls_stream` (the TLS record layer) and `tls`
+//!    (before the WebSocket upgrade), `context`
 //!    (what a server's tasks share), then `upgrade`, then `connection`
 //!    (one connection's task),
 //!    and `sweep` (keepalive); `server` on top.
@@ -76,6 +77,7 @@ pub mod static_files;
 pub mod stats;
 mod sweep;
 pub mod tls;
+mod tls_stream;
 mod upgrade;
 mod verdict;
 mod wakeup;
