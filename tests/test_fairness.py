@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import warpsocket
-from helpers import connect, wait_for
+from helpers import connect, read_lines, wait_for
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 # Each message takes 20 ms of blocking work, as a database call would; the order
@@ -44,14 +44,6 @@ def handle_text_message(text, socket_id):
     _log("text " + text)
     warpsocket.send(socket_id, text)
 """
-
-
-def read_lines(path) -> list[str]:
-    """The lines logged so far (none before the first)."""
-    try:
-        return path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
 
 
 def test_a_second_connection_is_served_between_a_floods_messages(start_server, log_path) -> None:
