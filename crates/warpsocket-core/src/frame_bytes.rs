@@ -55,12 +55,6 @@ impl Deref for FrameBytes {
     }
 }
 
-impl AsRef<[u8]> for FrameBytes {
-    fn as_ref(&self) -> &[u8] {
-        self
-    }
-}
-
 impl fmt::Debug for FrameBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "FrameBytes({:?})", &self[..])
