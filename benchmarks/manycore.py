@@ -103,8 +103,16 @@ def main() -> int:
             watcher = threading.Thread(target=watch_first_window, daemon=True)
             watcher.start()
             figures = []
-            for gen in gens:
-                out, _ = gen.communicate(timeout=args.warmup + args.duration + 600)
+            timeout = args.warmup + args.duration + 600
+            for i, gen in enumerate(gens):
+                if i == 0:
+                    # The watcher reads this one's stderr: communicate() would race it for
+                    # the window marks.
+                    assert gen.stdout is not None
+                    out = gen.stdout.read()
+                    gen.wait(timeout=timeout)
+                else:
+                    out, _ = gen.communicate(timeout=timeout)
                 figures += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
             watcher.join(timeout=5)
             peak_rss = bench.peak_rss_mib(server.pid)
@@ -126,7 +134,7 @@ def main() -> int:
         "p50_ms": statistics.median(f["p50_ms"] for f in figures),
         "p99_ms": max(f["p99_ms"] for f in figures),
         "server_peak_rss_mib": peak_rss,
-        "server_cpu_s": cpu_s,
+        "server_cpu_s": round(cpu_s, 2) if cpu_s else None,
         "acks_per_server_cpu_s": round(acks * args.duration / cpu_s) if cpu_s else None,
         "errors": sum(f.get("errors", 0) for f in figures),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -141,3 +141,24 @@ def test_rounds_rotate_and_record_the_host(bench_binary: Path, tmp_path: Path) -
         assert r["load_before"] is not None and r["load_after"] is not None
         assert r["host"]["cpu"] and r["host"]["kernel"]
     assert "frames/request" in done.stdout and "generator-bound rounds" in done.stdout
+
+
+def test_manycore_runner_end_to_end(bench_binary: Path, tmp_path: Path) -> None:
+    """benchmarks/manycore.py at a tiny size (two generators on one CPU): it sums every
+    generator's figures and measures the server's CPU over the first one's window."""
+    cpu = str(min(os.sched_getaffinity(0)))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "manycore.py"), "--connections", "40",
+         "--ports", "2", "--base-port", str(free_port()), "--server-cpus", cpu, "--client-cpus", cpu,
+         "--generators", "2", "--threads", "1", "--source-ips", "1", "--warmup", "0.5",
+         "--duration", "1", "--bench", str(bench_binary), "--log", str(tmp_path / "server.log")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    total = json.loads(done.stdout.splitlines()[0])
+    assert total["connections"] == 40 and total["generators"] == 2
+    assert total["errors"] == 0
+    assert total["acks_per_s"] > 0 and total["frames_per_s"] > total["acks_per_s"]
+    assert total["server_cpu_s"] is not None and total["server_cpu_s"] > 0
+    assert total["acks_per_server_cpu_s"] > 0
+    assert total["server_peak_rss_mib"] > 0
