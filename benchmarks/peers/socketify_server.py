@@ -41,6 +41,10 @@ def make_app(cert: str | None, key: str | None) -> App:
         {
             "compression": CompressOptions.DISABLED,
             "max_payload_length": 16 * 1024 * 1024,
+            # App.ws's default (64 KiB) makes publish skip a subscriber with more buffered,
+            # which loses broadcasts under load; 16 MiB is WarpSocket's max_backpressure
+            # and socketify's own CLI default.
+            "max_backpressure": 16 * 1024 * 1024,
             "idle_timeout": 60,
             "message": ws_message,
         },
