@@ -107,10 +107,10 @@ def main() -> int:
             for i, gen in enumerate(gens):
                 if i == 0:
                     # The watcher reads this one's stderr: communicate() would race it for
-                    # the window marks.
+                    # the window marks. Its stdout (a JSON line) fits in the pipe meanwhile.
+                    gen.wait(timeout=timeout)
                     assert gen.stdout is not None
                     out = gen.stdout.read()
-                    gen.wait(timeout=timeout)
                 else:
                     out, _ = gen.communicate(timeout=timeout)
                 figures += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
